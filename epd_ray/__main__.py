@@ -1,0 +1,3 @@
+from epd_ray.cli import main
+
+main()

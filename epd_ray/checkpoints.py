@@ -1,0 +1,75 @@
+"""What a checkpoint holds and how it loads safely.
+
+A checkpoint file is a dict of plain values and tensors: for each network its registry kind, the
+constructor arguments that rebuild it (nanoGPT style) and its weights, plus whatever training state the
+writer adds. It is always read with `torch.load(weights_only=True)`, which refuses arbitrary pickled
+objects, so a tampered or foreign file fails with a clear message instead of running code. This module
+sits below training and deployment: a deployed model needs nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from epd_ray.core.networks import build_network
+
+FORMAT = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used; the message names the file."""
+
+
+def network_record(kind: str, module: nn.Module) -> dict[str, Any]:
+    module = getattr(module, "module", module)  # unwrap DistributedDataParallel
+    return {"kind": kind, "config": dict(module.config), "state_dict": module.state_dict()}
+
+
+def build_from_record(record: dict[str, Any], path: Path | str = "checkpoint") -> nn.Module:
+    try:
+        module = build_network(record["kind"], **record["config"])
+        module.load_state_dict(record["state_dict"])
+    except (KeyError, TypeError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: network record does not rebuild ({exc})") from None
+    return module
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """Write atomically: a crash mid-write leaves the previous file, never half of a new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save({"format": FORMAT, **payload}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for foreign or tampered files
+        raise CheckpointError(f"{path}: not a loadable epd-ray checkpoint ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:200]})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT or "networks" not in payload:
+        raise CheckpointError(f"{path}: not an epd-ray checkpoint (format {FORMAT} with networks expected)")
+    return payload
+
+
+def load_network(path: Path, name: str) -> nn.Module:
+    payload = load_checkpoint(path)
+    if name not in payload["networks"]:
+        raise CheckpointError(f"{path}: holds no network {name!r} (has {', '.join(payload['networks'])})")
+    return build_from_record(payload["networks"][name], path)

@@ -1,0 +1,262 @@
+"""One typed configuration for every stage.
+
+Defaults live here and only here; YAML presets (`tune_configs/*.yaml`) fill in what differs, command-line
+flags override single keys, and every run writes the resolved result next to its outputs, so a run can
+always be repeated and a checkpoint always rebuilt. Unknown keys and out-of-range values are refused with
+the name of the field, before anything is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+SQRT2 = math.sqrt(2.0)
+
+
+class ConfigError(ValueError):
+    """A configuration the user must fix; the message names the field or file."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    """Where the faces come from and how they are prepared (DESIGN section 3)."""
+
+    source: Literal["synthetic"] = "synthetic"
+    image_size: int = Field(32, ge=32, le=256)
+    num_identities: int = Field(12, ge=2, le=1000, description="synthetic source: people in the set")
+    variations: int = Field(10, ge=3, le=1000, description="synthetic source: images per identity and emotion")
+    seed: int = 0
+    splits: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    shard_rows: int = Field(1024, ge=16)
+
+    @field_validator("image_size")
+    @classmethod
+    def _power_of_two(cls, v: int) -> int:
+        if v & (v - 1):
+            raise ValueError("must be a power of two (32, 64, 128 or 256): the U-Net halves it log2(size) times")
+        return v
+
+    @field_validator("splits")
+    @classmethod
+    def _splits_sum_to_one(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(s <= 0 for s in v) or abs(sum(v) - 1.0) > 1e-6:
+            raise ValueError("train/val/test shares must be positive and sum to 1")
+        return v
+
+
+class VerifiersConfig(_Strict):
+    """The frozen verifiers V (VGG-16) and S (mini-Xception), and the independent evaluators V_e, S_e.
+
+    All four train from scratch on the train split; the evaluators differ in architecture and seed from
+    the verifiers, so a generator that fools V has not automatically fooled V_e.
+    """
+
+    identity_width: float = Field(0.25, gt=0, le=1.0, description="VGG-16 channel multiplier")
+    evaluator_width: int = Field(16, ge=4, le=64, description="ResNet-18 base width of the evaluators")
+    epochs: int = Field(12, ge=1)
+    batch_size: int = Field(64, ge=2)
+    lr: float = Field(2e-3, gt=0)
+    augment: bool = True
+    seed: int = 1
+    evaluator_seed: int = 2
+
+
+class ModelConfig(_Strict):
+    """Generator and discriminator shape (DESIGN section 4)."""
+
+    ngf: int = Field(16, ge=4, le=128)
+    ndf: int = Field(16, ge=4, le=128)
+    n_layers: int = Field(3, ge=1, le=5)
+    norm: Literal["batch", "instance"] = "batch"
+    dropout: float = Field(0.5, ge=0, lt=1)
+    real_pair: Literal["other_identity_same_emotion", "any_real"] = "other_identity_same_emotion"
+
+
+class LossConfig(_Strict):
+    """Loss weights of equation 11 and the hinge margin of equation 9 (DESIGN section 5)."""
+
+    lambda1: float = Field(1.0, ge=0, le=1)
+    lambda2: float = Field(1.0, ge=0, le=1)
+    lambda3: float = Field(1.0, ge=0, le=1)
+    phi: float = Field(0.25, ge=0, le=1)
+    alpha: float = Field(1.0, gt=0, le=SQRT2)
+
+
+class TrainConfig(_Strict):
+    """GAN training run by Ray Train workers."""
+
+    epochs: int = Field(6, ge=1)
+    batch_size: int = Field(32, ge=2)
+    lr: float = Field(2e-4, gt=0)
+    beta1: float = Field(0.5, ge=0, lt=1)
+    beta2: float = Field(0.999, ge=0, lt=1)
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    channels_last: bool = True
+    seed: int = 0
+
+
+class EvaluationConfig(_Strict):
+    """How results are judged (DESIGN section 6)."""
+
+    mu: float = Field(0.35, gt=0, le=SQRT2)
+    ssim_weight: float = Field(0.25, ge=0, le=4)
+    blur_sigma: float = Field(3.0, gt=0)
+    pixelate_blocks: int = Field(6, ge=1)
+    batch_size: int = Field(128, ge=1)
+
+
+class Range(_Strict):
+    low: float
+    high: float
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Range":
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        return self
+
+
+SEARCHED_KEYS = ("lambda1", "lambda2", "lambda3", "phi", "alpha", "mu")
+_SEARCH_BOUNDS = {"lambda1": (0, 1), "lambda2": (0, 1), "lambda3": (0, 1), "phi": (0, 1), "alpha": (1e-9, SQRT2),
+                  "mu": (1e-9, SQRT2)}
+
+
+class SearchConfig(_Strict):
+    """Ray Tune search over the loss weights and the operating threshold mu (DESIGN section 7)."""
+
+    num_samples: int = Field(6, ge=1)
+    max_concurrent: int = Field(0, ge=0, description="0: as many as the cluster's CPUs/GPUs fit")
+    seed: int = 0
+    grace_period: int = Field(2, ge=1)
+    reduction_factor: int = Field(2, ge=2)
+    paper_point_first: bool = True
+    space: dict[str, Range] = Field(default_factory=lambda: {
+        "lambda1": Range(low=0.3, high=1.0),
+        "lambda2": Range(low=0.3, high=1.0),
+        "lambda3": Range(low=0.3, high=1.0),
+        "phi": Range(low=0.05, high=1.0),
+        "alpha": Range(low=0.5, high=SQRT2),
+        "mu": Range(low=0.25, high=0.6),
+    })
+
+    @field_validator("space")
+    @classmethod
+    def _known_keys_in_bounds(cls, v: dict[str, Range]) -> dict[str, Range]:
+        for key, rng in v.items():
+            if key not in _SEARCH_BOUNDS:
+                raise ValueError(f"unknown searched key {key!r}; searchable: {', '.join(SEARCHED_KEYS)}")
+            lo, hi = _SEARCH_BOUNDS[key]
+            if rng.low < lo or rng.high > hi + 1e-9:
+                raise ValueError(f"{key} range [{rng.low}, {rng.high}] leaves [{lo:g}, {hi:.4g}]")
+        return v
+
+
+class RayConfig(_Strict):
+    """How to reach Ray: a local cluster started for this command, or an existing one."""
+
+    address: str | None = None
+    num_cpus: int | None = Field(None, ge=1, description="local cluster only; default: all cores")
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: int = Field(8265, ge=0, le=65535, description="0 picks a free port")
+    storage_path: str | None = Field(None, description="where Ray Train/Tune write; default <output>/ray")
+
+
+class ExperimentConfig(_Strict):
+    """Everything `epd-ray tune` needs; written resolved to `<output>/config.yaml`."""
+
+    name: str = "epd-ray"
+    cache_dir: str | None = Field(None, description="prepared data and verifiers; default ~/.cache/epd-ray")
+    data: DataConfig = Field(default_factory=DataConfig)
+    verifiers: VerifiersConfig = Field(default_factory=VerifiersConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def digest(self) -> str:
+        """Content hash of the resolved config, to tell one experiment from another."""
+        return stable_hash(self.to_dict())
+
+
+def stable_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def _format_validation_error(err: ValidationError, origin: str) -> str:
+    first = err.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    return f"{origin}: {field}: {msg}"
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(config: str | Path | None = None, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Resolve a preset name or YAML path plus dotted overrides (`train.epochs=3`) into a checked config.
+
+    With no config, the `quick` preset: what a bare `epd-ray tune` runs.
+    """
+    config = config or "quick"
+    path = Path(config)
+    if not path.suffix and str(config) in preset_names():
+        path = PRESETS_DIR / f"{config}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"config {config}: no such file or preset (presets: {', '.join(preset_names())})")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, str(path))) from None
+
+
+def validate_section(model: type[BaseModel], values: dict[str, Any], origin: str) -> BaseModel:
+    """Validate a section (for example a trial's loss weights) with the same messages as a whole config."""
+    try:
+        return model.model_validate(values)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, origin)) from None
+
+
+def write_resolved(config: ExperimentConfig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -1,0 +1,292 @@
+"""Evaluation metrics, exactly DESIGN section 6 (the paper's section IV), and the composite objective J.
+
+All functions take evaluator outputs as torch tensors or numpy arrays (probabilities = softmax of the
+evaluator's logits, unless a function says it also takes logits) and return Python floats. They compute
+in float64 numpy, so results do not depend on the device or dtype the evaluator ran in.
+
+Notation: for a probe x with identity I_x and emotion E_x and its de-identified x' = G(x, z),
+d(x', j) = ||I_j - softmax(V_e(x'))||_2, the distance of the evaluator's output from the one-hot of j.
+For a probability vector p, d(j) = sqrt(||p||^2 - 2 p_j + 1), in [0, sqrt 2].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+ArrayLike = np.ndarray | torch.Tensor | Sequence[Any]
+
+DEFAULT_MU_GRID: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 29))  # 0.05 .. 1.40
+
+
+def _np(a: ArrayLike, dtype: Any = np.float64) -> np.ndarray:
+    if isinstance(a, torch.Tensor):
+        a = a.detach().to("cpu")
+        a = a.float() if a.is_floating_point() else a
+        a = a.numpy()
+    return np.asarray(a, dtype=dtype)
+
+
+def _labels(labels: ArrayLike, n: int) -> np.ndarray:
+    out = _np(labels, np.int64).reshape(-1)
+    if out.shape[0] != n:
+        raise ValueError(f"expected {n} labels, got {out.shape[0]}")
+    return out
+
+
+def _probs(probs: ArrayLike) -> np.ndarray:
+    """Check that rows look like probability vectors (catches logits passed by mistake)."""
+    p = _np(probs)
+    if p.ndim != 2:
+        raise ValueError(f"expected an (N, classes) array of probabilities, got shape {p.shape}")
+    if p.size and (p.min() < -1e-6 or np.abs(p.sum(axis=1) - 1.0).max() > 1e-2):
+        raise ValueError("rows must be probability vectors (softmax of the logits), got something else")
+    return p
+
+
+def _predictions(pred: ArrayLike) -> np.ndarray:
+    """Class predictions from either labels (N,) or scores (N, classes) (argmax)."""
+    a = _np(pred)
+    if a.ndim == 2:
+        return a.argmax(axis=1)
+    return a.reshape(-1).astype(np.int64)
+
+
+# --------------------------------------------------------------------------------------------------
+# Identity
+# --------------------------------------------------------------------------------------------------
+
+
+def distance_to_all(probs: ArrayLike) -> np.ndarray:
+    """(N, M) array of d(x, j) = ||I_j - p_x||_2 for every probe x and identity j."""
+    p = _probs(probs)
+    sq = (p**2).sum(axis=1, keepdims=True) - 2.0 * p + 1.0
+    return np.sqrt(np.clip(sq, 0.0, None))
+
+
+def identity_distances(probs: ArrayLike, identity_labels: ArrayLike | None = None) -> np.ndarray:
+    """d(x, I_x) for each probe, shape (N,); without labels, `distance_to_all(probs)` (N, M)."""
+    dist = distance_to_all(probs)
+    if identity_labels is None:
+        return dist
+    labels = _labels(identity_labels, dist.shape[0])
+    return dist[np.arange(dist.shape[0]), labels]
+
+
+def deid_rate(probs_deid: ArrayLike, identity: ArrayLike, mu: float) -> float:
+    """D(mu): share of de-identified probes with d(x', I_x) > mu."""
+    d = identity_distances(probs_deid, identity)
+    return float(np.mean(d > mu)) if d.size else 0.0
+
+
+def switching_deid_rate(probs_deid: ArrayLike, identity: ArrayLike, mu: float) -> float:
+    """S(mu): share of probes with d(x', j) > mu for every identity j != I_x.
+
+    A de-identified face that the evaluator pins on another real person fails this (it is "switched"
+    onto someone), even though it counts as de-identified in D(mu).
+    """
+    dist = distance_to_all(probs_deid)
+    n = dist.shape[0]
+    if n == 0:
+        return 0.0
+    labels = _labels(identity, n)
+    others = dist.copy()
+    others[np.arange(n), labels] = np.inf
+    return float(np.mean((others > mu).all(axis=1)))
+
+
+def genuine_acceptance(probs_orig: ArrayLike, identity: ArrayLike, mu: float) -> float:
+    """G(mu): share of ORIGINAL probes with d(x, I_x) <= mu (a threshold no real face passes proves nothing)."""
+    d = identity_distances(probs_orig, identity)
+    return float(np.mean(d <= mu)) if d.size else 0.0
+
+
+def cmc_misclassification(logits_or_probs: ArrayLike, identity: ArrayLike, max_rank: int = 5) -> list[float]:
+    """Share of probes whose true identity is NOT in the evaluator's top k, for k = 1..max_rank.
+
+    Takes logits or probabilities (the ranking is the same; logits avoid ties created by softmax
+    underflow). Ties are broken uniformly at random in expectation: with g classes scoring strictly
+    higher than the true one and t classes (the true one included) scoring equal to it, the true
+    identity is in the top k with probability clip((k - g) / t, 0, 1). Non-increasing in k.
+    """
+    s = _np(logits_or_probs)
+    if s.ndim != 2:
+        raise ValueError(f"expected an (N, classes) array, got shape {s.shape}")
+    n = s.shape[0]
+    if n == 0:
+        return [0.0] * max_rank
+    labels = _labels(identity, n)
+    true = s[np.arange(n), labels][:, None]
+    greater = (s > true).sum(axis=1)
+    ties = (s == true).sum(axis=1)
+    out = []
+    for k in range(1, max_rank + 1):
+        hit = np.clip((k - greater) / ties, 0.0, 1.0)
+        out.append(float(1.0 - hit.mean()))
+    return out
+
+
+def accuracy(pred: ArrayLike, labels: ArrayLike) -> float:
+    """Share of correct predictions; `pred` is labels (N,) or scores (N, classes)."""
+    p = _predictions(pred)
+    if p.size == 0:
+        return 0.0
+    return float(np.mean(p == _labels(labels, p.shape[0])))
+
+
+# --------------------------------------------------------------------------------------------------
+# Emotion, structure, composite
+# --------------------------------------------------------------------------------------------------
+
+
+def emotion_mse(probs_deid: ArrayLike, probs_orig: ArrayLike) -> float:
+    """Mean over probes of mean_k (softmax(S_e(x'))_k - softmax(S_e(x))_k)^2 (paper Table I: 0.0099)."""
+    a, b = _probs(probs_deid), _probs(probs_orig)
+    if a.shape != b.shape:
+        raise ValueError(f"shapes differ: {a.shape} and {b.shape}")
+    return float(np.mean((a - b) ** 2)) if a.size else 0.0
+
+
+def emotion_preserved(pred_deid: ArrayLike, pred_orig: ArrayLike, emotion: ArrayLike) -> float:
+    """E = min(1, acc(S_e, x') / acc(S_e, x)); 0 when acc(S_e, x) is 0 (nothing to preserve).
+
+    Predictions are labels (N,) or scores (N, classes).
+    """
+    acc_orig = accuracy(pred_orig, emotion)
+    if acc_orig <= 0.0:
+        return 0.0
+    return float(min(1.0, accuracy(pred_deid, emotion) / acc_orig))
+
+
+def composite_objective(D: float, S: float, G: float, E: float, ssim: float, w: float = 0.25) -> float:
+    """J = D * S * G * E * max(SSIM, 0)^w: every factor in [0, 1], so none can be traded to zero."""
+    return float(D * S * G * E * max(float(ssim), 0.0) ** w)
+
+
+def privacy_score(D: float, S: float, G: float) -> float:
+    """D(mu) * S(mu) * G(mu), the privacy half of J."""
+    return float(D * S * G)
+
+
+def utility_score(E: float, ssim: float, w: float = 0.25) -> float:
+    """E * max(SSIM, 0)^w, the utility half of J."""
+    return float(E * max(float(ssim), 0.0) ** w)
+
+
+def mu_sweep(
+    identity_probs_orig: ArrayLike,
+    identity_probs_deid: ArrayLike,
+    identity: ArrayLike,
+    mus: Sequence[float] = DEFAULT_MU_GRID,
+) -> dict[str, list[float]]:
+    """D(mu), S(mu), G(mu) and their product over a grid of thresholds (default 0.05 .. 1.40).
+
+    Returns {"mu": [...], "deid_rate": [...], "switching_deid_rate": [...], "genuine_acceptance": [...],
+    "privacy": [...]}, lists aligned with "mu": ready for a plot or a table.
+    """
+    dist_deid = distance_to_all(identity_probs_deid)
+    dist_orig = distance_to_all(identity_probs_orig)
+    n = dist_deid.shape[0]
+    labels = _labels(identity, n)
+    own_deid = dist_deid[np.arange(n), labels]
+    own_orig = dist_orig[np.arange(dist_orig.shape[0]), _labels(identity, dist_orig.shape[0])]
+    others = dist_deid.copy()
+    others[np.arange(n), labels] = np.inf
+    nearest_other = others.min(axis=1)
+    out: dict[str, list[float]] = {k: [] for k in
+                                   ("mu", "deid_rate", "switching_deid_rate", "genuine_acceptance", "privacy")}
+    for mu in mus:
+        d = float(np.mean(own_deid > mu)) if n else 0.0
+        s = float(np.mean(nearest_other > mu)) if n else 0.0
+        g = float(np.mean(own_orig <= mu)) if own_orig.size else 0.0
+        out["mu"].append(float(mu))
+        out["deid_rate"].append(d)
+        out["switching_deid_rate"].append(s)
+        out["genuine_acceptance"].append(g)
+        out["privacy"].append(d * s * g)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Registry and entry point
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MetricInputs:
+    """Everything the metrics need, converted once to float64/int64 numpy."""
+
+    identity_probs_orig: np.ndarray
+    identity_probs_deid: np.ndarray
+    emotion_probs_orig: np.ndarray
+    emotion_probs_deid: np.ndarray
+    identity: np.ndarray
+    emotion: np.ndarray
+    ssim_per_image: np.ndarray
+    mu: float
+
+
+# name -> function of MetricInputs. Adding a metric is one entry here; compute_metrics reports it.
+METRICS: dict[str, Callable[[MetricInputs], float | list[float]]] = {
+    "deid_rate": lambda m: deid_rate(m.identity_probs_deid, m.identity, m.mu),
+    "switching_deid_rate": lambda m: switching_deid_rate(m.identity_probs_deid, m.identity, m.mu),
+    "genuine_acceptance": lambda m: genuine_acceptance(m.identity_probs_orig, m.identity, m.mu),
+    "cmc_misclassification": lambda m: cmc_misclassification(m.identity_probs_deid, m.identity, 5),
+    "emotion_mse": lambda m: emotion_mse(m.emotion_probs_deid, m.emotion_probs_orig),
+    "emotion_preserved": lambda m: emotion_preserved(m.emotion_probs_deid, m.emotion_probs_orig, m.emotion),
+    "emotion_accuracy_original": lambda m: accuracy(m.emotion_probs_orig, m.emotion),
+    "emotion_accuracy_deid": lambda m: accuracy(m.emotion_probs_deid, m.emotion),
+    "identity_accuracy_original": lambda m: accuracy(m.identity_probs_orig, m.identity),
+    "identity_accuracy_deid": lambda m: accuracy(m.identity_probs_deid, m.identity),
+    "ssim": lambda m: float(np.mean(m.ssim_per_image)) if m.ssim_per_image.size else 0.0,
+}
+
+
+def compute_metrics(
+    identity_probs_orig: ArrayLike,
+    identity_probs_deid: ArrayLike,
+    emotion_probs_orig: ArrayLike,
+    emotion_probs_deid: ArrayLike,
+    identity: ArrayLike,
+    emotion: ArrayLike,
+    ssim_per_image: ArrayLike,
+    mu: float,
+    ssim_weight: float = 0.25,
+) -> dict[str, Any]:
+    """Every DESIGN section 6 metric for one evaluation, plus the composite J and its two halves.
+
+    Inputs are the evaluators' softmax outputs on the original probes x and on x' = G(x, z) (or a
+    baseline's output), the true labels, and SSIM(x, x') per probe. Keys: the METRICS registry's
+    (deid_rate, switching_deid_rate, genuine_acceptance, cmc_misclassification [rank 1..5], emotion_mse,
+    emotion_preserved, emotion/identity accuracy on original and de-identified, ssim), then
+    objective (J), privacy (D*S*G) and utility (E*SSIM^w). Values are Python floats (JSON-ready).
+    """
+    inputs = MetricInputs(
+        identity_probs_orig=_probs(identity_probs_orig),
+        identity_probs_deid=_probs(identity_probs_deid),
+        emotion_probs_orig=_probs(emotion_probs_orig),
+        emotion_probs_deid=_probs(emotion_probs_deid),
+        identity=_np(identity, np.int64).reshape(-1),
+        emotion=_np(emotion, np.int64).reshape(-1),
+        ssim_per_image=_np(ssim_per_image).reshape(-1),
+        mu=float(mu),
+    )
+    n = inputs.identity.shape[0]
+    for name in ("identity_probs_orig", "identity_probs_deid", "emotion_probs_orig", "emotion_probs_deid",
+                 "emotion", "ssim_per_image"):
+        if getattr(inputs, name).shape[0] != n:
+            raise ValueError(f"{name} has {getattr(inputs, name).shape[0]} rows, expected {n} (one per probe)")
+    out: dict[str, Any] = {name: fn(inputs) for name, fn in METRICS.items()}
+    out["privacy"] = privacy_score(out["deid_rate"], out["switching_deid_rate"], out["genuine_acceptance"])
+    out["utility"] = utility_score(out["emotion_preserved"], out["ssim"], ssim_weight)
+    out["objective"] = composite_objective(
+        out["deid_rate"], out["switching_deid_rate"], out["genuine_acceptance"],
+        out["emotion_preserved"], out["ssim"], ssim_weight,
+    )
+    out["mu"] = float(mu)
+    out["ssim_weight"] = float(ssim_weight)
+    out["num_probes"] = int(n)
+    return out

@@ -1,0 +1,1 @@
+"""Data: sources to Parquet shards (`prepare`), shards to training workers (`stream`, Ray Data)."""

@@ -1,0 +1,174 @@
+"""Parquet shards of labelled faces, and `dataset.json` that describes them (DESIGN section 3).
+
+A row holds the encoded image (so the original can be recovered) and the raw `pixels` at the training
+size, so training never decodes an image twice. This module is plain pyarrow: the Ray Data stream in
+`stream.py` and the in-process loaders of evaluation and deployment read the same files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+SPLITS = ("train", "val", "test")
+MANIFEST = "dataset.json"
+
+SCHEMA = pa.schema([
+    ("image", pa.binary()),
+    ("pixels", pa.binary()),
+    ("identity", pa.int64()),
+    ("identity_name", pa.string()),
+    ("emotion", pa.int64()),
+    ("emotion_name", pa.string()),
+    ("split", pa.string()),
+    ("source", pa.string()),
+])
+
+
+@dataclass(frozen=True)
+class FaceArrays:
+    """One split in memory: uint8 pixels (N, H, W, 3) and integer labels."""
+
+    pixels: np.ndarray
+    identity: np.ndarray
+    emotion: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.identity)
+
+
+def split_per_identity(identity: np.ndarray, emotion: np.ndarray, shares: tuple[float, float, float],
+                       seed: int) -> np.ndarray:
+    """Closed-set split: every identity appears in train, val and test, images split per identity.
+
+    Stratified by emotion inside each identity, so every split sees every expression of every person;
+    each image lands in exactly one split.
+    """
+    rng = np.random.default_rng(seed)
+    split = np.empty(len(identity), dtype=object)
+    for ident in np.unique(identity):
+        for emo in np.unique(emotion[identity == ident]):
+            idx = np.flatnonzero((identity == ident) & (emotion == emo))
+            idx = idx[rng.permutation(len(idx))]
+            n_val = max(1, round(len(idx) * shares[1])) if len(idx) >= 3 else 0
+            n_test = max(1, round(len(idx) * shares[2])) if len(idx) >= 3 else 0
+            split[idx[: len(idx) - n_val - n_test]] = "train"
+            split[idx[len(idx) - n_val - n_test: len(idx) - n_test]] = "val"
+            split[idx[len(idx) - n_test:]] = "test"
+    return split.astype(str)
+
+
+def content_hash(pixels: np.ndarray, identity: np.ndarray, emotion: np.ndarray, split: np.ndarray) -> str:
+    """Hash of what training sees, independent of Parquet's encoding details."""
+    h = hashlib.sha256()
+    for arr in (np.ascontiguousarray(pixels), identity.astype(np.int64), emotion.astype(np.int64)):
+        h.update(arr.tobytes())
+    h.update("\n".join(split).encode())
+    return h.hexdigest()[:16]
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_dataset(out_dir: Path, *, pixels: np.ndarray, identity: np.ndarray, identity_names: list[str],
+                  emotion: np.ndarray, emotion_names: tuple[str, ...], split: np.ndarray, source: list[str],
+                  shard_rows: int, extra: dict) -> dict:
+    """Write shards and `dataset.json` atomically: into a temporary folder renamed when complete.
+
+    An interrupted run therefore leaves nothing that looks finished at `out_dir`.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        (tmp / "shards").mkdir()
+        files: dict[str, list[str]] = {}
+        for name in SPLITS:
+            idx = np.flatnonzero(split == name)
+            files[name] = []
+            for shard_no, start in enumerate(range(0, len(idx), shard_rows)):
+                rows = idx[start:start + shard_rows]
+                table = pa.table({
+                    "image": [encode_png(pixels[i]) for i in rows],
+                    "pixels": [pixels[i].tobytes() for i in rows],
+                    "identity": identity[rows].astype(np.int64),
+                    "identity_name": [identity_names[identity[i]] for i in rows],
+                    "emotion": emotion[rows].astype(np.int64),
+                    "emotion_name": [emotion_names[emotion[i]] for i in rows],
+                    "split": [name] * len(rows),
+                    "source": [source[i] for i in rows],
+                }, schema=SCHEMA)
+                rel = f"shards/{name}-{shard_no:05d}.parquet"
+                pq.write_table(table, tmp / rel)
+                files[name].append(rel)
+        counts = {name: {"images": int((split == name).sum()),
+                         "per_identity_emotion": _counts(identity[split == name], emotion[split == name])}
+                  for name in SPLITS}
+        manifest = {
+            "format": 1,
+            "image_size": int(pixels.shape[1]),
+            "identities": list(identity_names),
+            "emotions": list(emotion_names),
+            "num_images": int(len(identity)),
+            "splits": counts,
+            "shards": files,
+            "content_hash": content_hash(pixels, identity, emotion, split),
+            **extra,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _counts(identity: np.ndarray, emotion: np.ndarray) -> dict[str, int]:
+    pairs, n = np.unique(np.stack([identity, emotion], 1), axis=0, return_counts=True) if len(identity) else ([], [])
+    return {f"{i}/{e}": int(c) for (i, e), c in zip(pairs, n)}
+
+
+def read_manifest(dataset_dir: Path) -> dict:
+    path = Path(dataset_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{dataset_dir}: no {MANIFEST}; run `epd-ray data prepare` first")
+    return json.loads(path.read_text())
+
+
+def shard_paths(dataset_dir: Path, split: str) -> list[str]:
+    manifest = read_manifest(dataset_dir)
+    return [str(Path(dataset_dir) / rel) for rel in manifest["shards"][split]]
+
+
+def pixels_from_bytes(column, image_size: int) -> np.ndarray:
+    """Raw `pixels` cells back to a (N, H, W, 3) uint8 array, without copying each cell twice."""
+    flat = np.frombuffer(b"".join(column), dtype=np.uint8)
+    return flat.reshape(len(column), image_size, image_size, 3)
+
+
+def load_split(dataset_dir: Path, split: str) -> FaceArrays:
+    """A whole split in memory (evaluation, the real-pair pool, baselines): small enough by design."""
+    manifest = read_manifest(dataset_dir)
+    table = pa.concat_tables([pq.read_table(p, columns=["pixels", "identity", "emotion"])
+                              for p in shard_paths(dataset_dir, split)])
+    return FaceArrays(
+        pixels=pixels_from_bytes(table.column("pixels").to_pylist(), manifest["image_size"]),
+        identity=table.column("identity").to_numpy().astype(np.int64),
+        emotion=table.column("emotion").to_numpy().astype(np.int64),
+    )

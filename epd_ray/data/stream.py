@@ -1,0 +1,42 @@
+"""Ray Data stream of prepared shards into Ray Train workers.
+
+`read_parquet` reads the raw `pixels` column (no image decode: it was decoded once, at prepare time) and
+`map_batches` turns it into uint8 arrays; each worker iterates its part through
+`ray.train.get_dataset_shard(...)`. The driver materializes the result once, before any Train worker holds
+a CPU: every epoch and every trial then iterates blocks already in the object store (tens of thousands of
+images a second) instead of re-reading files, and on a small machine no read task (Ray Data's file
+listing asks for a whole CPU) can wait forever behind training workers that hold the CPUs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import ray.data
+
+from epd_ray.data.shards import pixels_from_bytes, read_manifest, shard_paths
+
+DATA_TASK_CPUS = 0.25
+
+
+def _decode(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.ndarray]:
+    return {
+        "pixels": pixels_from_bytes(list(batch["pixels"]), image_size),
+        "identity": batch["identity"].astype(np.int64),
+        "emotion": batch["emotion"].astype(np.int64),
+    }
+
+
+def split_stream(dataset_dir: Path, split: str = "train") -> ray.data.Dataset:
+    """A lazy Ray Dataset of one split: columns pixels (N, H, W, 3) uint8, identity, emotion."""
+    image_size = read_manifest(dataset_dir)["image_size"]
+    ds = ray.data.read_parquet(shard_paths(dataset_dir, split), columns=["pixels", "identity", "emotion"],
+                               num_cpus=DATA_TASK_CPUS)
+    return ds.map_batches(_decode, fn_kwargs={"image_size": image_size}, batch_format="numpy",
+                          num_cpus=DATA_TASK_CPUS)
+
+
+def materialized_split(dataset_dir: Path, split: str = "train") -> ray.data.MaterializedDataset:
+    """The split read once into Ray's object store, shared by every Train run of a command."""
+    return split_stream(dataset_dir, split).materialize()

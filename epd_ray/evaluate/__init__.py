@@ -1,0 +1,1 @@
+"""Evaluation on a held-out split and the report."""

@@ -1,0 +1,184 @@
+"""`epd-ray tune` from end to end: data, verifiers, search, best checkpoint, evaluation and report.
+
+Stages are cached by content hash (prepared data, pretrained verifiers), so a second run reuses them. The
+output folder receives the resolved config first, and is refused before anything is written if it holds
+something else.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from epd_ray.checkpoints import build_from_record, load_checkpoint, save_checkpoint
+from epd_ray.config import ExperimentConfig, write_resolved
+from epd_ray.data.prepare import PreparedData, cached_dataset
+from epd_ray.data.shards import read_manifest
+from epd_ray.data.stream import materialized_split
+from epd_ray.evaluate.evaluate import baseline_methods, evaluate_methods, generator_method
+from epd_ray.evaluate.report import render_report
+from epd_ray.runtime import start_ray
+from epd_ray.train.run import pretrain_verifiers
+from epd_ray.tune.search import SearchOutcome, run_search
+
+MARKER = "experiment.json"
+METHOD = "epd-net"
+
+
+class OutputError(ValueError):
+    """An output folder that cannot take this experiment; the message names it."""
+
+
+@dataclass(frozen=True)
+class TuneRun:
+    output: Path
+    best_dir: Path
+    report_dir: Path
+    dashboard_url: str | None
+    wall_seconds: float
+
+
+def default_output(exp: ExperimentConfig) -> Path:
+    return Path("runs") / f"{exp.name}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def default_cache_dir(exp: ExperimentConfig) -> Path:
+    return Path(exp.cache_dir).expanduser() if exp.cache_dir else Path.home() / ".cache" / "epd-ray"
+
+
+def check_output(output: Path, exp: ExperimentConfig) -> None:
+    """Refuse, before writing anything, a folder that holds another experiment or unrelated files."""
+    if not output.exists():
+        return
+    if not output.is_dir():
+        raise OutputError(f"{output}: exists and is not a folder")
+    marker = output / MARKER
+    if marker.is_file():
+        held = json.loads(marker.read_text()).get("config_digest")
+        if held != exp.digest():
+            raise OutputError(f"{output}: holds another experiment (config {held}, this one {exp.digest()}); "
+                              "choose a new --output")
+        raise OutputError(f"{output}: holds this experiment already; choose a new --output to run it again")
+    if any(output.iterdir()):
+        raise OutputError(f"{output}: not empty and not an epd-ray experiment; choose an empty or new folder")
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in ("epd-ray", "torch", "torchvision", "ray", "optuna", "pytorch-msssim", "numpy", "pyarrow"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def run_tune(exp: ExperimentConfig, output: Path, *, prepared_dir: Path | None = None, echo=print) -> TuneRun:
+    started = time.time()
+    output = Path(output).resolve()
+    check_output(output, exp)
+    output.mkdir(parents=True, exist_ok=True)
+    write_resolved(exp, output / "config.yaml")
+    (output / MARKER).write_text(json.dumps({"kind": "epd-ray tune", "config_digest": exp.digest(),
+                                             "started": datetime.now().isoformat(timespec="seconds")}))
+    echo(f"config: {output / 'config.yaml'}")
+
+    cache_dir = default_cache_dir(exp)
+    if prepared_dir is not None:
+        prepared = PreparedData(Path(prepared_dir), read_manifest(Path(prepared_dir)), reused=True)
+    else:
+        prepared = cached_dataset(exp.data, cache_dir)
+    echo(f"data: {'reusing' if prepared.reused else 'prepared'} {prepared.manifest['num_images']} images "
+         f"({len(prepared.manifest['identities'])} identities x 7 emotions, {prepared.manifest['image_size']} px) "
+         f"-> {prepared.path}")
+
+    runtime = start_ray(exp.ray)
+    echo(f"ray: dashboard {runtime.dashboard_url or '(not available)'}")
+    storage = exp.ray.storage_path or str(output / "ray")
+    train_data = materialized_split(prepared.path, "train")
+    verifiers_path = pretrain_verifiers(exp, prepared, train_data=train_data, cache_dir=cache_dir, runtime=runtime,
+                                        storage_path=storage, echo=echo)
+    outcome = run_search(exp, train_data=train_data, dataset_dir=prepared.path, verifiers_path=verifiers_path,
+                         image_size=prepared.manifest["image_size"], runtime=runtime, storage_path=storage, echo=echo)
+    echo(f"search: done in {outcome.wall_seconds:.0f} s; best trial {outcome.best.trial_id} "
+         f"J={outcome.best.metrics['objective']:.3f} (validation)")
+
+    best_dir, report_dir = output / "best", output / "report"
+    metrics = evaluate_best(exp, outcome, prepared, verifiers_path)
+    write_best(best_dir, exp, outcome, prepared, metrics)
+    write_report(report_dir, exp, outcome, metrics)
+    echo_summary(outcome, metrics, echo)
+    wall = time.time() - started
+    echo(f"best model: {best_dir}\nreport: {report_dir / 'report.md'}\nwall time: {wall:.0f} s")
+    return TuneRun(output, best_dir, report_dir, runtime.dashboard_url, wall)
+
+
+def evaluate_best(exp: ExperimentConfig, outcome: SearchOutcome, prepared: PreparedData,
+                  verifiers_path: Path) -> dict[str, Any]:
+    checkpoint = Path(outcome.best.checkpoint)
+    generator = build_from_record(load_checkpoint(checkpoint)["networks"]["generator"], checkpoint)
+    methods = {METHOD: generator_method(generator, seed=exp.train.seed), **baseline_methods(exp.evaluation)}
+    mu = float(outcome.best.params.get("mu", exp.evaluation.mu))
+    return evaluate_methods(methods, dataset_dir=prepared.path, verifiers_path=verifiers_path, split="test",
+                            mu=mu, cfg=exp.evaluation)
+
+
+def write_best(best_dir: Path, exp: ExperimentConfig, outcome: SearchOutcome, prepared: PreparedData,
+               metrics: dict[str, Any]) -> None:
+    best_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = load_checkpoint(Path(outcome.best.checkpoint))
+    shutil.copy(outcome.best.checkpoint, best_dir / "checkpoint.pt")
+    save_checkpoint(best_dir / "generator.pt", {"networks": {"generator": checkpoint["networks"]["generator"]},
+                                                "params": checkpoint["params"]})
+    card = {
+        "model": "EPD-Net generator (pix2pix U-Net)",
+        "weights": "generator.pt (load with epd_ray.checkpoints.load_network(path, 'generator'))",
+        "params": outcome.best.params,
+        "trial": outcome.best.trial_id,
+        "epoch": checkpoint["epoch"] + 1,
+        "source_checkpoint": outcome.best.checkpoint,
+        "validation_metrics": {k: v for k, v in outcome.best.metrics.items() if isinstance(v, (int, float))},
+        "test_metrics": metrics["methods"][METHOD],
+        "data": {"content_hash": prepared.manifest["content_hash"], "path": str(prepared.path),
+                 "image_size": prepared.manifest["image_size"], "identities": len(prepared.manifest["identities"])},
+        "config": exp.to_dict(),
+        "versions": package_versions(),
+    }
+    (best_dir / "model_card.json").write_text(json.dumps(card, indent=2))
+
+
+def write_report(report_dir: Path, exp: ExperimentConfig, outcome: SearchOutcome, metrics: dict[str, Any]) -> None:
+    report_dir.mkdir(parents=True, exist_ok=True)
+    trials = [asdict(t) for t in outcome.trials]
+    (report_dir / "metrics.json").write_text(json.dumps({**metrics, "best_trial": outcome.best.trial_id,
+                                                         "trials": trials}, indent=2, default=str))
+    notes = [f"Experiment `{exp.name}`; best trial `{outcome.best.trial_id}` with "
+             + ", ".join(f"{k}={v:.3f}" for k, v in outcome.best.params.items()) + "."]
+    (report_dir / "report.md").write_text(render_report(metrics, trials, title="EPD-Net de-identification report",
+                                                        notes=notes))
+
+
+def echo_summary(outcome: SearchOutcome, metrics: dict[str, Any], echo=print) -> None:
+    echo("\ntrials (best epoch, validation split):")
+    keys = sorted({k for t in outcome.trials for k in t.params})
+    echo("  " + " ".join(f"{h:>9}" for h in ["trial", "status", *keys, "J", "D", "E", "SSIM"]))
+    for t in sorted(outcome.trials, key=lambda t: -t.metrics.get("objective", -1)):
+        m = t.metrics
+        row = [t.trial_id[-9:], t.status, *(f"{t.params.get(k, float('nan')):.3f}" for k in keys),
+               *(f"{m.get(k, float('nan')):.3f}" for k in ("objective", "deid_rate", "emotion_preserved", "ssim"))]
+        echo("  " + " ".join(f"{c:>9}" for c in row))
+    echo(f"\ntest split, independent evaluators (mu={metrics['mu']:.3f}):")
+    echo("  " + " ".join(f"{h:>10}" for h in ["method", "J", "D", "S", "G", "E", "emoMSE", "SSIM"]))
+    for name, judged in metrics["methods"].items():
+        m = judged["evaluators"]
+        cells = [name[:10], *(f"{m[k]:.3f}" for k in ("objective", "deid_rate", "switching_deid_rate",
+                                                     "genuine_acceptance", "emotion_preserved")),
+                 f"{m['emotion_mse']:.4f}", f"{m['ssim']:.3f}"]
+        echo("  " + " ".join(f"{c:>10}" for c in cells))

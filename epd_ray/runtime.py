@@ -1,0 +1,91 @@
+"""Start or join Ray, once per command.
+
+Local by default: a private temp dir (so a second Ray on the same host cannot be confused with ours), the
+dashboard on 127.0.0.1 with its URL printed, a custom `trial_driver` resource that Tune's per-trial driver
+holds instead of a CPU (on a 2-core machine a driver holding a CPU starves its own Train workers), and the
+state API address pinned for every worker (Train's placement-group cleaner needs it). With an address, join
+that cluster; token authentication, on by default since Ray 2.59, is then asked for explicitly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import tempfile
+from dataclasses import dataclass
+
+import ray
+import ray.data
+
+from epd_ray.config import RayConfig
+
+TRIAL_DRIVER = "trial_driver"
+# CPU left free of training workers so Ray Data's read and decode tasks (fractional CPUs) always run.
+DATA_RESERVE_CPUS = 0.5
+
+
+@dataclass(frozen=True)
+class RayRuntime:
+    dashboard_url: str | None
+    started_here: bool
+
+    @property
+    def total_cpus(self) -> float:
+        return float(ray.cluster_resources().get("CPU", 1))
+
+    @property
+    def total_gpus(self) -> float:
+        return float(ray.cluster_resources().get("GPU", 0))
+
+    def trial_resources(self) -> dict[str, float]:
+        """What a Tune trial's driver holds: the custom resource where the cluster has it."""
+        if ray.cluster_resources().get(TRIAL_DRIVER, 0) >= 1:
+            return {TRIAL_DRIVER: 1}
+        return {"CPU": 0.01}
+
+
+def _free_port(host: str, preferred: int) -> int:
+    for port in (preferred, 0):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return sock.getsockname()[1]
+    raise RuntimeError("no free port for the Ray dashboard")
+
+
+def start_ray(cfg: RayConfig, *, trial_drivers: int = 64, quiet: bool = True) -> RayRuntime:
+    if ray.is_initialized():
+        ctx = ray.get_runtime_context()
+        return RayRuntime(dashboard_url=getattr(ctx, "dashboard_url", None), started_here=False)
+    logging.getLogger("ray").setLevel(logging.WARNING if quiet else logging.INFO)
+    ray.data.DataContext.get_current().enable_progress_bars = not quiet
+    if cfg.address:
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        info = ray.init(address=cfg.address, log_to_driver=not quiet)
+        return RayRuntime(dashboard_url=_url(info.dashboard_url), started_here=False)
+    api_host = "127.0.0.1" if cfg.dashboard_host in ("0.0.0.0", "::") else cfg.dashboard_host
+    port = _free_port(api_host, cfg.dashboard_port)
+    api_address = f"http://{api_host}:{port}"
+    os.environ["RAY_API_SERVER_ADDRESS"] = api_address
+    info = ray.init(
+        num_cpus=cfg.num_cpus,
+        resources={TRIAL_DRIVER: trial_drivers},
+        include_dashboard=True,
+        dashboard_host=cfg.dashboard_host,
+        dashboard_port=port,
+        _temp_dir=tempfile.mkdtemp(prefix="epdray-", dir="/tmp"),
+        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": api_address}},
+        log_to_driver=not quiet,
+        configure_logging=True,
+        logging_level=logging.WARNING if quiet else logging.INFO,
+    )
+    return RayRuntime(dashboard_url=_url(info.dashboard_url), started_here=True)
+
+
+def _url(address: str | None) -> str | None:
+    if not address:
+        return None
+    return address if address.startswith("http") else f"http://{address}"

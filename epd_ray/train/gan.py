@@ -1,0 +1,157 @@
+"""EPD-Net GAN training as a Ray Train worker loop (DESIGN sections 4-6).
+
+Per batch: one discriminator step on the real pair (x, y) against the fake pair (x, G(x, z)), then one
+generator step on L_G = lambda1 (L_adv + Phi L_ssim) + lambda2 L_contrastive + lambda3 L_CE through the
+frozen verifiers V and S. Per epoch: rank 0 scores the generator on the validation split with the
+independent evaluators (the composite objective J that the search maximises) and checkpoints G, D,
+their optimisers, the epoch and the resolved config. A non-finite loss stops the trial with a recorded
+reason and a finite penalty (J = 0), so the search goes on.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import ray.train.torch
+import torch
+
+from epd_ray.checkpoints import build_from_record, load_checkpoint, network_record
+from epd_ray.config import ExperimentConfig, LossConfig
+from epd_ray.core.losses import LossWeights, discriminator_loss, generator_loss
+from epd_ray.core.networks import build_network
+from epd_ray.core.precision import autocast
+from epd_ray.core.scoring import deidentify_pixels, judge
+from epd_ray.data.shards import load_split
+from epd_ray.train.worker import RealPairPool, WorkerSetup, image_batches, prepare_images, report, restore, setup_worker
+
+# The objective a diverged trial reports: finite (the searcher must never see NaN) and the worst possible.
+PENALTY_OBJECTIVE = 0.0
+
+
+def build_gan(exp: ExperimentConfig, image_size: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+    generator = build_network("generator", image_size=image_size, ngf=exp.model.ngf, norm=exp.model.norm,
+                              dropout=exp.model.dropout)
+    discriminator = build_network("discriminator", ndf=exp.model.ndf, n_layers=exp.model.n_layers,
+                                  norm=exp.model.norm)
+    return generator, discriminator  # both initialised as pix2pix does, in their constructors
+
+
+def frozen(module: torch.nn.Module, setup: WorkerSetup) -> torch.nn.Module:
+    module = module.to(setup.device).eval()
+    if setup.channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+def trial_params(config: dict[str, Any]) -> tuple[LossWeights, float]:
+    """The loss weights and mu of this run: the experiment's, overridden by the trial's searched values."""
+    exp = ExperimentConfig.model_validate(config["experiment"])
+    params = {**exp.loss.model_dump(), "mu": exp.evaluation.mu, **config.get("params", {})}
+    loss = LossConfig.model_validate({k: params[k] for k in LossConfig.model_fields})
+    return LossWeights(**loss.model_dump()), float(params["mu"])
+
+
+def gan_loop(config: dict[str, Any]) -> None:
+    exp = ExperimentConfig.model_validate(config["experiment"])
+    weights, mu = trial_params(config)
+    setup = setup_worker(exp.train.cpus_per_worker, exp.train.precision, exp.train.channels_last, exp.train.seed)
+    dataset_dir = Path(config["dataset_dir"])
+    image_size = config["image_size"]
+
+    generator, discriminator = build_gan(exp, image_size)
+    verifiers = load_checkpoint(Path(config["verifiers_path"]))["networks"]
+    identity_verifier = frozen(build_from_record(verifiers["identity_verifier"]), setup)
+    emotion_verifier = frozen(build_from_record(verifiers["emotion_verifier"]), setup)
+
+    opt_g = torch.optim.Adam(generator.parameters(), lr=exp.train.lr, betas=(exp.train.beta1, exp.train.beta2))
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=exp.train.lr, betas=(exp.train.beta1, exp.train.beta2))
+    payload, start_epoch = restore()
+    if payload is not None:
+        generator.load_state_dict(payload["networks"]["generator"]["state_dict"])
+        discriminator.load_state_dict(payload["networks"]["discriminator"]["state_dict"])
+        opt_g.load_state_dict(payload["optimizers"]["generator"])
+        opt_d.load_state_dict(payload["optimizers"]["discriminator"])
+    for module in (generator, discriminator):
+        module.to(setup.device)
+        if setup.channels_last:
+            module.to(memory_format=torch.channels_last)
+    generator = ray.train.torch.prepare_model(generator)
+    discriminator = ray.train.torch.prepare_model(discriminator)
+
+    pool = RealPairPool(load_split(dataset_dir, "train"), exp.model.real_pair, seed=exp.train.seed + setup.rank)
+    if setup.rank == 0:
+        val = load_split(dataset_dir, "val")
+        identity_evaluator = frozen(build_from_record(verifiers["identity_evaluator"]), setup)
+        emotion_evaluator = frozen(build_from_record(verifiers["emotion_evaluator"]), setup)
+
+    for epoch in range(start_epoch, exp.train.epochs):
+        generator.train()
+        discriminator.train()
+        sums: dict[str, torch.Tensor] = {}
+        steps = 0
+        for batch in image_batches(setup, exp.train.batch_size, seed=exp.train.seed * 1000 + epoch):
+            x = batch["x"]
+            y_real = prepare_images(pool.sample(batch["identity"], batch["emotion"]), setup)
+
+            with autocast(setup.device, setup.precision):
+                fake = generator(x)
+                loss_d = discriminator_loss(discriminator(x, y_real), discriminator(x, fake.detach()))
+            opt_d.zero_grad(set_to_none=True)
+            loss_d.backward()
+            opt_d.step()
+
+            with autocast(setup.device, setup.precision):
+                loss_g, parts = generator_loss(
+                    discriminator(x, fake), x, fake, identity_verifier(fake), batch["identity"],
+                    emotion_verifier(fake), batch["emotion"], weights)
+            opt_g.zero_grad(set_to_none=True)
+            loss_g.backward()
+            opt_g.step()
+
+            for key, value in {"loss_d": loss_d, **{f"loss_{k}": v for k, v in parts.items()}}.items():
+                sums[key] = sums.get(key, 0) + value.detach().float()
+            steps += 1
+
+        # One host sync per epoch, not per step.
+        losses = {k: (v / max(1, steps)).item() for k, v in sums.items()}
+        diverged = not all(math.isfinite(v) for v in losses.values())
+        metrics: dict[str, Any] = {"epoch": epoch + 1, **losses, "diverged": diverged,
+                                   "stop_reason": "non-finite loss" if diverged else ""}
+        if diverged:
+            metrics.update(objective=PENALTY_OBJECTIVE)
+            report(setup, metrics, None)
+            return
+        payload = None
+        if setup.rank == 0:
+            module = getattr(generator, "module", generator)
+            deid = deidentify_pixels(module, val.pixels, batch_size=exp.evaluation.batch_size,
+                                     device=setup.device, precision=setup.precision)
+            scores = judge(val.pixels, deid, val.identity, val.emotion, identity_net=identity_evaluator,
+                           emotion_net=emotion_evaluator, mu=mu, ssim_weight=exp.evaluation.ssim_weight,
+                           batch_size=exp.evaluation.batch_size, device=setup.device, precision=setup.precision)
+            metrics.update(scalar_metrics(scores))
+            payload = {
+                "networks": {"generator": network_record("generator", generator),
+                             "discriminator": network_record("discriminator", discriminator)},
+                "optimizers": {"generator": opt_g.state_dict(), "discriminator": opt_d.state_dict()},
+                "epoch": epoch,
+                "params": {**{k: getattr(weights, k) for k in LossConfig.model_fields}, "mu": mu},
+                "experiment": exp.to_dict(),
+                "metrics": metrics,
+            }
+        report(setup, metrics, payload)
+
+
+def scalar_metrics(scores: dict[str, Any]) -> dict[str, float]:
+    """Flatten list-valued metrics (CMC ranks) so Tune can track every figure per epoch."""
+    flat: dict[str, float] = {}
+    for key, value in scores.items():
+        if isinstance(value, (list, tuple)):
+            flat.update({f"{key}_{i + 1}": float(v) for i, v in enumerate(value)})
+        else:
+            flat[key] = float(value)
+    return flat

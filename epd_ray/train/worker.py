@@ -1,0 +1,116 @@
+"""What every Ray Train worker loop of epd-ray does the same way.
+
+Thread count, seeding, device and precision, iterating the Ray Data shard as float image batches, the
+real-pair pool, and reporting with a checkpoint written by rank 0 only (every rank must call
+`ray.train.report` the same number of times).
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+
+from epd_ray.checkpoints import load_checkpoint, save_checkpoint
+from epd_ray.core.images import to_tensor
+from epd_ray.core.precision import resolve_precision, threads_for
+from epd_ray.data.shards import FaceArrays
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+@dataclass
+class WorkerSetup:
+    rank: int
+    world_size: int
+    device: torch.device
+    precision: str
+    channels_last: bool
+
+
+def setup_worker(cpus_per_worker: float, precision: str, channels_last: bool, seed: int) -> WorkerSetup:
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(threads_for(cpus_per_worker))
+    seed_everything(seed + rank)
+    return WorkerSetup(rank, world, device, resolve_precision(precision, device), channels_last)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def image_batches(setup: WorkerSetup, batch_size: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+    """One epoch of this worker's shard: images as float NCHW in [-1, 1] on the worker's device."""
+    shard = ray.train.get_dataset_shard("train")
+    for batch in shard.iter_torch_batches(batch_size=batch_size, local_shuffle_buffer_size=4 * batch_size,
+                                          local_shuffle_seed=seed, drop_last=True):
+        yield {
+            "pixels": batch["pixels"],
+            "x": prepare_images(batch["pixels"], setup),
+            "identity": batch["identity"].to(setup.device),
+            "emotion": batch["emotion"].to(setup.device),
+        }
+
+
+def prepare_images(pixels: torch.Tensor | np.ndarray, setup: WorkerSetup) -> torch.Tensor:
+    x = to_tensor(pixels).to(setup.device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if setup.channels_last else x
+
+
+def restore(default_epoch: int = 0) -> tuple[dict[str, Any] | None, int]:
+    """The payload of the checkpoint Ray Train hands back after a failure or resume, and the next epoch."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None, default_epoch
+    with checkpoint.as_directory() as directory:
+        payload = load_checkpoint(Path(directory) / CHECKPOINT_FILE)
+    return payload, int(payload.get("epoch", -1)) + 1
+
+
+def report(setup: WorkerSetup, metrics: dict[str, Any], payload: dict[str, Any] | None) -> None:
+    """Report on every rank; rank 0 alone writes and attaches the checkpoint."""
+    if setup.rank == 0 and payload is not None:
+        with tempfile.TemporaryDirectory() as directory:
+            save_checkpoint(Path(directory) / CHECKPOINT_FILE, payload)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+    else:
+        ray.train.report(metrics, checkpoint=None)
+
+
+class RealPairPool:
+    """Real faces for the discriminator's real pair (x, y) (DESIGN section 4).
+
+    With `other_identity_same_emotion`, y is a real face of another person with x's expression, which
+    teaches D "a real face that keeps the expression", not "a copy of x". Held in memory once per worker.
+    """
+
+    def __init__(self, faces: FaceArrays, mode: str, seed: int):
+        self.pixels = torch.from_numpy(np.ascontiguousarray(faces.pixels))
+        self.mode = mode
+        self.rng = np.random.default_rng(seed)
+        self.candidates: dict[tuple[int, int], np.ndarray] = {}
+        for emo in np.unique(faces.emotion):
+            for ident in np.unique(faces.identity):
+                idx = np.flatnonzero((faces.emotion == emo) & (faces.identity != ident))
+                if len(idx):
+                    self.candidates[(int(emo), int(ident))] = idx
+
+    def sample(self, identity: torch.Tensor, emotion: torch.Tensor) -> torch.Tensor:
+        if self.mode == "any_real":
+            idx = self.rng.integers(0, len(self.pixels), size=len(identity))
+        else:
+            pairs = zip(emotion.tolist(), identity.tolist())
+            idx = np.array([self.rng.choice(self.candidates[pair]) for pair in pairs])
+        return self.pixels[torch.from_numpy(idx)]

@@ -1,0 +1,1 @@
+"""Ray Tune: the search over loss weights and mu."""

@@ -1,0 +1,189 @@
+"""The search: Ray Tune with Optuna (TPE) over lambda1-3, Phi, alpha and mu, ASHA on J per epoch.
+
+Each trial is a Tune function trainable that builds and fits its own Ray Train `TorchTrainer` (the Train V2
+pattern), with a stable Train run name from the trial id; Train reports reach Tune through
+`TuneReportCallback`, which also passes each checkpoint's path. The trial driver holds the custom
+`trial_driver` resource, not a CPU, so on a small machine every CPU goes to the Train workers and to the
+data tasks. All trials share the same prepared data and pretrained verifiers.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import ray.data
+import ray.train
+import ray.tune
+from ray.train.torch import TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from epd_ray.config import SEARCHED_KEYS, ExperimentConfig
+from epd_ray.runtime import DATA_RESERVE_CPUS, RayRuntime
+from epd_ray.train.gan import gan_loop
+from epd_ray.train.worker import CHECKPOINT_FILE
+
+OBJECTIVE = "objective"
+PAPER_POINT = {"phi": 0.25, "mu": 0.35}
+
+
+@dataclass(frozen=True)
+class TrialSummary:
+    trial_id: str
+    params: dict[str, float]
+    epochs: int
+    metrics: dict[str, Any]  # at the trial's best epoch
+    checkpoint: str | None
+    status: str
+
+
+@dataclass(frozen=True)
+class SearchOutcome:
+    trials: list[TrialSummary]
+    best: TrialSummary
+    experiment_path: str
+    wall_seconds: float
+
+
+def scaling_config(exp: ExperimentConfig) -> ray.train.ScalingConfig:
+    resources = None if exp.train.use_gpu else {"CPU": exp.train.cpus_per_worker}
+    return ray.train.ScalingConfig(num_workers=exp.train.num_workers, use_gpu=exp.train.use_gpu,
+                                   resources_per_worker=resources)
+
+
+def concurrent_trials(exp: ExperimentConfig, runtime: RayRuntime) -> int:
+    """As many trials as the cluster's CPUs (or GPUs) hold at once, keeping CPU for the data tasks."""
+    if exp.search.max_concurrent:
+        return exp.search.max_concurrent
+    if exp.train.use_gpu:
+        fit = runtime.total_gpus // exp.train.num_workers
+    else:
+        fit = (runtime.total_cpus - DATA_RESERVE_CPUS) // (exp.train.num_workers * exp.train.cpus_per_worker)
+    return int(max(1, min(fit, exp.search.num_samples)))
+
+
+def search_space(exp: ExperimentConfig) -> dict[str, Any]:
+    """Flat keys (OptunaSearch ignores nested dicts in points_to_evaluate)."""
+    return {key: ray.tune.uniform(rng.low, rng.high) for key, rng in exp.search.space.items()}
+
+
+def first_points(exp: ExperimentConfig) -> list[dict[str, float]]:
+    """The paper's setting (Phi = 0.25, mu = 0.35, the config's lambdas and alpha), clipped to the ranges."""
+    if not exp.search.paper_point_first:
+        return []
+    base = {**exp.loss.model_dump(), "mu": exp.evaluation.mu, **PAPER_POINT}
+    return [{key: min(max(base[key], rng.low), rng.high) for key, rng in exp.search.space.items()}]
+
+
+def gan_trainer(exp: ExperimentConfig, params: dict[str, float], *, train_data: ray.data.Dataset, dataset_dir: str,
+                verifiers_path: str, image_size: int, name: str, storage_path: str,
+                callbacks: list | None = None) -> TorchTrainer:
+    """One GAN training run (used by each trial, and by `epd-ray train` for a single config)."""
+    return TorchTrainer(
+        gan_loop,
+        train_loop_config={"experiment": exp.to_dict(), "params": params, "dataset_dir": dataset_dir,
+                           "verifiers_path": verifiers_path, "image_size": image_size},
+        scaling_config=scaling_config(exp),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage_path, callbacks=callbacks,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=OBJECTIVE,
+                                                         checkpoint_score_order="max"),
+        ),
+        datasets={"train": train_data},
+    )
+
+
+def _trial(params: dict[str, float], *, experiment: dict, train_data: ray.data.Dataset, dataset_dir: str,
+           verifiers_path: str, image_size: int, storage_path: str) -> None:
+    exp = ExperimentConfig.model_validate(experiment)
+    trial_id = ray.tune.get_context().get_trial_id()
+    trainer = gan_trainer(exp, params, train_data=train_data, dataset_dir=dataset_dir, verifiers_path=verifiers_path,
+                          image_size=image_size, name=f"train-{trial_id}", storage_path=storage_path,
+                          callbacks=[TuneReportCallback()])
+    trainer.fit()
+
+
+class ProgressLine(ray.tune.Callback):
+    """One line per trial per epoch, instead of Tune's full tables."""
+
+    def __init__(self, epochs: int, echo=print):
+        self.epochs = epochs
+        self.echo = echo
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if OBJECTIVE not in result:
+            return
+        self.echo(f"  trial {trial.trial_id} epoch {result.get('epoch', '?')}/{self.epochs}  "
+                  f"J={result[OBJECTIVE]:.3f} D={result.get('deid_rate', float('nan')):.2f} "
+                  f"S={result.get('switching_deid_rate', float('nan')):.2f} "
+                  f"E={result.get('emotion_preserved', float('nan')):.2f} "
+                  f"SSIM={result.get('ssim', float('nan')):.2f}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.echo(f"  trial {trial.trial_id} finished")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.echo(f"  trial {trial.trial_id} FAILED: see {trial.local_path}")
+
+
+def run_search(exp: ExperimentConfig, *, train_data: ray.data.Dataset, dataset_dir: Path, verifiers_path: Path,
+               image_size: int, runtime: RayRuntime, storage_path: str, echo=print) -> SearchOutcome:
+    started = time.time()
+    concurrency = concurrent_trials(exp, runtime)
+    echo(f"search: {exp.search.num_samples} trials, {concurrency} at a time, "
+         f"{exp.train.epochs} epochs each, ASHA grace {exp.search.grace_period}")
+    trainable = ray.tune.with_resources(
+        ray.tune.with_parameters(_trial, experiment=exp.to_dict(), train_data=train_data, dataset_dir=str(dataset_dir),
+                                 verifiers_path=str(verifiers_path), image_size=image_size,
+                                 storage_path=storage_path),
+        runtime.trial_resources(),
+    )
+    tuner = ray.tune.Tuner(
+        trainable,
+        param_space=search_space(exp),
+        tune_config=ray.tune.TuneConfig(
+            metric=OBJECTIVE, mode="max", num_samples=exp.search.num_samples,
+            max_concurrent_trials=concurrency,
+            search_alg=OptunaSearch(points_to_evaluate=first_points(exp) or None, seed=exp.search.seed),
+            scheduler=ASHAScheduler(time_attr="training_iteration", max_t=exp.train.epochs,
+                                    grace_period=min(exp.search.grace_period, exp.train.epochs),
+                                    reduction_factor=exp.search.reduction_factor),
+        ),
+        run_config=ray.tune.RunConfig(name="search", storage_path=storage_path, verbose=0,
+                                      callbacks=[ProgressLine(exp.train.epochs, echo)]),
+    )
+    grid = tuner.fit()
+    trials = [summarise(result) for result in grid]
+    scored = [t for t in trials if t.checkpoint is not None]
+    if not scored:
+        raise RuntimeError(f"no trial produced a checkpoint; see {grid.experiment_path}")
+    best = max(scored, key=lambda t: t.metrics.get(OBJECTIVE, -math.inf))
+    return SearchOutcome(trials, best, grid.experiment_path, time.time() - started)
+
+
+def summarise(result: ray.tune.Result) -> TrialSummary:
+    """A trial at its best epoch: the row with the highest J whose checkpoint is still kept."""
+    frame: pd.DataFrame | None = result.metrics_dataframe
+    params = {k: float(v) for k, v in (result.config or {}).items() if k in SEARCHED_KEYS}
+    trial_id = str((result.metrics or {}).get("trial_id", Path(result.path).name))
+    status = "error" if result.error else "ok"
+    if frame is None or OBJECTIVE not in frame or frame.empty:
+        return TrialSummary(trial_id, params, 0, {}, None, status)
+    frame = frame.sort_values(OBJECTIVE, ascending=False)
+    row, checkpoint = frame.iloc[0], None
+    if "checkpoint_path" in frame:
+        for _, candidate in frame.iterrows():
+            path = candidate.get("checkpoint_path")
+            if isinstance(path, str) and (Path(path) / CHECKPOINT_FILE).is_file():
+                row, checkpoint = candidate, str(Path(path) / CHECKPOINT_FILE)
+                break
+    metrics = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
+    if bool(metrics.get("diverged")):
+        status = "diverged"
+    return TrialSummary(trial_id, params, int(frame["epoch"].max()), metrics, checkpoint, status)

@@ -1,0 +1,247 @@
+"""Shapes, structure and runtime contracts of the EPD-Net networks (DESIGN section 4)."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from epd_ray.core.labels import NUM_EMOTIONS
+from epd_ray.core.networks import (
+    NETWORKS,
+    EmotionVerifier,
+    IdentityVerifier,
+    NoiseDropout,
+    PatchDiscriminator,
+    ResNetClassifier,
+    UNetGenerator,
+    build_network,
+    count_parameters,
+    init_weights,
+)
+
+torch.set_num_threads(2)
+
+
+def images(n=2, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, size, size, generator=g) * 2 - 1
+
+
+# ------------------------------------------------------------------ generator
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_generator_shape_and_tanh_range(size):
+    g = UNetGenerator(size, ngf=4)
+    y = g(images(2, size))
+    assert y.shape == (2, 3, size, size)
+    assert y.min() >= -1 and y.max() <= 1
+    assert y.std() > 0  # not a constant output
+
+
+@pytest.mark.parametrize("size,depth", [(32, 5), (64, 6), (256, 8)])
+def test_generator_depth_is_log2_size(size, depth):
+    g = UNetGenerator(size, ngf=2)
+    strided = [m for m in g.downs.modules() if isinstance(m, nn.Conv2d) and m.stride == (2, 2)]
+    assert len(strided) == depth
+    # widths ngf * (1, 2, 4, 8, 8, ...) capped at 8 * ngf
+    assert [d[-1].out_channels if isinstance(d[-1], nn.Conv2d) else d[-2].out_channels for d in g.downs] == [
+        2 * min(2**i, 8) for i in range(depth)
+    ]
+    # innermost encoder block has no norm (it works on a 1x1 map), as in pix2pix
+    assert not any(isinstance(m, (nn.BatchNorm2d, nn.InstanceNorm2d)) for m in g.downs[-1])
+
+
+@pytest.mark.parametrize("bad", [16, 48, 100, 512, 0])
+def test_generator_rejects_bad_image_size(bad):
+    with pytest.raises(ValueError, match="image_size"):
+        UNetGenerator(bad, ngf=2)
+
+
+@pytest.mark.parametrize("size,n_noise", [(32, 2), (64, 3), (256, 3)])
+def test_generator_has_noise_dropout_in_innermost_decoder_blocks(size, n_noise):
+    g = UNetGenerator(size, ngf=2)
+    drops = [m for m in g.modules() if isinstance(m, NoiseDropout)]
+    assert len(drops) == n_noise
+    assert all(m.p == 0.5 for m in drops)
+    # they sit right outside the innermost decoder block
+    assert sorted(g.noise_levels) == list(range(g.depth - 1 - n_noise, g.depth - 1))
+
+
+def test_generator_noise_on_at_inference_unless_deterministic():
+    g = UNetGenerator(32, ngf=4).eval()
+    x = images(2, 32)
+    with torch.no_grad():
+        a, b = g(x), g(x)
+    assert not torch.allclose(a, b), "dropout noise z must stay on in eval mode by default"
+    g.deterministic = True
+    assert g.deterministic
+    with torch.no_grad():
+        c, d = g(x), g(x)
+    assert torch.equal(c, d)
+    g.deterministic = False
+    with torch.no_grad():
+        assert not torch.allclose(g(x), g(x))
+
+
+def test_generator_instance_norm_and_batch_of_one():
+    g = UNetGenerator(32, ngf=4, norm="instance")
+    assert any(isinstance(m, nn.InstanceNorm2d) for m in g.modules())
+    assert g(images(1, 32)).shape == (1, 3, 32, 32)
+    with pytest.raises(ValueError, match="norm"):
+        UNetGenerator(32, norm="layer")
+
+
+def test_pix2pix_init_std():
+    g = UNetGenerator(32, ngf=8)
+    w = torch.cat([m.weight.flatten() for m in g.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))])
+    assert abs(w.std().item() - 0.02) < 0.002
+    lin = nn.Linear(200, 200)
+    init_weights(lin)
+    assert abs(lin.weight.std().item() - 0.02) < 0.002 and torch.all(lin.bias == 0)
+
+
+# ------------------------------------------------------------------ discriminator
+
+
+@pytest.mark.parametrize("size,side", [(32, 2), (64, 6), (256, 30)])
+def test_patch_discriminator_map_size(size, side):
+    d = PatchDiscriminator(ndf=2)
+    out = d(images(2, size), images(2, size, seed=1))
+    assert out.shape == (2, 1, side, side)
+
+
+def test_patch_discriminator_is_conditional_and_returns_logits():
+    d = PatchDiscriminator(ndf=4).eval()
+    x, y1, y2 = images(2, 32, 0), images(2, 32, 1), images(2, 32, 2)
+    assert not torch.allclose(d(x, y1), d(x, y2))
+    assert not torch.allclose(d(x, y1), d(y2, y1))  # depends on the condition x too
+    assert isinstance(d.model[-1], nn.Conv2d)  # no sigmoid at the end
+    assert d.model[0].in_channels == 6
+
+
+def test_patch_discriminator_pix2pix_size_and_too_small_input():
+    assert count_parameters(PatchDiscriminator(ndf=64)) == 2_768_705  # pix2pix "basic" D: 2.769 M
+    with pytest.raises(ValueError, match="side"):
+        PatchDiscriminator(ndf=2)(images(1, 16), images(1, 16))
+
+
+# ------------------------------------------------------------------ verifiers and evaluators
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_identity_verifier_is_vgg16_bn(size):
+    v = IdentityVerifier(num_identities=5, image_size=size, width=0.125)
+    convs = [m for m in v.features if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 13 and all(m.kernel_size == (3, 3) for m in convs)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in v.features) == 13
+    assert sum(isinstance(m, nn.MaxPool2d) for m in v.features) == 5
+    assert [m.out_channels for m in convs][:3] == [8, 8, 16]  # 64, 64, 128 scaled by 1/8
+    assert v.classifier[0].out_features == 512  # 4096 / 8
+    assert v(images(3, size)).shape == (3, 5)
+
+
+def test_identity_verifier_min_widths_and_size_check():
+    v = IdentityVerifier(num_identities=3, image_size=32, width=0.001)
+    assert min(m.out_channels for m in v.features if isinstance(m, nn.Conv2d)) == 4
+    assert v.classifier[0].out_features == 16
+    with pytest.raises(ValueError, match="image_size"):
+        IdentityVerifier(3, image_size=48)
+
+
+def test_emotion_verifier_is_mini_xception():
+    s = EmotionVerifier()
+    assert 40_000 <= count_parameters(s) <= 80_000
+    seps = [m for m in s.modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    assert len(seps) == 8  # 4 blocks x 2 separable convs
+    assert [m.out_channels for m in s.stem if isinstance(m, nn.Conv2d)] == [8, 8]
+    assert s.head.out_channels == NUM_EMOTIONS
+    assert s(images(2, 32)).shape == (2, NUM_EMOTIONS)
+    assert s(images(2, 48)).shape == (2, NUM_EMOTIONS)
+
+
+def luma_preserving_pair(size=32):
+    """Two RGB images with the same ITU-R 601 luma but different colours."""
+    x = images(2, size) * 0.5
+    chroma = torch.tensor([0.587, -0.299, 0.0]).view(1, 3, 1, 1)  # 0.299*0.587 - 0.587*0.299 = 0
+    return x, x + 0.4 * chroma * torch.rand(2, 1, size, size)
+
+
+@pytest.mark.parametrize("factory", [lambda: EmotionVerifier(), lambda: ResNetClassifier(7, base_width=4, grey=True)])
+def test_grey_networks_see_only_luma(factory):
+    net = factory().eval()
+    x, y = luma_preserving_pair()
+    assert not torch.allclose(x, y)
+    with torch.no_grad():
+        assert torch.allclose(net(x), net(y), atol=1e-5)
+
+
+def test_resnet_classifier_shape_and_small_image_stem():
+    r = ResNetClassifier(num_classes=9, base_width=4)
+    first = r.stem[0]
+    assert first.stride == (1, 1) and first.kernel_size == (3, 3) and first.in_channels == 3
+    assert not any(isinstance(m, nn.MaxPool2d) for m in r.modules())
+    assert len([m for m in r.modules() if m.__class__.__name__ == "BasicBlock"]) == 8
+    assert r(images(2, 32)).shape == (2, 9)
+    # colour evaluator does see chroma
+    x, y = luma_preserving_pair()
+    with torch.no_grad():
+        assert not torch.allclose(r.eval()(x), r(y), atol=1e-5)
+
+
+# ------------------------------------------------------------------ registry
+
+
+SMALL_CONFIGS = {
+    "generator": dict(image_size=32, ngf=4),
+    "discriminator": dict(ndf=4),
+    "identity_verifier": dict(num_identities=4, image_size=32, width=0.0625),
+    "emotion_verifier": dict(num_emotions=7),
+    "identity_evaluator": dict(num_classes=4, base_width=4),
+    "emotion_evaluator": dict(num_classes=7, base_width=4, grey=True),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(NETWORKS))
+def test_build_network_roundtrip_from_config(kind):
+    net = build_network(kind, **SMALL_CONFIGS[kind])
+    config = json.loads(json.dumps(net.config))  # JSON-able, as a checkpoint stores it
+    clone = build_network(kind, **config)
+    clone.load_state_dict(net.state_dict())
+    assert clone.config == net.config
+    assert count_parameters(clone) == count_parameters(net)
+
+
+def test_build_network_unknown_kind_lists_known():
+    with pytest.raises(ValueError, match="identity_verifier"):
+        build_network("vgg19")
+
+
+# ------------------------------------------------------------------ bf16 autocast, channels_last
+
+
+def _forward(kind, net, x):
+    return net(x, x.flip(-1)) if kind == "discriminator" else net(x)
+
+
+@pytest.mark.parametrize("kind", sorted(NETWORKS))
+def test_bf16_autocast_and_channels_last(kind):
+    torch.manual_seed(0)
+    net = build_network(kind, **SMALL_CONFIGS[kind]).to(memory_format=torch.channels_last)
+    x = images(2, 32).to(memory_format=torch.channels_last).requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _forward(kind, net, x)
+    assert out.dtype == torch.bfloat16
+    assert torch.isfinite(out.float()).all()
+    out.float().square().mean().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    # bf16 output tracks the fp32 one (same weights, eval mode for determinism)
+    net.eval()
+    if kind == "generator":
+        net.deterministic = True
+    with torch.no_grad():
+        ref = _forward(kind, net, x.detach())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = _forward(kind, net, x.detach()).float()
+    assert (low - ref).abs().max() <= 0.1 * ref.abs().max() + 0.05
