@@ -35,7 +35,7 @@ def build_from_record(record: dict[str, Any], path: Path | str = "checkpoint") -
     try:
         module = build_network(record["kind"], **record["config"])
         module.load_state_dict(record["state_dict"])
-    except (KeyError, TypeError, RuntimeError, ValueError) as exc:
+    except (KeyError, TypeError, RuntimeError, ValueError, IndexError, AttributeError) as exc:
         raise CheckpointError(f"{path}: network record does not rebuild ({exc})") from None
     return module
 
@@ -61,11 +61,16 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for foreign or tampered files
-        raise CheckpointError(f"{path}: not a loadable epd-ray checkpoint ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0][:200]})") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT or "networks" not in payload:
-        raise CheckpointError(f"{path}: not an epd-ray checkpoint (format {FORMAT} with networks expected)")
+        first_line = (str(exc).splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{path}: not a loadable epd-ray checkpoint ({type(exc).__name__}: {first_line})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT or not _is_network_table(payload.get("networks")):
+        raise CheckpointError(f"{path}: not an epd-ray checkpoint (format {FORMAT} with a table of networks expected)")
     return payload
+
+
+def _is_network_table(networks: Any) -> bool:
+    return isinstance(networks, dict) and all(
+        isinstance(record, dict) and {"kind", "config", "state_dict"} <= set(record) for record in networks.values())
 
 
 def load_network(path: Path, name: str) -> nn.Module:

@@ -64,9 +64,9 @@ class VerifiersConfig(_Strict):
 
     identity_width: float = Field(0.25, gt=0, le=1.0, description="VGG-16 channel multiplier")
     evaluator_width: int = Field(16, ge=4, le=64, description="ResNet-18 base width of the evaluators")
-    epochs: int = Field(12, ge=1)
-    batch_size: int = Field(64, ge=2)
-    lr: float = Field(2e-3, gt=0)
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(32, ge=2)
+    lr: float = Field(5e-4, gt=0)
     augment: bool = True
     seed: int = 1
     evaluator_seed: int = 2
@@ -81,6 +81,8 @@ class ModelConfig(_Strict):
     norm: Literal["batch", "instance"] = "batch"
     dropout: float = Field(0.5, ge=0, lt=1)
     real_pair: Literal["other_identity_same_emotion", "any_real"] = "other_identity_same_emotion"
+    warm_start_epochs: int = Field(50, ge=0, description="autoencoder epochs before GAN training; 0: from noise")
+    warm_start_lr: float = Field(1e-3, gt=0)
 
 
 class LossConfig(_Strict):
@@ -224,6 +226,19 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _complete_search_space(raw: dict) -> None:
+    """A search space given in a file or override changes the ranges it names; the rest keep their defaults
+    (all six keys are always searched), and a range given by one bound takes the other from the default."""
+    search = raw.get("search")
+    if not isinstance(search, dict) or not isinstance(search.get("space"), dict):
+        return
+    defaults = {k: r.model_dump() for k, r in SearchConfig().space.items()}
+    space = {k: dict(v) for k, v in defaults.items()}
+    for key, rng in search["space"].items():
+        space[key] = {**defaults.get(key, {}), **rng} if isinstance(rng, dict) else rng
+    search["space"] = space
+
+
 def load_config(config: str | Path | None = None, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
     """Resolve a preset name or YAML path plus dotted overrides (`train.epochs=3`) into a checked config.
 
@@ -243,6 +258,7 @@ def load_config(config: str | Path | None = None, overrides: dict[str, Any] | No
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     for dotted, value in (overrides or {}).items():
         _set_dotted(raw, dotted, value)
+    _complete_search_space(raw)
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as err:

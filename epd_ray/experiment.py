@@ -25,7 +25,7 @@ from epd_ray.data.stream import materialized_split
 from epd_ray.evaluate.evaluate import baseline_methods, evaluate_methods, generator_method
 from epd_ray.evaluate.report import render_report
 from epd_ray.runtime import start_ray
-from epd_ray.train.run import pretrain_verifiers
+from epd_ray.train.run import pretrain_networks
 from epd_ray.tune.search import SearchOutcome, run_search
 
 MARKER = "experiment.json"
@@ -103,15 +103,15 @@ def run_tune(exp: ExperimentConfig, output: Path, *, prepared_dir: Path | None =
     echo(f"ray: dashboard {runtime.dashboard_url or '(not available)'}")
     storage = exp.ray.storage_path or str(output / "ray")
     train_data = materialized_split(prepared.path, "train")
-    verifiers_path = pretrain_verifiers(exp, prepared, train_data=train_data, cache_dir=cache_dir, runtime=runtime,
+    pretrained_path = pretrain_networks(exp, prepared, train_data=train_data, cache_dir=cache_dir, runtime=runtime,
                                         storage_path=storage, echo=echo)
-    outcome = run_search(exp, train_data=train_data, dataset_dir=prepared.path, verifiers_path=verifiers_path,
+    outcome = run_search(exp, train_data=train_data, dataset_dir=prepared.path, pretrained_path=pretrained_path,
                          image_size=prepared.manifest["image_size"], runtime=runtime, storage_path=storage, echo=echo)
     echo(f"search: done in {outcome.wall_seconds:.0f} s; best trial {outcome.best.trial_id} "
          f"J={outcome.best.metrics['objective']:.3f} (validation)")
 
     best_dir, report_dir = output / "best", output / "report"
-    metrics = evaluate_best(exp, outcome, prepared, verifiers_path)
+    metrics = evaluate_best(exp, outcome, prepared, pretrained_path)
     write_best(best_dir, exp, outcome, prepared, metrics)
     write_report(report_dir, exp, outcome, metrics)
     echo_summary(outcome, metrics, echo)
@@ -121,12 +121,12 @@ def run_tune(exp: ExperimentConfig, output: Path, *, prepared_dir: Path | None =
 
 
 def evaluate_best(exp: ExperimentConfig, outcome: SearchOutcome, prepared: PreparedData,
-                  verifiers_path: Path) -> dict[str, Any]:
+                  pretrained_path: Path) -> dict[str, Any]:
     checkpoint = Path(outcome.best.checkpoint)
     generator = build_from_record(load_checkpoint(checkpoint)["networks"]["generator"], checkpoint)
     methods = {METHOD: generator_method(generator, seed=exp.train.seed), **baseline_methods(exp.evaluation)}
     mu = float(outcome.best.params.get("mu", exp.evaluation.mu))
-    return evaluate_methods(methods, dataset_dir=prepared.path, verifiers_path=verifiers_path, split="test",
+    return evaluate_methods(methods, dataset_dir=prepared.path, pretrained_path=pretrained_path, split="test",
                             mu=mu, cfg=exp.evaluation)
 
 

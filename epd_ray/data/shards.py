@@ -61,12 +61,25 @@ def split_per_identity(identity: np.ndarray, emotion: np.ndarray, shares: tuple[
         for emo in np.unique(emotion[identity == ident]):
             idx = np.flatnonzero((identity == ident) & (emotion == emo))
             idx = idx[rng.permutation(len(idx))]
-            n_val = max(1, round(len(idx) * shares[1])) if len(idx) >= 3 else 0
-            n_test = max(1, round(len(idx) * shares[2])) if len(idx) >= 3 else 0
+            n_val, n_test = _held_out_counts(len(idx), shares)
             split[idx[: len(idx) - n_val - n_test]] = "train"
             split[idx[len(idx) - n_val - n_test: len(idx) - n_test]] = "val"
             split[idx[len(idx) - n_test:]] = "test"
     return split.astype(str)
+
+
+def _held_out_counts(n: int, shares: tuple[float, float, float]) -> tuple[int, int]:
+    """Images of one (identity, emotion) group for val and test: at least one each, and at least one left
+    for train; a group of fewer than 3 stays whole in train."""
+    if n < 3:
+        return 0, 0
+    n_val, n_test = max(1, round(n * shares[1])), max(1, round(n * shares[2]))
+    while n_val + n_test > n - 1:
+        if n_val >= n_test:
+            n_val -= 1
+        else:
+            n_test -= 1
+    return n_val, n_test
 
 
 def content_hash(pixels: np.ndarray, identity: np.ndarray, emotion: np.ndarray, split: np.ndarray) -> str:
@@ -158,7 +171,7 @@ def shard_paths(dataset_dir: Path, split: str) -> list[str]:
 
 def pixels_from_bytes(column, image_size: int) -> np.ndarray:
     """Raw `pixels` cells back to a (N, H, W, 3) uint8 array, without copying each cell twice."""
-    flat = np.frombuffer(b"".join(column), dtype=np.uint8)
+    flat = np.frombuffer(bytearray(b"".join(column)), dtype=np.uint8)  # writable: torch wants that
     return flat.reshape(len(column), image_size, image_size, 3)
 
 

@@ -36,13 +36,13 @@ def generator_method(generator: nn.Module, seed: int) -> Method:
     return generator
 
 
-def evaluate_methods(methods: dict[str, Method], *, dataset_dir: Path, verifiers_path: Path, split: str,
+def evaluate_methods(methods: dict[str, Method], *, dataset_dir: Path, pretrained_path: Path, split: str,
                      mu: float, cfg: EvaluationConfig, device: torch.device | None = None,
                      precision: str = "fp32") -> dict[str, Any]:
     device = device or torch.device("cpu")
     faces = load_split(dataset_dir, split)
-    networks = load_checkpoint(verifiers_path)["networks"]
-    judges = {name: tuple(build_from_record(networks[k], verifiers_path).to(device) for k in pair)
+    networks = load_checkpoint(pretrained_path)["networks"]
+    judges = {name: tuple(build_from_record(networks[k], pretrained_path).to(device) for k in pair)
               for name, pair in JUDGES.items()}
     results: dict[str, Any] = {}
     for method_name, method in methods.items():

@@ -63,13 +63,15 @@ def gan_loop(config: dict[str, Any]) -> None:
     image_size = config["image_size"]
 
     generator, discriminator = build_gan(exp, image_size)
-    verifiers = load_checkpoint(Path(config["verifiers_path"]))["networks"]
-    identity_verifier = frozen(build_from_record(verifiers["identity_verifier"]), setup)
-    emotion_verifier = frozen(build_from_record(verifiers["emotion_verifier"]), setup)
+    pretrained = load_checkpoint(Path(config["pretrained_path"]))["networks"]
+    identity_verifier = frozen(build_from_record(pretrained["identity_verifier"]), setup)
+    emotion_verifier = frozen(build_from_record(pretrained["emotion_verifier"]), setup)
 
     opt_g = torch.optim.Adam(generator.parameters(), lr=exp.train.lr, betas=(exp.train.beta1, exp.train.beta2))
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=exp.train.lr, betas=(exp.train.beta1, exp.train.beta2))
     payload, start_epoch = restore()
+    if payload is None and "generator" in pretrained:  # the shared warm start (see train/pretrain.py)
+        generator.load_state_dict(pretrained["generator"]["state_dict"])
     if payload is not None:
         generator.load_state_dict(payload["networks"]["generator"]["state_dict"])
         discriminator.load_state_dict(payload["networks"]["discriminator"]["state_dict"])
@@ -85,8 +87,8 @@ def gan_loop(config: dict[str, Any]) -> None:
     pool = RealPairPool(load_split(dataset_dir, "train"), exp.model.real_pair, seed=exp.train.seed + setup.rank)
     if setup.rank == 0:
         val = load_split(dataset_dir, "val")
-        identity_evaluator = frozen(build_from_record(verifiers["identity_evaluator"]), setup)
-        emotion_evaluator = frozen(build_from_record(verifiers["emotion_evaluator"]), setup)
+        identity_evaluator = frozen(build_from_record(pretrained["identity_evaluator"]), setup)
+        emotion_evaluator = frozen(build_from_record(pretrained["emotion_evaluator"]), setup)
 
     for epoch in range(start_epoch, exp.train.epochs):
         generator.train()

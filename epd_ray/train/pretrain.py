@@ -1,9 +1,12 @@
-"""Verifier and evaluator pretraining as a Ray Train worker loop.
+"""Pretraining as a Ray Train worker loop: the verifiers, the evaluators and the generator's warm start.
 
-Four classifiers train from scratch on the train split, one after the other: the identity verifier V
-(VGG-16) and emotion verifier S (mini-Xception) that the GAN loss uses, and the independent evaluators
-V_e and S_e (ResNet-18 shape, other seeds) that only ever measure. After each network the loop reports a
-checkpoint holding every network finished so far, so a restarted run skips what is done.
+Every network trains from scratch on the train split, one after the other: the identity verifier V
+(VGG-16) and emotion verifier S (mini-Xception) that the GAN loss uses; the independent evaluators V_e and
+S_e (ResNet-18 shape, other seeds) that only ever measure; and, unless switched off, the generator's warm
+start, an autoencoder pass (L1 + SSIM reconstruction) from which every trial's GAN training begins. On a
+CPU budget of a few hundred GAN steps per trial, a generator starting from noise never learns to draw a
+face; starting from a reconstruction, the paper's losses only have to move identity away. After each
+network the loop reports a checkpoint holding every network finished so far, so a restart skips them.
 """
 
 from __future__ import annotations
@@ -17,28 +20,34 @@ import torch
 import torch.nn.functional as F
 
 from epd_ray.checkpoints import build_from_record, network_record
-from epd_ray.config import VerifiersConfig
+from epd_ray.config import ModelConfig, VerifiersConfig
 from epd_ray.core.labels import NUM_EMOTIONS
+from epd_ray.core.losses import ssim_loss, ssim_per_image
 from epd_ray.core.networks import build_network
 from epd_ray.core.precision import autocast
 from epd_ray.data.shards import load_split
 from epd_ray.train.worker import WorkerSetup, image_batches, prepare_images, report, restore, setup_worker
 
-LABEL_OF = {"identity_verifier": "identity", "emotion_verifier": "emotion",
-            "identity_evaluator": "identity", "emotion_evaluator": "emotion"}
-
-
-def network_specs(cfg: VerifiersConfig, num_identities: int, image_size: int) -> dict[str, dict[str, Any]]:
-    """Constructor arguments and seed of the four classifiers, in training order."""
-    return {
+def network_specs(cfg: VerifiersConfig, model: ModelConfig, num_identities: int,
+                  image_size: int) -> dict[str, dict[str, Any]]:
+    """Constructor arguments, task, seed and epochs of every pretrained network, in training order."""
+    specs = {
         "identity_verifier": {"args": {"num_identities": num_identities, "image_size": image_size,
-                                       "width": cfg.identity_width}, "seed": cfg.seed},
-        "emotion_verifier": {"args": {"num_emotions": NUM_EMOTIONS}, "seed": cfg.seed + 1},
+                                       "width": cfg.identity_width}, "task": "identity", "seed": cfg.seed},
+        "emotion_verifier": {"args": {"num_emotions": NUM_EMOTIONS}, "task": "emotion", "seed": cfg.seed + 1},
         "identity_evaluator": {"args": {"num_classes": num_identities, "base_width": cfg.evaluator_width},
-                               "seed": cfg.evaluator_seed},
+                               "task": "identity", "seed": cfg.evaluator_seed},
         "emotion_evaluator": {"args": {"num_classes": NUM_EMOTIONS, "base_width": cfg.evaluator_width,
-                                       "grey": True}, "seed": cfg.evaluator_seed + 1},
+                                       "grey": True}, "task": "emotion", "seed": cfg.evaluator_seed + 1},
     }
+    for spec in specs.values():
+        spec.update(epochs=cfg.epochs, lr=cfg.lr)
+    if model.warm_start_epochs:
+        specs["generator"] = {"args": {"image_size": image_size, "ngf": model.ngf, "norm": model.norm,
+                                       "dropout": model.dropout},
+                              "task": "reconstruct", "seed": cfg.seed + 2, "epochs": model.warm_start_epochs,
+                              "lr": model.warm_start_lr}
+    return specs
 
 
 def augment(x: torch.Tensor, max_shift: int) -> torch.Tensor:
@@ -53,26 +62,45 @@ def augment(x: torch.Tensor, max_shift: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def accuracy(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, setup: WorkerSetup,
-             batch_size: int = 256) -> float:
+def validation_score(model: torch.nn.Module, task: str, x: torch.Tensor, faces, setup: WorkerSetup,
+                     batch_size: int = 256) -> float:
+    """Accuracy of a classifier, or mean SSIM of the generator's reconstructions."""
     model.eval()
-    correct = 0
+    total = 0.0
     for start in range(0, len(x), batch_size):
+        xb = x[start:start + batch_size]
         with autocast(setup.device, setup.precision):
-            logits = model(x[start:start + batch_size])
-        correct += (logits.argmax(1) == labels[start:start + batch_size]).sum().item()
-    return correct / max(1, len(x))
+            out = model(xb)
+        if task == "reconstruct":
+            total += ssim_per_image(xb.float(), out.float().clamp(-1, 1)).sum().item()
+        else:
+            labels = torch.from_numpy(getattr(faces, task)[start:start + batch_size]).to(setup.device)
+            total += (out.argmax(1) == labels).sum().item()
+    return total / max(1, len(x))
+
+
+def task_loss(model: torch.nn.Module, task: str, batch: dict[str, torch.Tensor], setup: WorkerSetup,
+              max_shift: int) -> torch.Tensor:
+    """Cross-entropy on the label for classifiers; L1 + SSIM reconstruction for the generator's warm start."""
+    if task == "reconstruct":
+        x = batch["x"]
+        with autocast(setup.device, setup.precision):
+            y = model(x)
+        return (y.float() - x).abs().mean() + ssim_loss(x, y.float())
+    with autocast(setup.device, setup.precision):
+        return F.cross_entropy(model(augment(batch["x"], max_shift)), batch[task])
 
 
 def pretrain_loop(config: dict[str, Any]) -> None:
     cfg = VerifiersConfig.model_validate(config["verifiers"])
+    model_cfg = ModelConfig.model_validate(config["model"])
     setup = setup_worker(config["cpus_per_worker"], config["precision"], config["channels_last"], cfg.seed)
     dataset_dir = Path(config["dataset_dir"])
-    specs = network_specs(cfg, config["num_identities"], config["image_size"])
+    specs = network_specs(cfg, model_cfg, config["num_identities"], config["image_size"])
 
     payload, _ = restore()
     finished: dict[str, Any] = dict(payload["networks"]) if payload else {}
-    accuracies: dict[str, float] = dict(payload.get("val_accuracy", {})) if payload else {}
+    scores: dict[str, float] = dict(payload.get("val_score", {})) if payload else {}
 
     val = load_split(dataset_dir, "val") if setup.rank == 0 else None
     val_x = prepare_images(val.pixels, setup) if val is not None else None
@@ -87,18 +115,16 @@ def pretrain_loop(config: dict[str, Any]) -> None:
         if setup.channels_last:
             model = model.to(memory_format=torch.channels_last)
         model = ray.train.torch.prepare_model(model)
-        optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
+        optimiser = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=1e-4)
         steps_per_epoch = max(1, config["train_images"] // (setup.world_size * cfg.batch_size))
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=cfg.lr,
-                                                        total_steps=(steps_per_epoch + 2) * cfg.epochs)
-        for epoch in range(cfg.epochs):
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=spec["lr"],
+                                                        total_steps=(steps_per_epoch + 2) * spec["epochs"])
+        for epoch in range(spec["epochs"]):
             model.train()
             total = torch.zeros((), device=setup.device)
             steps = 0
             for batch in image_batches(setup, cfg.batch_size, seed=spec["seed"] * 1000 + epoch):
-                x = augment(batch["x"], max_shift)
-                with autocast(setup.device, setup.precision):
-                    loss = F.cross_entropy(model(x), batch[LABEL_OF[name]])
+                loss = task_loss(model, spec["task"], batch, setup, max_shift)
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 optimiser.step()
@@ -106,11 +132,10 @@ def pretrain_loop(config: dict[str, Any]) -> None:
                 total += loss.detach()
                 steps += 1
             metrics = {"network": name, "epoch": epoch, "loss": (total / max(1, steps)).item()}
-            last = epoch == cfg.epochs - 1
+            last = epoch == spec["epochs"] - 1
             if last:
                 finished[name] = network_record(name, model)
                 if val is not None:
-                    labels = torch.from_numpy(getattr(val, LABEL_OF[name])).to(setup.device)
-                    accuracies[name] = accuracy(model, val_x, labels, setup)
-                metrics["val_accuracy"] = accuracies.get(name, float("nan"))
-            report(setup, metrics, {"networks": finished, "val_accuracy": accuracies} if last else None)
+                    scores[name] = validation_score(model, spec["task"], val_x, val, setup)
+                metrics["val_score"] = scores.get(name, float("nan"))
+            report(setup, metrics, {"networks": finished, "val_score": scores} if last else None)

@@ -1,4 +1,4 @@
-"""Drivers that fit the Train worker loops: verifier pretraining (cached) and one GAN training run."""
+"""The driver of the pretraining stage: one Ray Train run, cached by what defines its networks."""
 
 from __future__ import annotations
 
@@ -18,28 +18,33 @@ from epd_ray.runtime import DATA_RESERVE_CPUS, RayRuntime
 from epd_ray.train.pretrain import pretrain_loop
 from epd_ray.train.worker import CHECKPOINT_FILE
 
-VERIFIERS_FILE = "verifiers.pt"
+PRETRAINED_FILE = "pretrained.pt"
 
 
-def verifiers_key(exp: ExperimentConfig, prepared: PreparedData) -> str:
-    """Verifiers depend on the data's content and their own settings only, so every trial shares them."""
-    return f"{prepared.manifest['content_hash']}-{stable_hash(exp.verifiers.model_dump(mode='json'))}"
+def pretrained_key(exp: ExperimentConfig, prepared: PreparedData) -> str:
+    """Pretrained networks depend on the data's content and their own settings only: every trial shares them."""
+    model = exp.model.model_dump(mode="json", include={"ngf", "norm", "dropout", "warm_start_epochs",
+                                                       "warm_start_lr"})
+    settings = {"verifiers": exp.verifiers.model_dump(mode="json"), "generator": model}
+    return f"{prepared.manifest['content_hash']}-{stable_hash(settings)}"
 
 
-def pretrain_verifiers(exp: ExperimentConfig, prepared: PreparedData, *, train_data: ray.data.Dataset,
+def pretrain_networks(exp: ExperimentConfig, prepared: PreparedData, *, train_data: ray.data.Dataset,
                        cache_dir: Path, runtime: RayRuntime, storage_path: str, echo=print) -> Path:
-    key = verifiers_key(exp, prepared)
-    out = Path(cache_dir) / "verifiers" / key
-    if (out / VERIFIERS_FILE).is_file():
-        echo(f"verifiers: reusing {out}")
-        return out / VERIFIERS_FILE
+    key = pretrained_key(exp, prepared)
+    out = Path(cache_dir) / "pretrained" / key
+    if (out / PRETRAINED_FILE).is_file():
+        echo(f"pretrained networks: reusing {out}")
+        return out / PRETRAINED_FILE
     workers = exp.train.num_workers
     cpus = max(exp.train.cpus_per_worker, (runtime.total_cpus - DATA_RESERVE_CPUS) / workers)
-    echo(f"verifiers: training V (VGG-16), S (mini-Xception) and evaluators V_e, S_e on "
+    echo(f"pretraining V (VGG-16), S (mini-Xception), evaluators V_e, S_e (ResNet-18 shape)"
+         f"{' and the generator warm start' if exp.model.warm_start_epochs else ''} on "
          f"{prepared.manifest['splits']['train']['images']} images ({workers} worker(s))")
     trainer = TorchTrainer(
         pretrain_loop,
-        train_loop_config={"verifiers": exp.verifiers.model_dump(mode="json"), "dataset_dir": str(prepared.path),
+        train_loop_config={"verifiers": exp.verifiers.model_dump(mode="json"),
+                           "model": exp.model.model_dump(mode="json"), "dataset_dir": str(prepared.path),
                            "num_identities": len(prepared.manifest["identities"]),
                            "image_size": prepared.manifest["image_size"],
                            "train_images": prepared.manifest["splits"]["train"]["images"],
@@ -54,11 +59,12 @@ def pretrain_verifiers(exp: ExperimentConfig, prepared: PreparedData, *, train_d
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     with result.checkpoint.as_directory() as directory:
-        shutil.copy(Path(directory) / CHECKPOINT_FILE, tmp / VERIFIERS_FILE)
-    accuracies = load_checkpoint(tmp / VERIFIERS_FILE).get("val_accuracy", {})
-    (tmp / "accuracy.json").write_text(json.dumps(accuracies, indent=2))
+        shutil.copy(Path(directory) / CHECKPOINT_FILE, tmp / PRETRAINED_FILE)
+    scores = load_checkpoint(tmp / PRETRAINED_FILE).get("val_score", {})
+    (tmp / "val_score.json").write_text(json.dumps(scores, indent=2))
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
-    echo("verifiers: val accuracy " + ", ".join(f"{k} {v:.3f}" for k, v in accuracies.items()) + f" -> {out}")
-    return out / VERIFIERS_FILE
+    echo("pretrained networks: validation accuracy (SSIM for the generator) "
+         + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()) + f" -> {out}")
+    return out / PRETRAINED_FILE

@@ -82,13 +82,13 @@ def first_points(exp: ExperimentConfig) -> list[dict[str, float]]:
 
 
 def gan_trainer(exp: ExperimentConfig, params: dict[str, float], *, train_data: ray.data.Dataset, dataset_dir: str,
-                verifiers_path: str, image_size: int, name: str, storage_path: str,
+                pretrained_path: str, image_size: int, name: str, storage_path: str,
                 callbacks: list | None = None) -> TorchTrainer:
     """One GAN training run (used by each trial, and by `epd-ray train` for a single config)."""
     return TorchTrainer(
         gan_loop,
         train_loop_config={"experiment": exp.to_dict(), "params": params, "dataset_dir": dataset_dir,
-                           "verifiers_path": verifiers_path, "image_size": image_size},
+                           "pretrained_path": pretrained_path, "image_size": image_size},
         scaling_config=scaling_config(exp),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage_path, callbacks=callbacks,
@@ -100,10 +100,10 @@ def gan_trainer(exp: ExperimentConfig, params: dict[str, float], *, train_data: 
 
 
 def _trial(params: dict[str, float], *, experiment: dict, train_data: ray.data.Dataset, dataset_dir: str,
-           verifiers_path: str, image_size: int, storage_path: str) -> None:
+           pretrained_path: str, image_size: int, storage_path: str) -> None:
     exp = ExperimentConfig.model_validate(experiment)
     trial_id = ray.tune.get_context().get_trial_id()
-    trainer = gan_trainer(exp, params, train_data=train_data, dataset_dir=dataset_dir, verifiers_path=verifiers_path,
+    trainer = gan_trainer(exp, params, train_data=train_data, dataset_dir=dataset_dir, pretrained_path=pretrained_path,
                           image_size=image_size, name=f"train-{trial_id}", storage_path=storage_path,
                           callbacks=[TuneReportCallback()])
     trainer.fit()
@@ -132,7 +132,7 @@ class ProgressLine(ray.tune.Callback):
         self.echo(f"  trial {trial.trial_id} FAILED: see {trial.local_path}")
 
 
-def run_search(exp: ExperimentConfig, *, train_data: ray.data.Dataset, dataset_dir: Path, verifiers_path: Path,
+def run_search(exp: ExperimentConfig, *, train_data: ray.data.Dataset, dataset_dir: Path, pretrained_path: Path,
                image_size: int, runtime: RayRuntime, storage_path: str, echo=print) -> SearchOutcome:
     started = time.time()
     concurrency = concurrent_trials(exp, runtime)
@@ -140,7 +140,7 @@ def run_search(exp: ExperimentConfig, *, train_data: ray.data.Dataset, dataset_d
          f"{exp.train.epochs} epochs each, ASHA grace {exp.search.grace_period}")
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(_trial, experiment=exp.to_dict(), train_data=train_data, dataset_dir=str(dataset_dir),
-                                 verifiers_path=str(verifiers_path), image_size=image_size,
+                                 pretrained_path=str(pretrained_path), image_size=image_size,
                                  storage_path=storage_path),
         runtime.trial_resources(),
     )

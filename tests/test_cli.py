@@ -1,0 +1,97 @@
+"""The command line as a user meets it: clear one-line errors with exit code 2, and the whole pipeline."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from epd_ray.checkpoints import load_network
+from epd_ray.cli import app
+
+REPO = Path(__file__).resolve().parents[1]
+METRIC_KEYS = {"objective", "deid_rate", "switching_deid_rate", "genuine_acceptance", "emotion_preserved",
+               "emotion_mse", "ssim", "cmc_misclassification"}
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--config", "no-such-preset"], "no-such-preset"),
+    (["--set", "train.epoch=3"], "train.epoch"),
+    (["--set", "loss.lambda1=1.5"], "loss.lambda1"),
+    (["--set", "loss.alpha=0"], "loss.alpha"),
+    (["--set", "loss.alpha=1.5"], "loss.alpha"),
+    (["--set", "search.space.alpha={low: 0.5, high: 2.0}"], "search.space"),
+    (["--set", "nonsense"], "KEY=VALUE"),
+    (["--data", "/no/such/prepared/folder"], "/no/such/prepared/folder"),
+])
+def test_bad_input_is_one_line_naming_the_field_exit_2_nothing_written(tmp_path, args, named):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["tune", "--output", str(out), *args])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and named in lines[0]
+    assert not out.exists()
+
+
+def test_an_output_folder_holding_something_else_is_refused_untouched(tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "experiment.json").write_text(json.dumps({"config_digest": "0123456789abcdef"}))
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("mine")
+    for folder, says in ((other, "holds another experiment"), (stranger, "not empty")):
+        before = sorted(p.name for p in folder.iterdir())
+        result = CliRunner().invoke(app, ["tune", "--config", "smoke", "--output", str(folder)])
+        assert result.exit_code == 2 and says in result.stderr and str(folder) in result.stderr
+        assert sorted(p.name for p in folder.iterdir()) == before
+
+
+def _epd_ray(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "epd_ray", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=900)
+
+
+def test_tune_smoke_end_to_end(tmp_path):
+    """`epd-ray tune --config tune_configs/smoke.yaml` in a temp dir, as a newcomer would run it."""
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    run = _epd_ray("tune", "--config", str(REPO / "tune_configs" / "smoke.yaml"), "--output", str(out),
+                   "--set", f"cache_dir={cache}", cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "dashboard http://127.0.0.1:" in run.stdout
+
+    card = json.loads((out / "best" / "model_card.json").read_text())
+    assert {"config", "params", "test_metrics", "data", "versions"} <= set(card)
+    assert card["data"]["content_hash"] and card["versions"]["ray"].startswith("2.60")
+    assert set(card["params"]) == {"lambda1", "lambda2", "lambda3", "phi", "alpha", "mu"}
+    generator = load_network(out / "best" / "generator.pt", "generator")
+    assert generator.config["image_size"] == 32
+    assert (out / "config.yaml").is_file()
+
+    metrics = json.loads((out / "report" / "metrics.json").read_text())
+    assert metrics["split"] == "test"
+    assert set(metrics["methods"]) == {"epd-net", "no_change", "blur", "pixelate"}
+    for judged in metrics["methods"].values():
+        for judge in ("evaluators", "verifiers"):
+            assert METRIC_KEYS <= set(judged[judge])
+            assert len(judged[judge]["cmc_misclassification"]) == 5
+            assert 0.0 <= judged[judge]["objective"] <= 1.0
+    # With no change at all, the evaluators still recognise people: no privacy can be claimed.
+    unchanged = metrics["methods"]["no_change"]["evaluators"]
+    assert unchanged["ssim"] == pytest.approx(1.0) and unchanged["emotion_mse"] == pytest.approx(0.0)
+    report = (out / "report" / "report.md").read_text()
+    assert "independent evaluators" in report and "epd-net" in report
+
+    # The same output again is refused; a new output reuses the cached data and verifiers.
+    again = _epd_ray("tune", "--config", "smoke", "--output", str(out), "--set", f"cache_dir={cache}", cwd=tmp_path)
+    assert again.returncode == 2 and "holds this experiment" in again.stderr
+    second = _epd_ray("tune", "--config", "smoke", "--output", str(tmp_path / "out2"), "--set", f"cache_dir={cache}",
+                      "--set", "search.num_samples=1", "--set", "train.epochs=1", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "data: reusing" in second.stdout and "verifiers: reusing" in second.stdout

@@ -1,0 +1,280 @@
+"""The typed configuration (epd_ray/config.py): presets, dotted overrides, refusals that name the field,
+and the resolved config written next to a run that loads back to the same experiment."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from epd_ray.config import (
+    PRESETS_DIR,
+    SQRT2,
+    ConfigError,
+    ExperimentConfig,
+    LossConfig,
+    Range,
+    load_config,
+    preset_names,
+    validate_section,
+    write_resolved,
+)
+
+TUNE_CONFIGS = Path(__file__).resolve().parents[1] / "tune_configs"
+QUICK_EPOCHS = yaml.safe_load((PRESETS_DIR / "quick.yaml").read_text())["train"]["epochs"]
+PRESET_FILES = sorted(TUNE_CONFIGS.glob("*.yaml"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Presets
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_every_preset_file_is_a_known_preset():
+    assert {p.stem for p in PRESET_FILES} == {"smoke", "quick", "paper"}
+    assert preset_names() == ["paper", "quick", "smoke"]
+
+
+@pytest.mark.parametrize("preset", ["smoke", "quick", "paper"])
+def test_preset_loads_by_name_and_by_path_with_its_values(preset):
+    by_name = load_config(preset)
+    by_path = load_config(TUNE_CONFIGS / f"{preset}.yaml")
+    assert isinstance(by_name, ExperimentConfig)
+    assert by_name == by_path
+    assert by_name.name == preset
+    # every value the YAML sets is what the resolved config holds
+    raw = yaml.safe_load((TUNE_CONFIGS / f"{preset}.yaml").read_text())
+    resolved = by_name.to_dict()
+    for section, values in raw.items():
+        if isinstance(values, dict):
+            for key, value in values.items():
+                assert resolved[section][key] == value, f"{preset}: {section}.{key}"
+        else:
+            assert resolved[section] == values
+
+
+def test_presets_differ_where_their_files_say():
+    smoke, quick, paper = load_config("smoke"), load_config("quick"), load_config("paper")
+    assert (smoke.data.num_identities, quick.data.num_identities, paper.data.num_identities) == (6, 12, 67)
+    assert paper.data.image_size == 256 and paper.train.use_gpu is True and paper.train.num_workers == 3
+    assert smoke.model.ngf == 8 and quick.model.ngf == 16 and paper.model.ngf == 64
+
+
+def test_no_config_means_the_quick_preset():
+    default = load_config(None)
+    assert default == load_config("quick")
+    assert default.name == "quick"
+    # and not merely the built-in defaults: quick sets train.epochs to something else
+    assert ExperimentConfig().train.epochs != QUICK_EPOCHS
+    assert default.train.epochs == QUICK_EPOCHS
+    assert load_config() == default
+
+
+def test_empty_yaml_file_gives_the_defaults(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    assert load_config(path) == ExperimentConfig()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Dotted overrides
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_dotted_override_changes_one_key_only():
+    base = load_config("quick")
+    cfg = load_config("quick", {"train.epochs": 3})
+    assert cfg.train.epochs == 3
+    assert base.train.epochs == QUICK_EPOCHS
+    # the rest of the section is kept from the preset, not reset to the defaults
+    assert cfg.train.batch_size == base.train.batch_size == 32
+    assert cfg.train.cpus_per_worker == 0.75
+    assert cfg.model_copy(update={"train": base.train}) == base
+
+
+def test_override_of_a_section_the_preset_does_not_mention():
+    cfg = load_config("quick", {"loss.lambda1": 0.5, "ray.dashboard_port": 0, "name": "mine"})
+    assert cfg.loss.lambda1 == 0.5
+    assert cfg.loss.lambda2 == 1.0
+    assert cfg.ray.dashboard_port == 0
+    assert cfg.name == "mine"
+
+
+def test_override_below_a_plain_value_is_refused():
+    with pytest.raises(ConfigError, match=r"name\.x"):
+        load_config("quick", {"name.x": 1})
+    with pytest.raises(ConfigError, match=r"train\.epochs\.x"):
+        load_config("quick", {"train.epochs.x": 1})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Refusals name the field or the file
+# ---------------------------------------------------------------------------------------------------------
+
+
+BAD_OVERRIDES = [
+    pytest.param({"bogus": 1}, ["bogus", "unknown key"], id="unknown-top-level-key"),
+    pytest.param({"train.epoch": 3}, ["train.epoch", "unknown key"], id="unknown-nested-key"),
+    pytest.param({"data.colour": "red"}, ["data.colour", "unknown key"], id="unknown-data-key"),
+    pytest.param({"loss.lambda1": 1.5}, ["loss.lambda1"], id="lambda1-above-1"),
+    pytest.param({"loss.lambda2": -0.1}, ["loss.lambda2"], id="lambda2-negative"),
+    pytest.param({"loss.alpha": 0}, ["loss.alpha"], id="alpha-zero"),
+    pytest.param({"loss.alpha": 1.5}, ["loss.alpha"], id="alpha-above-sqrt2"),
+    pytest.param({"evaluation.mu": 1.5}, ["evaluation.mu"], id="mu-above-sqrt2"),
+    pytest.param({"data.image_size": 48}, ["data.image_size", "power of two"], id="image-size-48"),
+    pytest.param({"data.image_size": 96}, ["data.image_size", "power of two"], id="image-size-96"),
+    pytest.param({"data.image_size": 512}, ["data.image_size"], id="image-size-512"),
+    pytest.param({"data.splits": [0.5, 0.3, 0.3]}, ["data.splits"], id="splits-sum-1.1"),
+    pytest.param({"data.splits": [0.7, 0.15, 0.1]}, ["data.splits"], id="splits-sum-0.95"),
+    pytest.param({"data.splits": [1.2, -0.1, -0.1]}, ["data.splits"], id="splits-negative"),
+    pytest.param({"search.space.beta": {"low": 0.1, "high": 0.5}}, ["search.space", "beta"],
+                 id="search-unknown-key"),
+    pytest.param({"search.space": {"mu": {"low": 0.0, "high": 0.5}}}, ["search.space", "mu"],
+                 id="search-mu-below-bound"),
+    pytest.param({"search.space": {"lambda1": {"low": 0.5, "high": 1.5}}}, ["search.space", "lambda1"],
+                 id="search-lambda1-above-bound"),
+    pytest.param({"search.space": {"alpha": {"low": 0.5, "high": 1.5}}}, ["search.space", "alpha"],
+                 id="search-alpha-above-sqrt2"),
+    pytest.param({"search.space": {"mu": {"low": 0.5, "high": 0.4}}}, ["search.space.mu", "low"],
+                 id="search-range-reversed"),
+    pytest.param({"search.space": {"mu": {"low": 0.3, "high": 0.5, "step": 0.1}}},
+                 ["search.space.mu.step", "unknown key"], id="search-range-unknown-key"),
+    pytest.param({"train.precision": "fp8"}, ["train.precision"], id="precision-literal"),
+    pytest.param({"train.epochs": 0}, ["train.epochs"], id="epochs-zero"),
+]
+
+
+@pytest.mark.parametrize("overrides, expected", BAD_OVERRIDES)
+def test_invalid_value_is_refused_naming_the_field(overrides, expected):
+    with pytest.raises(ConfigError) as info:
+        load_config("quick", overrides)
+    message = str(info.value)
+    for part in expected:
+        assert part in message, f"{part!r} not in {message!r}"
+    assert "quick.yaml" in message  # the file the config came from
+
+
+def test_unknown_key_in_a_yaml_file_names_file_and_field(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("name: mine\ntrain: {epoch: 3}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(path) in str(info.value)
+    assert "train.epoch" in str(info.value)
+
+
+def test_out_of_range_value_in_a_yaml_file_names_file_and_field(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("loss: {lambda1: 1.5}\n")
+    with pytest.raises(ConfigError, match=re.escape(str(path)) + r".*loss\.lambda1"):
+        load_config(path)
+
+
+def test_boundary_values_are_accepted():
+    cfg = load_config("quick", {"loss.alpha": SQRT2, "loss.lambda1": 0.0, "loss.lambda3": 1.0,
+                                "data.image_size": 256, "data.splits": [0.8, 0.1, 0.1],
+                                "search.space": {"alpha": {"low": 0.5, "high": SQRT2}}})
+    assert cfg.loss.alpha == SQRT2
+    assert cfg.data.splits == (0.8, 0.1, 0.1)
+    assert cfg.search.space["alpha"] == Range(low=0.5, high=SQRT2)
+    assert set(cfg.search.space) == {"lambda1", "lambda2", "lambda3", "phi", "alpha", "mu"}  # the rest: defaults
+
+
+def test_unknown_preset_names_it_and_lists_the_presets():
+    with pytest.raises(ConfigError) as info:
+        load_config("nosuchpreset")
+    message = str(info.value)
+    assert "nosuchpreset" in message
+    for name in ("smoke", "quick", "paper"):
+        assert name in message
+
+
+def test_missing_yaml_path_is_refused(tmp_path):
+    missing = tmp_path / "missing.yaml"
+    with pytest.raises(ConfigError, match=re.escape(str(missing))):
+        load_config(missing)
+
+
+@pytest.mark.parametrize("text", ["train: {epochs: 3\n", "name: [unclosed\n", "a: b: c\n", "\tname: x\n"])
+def test_invalid_yaml_names_the_file(tmp_path, text):
+    path = tmp_path / "broken.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(path) in str(info.value)
+    assert "YAML" in str(info.value)
+
+
+def test_yaml_that_is_not_a_mapping_names_the_file(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- train\n- loss\n")
+    with pytest.raises(ConfigError, match=re.escape(str(path))):
+        load_config(path)
+
+
+def test_config_error_is_a_value_error():
+    assert issubclass(ConfigError, ValueError)
+
+
+def test_validate_section_uses_the_same_messages():
+    assert validate_section(LossConfig, {"lambda1": 0.2}, "trial 3").lambda1 == 0.2
+    with pytest.raises(ConfigError) as info:
+        validate_section(LossConfig, {"lambda1": 2.0}, "trial 3")
+    assert str(info.value).startswith("trial 3: lambda1")
+    with pytest.raises(ConfigError, match=r"trial 3: gamma: unknown key"):
+        validate_section(LossConfig, {"gamma": 0.5}, "trial 3")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The resolved config and its digest
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", ["smoke", "quick", "paper"])
+def test_write_resolved_round_trips(tmp_path, preset):
+    cfg = load_config(preset, {"data.splits": [0.8, 0.1, 0.1], "ray.address": "auto",
+                               "search.space.mu": {"low": 0.3, "high": SQRT2}})
+    path = tmp_path / "run" / "nested" / "config.yaml"  # parents are created
+    write_resolved(cfg, path)
+    assert path.is_file()
+    again = load_config(path)
+    assert again == cfg
+    assert again.digest() == cfg.digest()
+    # the file is the full resolved config, not just what the preset set
+    written = yaml.safe_load(path.read_text())
+    assert written == cfg.to_dict()
+    assert set(written) == set(ExperimentConfig.model_fields)
+
+
+def test_digest_is_stable_and_follows_every_value():
+    a = load_config("quick")
+    assert re.fullmatch(r"[0-9a-f]{16}", a.digest())
+    assert load_config("quick").digest() == a.digest()
+    changed = {
+        "train.epochs": 9,
+        "loss.lambda1": 0.5,
+        "data.seed": 1,
+        "search.space": {"mu": {"low": 0.25, "high": 0.61}},
+        "ray.address": "auto",
+        "name": "other",
+    }
+    digests = {a.digest()}
+    for key, value in changed.items():
+        d = load_config("quick", {key: value}).digest()
+        assert d != a.digest(), key
+        digests.add(d)
+    assert len(digests) == len(changed) + 1
+    assert load_config("smoke").digest() != a.digest()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Known problems
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_override_of_one_search_bound_keeps_the_rest_of_the_space():
+    cfg = load_config("quick", {"search.space.mu.low": 0.3})
+    assert cfg.search.space["mu"] == Range(low=0.3, high=0.6)
+    assert set(cfg.search.space) == {"lambda1", "lambda2", "lambda3", "phi", "alpha", "mu"}

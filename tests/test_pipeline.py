@@ -1,0 +1,117 @@
+"""Integration: real Ray (one local cluster per session), real Parquet shards, real training steps."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import ray.train
+import torch
+from ray.train.torch import TorchTrainer
+
+from epd_ray.checkpoints import load_checkpoint, load_network
+from epd_ray.data.stream import materialized_split
+from epd_ray.train.run import pretrain_networks
+from epd_ray.train.worker import CHECKPOINT_FILE
+from epd_ray.tune.search import gan_trainer
+
+PARAMS = {"lambda1": 1.0, "lambda2": 0.8, "lambda3": 0.9, "phi": 0.25, "alpha": 1.0, "mu": 0.35}
+
+
+def _count_shard(config):
+    """Worker loop: iterate this worker's shard for one epoch and record what arrived."""
+    shard = ray.train.get_dataset_shard("train")
+    rank = ray.train.get_context().get_world_rank()
+    rows, shapes, dtypes = 0, set(), set()
+    for batch in shard.iter_torch_batches(batch_size=5):
+        rows += len(batch["identity"])
+        shapes.add(tuple(batch["pixels"].shape[1:]))
+        dtypes.add(str(batch["pixels"].dtype))
+    Path(config["out"], f"rank{rank}.json").write_text(json.dumps(
+        {"rows": rows, "shapes": sorted(shapes), "dtypes": sorted(dtypes)}))
+    ray.train.report({"rows": rows})
+
+
+def test_ray_data_feeds_each_worker_its_part_of_the_shards(ray_runtime, tiny_data, tmp_path):
+    trainer = TorchTrainer(
+        _count_shard, train_loop_config={"out": str(tmp_path)},
+        scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+        run_config=ray.train.RunConfig(name="count", storage_path=str(tmp_path / "ray")),
+        datasets={"train": materialized_split(tiny_data.path)},
+    )
+    trainer.fit()
+    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert sum(s["rows"] for s in seen) == tiny_data.manifest["splits"]["train"]["images"]
+    assert all(s["rows"] > 0 for s in seen)
+    assert all(s["shapes"] == [[32, 32, 3]] and s["dtypes"] == ["torch.uint8"] for s in seen)
+
+
+def test_networks_are_pretrained_once_and_reused(ray_runtime, tiny_experiment, tiny_data, tiny_pretrained):
+    payload = load_checkpoint(tiny_pretrained)
+    assert set(payload["networks"]) == {"identity_verifier", "emotion_verifier", "identity_evaluator",
+                                        "emotion_evaluator", "generator"}
+    assert set(payload["val_score"]) == set(payload["networks"])
+    assert payload["networks"]["identity_verifier"]["kind"] == "identity_verifier"
+    mtime = tiny_pretrained.stat().st_mtime_ns
+    said = []
+    again = pretrain_networks(tiny_experiment, tiny_data, train_data=None,
+                               cache_dir=tiny_pretrained.parent.parent.parent, runtime=ray_runtime,
+                               storage_path="unused", echo=said.append)
+    assert again == tiny_pretrained and tiny_pretrained.stat().st_mtime_ns == mtime
+    assert any("reusing" in line for line in said)
+
+
+def _fit_gan(exp, data, verifiers, tmp_path, name, **kwargs):
+    trainer = gan_trainer(exp, PARAMS, train_data=materialized_split(data.path), dataset_dir=str(data.path),
+                          pretrained_path=str(verifiers), image_size=32, name=name,
+                          storage_path=str(tmp_path / "ray"))
+    if "resume_from_checkpoint" in kwargs:
+        trainer = TorchTrainer(trainer.train_loop_per_worker, train_loop_config=trainer.train_loop_config,
+                               scaling_config=trainer.scaling_config, run_config=trainer.run_config,
+                               datasets=trainer.datasets, **kwargs)
+    return trainer.fit()
+
+
+def test_gan_training_checkpoints_every_epoch_and_resumes(ray_runtime, tiny_experiment, tiny_data, tiny_pretrained,
+                                                          tmp_path):
+    result = _fit_gan(tiny_experiment, tiny_data, tiny_pretrained, tmp_path, "gan")
+    assert result.error is None
+    assert list(result.metrics_dataframe["epoch"]) == [1, 2]
+    assert all(math.isfinite(v) for v in result.metrics_dataframe["objective"])
+    assert 0.0 <= result.metrics["objective"] <= 1.0
+    with result.checkpoint.as_directory() as directory:
+        payload = load_checkpoint(Path(directory) / CHECKPOINT_FILE)
+        generator = load_network(Path(directory) / CHECKPOINT_FILE, "generator")
+    assert payload["epoch"] == 1
+    assert set(payload["optimizers"]) == {"generator", "discriminator"}
+    assert payload["experiment"] == tiny_experiment.to_dict()
+    assert payload["params"] == pytest.approx(PARAMS)
+    assert generator(torch.zeros(1, 3, 32, 32)).shape == (1, 3, 32, 32)
+
+    longer = tiny_experiment.model_copy(update={"train": tiny_experiment.train.model_copy(update={"epochs": 3})})
+    resumed = _fit_gan(longer, tiny_data, tiny_pretrained, tmp_path, "gan-resumed",
+                       resume_from_checkpoint=result.checkpoint)
+    assert resumed.error is None
+    assert list(resumed.metrics_dataframe["epoch"]) == [3]  # epochs 1-2 came from the checkpoint
+
+
+def test_gan_training_runs_ddp_across_two_workers(ray_runtime, tiny_experiment, tiny_data, tiny_pretrained,
+                                                  tmp_path):
+    exp = tiny_experiment.model_copy(update={"train": tiny_experiment.train.model_copy(
+        update={"epochs": 1, "num_workers": 2, "cpus_per_worker": 0.5})})
+    result = _fit_gan(exp, tiny_data, tiny_pretrained, tmp_path, "gan-ddp")
+    assert result.error is None
+    assert math.isfinite(result.metrics["objective"]) and result.checkpoint is not None
+
+
+def test_a_diverging_run_stops_with_a_reason_and_a_finite_penalty(ray_runtime, tiny_experiment, tiny_data,
+                                                                 tiny_pretrained, tmp_path):
+    exp = tiny_experiment.model_copy(update={"train": tiny_experiment.train.model_copy(update={"lr": 1e30})})
+    result = _fit_gan(exp, tiny_data, tiny_pretrained, tmp_path, "gan-nan")
+    assert result.error is None
+    assert result.metrics["diverged"] is True
+    assert result.metrics["stop_reason"] == "non-finite loss"
+    assert result.metrics["objective"] == 0.0
+    assert len(result.metrics_dataframe) == 1  # stopped after the first epoch instead of going on
