@@ -23,6 +23,9 @@ from epd_ray.config import RayConfig
 TRIAL_DRIVER = "trial_driver"
 # CPU left free of training workers so Ray Data's read and decode tasks (fractional CPUs) always run.
 DATA_RESERVE_CPUS = 0.5
+# A Train worker's `report` waits until the controller polls (every 2 s by default): at a few seconds an
+# epoch on a CPU, that idled the workers a third of the time. Polling a local queue 4x a second is cheap.
+TRAIN_POLL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")}
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,7 @@ def start_ray(cfg: RayConfig, *, trial_drivers: int = 64, quiet: bool = True) ->
     ray.data.DataContext.get_current().enable_progress_bars = not quiet
     if cfg.address:
         os.environ.setdefault("RAY_AUTH_MODE", "token")
-        info = ray.init(address=cfg.address, log_to_driver=not quiet)
+        info = ray.init(address=cfg.address, log_to_driver=not quiet, runtime_env={"env_vars": TRAIN_POLL_ENV})
         return RayRuntime(dashboard_url=_url(info.dashboard_url), started_here=False)
     api_host = "127.0.0.1" if cfg.dashboard_host in ("0.0.0.0", "::") else cfg.dashboard_host
     port = _free_port(api_host, cfg.dashboard_port)
@@ -77,7 +80,7 @@ def start_ray(cfg: RayConfig, *, trial_drivers: int = 64, quiet: bool = True) ->
         dashboard_host=cfg.dashboard_host,
         dashboard_port=port,
         _temp_dir=tempfile.mkdtemp(prefix="epdray-", dir="/tmp"),
-        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": api_address}},
+        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": api_address, **TRAIN_POLL_ENV}},
         log_to_driver=not quiet,
         configure_logging=True,
         logging_level=logging.WARNING if quiet else logging.INFO,

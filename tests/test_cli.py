@@ -94,4 +94,4 @@ def test_tune_smoke_end_to_end(tmp_path):
     second = _epd_ray("tune", "--config", "smoke", "--output", str(tmp_path / "out2"), "--set", f"cache_dir={cache}",
                       "--set", "search.num_samples=1", "--set", "train.epochs=1", cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "data: reusing" in second.stdout and "verifiers: reusing" in second.stdout
+    assert "data: reusing" in second.stdout and "pretrained networks: reusing" in second.stdout

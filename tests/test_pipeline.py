@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import ray.train
+import ray.tune
 import torch
 from ray.train.torch import TorchTrainer
 
@@ -15,26 +16,26 @@ from epd_ray.checkpoints import load_checkpoint, load_network
 from epd_ray.data.stream import materialized_split
 from epd_ray.train.run import pretrain_networks
 from epd_ray.train.worker import CHECKPOINT_FILE
-from epd_ray.tune.search import gan_trainer
+from epd_ray.tune.search import run_trial, gan_trainer
 
 PARAMS = {"lambda1": 1.0, "lambda2": 0.8, "lambda3": 0.9, "phi": 0.25, "alpha": 1.0, "mu": 0.35}
 
 
-def _count_shard(config):
-    """Worker loop: iterate this worker's shard for one epoch and record what arrived."""
-    shard = ray.train.get_dataset_shard("train")
-    rank = ray.train.get_context().get_world_rank()
-    rows, shapes, dtypes = 0, set(), set()
-    for batch in shard.iter_torch_batches(batch_size=5):
-        rows += len(batch["identity"])
-        shapes.add(tuple(batch["pixels"].shape[1:]))
-        dtypes.add(str(batch["pixels"].dtype))
-    Path(config["out"], f"rank{rank}.json").write_text(json.dumps(
-        {"rows": rows, "shapes": sorted(shapes), "dtypes": sorted(dtypes)}))
-    ray.train.report({"rows": rows})
-
-
 def test_ray_data_feeds_each_worker_its_part_of_the_shards(ray_runtime, tiny_data, tmp_path):
+    # Defined here so that it is pickled by value: Train workers cannot import test modules.
+    def _count_shard(config):
+        """Worker loop: iterate this worker's shard for one epoch and record what arrived."""
+        shard = ray.train.get_dataset_shard("train")
+        rank = ray.train.get_context().get_world_rank()
+        rows, shapes, dtypes = 0, set(), set()
+        for batch in shard.iter_torch_batches(batch_size=5):
+            rows += len(batch["identity"])
+            shapes.add(tuple(batch["pixels"].shape[1:]))
+            dtypes.add(str(batch["pixels"].dtype))
+        Path(config["out"], f"rank{rank}.json").write_text(json.dumps(
+            {"rows": rows, "shapes": sorted(shapes), "dtypes": sorted(dtypes)}))
+        ray.train.report({"rows": rows})
+
     trainer = TorchTrainer(
         _count_shard, train_loop_config={"out": str(tmp_path)},
         scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
@@ -63,15 +64,10 @@ def test_networks_are_pretrained_once_and_reused(ray_runtime, tiny_experiment, t
     assert any("reusing" in line for line in said)
 
 
-def _fit_gan(exp, data, verifiers, tmp_path, name, **kwargs):
-    trainer = gan_trainer(exp, PARAMS, train_data=materialized_split(data.path), dataset_dir=str(data.path),
-                          pretrained_path=str(verifiers), image_size=32, name=name,
-                          storage_path=str(tmp_path / "ray"))
-    if "resume_from_checkpoint" in kwargs:
-        trainer = TorchTrainer(trainer.train_loop_per_worker, train_loop_config=trainer.train_loop_config,
-                               scaling_config=trainer.scaling_config, run_config=trainer.run_config,
-                               datasets=trainer.datasets, **kwargs)
-    return trainer.fit()
+def _fit_gan(exp, data, pretrained, tmp_path, name):
+    return gan_trainer(exp, PARAMS, train_data=materialized_split(data.path), dataset_dir=str(data.path),
+                       pretrained_path=str(pretrained), image_size=32, name=name,
+                       storage_path=str(tmp_path / "ray")).fit()
 
 
 def test_gan_training_checkpoints_every_epoch_and_resumes(ray_runtime, tiny_experiment, tiny_data, tiny_pretrained,
@@ -79,6 +75,7 @@ def test_gan_training_checkpoints_every_epoch_and_resumes(ray_runtime, tiny_expe
     result = _fit_gan(tiny_experiment, tiny_data, tiny_pretrained, tmp_path, "gan")
     assert result.error is None
     assert list(result.metrics_dataframe["epoch"]) == [1, 2]
+    assert result.metrics["first_epoch"] == 1
     assert all(math.isfinite(v) for v in result.metrics_dataframe["objective"])
     assert 0.0 <= result.metrics["objective"] <= 1.0
     with result.checkpoint.as_directory() as directory:
@@ -91,10 +88,13 @@ def test_gan_training_checkpoints_every_epoch_and_resumes(ray_runtime, tiny_expe
     assert generator(torch.zeros(1, 3, 32, 32)).shape == (1, 3, 32, 32)
 
     longer = tiny_experiment.model_copy(update={"train": tiny_experiment.train.model_copy(update={"epochs": 3})})
-    resumed = _fit_gan(longer, tiny_data, tiny_pretrained, tmp_path, "gan-resumed",
-                       resume_from_checkpoint=result.checkpoint)
+    # Train V2 resumes a run of the same name and storage path from its latest checkpoint.
+    resumed = _fit_gan(longer, tiny_data, tiny_pretrained, tmp_path, "gan")
     assert resumed.error is None
-    assert list(resumed.metrics_dataframe["epoch"]) == [3]  # epochs 1-2 came from the checkpoint
+    assert resumed.metrics["epoch"] == 3 and resumed.metrics["first_epoch"] == 3  # not from scratch
+    assert list(resumed.metrics_dataframe["epoch"])[-1:] == [3]
+    with resumed.checkpoint.as_directory() as directory:
+        assert load_checkpoint(Path(directory) / CHECKPOINT_FILE)["epoch"] == 2
 
 
 def test_gan_training_runs_ddp_across_two_workers(ray_runtime, tiny_experiment, tiny_data, tiny_pretrained,
@@ -106,12 +106,19 @@ def test_gan_training_runs_ddp_across_two_workers(ray_runtime, tiny_experiment, 
     assert math.isfinite(result.metrics["objective"]) and result.checkpoint is not None
 
 
-def test_a_diverging_run_stops_with_a_reason_and_a_finite_penalty(ray_runtime, tiny_experiment, tiny_data,
-                                                                 tiny_pretrained, tmp_path):
+def test_a_diverging_trial_stops_with_a_reason_and_a_finite_penalty(ray_runtime, tiny_experiment, tiny_data,
+                                                                   tiny_pretrained, tmp_path):
+    """Through Tune, as the search sees it: the trial's Train run reports J = 0 and a reason, then stops."""
     exp = tiny_experiment.model_copy(update={"train": tiny_experiment.train.model_copy(update={"lr": 1e30})})
-    result = _fit_gan(exp, tiny_data, tiny_pretrained, tmp_path, "gan-nan")
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(
+        run_trial, experiment=exp.to_dict(), train_data=materialized_split(tiny_data.path),
+        dataset_dir=str(tiny_data.path), pretrained_path=str(tiny_pretrained), image_size=32,
+        storage_path=str(tmp_path / "ray")), ray_runtime.trial_resources())
+    grid = ray.tune.Tuner(trainable, param_space=PARAMS,
+                          run_config=ray.tune.RunConfig(name="nan", storage_path=str(tmp_path / "ray"),
+                                                        verbose=0)).fit()
+    result = grid[0]
     assert result.error is None
-    assert result.metrics["diverged"] is True
-    assert result.metrics["stop_reason"] == "non-finite loss"
-    assert result.metrics["objective"] == 0.0
+    assert result.metrics["diverged"] is True and result.metrics["stop_reason"] == "non-finite loss"
+    assert result.metrics["objective"] == 0.0 and math.isfinite(result.metrics["objective"])
     assert len(result.metrics_dataframe) == 1  # stopped after the first epoch instead of going on

@@ -121,7 +121,7 @@ def gan_loop(config: dict[str, Any]) -> None:
         # One host sync per epoch, not per step.
         losses = {k: (v / max(1, steps)).item() for k, v in sums.items()}
         diverged = not all(math.isfinite(v) for v in losses.values())
-        metrics: dict[str, Any] = {"epoch": epoch + 1, **losses, "diverged": diverged,
+        metrics: dict[str, Any] = {"epoch": epoch + 1, "first_epoch": start_epoch + 1, **losses, "diverged": diverged,
                                    "stop_reason": "non-finite loss" if diverged else ""}
         if diverged:
             metrics.update(objective=PENALTY_OBJECTIVE)

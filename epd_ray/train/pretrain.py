@@ -131,11 +131,10 @@ def pretrain_loop(config: dict[str, Any]) -> None:
                 scheduler.step()
                 total += loss.detach()
                 steps += 1
-            metrics = {"network": name, "epoch": epoch, "loss": (total / max(1, steps)).item()}
-            last = epoch == spec["epochs"] - 1
-            if last:
-                finished[name] = network_record(name, model)
-                if val is not None:
-                    scores[name] = validation_score(model, spec["task"], val_x, val, setup)
-                metrics["val_score"] = scores.get(name, float("nan"))
-            report(setup, metrics, {"networks": finished, "val_score": scores} if last else None)
+        # One report per network, not per epoch: each report waits for the Train controller's poll.
+        finished[name] = network_record(name, model)
+        if val is not None:
+            scores[name] = validation_score(model, spec["task"], val_x, val, setup)
+        metrics = {"network": name, "epochs": spec["epochs"], "loss": (total / max(1, steps)).item(),
+                   "val_score": scores.get(name, float("nan"))}
+        report(setup, metrics, {"networks": finished, "val_score": scores})

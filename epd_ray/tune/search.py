@@ -99,7 +99,7 @@ def gan_trainer(exp: ExperimentConfig, params: dict[str, float], *, train_data: 
     )
 
 
-def _trial(params: dict[str, float], *, experiment: dict, train_data: ray.data.Dataset, dataset_dir: str,
+def run_trial(params: dict[str, float], *, experiment: dict, train_data: ray.data.Dataset, dataset_dir: str,
            pretrained_path: str, image_size: int, storage_path: str) -> None:
     exp = ExperimentConfig.model_validate(experiment)
     trial_id = ray.tune.get_context().get_trial_id()
@@ -110,11 +110,17 @@ def _trial(params: dict[str, float], *, experiment: dict, train_data: ray.data.D
 
 
 class ProgressLine(ray.tune.Callback):
-    """One line per trial per epoch, instead of Tune's full tables."""
+    """One line per trial per epoch, instead of Tune's full tables.
 
-    def __init__(self, epochs: int, echo=print):
+    Tune pickles its callbacks with the experiment state, so this holds no output function of its own.
+    """
+
+    def __init__(self, epochs: int):
         self.epochs = epochs
-        self.echo = echo
+
+    @staticmethod
+    def echo(line: str) -> None:
+        print(line, flush=True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if OBJECTIVE not in result:
@@ -139,7 +145,7 @@ def run_search(exp: ExperimentConfig, *, train_data: ray.data.Dataset, dataset_d
     echo(f"search: {exp.search.num_samples} trials, {concurrency} at a time, "
          f"{exp.train.epochs} epochs each, ASHA grace {exp.search.grace_period}")
     trainable = ray.tune.with_resources(
-        ray.tune.with_parameters(_trial, experiment=exp.to_dict(), train_data=train_data, dataset_dir=str(dataset_dir),
+        ray.tune.with_parameters(run_trial, experiment=exp.to_dict(), train_data=train_data, dataset_dir=str(dataset_dir),
                                  pretrained_path=str(pretrained_path), image_size=image_size,
                                  storage_path=storage_path),
         runtime.trial_resources(),
@@ -156,7 +162,7 @@ def run_search(exp: ExperimentConfig, *, train_data: ray.data.Dataset, dataset_d
                                     reduction_factor=exp.search.reduction_factor),
         ),
         run_config=ray.tune.RunConfig(name="search", storage_path=storage_path, verbose=0,
-                                      callbacks=[ProgressLine(exp.train.epochs, echo)]),
+                                      callbacks=[ProgressLine(exp.train.epochs)]),
     )
     grid = tuner.fit()
     trials = [summarise(result) for result in grid]
