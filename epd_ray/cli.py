@@ -83,6 +83,62 @@ def data_prepare(
                f"content hash {m['content_hash']} -> {prepared.path}")
 
 
+@app.command("export")
+def export(
+    source: Path = typer.Argument(..., metavar="RUN_DIR|CHECKPOINT", help="a run folder (uses RUN/best/), its best/ folder or a checkpoint file"),
+    out: Path = typer.Option(..., "--out", help="new model folder to write (must not exist or be empty)"),
+) -> None:
+    """Write a self-contained model folder: generator weights (tensors only), config, model card, README."""
+    from epd_ray.checkpoints import CheckpointError
+    from epd_ray.deploy.export import DeployError, export_model
+
+    try:
+        model_dir = export_model(source, out)
+    except (*USER_ERRORS, CheckpointError, DeployError) as exc:
+        fail(str(exc))
+    typer.echo(f"exported generator to {model_dir} (use: epd-ray deidentify {model_dir} INPUT OUTPUT)")
+
+
+@app.command("deidentify")
+def deidentify_command(
+    model: Path = typer.Argument(..., metavar="MODEL_DIR", help="a model folder made by `epd-ray export`"),
+    input_path: Path = typer.Argument(..., metavar="INPUT", help="an image, a folder (recursive) or a video"),
+    output: Path = typer.Argument(..., metavar="OUTPUT", help="output file, or folder (relative names kept)"),
+    aligned: bool = typer.Option(False, "--aligned", help="inputs are face crops: no detection, whole image replaced"),
+    min_face: int = typer.Option(40, "--min-face", help="smallest face side to detect, px"),
+    max_faces: int = typer.Option(20, "--max-faces", help="faces replaced per image/frame, largest first"),
+    detector_threshold: int = typer.Option(5, "--detector-threshold",
+                                           help="Haar minNeighbors: higher = fewer (false) detections"),
+    scale_factor: float = typer.Option(1.1, "--scale-factor", help="Haar pyramid step (> 1; smaller finds more)"),
+    cascade: Optional[Path] = typer.Option(None, "--cascade", help="an OpenCV cascade XML instead of the bundled one"),
+    margin: float = typer.Option(0.25, "--margin", help="context around each detected face, fraction of its side"),
+    on_no_face: str = typer.Option("blur", "--on-no-face", help="image with no face found: blur | copy | skip"),
+    batch_size: int = typer.Option(16, "--batch-size", help="faces per generator call"),
+    device: str = typer.Option("auto", "--device", help="cpu | cuda | auto"),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | auto"),
+    seed: int = typer.Option(0, "--seed", help="seed of the noise z (per face and file)"),
+    noise: bool = typer.Option(True, "--noise/--no-noise", help="keep the generator's dropout noise z"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="show a progress bar on stderr"),
+) -> None:
+    """De-identify the faces in an image, a folder of images and videos, or a video."""
+    from epd_ray.checkpoints import CheckpointError
+    from epd_ray.deploy.deidentify import DeidentifyOptions, deidentify
+    from epd_ray.deploy.export import DeployError
+
+    options = DeidentifyOptions(aligned=aligned, min_face=min_face, max_faces=max_faces,
+                                detector_threshold=detector_threshold, scale_factor=scale_factor, cascade=cascade,
+                                margin=margin, on_no_face=on_no_face, batch_size=batch_size, device=device,
+                                precision=precision, seed=seed, noise=noise, progress=progress)
+    try:
+        summary = deidentify(model, input_path, output, options,
+                             warn=lambda message: typer.echo(f"warning: {message}", err=True))
+    except (*USER_ERRORS, CheckpointError, DeployError) as exc:
+        fail(str(exc))
+    for line in summary.lines():
+        typer.echo(line)
+    typer.echo(f"done: {summary.written} files written to {output}")
+
+
 def main() -> None:
     app()
 

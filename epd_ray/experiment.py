@@ -8,12 +8,10 @@ something else.
 from __future__ import annotations
 
 import json
-import platform
 import shutil
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ from epd_ray.data.shards import read_manifest
 from epd_ray.data.stream import materialized_split
 from epd_ray.evaluate.evaluate import baseline_methods, evaluate_methods, generator_method
 from epd_ray.evaluate.report import render_report
+from epd_ray.provenance import package_versions
 from epd_ray.runtime import start_ray
 from epd_ray.train.run import pretrain_networks
 from epd_ray.tune.search import SearchOutcome, run_search
@@ -68,16 +67,6 @@ def check_output(output: Path, exp: ExperimentConfig) -> None:
         raise OutputError(f"{output}: holds this experiment already; choose a new --output to run it again")
     if any(output.iterdir()):
         raise OutputError(f"{output}: not empty and not an epd-ray experiment; choose an empty or new folder")
-
-
-def package_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for name in ("epd-ray", "torch", "torchvision", "ray", "optuna", "pytorch-msssim", "numpy", "pyarrow"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
 
 
 def run_tune(exp: ExperimentConfig, output: Path, *, prepared_dir: Path | None = None, echo=print) -> TuneRun:

@@ -1,0 +1,103 @@
+"""Batched generator inference where every face carries its own noise seed.
+
+pix2pix's noise z is the dropout kept on at inference (`NoiseDropout`). Drawing it from the global RNG
+would make a face's output depend on which other faces share its batch, and would change a tracked
+face in every video frame. Here each NoiseDropout's mask is drawn per sample from a `torch.Generator`
+seeded with that face's seed, so a face's output depends on its pixels and its seed only: batch size,
+batch neighbours and run order do not matter, and the same seed gives the same z across frames.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from epd_ray.core.images import to_tensor, to_uint8
+from epd_ray.core.networks import NoiseDropout, UNetGenerator
+from epd_ray.core.precision import autocast, resolve_precision
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available here (use --device cpu)")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu, cuda or auto, got {device}")
+    return device
+
+
+@contextlib.contextmanager
+def seeded_noise(generator: UNetGenerator, seeds: Sequence[int]) -> Iterator[None]:
+    """Within this context each sample i of the next forward pass gets dropout masks from seed seeds[i]."""
+    drops = [m for m in generator.modules() if isinstance(m, NoiseDropout) and m.p > 0]
+    rngs = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    saved = [m.deterministic for m in drops]
+
+    def hook(module: NoiseDropout, inputs: tuple[torch.Tensor, ...], _output: torch.Tensor) -> torch.Tensor:
+        x = inputs[0]
+        if x.shape[0] != len(rngs):
+            raise ValueError(f"seeded_noise: batch of {x.shape[0]} faces but {len(rngs)} seeds")
+        keep = torch.stack([torch.rand(x.shape[1:], generator=g) >= module.p for g in rngs])
+        return x * keep.to(x.device, x.dtype) * (1.0 / (1.0 - module.p))
+
+    handles = []
+    try:
+        for m in drops:
+            m.deterministic = True  # the module passes x through; the hook applies the seeded mask
+            handles.append(m.register_forward_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for m, d in zip(drops, saved):
+            m.deterministic = d
+
+
+class FaceEngine:
+    """The generator as a function of uint8 face crops (N, S, S, 3) and one seed per face."""
+
+    def __init__(self, generator: UNetGenerator, device: str | torch.device = "auto", precision: str = "fp32",
+                 batch_size: int = 16, noise: bool = True):
+        if batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {batch_size}")
+        self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32, bf16 or auto, got {precision!r}")
+        self.generator = generator.to(self.device).eval()
+        self.batch_size = int(batch_size)
+        self.noise = noise  # False: no dropout noise at all (deterministic generator)
+        self.size = int(generator.config["image_size"])
+        self.calls = 0
+
+    @torch.no_grad()
+    def __call__(self, crops: np.ndarray, seeds: Sequence[int]) -> np.ndarray:
+        if len(crops) == 0:
+            return np.empty((0, self.size, self.size, 3), np.uint8)
+        if crops.shape[1:] != (self.size, self.size, 3):
+            raise ValueError(f"expected crops of shape (N, {self.size}, {self.size}, 3), got {crops.shape}")
+        out = []
+        for start in range(0, len(crops), self.batch_size):
+            x = to_tensor(crops[start:start + self.batch_size]).to(self.device)
+            batch_seeds = list(seeds[start:start + self.batch_size])
+            noise = seeded_noise(self.generator, batch_seeds) if self.noise else _deterministic(self.generator)
+            with noise, autocast(self.device, self.precision):
+                y = self.generator(x)
+            out.append(to_uint8(y.float()))
+            self.calls += 1
+        return np.concatenate(out)
+
+
+@contextlib.contextmanager
+def _deterministic(generator: UNetGenerator) -> Iterator[None]:
+    saved = generator.deterministic
+    generator.deterministic = True
+    try:
+        yield
+    finally:
+        generator.deterministic = saved

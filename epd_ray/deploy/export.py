@@ -1,0 +1,176 @@
+"""Export a trained generator as a self-contained model folder, and load one back safely.
+
+A model folder holds:
+
+* ``generator.pt``: a tensor-only checkpoint (``{"format", "networks": {"generator": {kind, config,
+  state_dict}}}``), read with ``torch.load(weights_only=True)``, so loading never unpickles arbitrary
+  objects;
+* ``generator.json``: the kind and config that rebuild the network, the weights' file name and SHA-256
+  (a tampered or swapped weights file is refused before it is even read), its parameter count;
+* ``model_card.json``: the run's model card when there is one, else a minimal card;
+* ``README.md``: how to use it.
+
+Plain PyTorch: no Ray, nothing from training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from epd_ray.checkpoints import CheckpointError, build_from_record, load_checkpoint, save_checkpoint
+from epd_ray.core.networks import UNetGenerator, count_parameters
+from epd_ray.provenance import package_versions
+
+MODEL_FORMAT = "epd-ray-generator"
+MODEL_VERSION = 1
+WEIGHTS_FILE = "generator.pt"
+SPEC_FILE = "generator.json"
+CARD_FILE = "model_card.json"
+
+
+class DeployError(ValueError):
+    """A mistake the user can fix (bad path, refused output); the CLI prints it as one line, exit 2."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def resolve_source(source: Path) -> tuple[Path, Path | None]:
+    """(checkpoint file holding a generator, model card or None) for a run folder, its best/ or a file."""
+    source = Path(source)
+    if source.is_file():
+        card = source.parent / CARD_FILE
+        return source, card if card.is_file() else None
+    if not source.is_dir():
+        raise FileNotFoundError(f"{source}: no such run folder or checkpoint file")
+    for folder in (source / "best", source):
+        for name in ("generator.pt", "checkpoint.pt"):
+            if (folder / name).is_file():
+                card = folder / CARD_FILE
+                return folder / name, card if card.is_file() else None
+    raise FileNotFoundError(f"{source}: holds no best/generator.pt, generator.pt or checkpoint.pt to export")
+
+
+def export_model(source: Path, out: Path) -> Path:
+    """Write the model folder `out` from a run folder or a (trial or generator) checkpoint; returns `out`."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DeployError(f"{out}: already exists and is not an empty folder; export needs a new folder")
+    checkpoint_path, card_path = resolve_source(source)
+    payload = load_checkpoint(checkpoint_path)
+    if "generator" not in payload["networks"]:
+        raise CheckpointError(f"{checkpoint_path}: holds no network 'generator' "
+                              f"(has {', '.join(payload['networks']) or 'none'})")
+    record = payload["networks"]["generator"]
+    if record.get("kind") != "generator":
+        raise CheckpointError(f"{checkpoint_path}: network 'generator' is of kind {record.get('kind')!r}")
+    generator = build_from_record(record, checkpoint_path)  # proves the record rebuilds before writing
+    config = dict(generator.config)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        state = {k: v.detach().cpu().clone() for k, v in generator.state_dict().items()}
+        save_checkpoint(staging / WEIGHTS_FILE, {"networks": {"generator": {
+            "kind": "generator", "config": config, "state_dict": state}}})
+        spec = {
+            "format": MODEL_FORMAT,
+            "version": MODEL_VERSION,
+            "kind": "generator",
+            "config": config,
+            "weights": WEIGHTS_FILE,
+            "sha256": sha256_file(staging / WEIGHTS_FILE),
+            "parameters": count_parameters(generator),
+            "input": "RGB face crop, float NCHW in [-1, 1] "
+                     f"({config['image_size']}x{config['image_size']} px); output the same",
+        }
+        (staging / SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n")
+        if card_path is not None:
+            shutil.copyfile(card_path, staging / CARD_FILE)
+        else:
+            card = {
+                "model": "EPD-Net generator (pix2pix U-Net)",
+                "source_checkpoint": str(Path(checkpoint_path).resolve()),
+                "params": payload.get("params"),
+                "epoch": payload["epoch"] + 1 if isinstance(payload.get("epoch"), int) else None,
+                "versions": package_versions(),
+            }
+            (staging / CARD_FILE).write_text(json.dumps(card, indent=2, default=str) + "\n")
+        (staging / "README.md").write_text(_readme(config, spec["parameters"]))
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def _readme(config: dict[str, Any], parameters: int) -> str:
+    size = config["image_size"]
+    return (
+        "# EPD-Net face de-identification generator\n\n"
+        f"A pix2pix U-Net generator ({parameters:,} parameters, {size}x{size} px faces, ngf {config['ngf']}, "
+        f"{config['norm']} norm) exported by `epd-ray export`.\n\n"
+        "Use: `epd-ray deidentify THIS_FOLDER INPUT OUTPUT` (INPUT an image, a folder or a video; "
+        "`--aligned` for face crops).\n\n"
+        "From Python: `from epd_ray.deploy import load_model; generator = load_model('THIS_FOLDER')`.\n\n"
+        f"Files: `{WEIGHTS_FILE}` (tensors only, read with `torch.load(weights_only=True)`), `{SPEC_FILE}` "
+        f"(config that rebuilds the network and the weights' SHA-256), `{CARD_FILE}` (where it came from).\n"
+    )
+
+
+def load_model(model: Path, device: torch.device | str = "cpu") -> UNetGenerator:
+    """The generator of a model folder (or of a checkpoint file), in eval mode; never unpickles objects.
+
+    A weights file whose SHA-256 differs from generator.json, or whose config differs from it, or that
+    is not a tensor-only epd-ray checkpoint, raises CheckpointError naming the file.
+    """
+    model = Path(model)
+    if model.is_file():  # a checkpoint file (RUN/best/generator.pt or a trial checkpoint)
+        payload = load_checkpoint(model)
+        if "generator" not in payload["networks"]:
+            raise CheckpointError(f"{model}: holds no network 'generator'")
+        generator = build_from_record(payload["networks"]["generator"], model)
+    else:
+        spec_path = model / SPEC_FILE
+        if not model.is_dir():
+            raise FileNotFoundError(f"{model}: no such model folder")
+        if not spec_path.is_file():
+            raise FileNotFoundError(f"{model}: not a model folder ({SPEC_FILE} missing; make one with "
+                                    "`epd-ray export RUN_DIR --out MODEL_DIR`)")
+        try:
+            spec = json.loads(spec_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{spec_path}: unreadable model spec ({exc})") from None
+        if not isinstance(spec, dict) or spec.get("format") != MODEL_FORMAT or spec.get("kind") != "generator" \
+                or not isinstance(spec.get("config"), dict) or not isinstance(spec.get("weights"), str):
+            raise CheckpointError(f"{spec_path}: not an epd-ray generator spec")
+        weights = model / Path(spec["weights"]).name  # never follow a path out of the folder
+        if not weights.is_file():
+            raise CheckpointError(f"{weights}: weights file missing")
+        if sha256_file(weights) != spec.get("sha256"):
+            raise CheckpointError(f"{weights}: SHA-256 does not match {SPEC_FILE}; the file was changed or "
+                                  "replaced, refusing to load it")
+        payload = load_checkpoint(weights)
+        record = payload["networks"].get("generator")
+        if record is None or record.get("kind") != "generator" or record.get("config") != spec["config"]:
+            raise CheckpointError(f"{weights}: network does not match {SPEC_FILE}")
+        generator = build_from_record(record, weights)
+    if not isinstance(generator, UNetGenerator):
+        raise CheckpointError(f"{model}: network 'generator' is not a U-Net generator")
+    return generator.to(device).eval()
+

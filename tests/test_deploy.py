@@ -1,0 +1,335 @@
+"""Deployment: export a generator as a model folder, load it safely, de-identify images, folders and videos.
+
+Tiny random generator (32 px, ngf 4), no Ray, no training: the checks are about plumbing and safety
+(what is written where, what is refused), not about how good the faces look.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from epd_ray.checkpoints import CheckpointError, load_network, network_record, save_checkpoint
+from epd_ray.cli import app
+from epd_ray.core.networks import UNetGenerator
+from epd_ray.core.synthetic import make_synthetic_faces
+from epd_ray.deploy import DeidentifyOptions, DeployError, FaceEngine, deidentify, export_model, load_model
+from epd_ray.deploy.faces import FaceDetector, IoUTracker, Box
+
+FAST = DeidentifyOptions(progress=False, device="cpu", batch_size=4).__dict__
+
+
+def options(**kw) -> DeidentifyOptions:
+    return DeidentifyOptions(**{**FAST, **kw})
+
+
+@pytest.fixture(scope="module")
+def trial_checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    generator = UNetGenerator(image_size=32, ngf=4)
+    path = tmp_path_factory.mktemp("trial") / "checkpoint.pt"
+    save_checkpoint(path, {"networks": {"generator": network_record("generator", generator)}, "epoch": 4,
+                           "params": {"alpha": 0.5, "mu": 0.9}})
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, trial_checkpoint) -> Path:
+    out = tmp_path_factory.mktemp("export") / "model"
+    result = CliRunner().invoke(app, ["export", str(trial_checkpoint), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def faces() -> np.ndarray:
+    """Synthetic faces the Haar cascade finds once pasted onto a plain background (checked in a test)."""
+    return make_synthetic_faces(1, 1, 128, seed=0).pixels
+
+
+def scene(face: np.ndarray, size: int, at: tuple[int, int] = (60, 40), shape=(240, 320)) -> np.ndarray:
+    image = np.full((*shape, 3), 185, np.uint8)
+    small = np.array(Image.fromarray(face).resize((size, size), Image.BILINEAR))
+    x, y = at
+    image[y:y + size, x:x + size] = small
+    return image
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+
+def test_export_folder_holds_weights_config_card_readme(model_dir, trial_checkpoint):
+    assert sorted(p.name for p in model_dir.iterdir()) == ["README.md", "generator.json", "generator.pt",
+                                                          "model_card.json"]
+    spec = json.loads((model_dir / "generator.json").read_text())
+    assert spec["kind"] == "generator" and spec["config"]["image_size"] == 32 and spec["config"]["ngf"] == 4
+    card = json.loads((model_dir / "model_card.json").read_text())
+    assert card["epoch"] == 5 and card["params"]["alpha"] == 0.5 and "torch" in card["versions"]
+    assert "epd-ray deidentify" in (model_dir / "README.md").read_text()
+    # tensor-only: loads with weights_only and holds nothing but the generator
+    payload = torch.load(model_dir / "generator.pt", weights_only=True)
+    assert set(payload["networks"]) == {"generator"} and "optimizers" not in payload
+
+
+def test_round_trip_gives_identical_outputs_for_a_fixed_seed(model_dir, trial_checkpoint, faces):
+    crops = np.stack([np.array(Image.fromarray(f).resize((32, 32))) for f in faces[:5]])
+    original = FaceEngine(load_network(trial_checkpoint, "generator"), device="cpu", batch_size=8)
+    exported = FaceEngine(load_model(model_dir), device="cpu", batch_size=2)  # other batching, same answer
+    seeds = [11, 12, 13, 14, 15]
+    a, b = original(crops, seeds), exported(crops, seeds)
+    assert np.array_equal(a, b)
+    assert np.array_equal(exported(crops[2:3], [13]), a[2:3])  # a face's output ignores its batch neighbours
+    assert not np.array_equal(exported(crops, [21, 22, 23, 24, 25]), a)  # the seed is the noise z
+    deterministic = FaceEngine(load_model(model_dir), device="cpu", noise=False)
+    assert np.array_equal(deterministic(crops, seeds), deterministic(crops, [1, 2, 3, 4, 5]))
+
+
+def test_export_of_a_run_folder_copies_its_model_card(tmp_path, trial_checkpoint):
+    best = tmp_path / "run" / "best"
+    best.mkdir(parents=True)
+    (best / "generator.pt").write_bytes(trial_checkpoint.read_bytes())
+    (best / "model_card.json").write_text(json.dumps({"model": "from the run", "trial": "t1"}))
+    out = export_model(tmp_path / "run", tmp_path / "model")
+    assert json.loads((out / "model_card.json").read_text())["trial"] == "t1"
+
+
+def test_export_refuses_a_non_empty_folder_and_a_missing_source(tmp_path, trial_checkpoint):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "keep.txt").write_text("mine")
+    result = CliRunner().invoke(app, ["export", str(trial_checkpoint), "--out", str(tmp_path / "model")])
+    assert result.exit_code == 2 and result.stderr.startswith("error:") and "model" in result.stderr
+    assert (tmp_path / "model" / "keep.txt").read_text() == "mine"
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "nothing"), "--out", str(tmp_path / "m2")])
+    assert result.exit_code == 2 and "nothing" in result.stderr and not (tmp_path / "m2").exists()
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_tampered_or_foreign_weights_are_refused(tmp_path, model_dir):
+    bad = tmp_path / "tampered"
+    bad.mkdir()
+    for p in model_dir.iterdir():
+        (bad / p.name).write_bytes(p.read_bytes())
+    data = bytearray((bad / "generator.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (bad / "generator.pt").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="generator.pt"):
+        load_model(bad)
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "x.png")
+    result = CliRunner().invoke(app, ["deidentify", str(bad), str(tmp_path / "x.png"), str(tmp_path / "y.png")])
+    assert result.exit_code == 2 and "generator.pt" in result.stderr
+
+    class Evil:  # a pickle that would run code if unpickled
+        def __reduce__(self):
+            return (Path.write_text, (tmp_path / "pwned", "ran"))
+
+    (bad / "generator.pt").write_bytes(pickle.dumps({"format": 1, "networks": Evil()}))
+    spec = json.loads((bad / "generator.json").read_text())
+    spec["sha256"] = hashlib.sha256((bad / "generator.pt").read_bytes()).hexdigest()  # a consistent forgery
+    (bad / "generator.json").write_text(json.dumps(spec))
+    with pytest.raises(CheckpointError, match="generator.pt"):
+        load_model(bad)
+    assert not (tmp_path / "pwned").exists()
+
+
+# ---------------------------------------------------------------------------------------------- images
+
+
+def test_the_bundled_detector_finds_the_test_faces(faces):
+    detector = FaceDetector()
+    for size in (64, 96, 128):
+        boxes = detector.detect(scene(faces[0], size))
+        assert len(boxes) == 1 and boxes[0].w > size // 2
+    assert detector.detect(np.full((240, 320, 3), 185, np.uint8)) == []
+
+
+def test_folder_of_mixed_images_summary_and_inputs_untouched(tmp_path, model_dir, faces):
+    src = tmp_path / "in"
+    (src / "people").mkdir(parents=True)
+    Image.fromarray(scene(faces[0], 128)).save(src / "people" / "one.png")
+    two = scene(faces[0], 96, at=(20, 30))
+    two[120:216, 200:296] = np.array(Image.fromarray(faces[0]).resize((96, 96), Image.BILINEAR))
+    Image.fromarray(two).save(src / "people" / "two.jpg", quality=95)
+    Image.fromarray(np.full((80, 120, 3), 60, np.uint8)).save(src / "empty.png")
+    (src / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (src / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(64))
+    (src / "notes.txt").write_text("not an image")
+    before = digest(src)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["deidentify", str(model_dir), str(src), str(out), "--no-progress",
+                                      "--device", "cpu", "--batch-size", "2"])
+    assert result.exit_code == 0, result.output
+    assert digest(src) == before  # no input touched
+    text = result.stdout
+    assert "files: 5 (3 images, 0 videos), 2 failed, 3 written" in text
+    assert "faces found: 3, faces replaced: 3" in text
+    assert "files with no face: 1" in text and "empty.png" in text
+    assert "broken.jpg" in text and "broken.mp4" in text and "notes.txt" in text
+    assert "people/two.jpg: 2 faces" in text
+    assert sorted(digest(out)) == ["empty.png", "people/one.png", "people/two.jpg"]
+    one_in, one_out = np.array(Image.open(src / "people" / "one.png")), np.array(Image.open(out / "people" / "one.png"))
+    assert np.abs(one_in.astype(int) - one_out)[60:150, 80:170].mean() > 5  # the face is replaced
+    assert np.array_equal(one_in[:, 250:], one_out[:, 250:]) and np.array_equal(one_in[200:], one_out[200:])
+
+
+def test_no_face_policy_blur_copy_skip(tmp_path, model_dir):
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(src / "noise.png")
+    for policy in ("blur", "copy", "skip"):
+        summary = deidentify(model_dir, src, tmp_path / policy, options(on_no_face=policy))
+        assert summary.no_face == ["noise.png"] and summary.faces_found == 0
+        written = tmp_path / policy / "noise.png"
+        if policy == "skip":
+            assert not written.exists() and summary.skipped == ["noise.png"] and summary.written == 0
+            continue
+        out = np.array(Image.open(written))
+        if policy == "copy":
+            assert np.array_equal(out, pixels)
+        else:
+            assert out.shape == pixels.shape and out.astype(float).std() < pixels.astype(float).std() / 3
+
+
+def test_detector_flags_change_what_is_found(tmp_path, model_dir, faces):
+    src = tmp_path / "a.png"
+    Image.fromarray(scene(faces[0], 96)).save(src)
+    base = ["deidentify", str(model_dir), str(src), "--no-progress", "--device", "cpu"]
+    result = CliRunner().invoke(app, [*base, str(tmp_path / "o1.png")])
+    assert result.exit_code == 0 and "faces found: 1" in result.stdout, result.output
+    result = CliRunner().invoke(app, [*base, str(tmp_path / "o2.png"), "--min-face", "150"])
+    assert result.exit_code == 0 and "faces found: 0" in result.stdout and "no face found in: a.png" in result.stdout
+    result = CliRunner().invoke(app, [*base, str(tmp_path / "o3.png"), "--on-no-face", "maybe"])
+    assert result.exit_code == 2 and "--on-no-face" in result.stderr and not (tmp_path / "o3.png").exists()
+
+
+def test_output_carries_no_exif(tmp_path, model_dir, faces):
+    src = tmp_path / "photo.jpg"
+    exif = Image.Exif()
+    exif[0x010F] = "CameraMaker"  # Make
+    exif[0x0131] = "secret-software"  # Software
+    Image.fromarray(scene(faces[0], 128)).save(src, exif=exif.tobytes(), quality=95)
+    assert Image.open(src).getexif()
+    out = tmp_path / "clean.jpg"
+    summary = deidentify(model_dir, src, out, options())
+    assert summary.faces_replaced == 1 and summary.written == 1
+    with Image.open(out) as img:
+        assert not img.getexif() and "exif" not in img.info and "icc_profile" not in img.info
+    assert b"CameraMaker" not in out.read_bytes() and b"secret-software" not in out.read_bytes()
+
+
+def test_aligned_crops_go_straight_through_at_their_own_size(tmp_path, model_dir, faces):
+    src = tmp_path / "crops"
+    src.mkdir()
+    for i, size in enumerate((40, 48, 75)):
+        Image.fromarray(np.array(Image.fromarray(faces[0]).resize((size, size)))).save(src / f"c{i}.png")
+    summary = deidentify(model_dir, src, tmp_path / "out", options(aligned=True))
+    assert summary.images == 3 and summary.faces_replaced == 3 and not summary.no_face
+    for i, size in enumerate((40, 48, 75)):
+        a = np.array(Image.open(src / f"c{i}.png"))
+        b = np.array(Image.open(tmp_path / "out" / f"c{i}.png"))
+        assert b.shape == a.shape and not np.array_equal(a, b)
+
+
+def test_output_may_not_overwrite_inputs(tmp_path, model_dir, faces):
+    image = tmp_path / "in" / "a.png"
+    image.parent.mkdir()
+    Image.fromarray(scene(faces[0], 64)).save(image)
+    before = digest(tmp_path / "in")
+    for output in (image, tmp_path / "in", tmp_path / "in" / "out"):
+        args = ["deidentify", str(model_dir), str(image if output == image else tmp_path / "in"), str(output)]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2, (output, result.output)
+        assert result.stderr.startswith("error:") and len(result.stderr.strip().splitlines()) == 1
+    (tmp_path / "in" / "in").mkdir()  # in/in/a.png would be written to OUTPUT/in/a.png, an input, if OUTPUT = in/..
+    Image.fromarray(scene(faces[0], 64)).save(tmp_path / "in" / "in" / "a.png")
+    before = digest(tmp_path / "in")
+    with pytest.raises(DeployError, match="input file"):
+        deidentify(model_dir, tmp_path / "in", tmp_path, options())
+    assert digest(tmp_path / "in") == before
+
+
+# ---------------------------------------------------------------------------------------------- video
+
+
+def write_video(path: Path, frames: list[np.ndarray], fps: float) -> None:
+    h, w = frames[0].shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (w, h))
+    assert writer.isOpened()
+    for frame in frames:
+        writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    writer.release()
+
+
+def read_video(path: Path) -> tuple[list[np.ndarray], float]:
+    cap = cv2.VideoCapture(str(path))
+    fps = cap.get(cv2.CAP_PROP_FPS)
+    frames = []
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+    cap.release()
+    return frames, fps
+
+
+def test_video_keeps_frame_count_fps_and_size(tmp_path, model_dir, faces):
+    frames = [scene(faces[0], 112, at=(60 + 2 * i, 40)) for i in range(12)]
+    src = tmp_path / "clip.avi"
+    write_video(src, frames, fps=12.0)
+    warnings: list[str] = []
+    summary = deidentify(model_dir, src, tmp_path / "out", options(), warn=warnings.append)
+    assert summary.videos == 1 and summary.frames == 12 and not summary.failed
+    out, fps = read_video(tmp_path / "out" / "clip.avi")
+    assert len(out) == 12 and fps == pytest.approx(12.0) and out[0].shape == frames[0].shape
+    assert summary.faces_found >= 10 and summary.faces_replaced >= 12  # missed frames coast on the track
+    changed = [np.abs(o.astype(int) - f).mean() for o, f in zip(out, frames)]
+    assert min(changed) > 1.0
+    import shutil
+    if shutil.which("ffmpeg") is None:
+        assert any("audio" in w for w in warnings)
+
+
+def test_tracked_face_keeps_its_seed(tmp_path):
+    tracker = IoUTracker(base_seed=3)
+    a = tracker.update([Box(10, 10, 50, 50), Box(200, 10, 50, 50)])
+    b = tracker.update([Box(205, 12, 50, 50), Box(12, 11, 50, 50)])
+    assert {box.x // 100: tid for box, tid in a} == {box.x // 100: tid for box, tid in b}
+    c = tracker.update([])  # a missed frame: both tracks coast on their last box
+    assert sorted(t for _, t in c) == [0, 1]
+
+
+def test_audio_is_muxed_with_ffmpeg_when_present_and_failure_is_only_a_warning(tmp_path, model_dir, faces,
+                                                                               monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls.txt"
+    fake = bin_dir / "ffmpeg"  # records its arguments, then fails like an ffmpeg that cannot copy the stream
+    fake.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\necho 'Could not find tag for codec' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    src = tmp_path / "clip.avi"
+    write_video(src, [scene(faces[0], 112) for _ in range(4)], fps=8.0)
+    warnings: list[str] = []
+    summary = deidentify(model_dir, src, tmp_path / "out.avi", options(), warn=warnings.append)
+    assert summary.written == 1 and not summary.failed
+    args = calls.read_text()
+    assert "-map 1:a?" in args and "-map_metadata -1" in args and str(src) in args
+    assert any("without sound" in w for w in warnings)
+    assert len(read_video(tmp_path / "out.avi")[0]) == 4
+    assert not list(tmp_path.glob(".out*"))  # no partial file left behind
