@@ -41,7 +41,7 @@ def network_specs(cfg: VerifiersConfig, model: ModelConfig, num_identities: int,
                                        "grey": True}, "task": "emotion", "seed": cfg.evaluator_seed + 1},
     }
     for spec in specs.values():
-        spec.update(epochs=cfg.epochs, lr=cfg.lr)
+        spec.update(epochs=cfg.epochs, lr=cfg.emotion_lr if spec["task"] == "emotion" else cfg.lr)
     if model.warm_start_epochs:
         specs["generator"] = {"args": {"image_size": image_size, "ngf": model.ngf, "norm": model.norm,
                                        "dropout": model.dropout},
