@@ -6,6 +6,7 @@ that holds something else) is one line on stderr and exit code 2, with nothing w
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -47,11 +48,14 @@ def tune(
     set_: list[str] = typer.Option([], "--set", help="override a config key, e.g. --set train.epochs=3"),
 ) -> None:
     """Search EPD-Net's loss weights with Ray Tune; save the best model and a report."""
-    from epd_ray.experiment import OutputError, default_output, run_tune
-
     overrides = parse_overrides(set_)
     if address:
+        # Ray reads its auth mode when it is imported: joining a token-authenticated cluster (the default
+        # since Ray 2.59) needs it set before that, not at ray.init.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
         overrides["ray.address"] = address
+    from epd_ray.experiment import OutputError, default_output, run_tune
+
     try:
         exp = load_config(config, overrides)
         if data is not None and not (data / "dataset.json").is_file():
@@ -137,6 +141,62 @@ def deidentify_command(
     for line in summary.lines():
         typer.echo(line)
     typer.echo(f"done: {summary.written} files written to {output}")
+
+
+@app.command("evaluate")
+def evaluate(
+    model: Optional[Path] = typer.Option(None, "--model", metavar="RUN_DIR|CHECKPOINT",
+                                         help="a run folder (uses RUN/best/), its best/ folder or a generator checkpoint"),
+    baseline: list[str] = typer.Option([], "--baseline", help="evaluate this classical baseline instead of the model "
+                                       "(identity | blur | pixelate | ksame; repeatable)"),
+    data: Optional[Path] = typer.Option(None, "--data", help="prepared data set; default the run's (model card)"),
+    pretrained: Optional[Path] = typer.Option(None, "--pretrained", help="pretrained networks file (verifiers and "
+                                              "evaluators); default the run's"),
+    split: str = typer.Option("test", "--split", help="train | val | test"),
+    out: Path = typer.Option(..., "--out", help="folder for metrics.json, per_image.parquet and samples.npz"),
+    mu: Optional[float] = typer.Option(None, "--mu", help="threshold mu; default the run's best mu"),
+    blur_sigma: Optional[float] = typer.Option(None, "--blur-sigma", help="Gaussian blur std, px"),
+    pixelate_blocks: Optional[int] = typer.Option(None, "--pixelate-blocks", help="pixelation grid side, blocks"),
+    k: int = typer.Option(10, "--k", help="k of k-Same-Pixel (nearest train faces of other identities)"),
+) -> None:
+    """Measure a checkpoint or a classical baseline on a split (DESIGN section 6), per judge, with a mu sweep."""
+    from epd_ray.checkpoints import CheckpointError
+    from epd_ray.evaluate.evaluate import EvaluationError, evaluate_command
+
+    try:
+        evaluation, paths = evaluate_command(model, out, baselines=baseline, data=data, pretrained=pretrained,
+                                             split=split, mu=mu, blur_sigma=blur_sigma,
+                                             pixelate_blocks=pixelate_blocks, k=k)
+    except (*USER_ERRORS, CheckpointError, EvaluationError) as exc:
+        fail(str(exc))
+    m = evaluation.metrics
+    typer.echo(f"{split} split, {m['images']} images, mu = {m['mu']:.3f}, judged by the independent evaluators:")
+    typer.echo("  " + " ".join(f"{h:>10}" for h in ["method", "J", "D", "S", "G", "E", "emoMSE", "SSIM", "CMC r1"]))
+    for name, judged in m["methods"].items():
+        e = judged["evaluators"]
+        cells = [name[:10], *(f"{e[key]:.3f}" for key in ("objective", "deid_rate", "switching_deid_rate",
+                                                          "genuine_acceptance", "emotion_preserved")),
+                 f"{e['emotion_mse']:.4f}", f"{e['ssim']:.3f}", f"{e['cmc_misclassification'][0]:.3f}"]
+        typer.echo("  " + " ".join(f"{c:>10}" for c in cells))
+    typer.echo(f"done: {paths['metrics']}, {paths['per_image']}")
+
+
+@app.command("report")
+def report(
+    run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="an `epd-ray tune` run folder or an `epd-ray evaluate` output"),
+    show_originals: bool = typer.Option(False, "--show-originals",
+                                        help="put the original faces in the sample grid (never on real data you protect)"),
+) -> None:
+    """Markdown report with PNG figures in RUN_DIR/report/ (CMC, SSIM, emotion MSE, mu sweep, trials, Pareto, samples)."""
+    from epd_ray.checkpoints import CheckpointError
+    from epd_ray.evaluate.evaluate import EvaluationError
+    from epd_ray.evaluate.report import build_report
+
+    try:
+        path = build_report(run_dir, show_originals=show_originals, echo=typer.echo)
+    except (*USER_ERRORS, CheckpointError, EvaluationError) as exc:
+        fail(str(exc))
+    typer.echo(f"done: report in {path}")
 
 
 def main() -> None:

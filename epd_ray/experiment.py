@@ -133,6 +133,7 @@ def write_best(best_dir: Path, exp: ExperimentConfig, outcome: SearchOutcome, pr
         "trial": outcome.best.trial_id,
         "epoch": checkpoint["epoch"] + 1,
         "source_checkpoint": outcome.best.checkpoint,
+        "pretrained_path": metrics.get("inputs", {}).get("pretrained_path"),
         "validation_metrics": {k: v for k, v in outcome.best.metrics.items() if isinstance(v, (int, float))},
         "test_metrics": metrics["methods"][METHOD],
         "data": {"content_hash": prepared.manifest["content_hash"], "path": str(prepared.path),

@@ -65,8 +65,7 @@ def start_ray(cfg: RayConfig, *, trial_drivers: int = 64, quiet: bool = True) ->
         return RayRuntime(dashboard_url=getattr(ctx, "dashboard_url", None), started_here=False)
     logging.getLogger("ray").setLevel(logging.WARNING if quiet else logging.INFO)
     ray.data.DataContext.get_current().enable_progress_bars = not quiet
-    if cfg.address:
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if cfg.address:  # token auth for joining is set up by the CLI, before Ray is imported
         info = ray.init(address=cfg.address, log_to_driver=not quiet, runtime_env={"env_vars": TRAIN_POLL_ENV})
         return RayRuntime(dashboard_url=_url(info.dashboard_url), started_here=False)
     api_host = "127.0.0.1" if cfg.dashboard_host in ("0.0.0.0", "::") else cfg.dashboard_host

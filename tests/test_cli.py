@@ -95,3 +95,17 @@ def test_tune_smoke_end_to_end(tmp_path):
                       "--set", "search.num_samples=1", "--set", "train.epochs=1", cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "data: reusing" in second.stdout and "pretrained networks: reusing" in second.stdout
+
+
+def test_tune_joins_an_existing_cluster_by_address_with_token_auth(ray_runtime, tmp_path):
+    """`--address` joins the test session's cluster (token authentication on, as Ray 2.59+ starts it)."""
+    import ray
+
+    out = tmp_path / "joined"
+    run = _epd_ray("tune", "--config", "smoke", "--address", ray.get_runtime_context().gcs_address,
+                   "--output", str(out), "--set", f"cache_dir={tmp_path / 'cache'}", "--set", "search.num_samples=1",
+                   "--set", "train.epochs=1", "--set", "verifiers.epochs=1", "--set", "model.warm_start_epochs=1",
+                   cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert ray_runtime.dashboard_url in run.stdout  # the session cluster's dashboard, not a new one
+    assert (out / "best" / "generator.pt").is_file()

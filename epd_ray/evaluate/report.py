@@ -1,43 +1,81 @@
-"""The Markdown report of a run: the figures of `metrics.json`, per method and judge, and the trials."""
+"""The report of a run: Markdown tables and PNG figures, every number read from `metrics.json`.
+
+`render_report` turns a metrics dict (and the search trials) into Markdown; `build_report` (the
+`epd-ray report` command) completes a run's metrics.json where it lacks something (the mu sweep, k-Same,
+sample de-identified faces, the trials' history), draws the figures of the paper (CMC misclassification,
+Fig. 4; SSIM, Fig. 5; emotion MSE, Table I) and of the search (D/S/G against mu, the objective over time,
+privacy against utility with the Pareto front) and a grid of de-identified samples. The grid never shows
+an original face, and so never the `no_change` baseline either, unless asked to (--show-originals).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from PIL import Image
+
+from epd_ray.evaluate.evaluate import (GENERATOR_METHOD, METRICS_FILE, SAMPLES_FILE, SWEEP_JUDGE,
+                                       evaluate_command)
 
 COLUMNS = [("objective", "J"), ("deid_rate", "D(mu)"), ("switching_deid_rate", "S(mu)"),
            ("genuine_acceptance", "G(mu)"), ("emotion_preserved", "E"), ("emotion_mse", "emotion MSE"),
            ("ssim", "SSIM")]
+REPORT_DIR, REPORT_FILE = "report", "report.md"
+ALL_BASELINES = ("identity", "blur", "pixelate", "ksame")
+ORIGINAL_ROW, HIDDEN_METHODS = "original", ("no_change",)
+GRID_PAD, GRID_MIN_TILE = 4, 96
+FIGURES = {"cmc": "cmc.png", "ssim": "ssim.png", "mu_sweep": "mu_sweep.png", "trials": "trials.png",
+           "pareto": "pareto.png", "samples": "samples.png"}
 
 
 def _cell(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
 def method_table(metrics: dict[str, Any], judge: str) -> list[str]:
     header = ["method"] + [title for _, title in COLUMNS] + [f"CMC miss r{k}" for k in range(1, 6)]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for method, judged in metrics["methods"].items():
-        row = judged[judge]
-        cells = [method] + [_cell(row[key]) for key, _ in COLUMNS]
-        cells += [_cell(v) for v in row["cmc_misclassification"]]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+    rows = [[method] + [_cell(judged[judge][key]) for key, _ in COLUMNS]
+            + [_cell(v) for v in judged[judge]["cmc_misclassification"]]
+            for method, judged in metrics["methods"].items()]
+    return _table(header, rows)
+
+
+def emotion_table(metrics: dict[str, Any]) -> list[str]:
+    """Paper Table I: mean squared difference of the emotion evaluator's softmax on x' and on x."""
+    judges = [j for j in ("evaluators", "verifiers") if all(j in m for m in metrics["methods"].values())]
+    header = ["method"] + [f"emotion MSE ({j})" for j in judges] + [f"E ({j})" for j in judges]
+    rows = [[method] + [_cell(judged[j]["emotion_mse"]) for j in judges]
+            + [_cell(judged[j]["emotion_preserved"]) for j in judges]
+            for method, judged in metrics["methods"].items()]
+    return _table(header, rows)
 
 
 def trials_table(trials: list[dict[str, Any]]) -> list[str]:
     keys = sorted({k for t in trials for k in t["params"]})
     header = ["trial", "status", "epochs"] + keys + ["J", "D", "E", "SSIM"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for t in trials:
         m = t["metrics"]
-        cells = [t["trial_id"], t["status"], str(t["epochs"])] + [f"{t['params'].get(k, float('nan')):.3f}" for k in keys]
-        cells += [_cell(m.get("objective", float("nan"))), _cell(m.get("deid_rate", float("nan"))),
-                  _cell(m.get("emotion_preserved", float("nan"))), _cell(m.get("ssim", float("nan")))]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+        rows.append([t["trial_id"], t["status"], str(t["epochs"])] + [f"{t['params'].get(k, float('nan')):.3f}" for k in keys]
+                    + [_cell(m.get(k, float("nan"))) for k in ("objective", "deid_rate", "emotion_preserved", "ssim")])
+    return _table(header, rows)
 
 
-def render_report(metrics: dict[str, Any], trials: list[dict[str, Any]], *, title: str, notes: list[str]) -> str:
+def render_report(metrics: dict[str, Any], trials: list[dict[str, Any]], *, title: str, notes: list[str],
+                  figures: dict[str, str] | None = None, sample_rows: Sequence[str] = ()) -> str:
+    """Markdown of `metrics` (and `trials`); `figures` maps FIGURES keys to file names next to the report."""
+    figures = figures or {}
+
+    def figure(key: str, caption: str) -> list[str]:
+        return [f"![{caption}]({figures[key]})", ""] if key in figures else []
+
     lines = [f"# {title}", ""]
     lines += notes + [""]
     lines += [f"Split `{metrics['split']}` ({metrics['images']} images), mu = {metrics['mu']:.3f}, "
@@ -45,10 +83,248 @@ def render_report(metrics: dict[str, Any], trials: list[dict[str, Any]], *, titl
     lines += ["## Judged by the independent evaluators (main figures)", "",
               "V_e and S_e never took part in any loss: these figures say whether identity is really gone.", ""]
     lines += method_table(metrics, "evaluators") + [""]
+    lines += figure("cmc", "CMC misclassification at ranks 1-5 (paper Fig. 4)")
+    lines += figure("ssim", "mean SSIM(x, x') per method (paper Fig. 5)")
+    lines += ["## Emotion preservation (paper Table I)", ""] + emotion_table(metrics) + [""]
+    if "mu_sweep" in figures:
+        lines += [f"## D, S and G against mu ({metrics.get('mu_sweep_judge', SWEEP_JUDGE)})", "",
+                  "D and S fall and G rises with mu: a threshold is only meaningful where G is high.", ""]
+        lines += figure("mu_sweep", "D(mu), S(mu), G(mu)")
     lines += ["## Judged by the training verifiers (comparable with the paper)", "",
               "The generator was trained against V and S, so these figures flatter it.", ""]
     lines += method_table(metrics, "verifiers") + [""]
     if trials:
         lines += ["## Search trials (best epoch of each, on the validation split)", ""]
         lines += trials_table(trials) + [""]
+        lines += figure("trials", "objective J of every trial over the search's wall time")
+        lines += figure("pareto", "privacy D*S*G against utility E*SSIM^w; Pareto front marked")
+    if "samples" in figures:
+        lines += ["## De-identified samples", "",
+                  f"Rows, top to bottom: {', '.join(sample_rows)}. "
+                  + ("Originals are shown (--show-originals)." if ORIGINAL_ROW in sample_rows else
+                     "No original face is shown (nor `no_change`, which is the original); "
+                     "`epd-ray report --show-originals` adds them."), ""]
+        lines += figure("samples", "de-identified test faces")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Figures (matplotlib, Agg)
+# --------------------------------------------------------------------------------------------------
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+
+
+def plot_cmc(metrics: dict[str, Any], path: Path, judge: str = "evaluators") -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, judged in metrics["methods"].items():
+        cmc = judged[judge]["cmc_misclassification"]
+        ax.plot(range(1, len(cmc) + 1), cmc, marker="o", label=method)
+    ax.set(xlabel="rank k", ylabel="misclassification (true identity not in top k)", ylim=(0, 1.02),
+           title=f"CMC misclassification ({judge})")
+    ax.set_xticks(range(1, 6))
+    ax.legend()
+    _save(fig, path)
+
+
+def plot_ssim(metrics: dict[str, Any], path: Path) -> None:
+    plt = _pyplot()
+    names = list(metrics["methods"])
+    values = [metrics["methods"][n]["evaluators"]["ssim"] for n in names]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    bars = ax.bar(names, values, color="tab:blue")
+    ax.bar_label(bars, labels=[f"{v:.3f}" for v in values])
+    ax.set(ylabel="mean SSIM(x, x')", ylim=(0, 1.05), title="structural similarity")
+    _save(fig, path)
+
+
+def plot_mu_sweep(metrics: dict[str, Any], path: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    styles = {"deid_rate": ("D", "-"), "switching_deid_rate": ("S", "--"), "genuine_acceptance": ("G", ":")}
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (method, sweep) in enumerate(metrics["mu_sweep"].items()):
+        for key, (label, style) in styles.items():
+            if key == "genuine_acceptance" and i > 0:  # G is measured on originals: the same for every method
+                continue
+            ax.plot(sweep["mu"], sweep[key], style, color="black" if label == "G" else colours[i % len(colours)],
+                    label=f"{label} {method}" if label != "G" else "G (originals)")
+    ax.axvline(metrics["mu"], color="grey", lw=0.8)
+    ax.set(xlabel="mu", ylabel="share of probes", ylim=(-0.02, 1.02),
+           title=f"D(mu), S(mu), G(mu) ({metrics.get('mu_sweep_judge', SWEEP_JUDGE)})")
+    ax.legend(fontsize=7, ncol=2)
+    _save(fig, path)
+
+
+def plot_trials(history: dict[str, list[dict[str, float]]], path: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    points = sorted((p["time_s"], p["objective"]) for rows in history.values() for p in rows)
+    for trial, rows in history.items():
+        ax.plot([r["time_s"] for r in rows], [r["objective"] for r in rows], marker=".", lw=1, label=trial)
+    if points:
+        best = np.maximum.accumulate([p[1] for p in points])
+        ax.step([p[0] for p in points], best, where="post", color="black", lw=2, label="best so far")
+    ax.set(xlabel="wall time since the first report (s)", ylabel="objective J (validation)", title="search")
+    ax.legend(fontsize=6, ncol=2)
+    _save(fig, path)
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[bool]:
+    """Which points no other point dominates (both coordinates maximised)."""
+    return [not any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in points) for p in points]
+
+
+def plot_pareto(trials: list[dict[str, Any]], path: Path) -> None:
+    plt = _pyplot()
+    pts = [(t["metrics"]["privacy"], t["metrics"]["utility"]) for t in trials]
+    front = pareto_front(pts)
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.scatter([p[0] for p in pts], [p[1] for p in pts], color="tab:blue", label="trials")
+    best = sorted(p for p, f in zip(pts, front) if f)
+    ax.plot([p[0] for p in best], [p[1] for p in best], "o-", color="tab:red", label="Pareto front")
+    for t, p in zip(trials, pts):
+        ax.annotate(str(t["trial_id"])[-4:], p, fontsize=6)
+    ax.set(xlabel="privacy D*S*G", ylabel="utility E*SSIM^w", title="privacy against utility (validation)")
+    ax.legend()
+    _save(fig, path)
+
+
+def sample_rows(methods: Sequence[str], show_originals: bool) -> list[str]:
+    return ([ORIGINAL_ROW] if show_originals else []) + [m for m in methods
+                                                         if show_originals or m not in HIDDEN_METHODS]
+
+
+def sample_grid(rows: dict[str, np.ndarray], path: Path) -> int:
+    """A mosaic (rows = methods, columns = samples), each tile the pixels enlarged by an integer factor
+    (nearest), separated by GRID_PAD white pixels; returns the factor."""
+    tiles = list(rows.values())
+    n, size = tiles[0].shape[0], tiles[0].shape[1]
+    scale = max(1, -(-GRID_MIN_TILE // size))
+    side = size * scale
+    mosaic = np.full((GRID_PAD + len(tiles) * (side + GRID_PAD), GRID_PAD + n * (side + GRID_PAD), 3), 255, np.uint8)
+    for r, pixels in enumerate(tiles):
+        for c in range(n):
+            y, x = GRID_PAD + r * (side + GRID_PAD), GRID_PAD + c * (side + GRID_PAD)
+            mosaic[y:y + side, x:x + side] = pixels[c].repeat(scale, 0).repeat(scale, 1)
+    Image.fromarray(mosaic).save(path)
+    return scale
+
+
+# --------------------------------------------------------------------------------------------------
+# `epd-ray report RUN_DIR`
+# --------------------------------------------------------------------------------------------------
+
+
+def trial_history(search_dir: Path) -> dict[str, list[dict[str, float]]]:
+    """Per-epoch validation results of every Tune trial (its result.json), times from the first report."""
+    rows: dict[str, list[dict[str, float]]] = {}
+    for result in sorted(Path(search_dir).glob("*/result.json")):
+        for line in result.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "objective" in r and "trial_id" in r:
+                rows.setdefault(str(r["trial_id"]), []).append(
+                    {k: float(r[k]) for k in ("timestamp", "training_iteration", "objective", "privacy", "utility")
+                     if k in r})
+    t0 = min((p["timestamp"] for ps in rows.values() for p in ps if "timestamp" in p), default=0.0)
+    for ps in rows.values():
+        for p in ps:
+            p["time_s"] = p.pop("timestamp", t0) - t0
+    return rows
+
+
+def _history_from_trials(trials: list[dict[str, Any]]) -> dict[str, list[dict[str, float]]]:
+    """Without Tune's files: each trial's best epoch, at its total training time."""
+    return {str(t["trial_id"]): [{"time_s": float(t["metrics"].get("time_total_s", i)),
+                                  "objective": float(t["metrics"]["objective"])}]
+            for i, t in enumerate(trials) if "objective" in t.get("metrics", {})}
+
+
+def _needs_evaluation(metrics: dict[str, Any] | None, source: Path) -> bool:
+    return (metrics is None or not metrics.get("mu_sweep") or "ksame" not in metrics.get("methods", {})
+            or not (source / SAMPLES_FILE).is_file())
+
+
+def build_report(run_dir: Path, *, show_originals: bool = False, echo: Callable[[str], None] = print) -> Path:
+    """Write RUN_DIR/report/report.md and its figures; returns the report's path.
+
+    RUN_DIR is an `epd-ray tune` output (metrics in report/metrics.json; completed by evaluating the best
+    model and all four baselines on the test split when something is missing) or an `epd-ray evaluate`
+    output folder (metrics.json at its top; used as it is).
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such run folder")
+    report_dir = run_dir / REPORT_DIR
+    is_run = (run_dir / "best").is_dir()
+    source = report_dir if is_run or (report_dir / METRICS_FILE).is_file() else run_dir
+    metrics_path = source / METRICS_FILE
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
+    if metrics is None and not is_run:
+        raise FileNotFoundError(f"{run_dir}: holds no {METRICS_FILE} (nor report/{METRICS_FILE} or best/); "
+                                "run `epd-ray evaluate --out DIR` or `epd-ray tune` first")
+    if is_run and _needs_evaluation(metrics, source):
+        echo(f"evaluating the best model and the baselines ({', '.join(ALL_BASELINES)}) on the test split")
+        kept = {k: metrics[k] for k in ("trials", "best_trial") if metrics and k in metrics}
+        evaluation, _ = evaluate_command(run_dir, source, baselines=ALL_BASELINES, include_model=True,
+                                         mu=metrics.get("mu") if metrics else None)
+        metrics = {**evaluation.metrics, **kept}
+    trials = metrics.get("trials") or []
+    if "trial_history" not in metrics and (run_dir / "ray" / "search").is_dir():
+        metrics["trial_history"] = trial_history(run_dir / "ray" / "search")
+    metrics_path.write_text(json.dumps(metrics, indent=2, default=str))
+
+    report_dir.mkdir(parents=True, exist_ok=True)
+    figures: dict[str, str] = {}
+
+    def draw(key: str, fn: Callable[..., None], *args: Any) -> None:
+        fn(*args, report_dir / FIGURES[key])
+        figures[key] = FIGURES[key]
+
+    draw("cmc", plot_cmc, metrics)
+    draw("ssim", plot_ssim, metrics)
+    if metrics.get("mu_sweep"):
+        draw("mu_sweep", plot_mu_sweep, metrics)
+    history = metrics.get("trial_history") or _history_from_trials(trials)
+    if history:
+        draw("trials", plot_trials, history)
+    if any("privacy" in t.get("metrics", {}) for t in trials):
+        draw("pareto", plot_pareto, [t for t in trials if "privacy" in t.get("metrics", {})])
+    rows: list[str] = []
+    if (source / SAMPLES_FILE).is_file():
+        with np.load(source / SAMPLES_FILE) as saved:
+            pixels = {name: saved[name] for name in saved.files if name != "index"}
+            index = saved["index"]
+        rows = sample_rows(list(pixels), show_originals)
+        if show_originals:
+            from epd_ray.data.shards import load_split
+
+            pixels[ORIGINAL_ROW] = load_split(Path(metrics["inputs"]["dataset_dir"]), metrics["split"]).pixels[index]
+        if rows:
+            draw("samples", lambda path: sample_grid({r: pixels[r] for r in rows}, path))
+    notes = []
+    if metrics.get("best_trial"):
+        notes.append(f"Best trial `{metrics['best_trial']}`.")
+    if metrics.get("model"):
+        notes.append(f"Model `{metrics['model']}`.")
+    title = "EPD-Net de-identification report" if GENERATOR_METHOD in metrics["methods"] else "De-identification report"
+    path = report_dir / REPORT_FILE
+    path.write_text(render_report(metrics, trials, title=title, notes=notes, figures=figures, sample_rows=rows))
+    return path

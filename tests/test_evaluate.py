@@ -1,0 +1,196 @@
+"""`epd-ray evaluate` and `epd-ray report` on a tiny data set with tiny (untrained) networks: no Ray."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from epd_ray.checkpoints import network_record, save_checkpoint
+from epd_ray.cli import app
+from epd_ray.config import DataConfig
+from epd_ray.core.labels import NUM_EMOTIONS
+from epd_ray.core.networks import build_network
+from epd_ray.data.prepare import prepare_dataset
+from epd_ray.data.shards import load_split
+from epd_ray.evaluate.report import FIGURES, GRID_PAD, ORIGINAL_ROW
+
+JUDGE_KEYS = {"deid_rate", "switching_deid_rate", "genuine_acceptance", "cmc_misclassification", "emotion_mse",
+              "emotion_preserved", "ssim", "objective", "privacy", "utility"}
+PER_IMAGE_COLUMNS = {"method", "index", "identity", "emotion", "ssim"} | {
+    f"{j}_{c}" for j in ("evaluators", "verifiers")
+    for c in ("true_identity_distance", "min_other_distance", "top5_identities", "emotion_original", "emotion_deid")}
+IDS = 4
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A prepared tiny data set, a pretrained-networks file and a generator checkpoint."""
+    root = tmp_path_factory.mktemp("eval")
+    data = prepare_dataset(DataConfig(num_identities=IDS, variations=3, image_size=32), root / "data").path
+    torch.manual_seed(0)
+    nets = {"identity_verifier": build_network("identity_verifier", num_identities=IDS, image_size=32, width=0.125),
+            "emotion_verifier": build_network("emotion_verifier"),
+            "identity_evaluator": build_network("identity_evaluator", num_classes=IDS, base_width=4, blocks=(1, 1)),
+            "emotion_evaluator": build_network("emotion_evaluator", num_classes=NUM_EMOTIONS, base_width=4,
+                                               blocks=(1, 1), grey=True)}
+    pretrained = root / "pretrained.pt"
+    save_checkpoint(pretrained, {"networks": {name: network_record(name, net) for name, net in nets.items()}})
+    generator = root / "generator.pt"
+    save_checkpoint(generator, {"networks": {"generator": network_record(
+        "generator", build_network("generator", image_size=32, ngf=4))}})
+    return {"root": root, "data": data, "pretrained": pretrained, "generator": generator,
+            "test_images": len(load_split(data, "test"))}
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def common(world) -> list[str]:
+    return ["--data", world["data"], "--pretrained", world["pretrained"]]
+
+
+@pytest.fixture(scope="module")
+def model_eval(world):
+    out = world["root"] / "model_eval"
+    result = invoke("evaluate", "--model", world["generator"], *common(world), "--split", "test", "--out", out)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def check_outputs(out: Path, methods: set[str], n: int) -> dict:
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["methods"]) == methods and metrics["images"] == n
+    for judged in metrics["methods"].values():
+        assert set(judged) == {"evaluators", "verifiers"}
+        for m in judged.values():
+            assert JUDGE_KEYS <= set(m) and len(m["cmc_misclassification"]) == 5 and m["num_probes"] == n
+    assert set(metrics["mu_sweep"]) == methods
+    table = pq.read_table(out / "per_image.parquet")
+    assert table.num_rows == n * len(methods) and PER_IMAGE_COLUMNS <= set(table.column_names)
+    assert all(len(t) == min(5, IDS) for t in table.column("evaluators_top5_identities").to_pylist())
+    return metrics
+
+
+def test_evaluate_checkpoint_writes_metrics_and_per_image(world, model_eval):
+    check_outputs(model_eval, {"epd-net"}, world["test_images"])
+
+
+@pytest.mark.parametrize("baseline, name", [("identity", "no_change"), ("blur", "blur"), ("pixelate", "pixelate"),
+                                            ("ksame", "ksame")])
+def test_evaluate_each_baseline(world, baseline, name):
+    out = world["root"] / f"baseline_{baseline}"
+    result = invoke("evaluate", "--baseline", baseline, *common(world), "--out", out, "--k", "3",
+                    "--blur-sigma", "2", "--pixelate-blocks", "4", "--mu", "0.5")
+    assert result.exit_code == 0, result.output
+    metrics = check_outputs(out, {name}, world["test_images"])
+    assert metrics["mu"] == 0.5
+    if name == "no_change":
+        ev = metrics["methods"][name]["evaluators"]
+        assert ev["ssim"] == pytest.approx(1.0) and ev["emotion_mse"] == 0.0 and ev["cmc_misclassification"][4] <= ev[
+            "cmc_misclassification"][0]
+
+
+def test_mu_sweep_is_monotonic(model_eval):
+    sweep = json.loads((model_eval / "metrics.json").read_text())["mu_sweep"]["epd-net"]
+    assert sweep["mu"] == sorted(sweep["mu"]) and len(sweep["mu"]) > 10
+    for key, sign in (("deid_rate", -1), ("switching_deid_rate", -1), ("genuine_acceptance", 1)):
+        steps = np.diff(sweep[key]) * sign
+        assert (steps >= -1e-12).all(), key
+
+
+@pytest.fixture(scope="module")
+def fake_run(world):
+    """What `epd-ray tune` leaves: best/ with a model card, report/metrics.json with the trials."""
+    run = world["root"] / "run"
+    (run / "best").mkdir(parents=True)
+    (run / "report").mkdir()
+    (run / "best" / "generator.pt").write_bytes(world["generator"].read_bytes())
+    card = {"params": {"mu": 0.4}, "pretrained_path": str(world["pretrained"]),
+            "data": {"path": str(world["data"])}, "config": {"train": {"seed": 0}}}
+    (run / "best" / "model_card.json").write_text(json.dumps(card))
+    trials = [{"trial_id": f"t{i}", "status": "ok", "epochs": 2, "params": {"mu": 0.4, "phi": 0.1 * i},
+               "metrics": {"objective": p * u, "privacy": p, "utility": u, "deid_rate": p, "emotion_preserved": u,
+                           "ssim": 0.5, "time_total_s": 10.0 * i}}
+              for i, (p, u) in enumerate([(0.2, 0.9), (0.5, 0.5), (0.4, 0.4), (0.9, 0.1)])]
+    (run / "report" / "metrics.json").write_text(json.dumps({"mu": 0.4, "trials": trials, "best_trial": "t1"}))
+    return run
+
+
+def grid_tiles(path: Path, rows: int, cols: int, side: int) -> list[list[np.ndarray]]:
+    img = np.asarray(Image.open(path).convert("RGB"))
+    step = side + GRID_PAD
+    assert img.shape[:2] == (GRID_PAD + rows * step, GRID_PAD + cols * step)
+    return [[img[GRID_PAD + r * step:GRID_PAD + r * step + side, GRID_PAD + c * step:GRID_PAD + c * step + side]
+             for c in range(cols)] for r in range(rows)]
+
+
+def test_report_files_numbers_and_no_originals(world, fake_run):
+    result = invoke("report", fake_run)
+    assert result.exit_code == 0, result.output
+    report_dir = fake_run / "report"
+    for name in [*FIGURES.values(), "report.md", "metrics.json", "per_image.parquet"]:
+        assert (report_dir / name).is_file() and (report_dir / name).stat().st_size > 0, name
+    metrics = json.loads((report_dir / "metrics.json").read_text())
+    assert set(metrics["methods"]) == {"epd-net", "no_change", "blur", "pixelate", "ksame"}
+    assert metrics["mu"] == 0.4 and len(metrics["trials"]) == 4 and metrics["best_trial"] == "t1"
+    text = (report_dir / "report.md").read_text()
+    for judged in metrics["methods"].values():
+        for judge in ("evaluators", "verifiers"):
+            m = judged[judge]
+            for key in ("objective", "deid_rate", "switching_deid_rate", "emotion_mse", "ssim"):
+                assert f"{m[key]:.4f}" in text, key
+            assert " | ".join(f"{v:.4f}" for v in m["cmc_misclassification"]) in text
+    for name in FIGURES.values():
+        assert f"]({name})" in text
+
+    originals = load_split(world["data"], "test").pixels[metrics["sample_index"]]
+    scale = -(-96 // 32)
+    rows = ["epd-net", "blur", "pixelate", "ksame"]
+    assert f"Rows, top to bottom: {', '.join(rows)}." in text
+    tiles = grid_tiles(report_dir / "samples.png", len(rows), len(originals), 32 * scale)
+    big = [o.repeat(scale, 0).repeat(scale, 1) for o in originals]
+    assert not any(np.array_equal(tile, b) for row in tiles for tile, b in zip(row, big))
+
+    result = invoke("report", fake_run, "--show-originals")
+    assert result.exit_code == 0, result.output
+    text = (report_dir / "report.md").read_text()
+    assert f"Rows, top to bottom: {ORIGINAL_ROW}, epd-net, no_change, blur" in text
+    tiles = grid_tiles(report_dir / "samples.png", len(rows) + 2, len(originals), 32 * scale)
+    assert all(np.array_equal(tile, b) for tile, b in zip(tiles[0], big))
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--model", "/no/such/run", "--out", "{out}"], "/no/such/run"),
+    (["--baseline", "swirl", "--data", "{data}", "--pretrained", "{pretrained}", "--out", "{out}"], "swirl"),
+    (["--model", "{generator}", "--out", "{out}"], "--data"),
+    (["--model", "{generator}", "--data", "{data}", "--out", "{out}"], "--pretrained"),
+    (["--model", "{generator}", "--data", "{data}", "--pretrained", "/no/such/file.pt", "--out", "{out}"],
+     "/no/such/file.pt"),
+    (["--model", "{generator}", "--data", "/no/such/data", "--pretrained", "{pretrained}", "--out", "{out}"],
+     "/no/such/data"),
+    (["--model", "{generator}", "--data", "{data}", "--pretrained", "{pretrained}", "--split", "dev",
+      "--out", "{out}"], "dev"),
+    (["--model", "{data}/dataset.json", "--data", "{data}", "--pretrained", "{pretrained}", "--out", "{out}"],
+     "dataset.json"),
+])
+def test_evaluate_bad_input_is_one_line_exit_2(world, tmp_path, args, named):
+    values = {"out": tmp_path / "out", "data": world["data"], "pretrained": world["pretrained"],
+              "generator": world["generator"]}
+    result = invoke("evaluate", *[a.format(**values) for a in args])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and named in lines[0], lines
+    assert not (tmp_path / "out").exists()
+
+
+def test_report_of_missing_run_is_one_line_exit_2(tmp_path):
+    result = invoke("report", tmp_path / "nothing")
+    assert result.exit_code == 2 and "nothing" in result.stderr and result.stderr.startswith("error:")
