@@ -48,20 +48,25 @@ def class_probabilities(net: nn.Module, pixels: np.ndarray, *, batch_size: int, 
 
 
 @torch.no_grad()
+def ssim_values(original: np.ndarray, deidentified: np.ndarray, batch_size: int) -> torch.Tensor:
+    """SSIM of each de-identified image against its original, batch by batch."""
+    return torch.cat([
+        ssim_per_image(to_tensor(original[s:s + batch_size]), to_tensor(deidentified[s:s + batch_size]))
+        for s in range(0, len(original), batch_size)
+    ])
+
+
+@torch.no_grad()
 def judge(original: np.ndarray, deidentified: np.ndarray, identity: np.ndarray, emotion: np.ndarray, *,
           identity_net: nn.Module, emotion_net: nn.Module, mu: float, ssim_weight: float, batch_size: int,
           device: torch.device, precision: str = "fp32") -> dict:
     """All metrics of DESIGN section 6 for one judge pair (an identity and an emotion classifier)."""
     kw = dict(batch_size=batch_size, device=device, precision=precision)
-    ssim_values = torch.cat([
-        ssim_per_image(to_tensor(original[s:s + batch_size]), to_tensor(deidentified[s:s + batch_size]))
-        for s in range(0, len(original), batch_size)
-    ])
     return compute_metrics(
         identity_probs_orig=class_probabilities(identity_net, original, **kw),
         identity_probs_deid=class_probabilities(identity_net, deidentified, **kw),
         emotion_probs_orig=class_probabilities(emotion_net, original, **kw),
         emotion_probs_deid=class_probabilities(emotion_net, deidentified, **kw),
         identity=torch.from_numpy(identity), emotion=torch.from_numpy(emotion),
-        ssim_per_image=ssim_values, mu=mu, ssim_weight=ssim_weight,
+        ssim_per_image=ssim_values(original, deidentified, batch_size), mu=mu, ssim_weight=ssim_weight,
     )

@@ -28,9 +28,8 @@ from epd_ray.checkpoints import CheckpointError, build_from_record, load_checkpo
 from epd_ray.config import EvaluationConfig
 from epd_ray.core.baselines import gaussian_blur, k_same_pixel, no_change, pixelate
 from epd_ray.core.images import to_tensor, to_uint8
-from epd_ray.core.losses import ssim_per_image
 from epd_ray.core.metrics import DEFAULT_MU_GRID, compute_metrics, distance_to_all, mu_sweep
-from epd_ray.core.scoring import Method, class_probabilities, deidentify_pixels
+from epd_ray.core.scoring import Method, class_probabilities, deidentify_pixels, ssim_values
 from epd_ray.data.shards import SPLITS, FaceArrays, load_split, read_manifest
 
 JUDGES = {"evaluators": ("identity_evaluator", "emotion_evaluator"),
@@ -118,11 +117,6 @@ class Evaluation:
     sample_index: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
 
 
-def _ssim_values(original: np.ndarray, deid: np.ndarray, batch_size: int) -> np.ndarray:
-    return torch.cat([ssim_per_image(to_tensor(original[s:s + batch_size]), to_tensor(deid[s:s + batch_size]))
-                      for s in range(0, len(original), batch_size)]).numpy().astype(np.float64)
-
-
 def _per_image_columns(judge_name: str, id_orig: torch.Tensor, id_deid: torch.Tensor, emo_orig: torch.Tensor,
                        emo_deid: torch.Tensor, identity: np.ndarray) -> dict[str, Any]:
     dist = distance_to_all(id_deid)
@@ -159,9 +153,9 @@ def run_evaluation(methods: dict[str, Method | KSameMethod], *, dataset_dir: Pat
         else:
             deid = deidentify_pixels(method, faces.pixels, **kw)
         sample_pixels[method_name] = deid[index]
-        ssim_values = _ssim_values(faces.pixels, deid, cfg.batch_size)
+        ssim = ssim_values(faces.pixels, deid, cfg.batch_size).numpy().astype(np.float64)
         columns: dict[str, Any] = {"method": [method_name] * len(faces), "index": np.arange(len(faces)),
-                                   "identity": faces.identity, "emotion": faces.emotion, "ssim": ssim_values}
+                                   "identity": faces.identity, "emotion": faces.emotion, "ssim": ssim}
         results[method_name] = {}
         for judge_name, (id_net, emo_net) in judges.items():
             id_orig, emo_orig = originals[judge_name]
@@ -169,7 +163,7 @@ def run_evaluation(methods: dict[str, Method | KSameMethod], *, dataset_dir: Pat
             results[method_name][judge_name] = compute_metrics(
                 identity_probs_orig=id_orig, identity_probs_deid=id_deid, emotion_probs_orig=emo_orig,
                 emotion_probs_deid=emo_deid, identity=faces.identity, emotion=faces.emotion,
-                ssim_per_image=ssim_values, mu=mu, ssim_weight=cfg.ssim_weight)
+                ssim_per_image=ssim, mu=mu, ssim_weight=cfg.ssim_weight)
             columns.update(_per_image_columns(judge_name, id_orig, id_deid, emo_orig, emo_deid, faces.identity))
             if judge_name == SWEEP_JUDGE:
                 sweeps[method_name] = mu_sweep(id_orig, id_deid, faces.identity, mu_grid)
