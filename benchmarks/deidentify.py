@@ -12,8 +12,6 @@ tracking, generator, blending, encoding. Every figure is measured after one warm
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -25,29 +23,12 @@ import torch
 
 from epd_ray.checkpoints import network_record, save_checkpoint
 from epd_ray.core.networks import UNetGenerator, count_parameters
-from epd_ray.core.precision import cpu_has_native_bf16
 from epd_ray.core.synthetic import make_synthetic_faces
 from epd_ray.deploy import DeidentifyOptions, FaceEngine, deidentify, export_model
 
+from benchmarks.machine import describe
+
 BATCH = {64: 16, 128: 8, 256: 2}
-
-
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"CPU: {cpu}, {cores} cores usable (load average {load:.1f}: figures drop when other work shares "
-            f"the cores), torch threads {torch.get_num_threads()}, native bf16 "
-            f"{'yes' if cpu_has_native_bf16() else 'no'}; GPU: {gpu}; torch {torch.__version__}, "
-            f"OpenCV {cv2.__version__}, Python {platform.python_version()}")
 
 
 def faces_per_second(size: int, device: str, precision: str, budget: float, batch: int) -> tuple[float, int]:
@@ -100,8 +81,9 @@ def main() -> None:
     parser.add_argument("--devices", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     args = parser.parse_args()
 
-    print(machine())
-    print(f"\naligned crops through the generator (ngf 64), faces per second:")
+    print(describe(with_peaks=False))
+    print(f"OpenCV {cv2.__version__}")
+    print("\naligned crops through the generator (ngf 64), faces per second:")
     print(f"{'device':>7} {'size':>5} {'params':>11} {'batch':>5} {'fp32':>9} {'bf16':>9}")
     for device in args.devices:
         for size in args.sizes:

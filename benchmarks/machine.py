@@ -1,0 +1,163 @@
+"""The machine a benchmark ran on, in one place: CPU, cores, GPU, versions, load, and a measured matmul peak.
+
+    python -m benchmarks.machine            # print the machine and its fp32 / bf16 matmul peaks
+
+Every benchmark prints `describe()` with its figures, so a table is never read without knowing where it
+came from. The load average is part of it: other jobs sharing the cores lower every figure, and a ratio
+measured in one process run (reference and candidate alternating) is the figure that survives them best.
+
+The matmul peak is measured, not looked up: the best of repeated square `torch.mm` calls (2 n^3 FLOPs each)
+on this device with the current torch thread count, in fp32 and in bf16. It is the ceiling that the
+benchmarks' achieved FLOP/s are compared with (a convolution network reaches a fraction of it).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def usable_cores() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def gpu_name() -> str | None:
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_average() -> tuple[float, float, float]:
+    return os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+
+
+def load_line() -> str:
+    one, five, fifteen = load_average()
+    return f"load average {one:.2f} / {five:.2f} / {fifteen:.2f} (1 / 5 / 15 min) on {usable_cores()} cores"
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("ray", "torchvision"):
+        try:
+            module = __import__(name)
+            found[name] = getattr(module, "__version__", "?")
+        except ImportError:
+            found[name] = "not installed"
+    return found
+
+
+def bf16_support() -> str:
+    """What bf16 runs on here: AMX tiles, AVX512-BF16 dot products, or emulation (slower than fp32)."""
+    flags = cpu_flags()
+    if "amx_bf16" in flags:
+        return "AMX-BF16"
+    if "avx512_bf16" in flags:
+        return "AVX512-BF16 (no AMX)"
+    return "none (emulated)"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@lru_cache(maxsize=None)
+def matmul_peak(device: str = "cpu", precision: str = "fp32", seconds: float = 1.0, n: int | None = None) -> float:
+    """Best FLOP/s of square matmuls on `device` in `precision` ('fp32' or 'bf16'), over about `seconds`.
+
+    CPU: n = 2048 (17 GFLOP per call, large enough for the BLAS to reach its blocked steady state);
+    CUDA: n = 8192. fp32 on CUDA is measured with TF32 as torch has it set (off by default
+    for matmul), which is what an fp32 training step gets. Cached per process.
+    """
+    dev = torch.device(device)
+    n = n or (8192 if dev.type == "cuda" else 2048)
+    dtype = DTYPES[precision]
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(dev, dtype)
+    b = torch.randn(n, n, generator=gen).to(dev, dtype)
+    out = torch.empty(n, n, device=dev, dtype=dtype)
+    for _ in range(2):  # warm-up: kernel selection, page faults of `out`
+        torch.mm(a, b, out=out)
+    _sync(dev)
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while True:
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        _sync(dev)
+        elapsed = time.perf_counter() - start
+        best = max(best, 2.0 * n**3 / elapsed)
+        if time.perf_counter() >= deadline:
+            return best
+
+
+def peaks(device: str = "cpu", precisions: tuple[str, ...] = ("fp32", "bf16")) -> dict[str, float]:
+    return {p: matmul_peak(device, p) for p in precisions}
+
+
+def describe(device: str | torch.device | None = None, with_peaks: bool = True) -> str:
+    """A few lines naming the machine; with the measured matmul peaks of `device` (default: cuda if any)."""
+    dev = torch.device(device) if device is not None else default_device()
+    v = versions()
+    gpu = gpu_name()
+    lines = [
+        f"machine: CPU {cpu_model()}, {usable_cores()} cores usable, torch threads {torch.get_num_threads()}, "
+        f"bf16 hardware: {bf16_support()}; GPU: {gpu or 'none'}; "
+        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB memory",
+        f"versions: torch {v['torch']}, ray {v['ray']}, torchvision {v['torchvision']}, python {v['python']}",
+        load_line() + ": other work on the cores lowers every figure; ratios measured in one run hold up best",
+    ]
+    if with_peaks:
+        measured = peaks(str(dev))
+        lines.append(f"measured matmul peak on {dev}: " + ", ".join(
+            f"{p} {flops / 1e9:,.0f} GFLOP/s" for p, flops in measured.items())
+            + f" (bf16 / fp32 = {measured['bf16'] / measured['fp32']:.2f})")
+    return "\n".join(lines)
+
+
+def print_machine(device: str | torch.device | None = None, with_peaks: bool = True) -> None:
+    print(describe(device, with_peaks), flush=True)
+
+
+def fmt_flops(flops: float) -> str:
+    return f"{flops / 1e9:,.1f} G" if flops < 1e12 else f"{flops / 1e12:,.2f} T"
+
+
+def main() -> None:
+    print_machine()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,371 @@
+"""What Ray Train costs: an epoch of EPD-Net GAN training in a TorchTrainer (one worker) against the same loop
+in plain PyTorch, on the same data, in the same process run.
+
+    python -m benchmarks.ray_overhead                       # quick preset's data and model, 6 epochs: ~1-2 min
+    python -m benchmarks.ray_overhead --epochs 8
+    python -m benchmarks.ray_overhead --set data.image_size=64 --set train.batch_size=16
+
+Ray side: the real `epd_ray.tune.search.gan_trainer` (the TorchTrainer that every trial and `epd-ray train` fit)
+on a data set made by `epd_ray.data.prepare.prepare_dataset` and materialized with `materialized_split`, with
+networks from `epd_ray.train.run.pretrain_networks` at tiny settings (1 verifier epoch, 1 warm-start epoch:
+speed does not depend on how well they were trained). Nothing is added to the package: the steady epoch is
+measured from outside, as (wall of an N-epoch fit - wall of a 1-epoch fit) / (N - 1); what is left of the
+1-epoch fit is the fixed cost (worker start-up, model load, shutdown). The controller-side report times
+(a `ray.train.UserCallback`, passed through gan_trainer's `callbacks`) are printed beside it as a check.
+
+Plain side: `gan_loop`'s body without Ray (same networks, losses, precision, channels_last, torch threads,
+real-pair pool, per-epoch validation scoring with the independent evaluators, checkpoint written to disk),
+iterating the same split held in memory. Steady epoch: the mean of epochs 2..N; start-up: building and
+loading the networks plus the first epoch's excess.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import ray.train  # noqa: E402
+
+from benchmarks import machine  # noqa: E402
+from epd_ray.checkpoints import build_from_record, load_checkpoint, network_record, save_checkpoint  # noqa: E402
+from epd_ray.config import ExperimentConfig, LossConfig, load_config  # noqa: E402
+from epd_ray.core.losses import discriminator_loss, generator_loss  # noqa: E402
+from epd_ray.core.precision import autocast, resolve_precision, threads_for  # noqa: E402
+from epd_ray.core.scoring import deidentify_pixels, judge  # noqa: E402
+from epd_ray.data.shards import load_split  # noqa: E402
+from epd_ray.train.gan import build_gan, frozen, scalar_metrics, trial_params  # noqa: E402
+from epd_ray.train.worker import CHECKPOINT_FILE, RealPairPool, WorkerSetup, prepare_images, seed_everything  # noqa: E402
+
+# Pretraining that only has to produce networks of the right shape, fast.
+TINY_PRETRAINING = {"verifiers.epochs": 1, "model.warm_start_epochs": 1}
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    import yaml
+
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set {pair}: expected KEY=VALUE, for example train.batch_size=16")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
+
+
+def quiet(*_args, **_kwargs) -> None:
+    pass
+
+
+# --------------------------------------------------------------------------------------------------
+# The plain-PyTorch loop: gan_loop without Ray (also the reference of benchmarks/search.py)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PlainRun:
+    ready_s: float  # build, load, pools: before the first batch
+    epochs_s: list[float] = field(default_factory=list)
+    train_s: list[float] = field(default_factory=list)  # the batches of each epoch
+    steps_per_epoch: int = 0
+    threads: int = 1
+    precision: str = "fp32"
+    last_metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def steady_epoch_s(self) -> float:
+        rest = self.epochs_s[1:] or self.epochs_s
+        return statistics.fmean(rest)
+
+    @property
+    def startup_s(self) -> float:
+        return self.ready_s + max(0.0, self.epochs_s[0] - self.steady_epoch_s)
+
+
+def plain_gan(exp: ExperimentConfig, *, dataset_dir: Path, pretrained_path: Path, image_size: int, epochs: int,
+              params: dict[str, float] | None = None) -> PlainRun:
+    """`epd_ray.train.gan.gan_loop` for one worker, without Ray: same work per batch and per epoch."""
+    started = time.perf_counter()
+    config = {"experiment": exp.to_dict(), "params": params or {}}
+    weights, mu = trial_params(config)
+    device = torch.device("cuda" if exp.train.use_gpu and torch.cuda.is_available() else "cpu")
+    threads_before = torch.get_num_threads()
+    threads = threads_for(exp.train.cpus_per_worker)
+    if device.type == "cpu":
+        torch.set_num_threads(threads)
+    seed_everything(exp.train.seed)
+    setup = WorkerSetup(0, 1, device, resolve_precision(exp.train.precision, device), exp.train.channels_last)
+    try:
+        generator, discriminator = build_gan(exp, image_size)
+        pretrained = load_checkpoint(Path(pretrained_path))["networks"]
+        identity_verifier = frozen(build_from_record(pretrained["identity_verifier"]), setup)
+        emotion_verifier = frozen(build_from_record(pretrained["emotion_verifier"]), setup)
+        opt_g = torch.optim.Adam(generator.parameters(), lr=exp.train.lr, betas=(exp.train.beta1, exp.train.beta2))
+        opt_d = torch.optim.Adam(discriminator.parameters(), lr=exp.train.lr, betas=(exp.train.beta1, exp.train.beta2))
+        if "generator" in pretrained:
+            generator.load_state_dict(pretrained["generator"]["state_dict"])
+        for module in (generator, discriminator):
+            module.to(setup.device)
+            if setup.channels_last:
+                module.to(memory_format=torch.channels_last)
+        train = load_split(dataset_dir, "train")
+        pool = RealPairPool(train, exp.model.real_pair, seed=exp.train.seed)
+        val = load_split(dataset_dir, "val")
+        identity_evaluator = frozen(build_from_record(pretrained["identity_evaluator"]), setup)
+        emotion_evaluator = frozen(build_from_record(pretrained["emotion_evaluator"]), setup)
+        run = PlainRun(ready_s=time.perf_counter() - started, threads=threads, precision=setup.precision)
+        batch_size = exp.train.batch_size
+        run.steps_per_epoch = len(train) // batch_size
+        checkpoint_dir = Path(tempfile.mkdtemp(prefix="epd-plain-"))
+
+        for epoch in range(epochs):
+            epoch_start = time.perf_counter()
+            generator.train()
+            discriminator.train()
+            order = np.random.default_rng(exp.train.seed * 1000 + epoch).permutation(len(train))
+            sums: dict[str, torch.Tensor] = {}
+            steps = 0
+            for start in range(0, run.steps_per_epoch * batch_size, batch_size):
+                idx = order[start:start + batch_size]
+                identity = torch.from_numpy(train.identity[idx]).to(setup.device)
+                emotion = torch.from_numpy(train.emotion[idx]).to(setup.device)
+                x = prepare_images(torch.from_numpy(train.pixels[idx]), setup)
+                y_real = prepare_images(pool.sample(identity, emotion), setup)
+
+                with autocast(setup.device, setup.precision):
+                    fake = generator(x)
+                    loss_d = discriminator_loss(discriminator(x, y_real), discriminator(x, fake.detach()))
+                opt_d.zero_grad(set_to_none=True)
+                loss_d.backward()
+                opt_d.step()
+
+                with autocast(setup.device, setup.precision):
+                    loss_g, parts = generator_loss(
+                        discriminator(x, fake), x, fake, identity_verifier(fake), identity,
+                        emotion_verifier(fake), emotion, weights)
+                opt_g.zero_grad(set_to_none=True)
+                loss_g.backward()
+                opt_g.step()
+                for key, value in {"loss_d": loss_d, **{f"loss_{k}": v for k, v in parts.items()}}.items():
+                    sums[key] = sums.get(key, 0) + value.detach().float()
+                steps += 1
+            losses = {k: (v / max(1, steps)).item() for k, v in sums.items()}
+            run.train_s.append(time.perf_counter() - epoch_start)
+
+            metrics: dict[str, Any] = {"epoch": epoch + 1, **losses,
+                                       "diverged": not all(math.isfinite(v) for v in losses.values())}
+            deid = deidentify_pixels(generator, val.pixels, batch_size=exp.evaluation.batch_size,
+                                     device=setup.device, precision=setup.precision)
+            scores = judge(val.pixels, deid, val.identity, val.emotion, identity_net=identity_evaluator,
+                           emotion_net=emotion_evaluator, mu=mu, ssim_weight=exp.evaluation.ssim_weight,
+                           batch_size=exp.evaluation.batch_size, device=setup.device, precision=setup.precision)
+            metrics.update(scalar_metrics(scores))
+            payload = {
+                "networks": {"generator": network_record("generator", generator),
+                             "discriminator": network_record("discriminator", discriminator)},
+                "optimizers": {"generator": opt_g.state_dict(), "discriminator": opt_d.state_dict()},
+                "epoch": epoch,
+                "params": {**{k: getattr(weights, k) for k in LossConfig.model_fields}, "mu": mu},
+                "experiment": exp.to_dict(),
+                "metrics": metrics,
+            }
+            save_checkpoint(checkpoint_dir / CHECKPOINT_FILE, payload)
+            run.last_metrics = metrics
+            run.epochs_s.append(time.perf_counter() - epoch_start)
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        return run
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+# --------------------------------------------------------------------------------------------------
+# The Ray side
+# --------------------------------------------------------------------------------------------------
+
+
+class ReportTimes(ray.train.UserCallback):
+    """Appends `time.time() epoch` per report to a file (runs on the Train controller, same host)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def after_report(self, run_context, metrics, checkpoint):
+        with open(self.path, "a") as f:
+            f.write(f"{time.time():.6f} {metrics[0].get('epoch', -1) if metrics else -1}\n")
+
+
+@dataclass
+class RayFit:
+    epochs: int
+    wall_s: float
+    started: float
+    report_times: list[float]
+    last_metrics: dict[str, Any]
+
+    @property
+    def intervals(self) -> list[float]:
+        return [b - a for a, b in zip(self.report_times, self.report_times[1:])]
+
+
+def ray_fit(exp: ExperimentConfig, *, epochs: int, train_data, dataset_dir: Path, pretrained_path: Path,
+            image_size: int, storage: Path, name: str) -> RayFit:
+    from epd_ray.tune.search import gan_trainer
+
+    times_file = storage / f"{name}.times"
+    run_exp = ExperimentConfig.model_validate({**exp.to_dict(), "train": {**exp.train.model_dump(), "epochs": epochs}})
+    trainer = gan_trainer(run_exp, {}, train_data=train_data, dataset_dir=str(dataset_dir),
+                          pretrained_path=str(pretrained_path), image_size=image_size, name=name,
+                          storage_path=str(storage), callbacks=[ReportTimes(str(times_file))])
+    started = time.time()
+    result = trainer.fit()
+    wall = time.time() - started
+    if result.error:
+        raise RuntimeError(f"the Ray fit {name} failed: {result.error}")
+    lines = times_file.read_text().split() if times_file.exists() else []
+    stamps = [float(t) for t in lines[0::2]]
+    return RayFit(epochs, wall, started, stamps, dict(result.metrics or {}))
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Prepared:
+    exp: ExperimentConfig
+    dataset_dir: Path
+    image_size: int
+    train_images: int
+    train_data: Any
+    pretrained_path: Path
+    stages: dict[str, float]
+
+
+def prepare(exp: ExperimentConfig, workdir: Path, cache_dir: Path | None = None, echo=print) -> Prepared:
+    """Ray up, the data prepared and materialized, networks pretrained: timed, and never part of a ratio."""
+    from epd_ray.data.prepare import cached_dataset, prepare_dataset
+    from epd_ray.data.stream import materialized_split
+    from epd_ray.runtime import start_ray
+    from epd_ray.train.run import pretrain_networks
+
+    stages: dict[str, float] = {}
+    t = time.perf_counter()
+    runtime = start_ray(exp.ray)
+    stages["ray start"] = time.perf_counter() - t
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-dataset execution plans in the tables
+    t = time.perf_counter()
+    prepared = (cached_dataset(exp.data, cache_dir) if cache_dir is not None
+                else prepare_dataset(exp.data, workdir / "data"))
+    stages["data prepare" + (" (cached)" if prepared.reused else "")] = time.perf_counter() - t
+    t = time.perf_counter()
+    train_data = materialized_split(prepared.path, "train")
+    stages["materialize train split"] = time.perf_counter() - t
+    t = time.perf_counter()
+    pretrained = pretrain_networks(exp, prepared, train_data=train_data, cache_dir=cache_dir or workdir / "cache",
+                                   runtime=runtime, storage_path=str(workdir / "ray"), echo=echo)
+    stages["pretraining"] = time.perf_counter() - t
+    return Prepared(exp, prepared.path, prepared.manifest["image_size"],
+                    prepared.manifest["splits"]["train"]["images"], train_data, pretrained, stages)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="quick", help="preset or YAML (default quick: what `epd-ray tune` trains)")
+    parser.add_argument("--epochs", type=int, default=6, help="N: epochs of the long fits (>= 2)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set train.batch_size=16 (repeatable)")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (data, checkpoints, Ray storage)")
+    args = parser.parse_args(argv)
+    if args.epochs < 2:
+        parser.error("--epochs must be at least 2")
+    if __name__ != "__main__":  # imported (python -m benchmarks): ship the callback class by value
+        import ray.cloudpickle
+
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    overrides = {**TINY_PRETRAINING, "ray.dashboard_port": 0, **parse_overrides(args.overrides)}
+    exp = load_config(args.config, overrides)
+    started = time.perf_counter()
+    workdir = Path(tempfile.mkdtemp(prefix="epd-bench-ray-"))
+
+    print("ray_overhead: GAN epochs in a Ray Train TorchTrainer (1 worker) against the same loop in plain PyTorch")
+    print(f"config {args.config} + {overrides}: {exp.data.image_size} px, ngf {exp.model.ngf}, ndf {exp.model.ndf}, "
+          f"batch {exp.train.batch_size}, cpus_per_worker {exp.train.cpus_per_worker} "
+          f"(torch threads {threads_for(exp.train.cpus_per_worker)}), precision {exp.train.precision}; "
+          f"N = {args.epochs} epochs; work folder {workdir}")
+    machine.print_machine("cpu" if not exp.train.use_gpu else None)
+    try:
+        prep = prepare(exp, workdir, echo=quiet)
+        storage = workdir / "ray"
+        storage.mkdir(parents=True, exist_ok=True)
+        common = dict(train_data=prep.train_data, dataset_dir=prep.dataset_dir, pretrained_path=prep.pretrained_path,
+                      image_size=prep.image_size, storage=storage)
+        # Interleaved, so a burst of other load does not land on one side only.
+        print("  running: Ray 1-epoch fit", flush=True)
+        one = ray_fit(exp, epochs=1, name="overhead-1", **common)
+        print(f"  running: plain PyTorch, {args.epochs} epochs", flush=True)
+        plain = plain_gan(exp, dataset_dir=prep.dataset_dir, pretrained_path=prep.pretrained_path,
+                          image_size=prep.image_size, epochs=args.epochs)
+        print(f"  running: Ray {args.epochs}-epoch fit", flush=True)
+        many = ray_fit(exp, epochs=args.epochs, name=f"overhead-{args.epochs}", **common)
+        load_end = machine.load_average()[0]
+    finally:
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    ray_epoch = (many.wall_s - one.wall_s) / (args.epochs - 1)
+    ray_fixed = one.wall_s - ray_epoch
+    interval = statistics.median(many.intervals) if many.intervals else float("nan")
+    first_report = (many.report_times[0] - many.started) if many.report_times else float("nan")
+    after_last = (many.started + many.wall_s - many.report_times[-1]) if many.report_times else float("nan")
+    plain_eval = statistics.fmean(e - t for e, t in zip(plain.epochs_s[1:], plain.train_s[1:]))
+    plain_train = statistics.fmean(plain.train_s[1:])
+
+    print("\nsetup, not in any ratio: " + ", ".join(f"{k} {v:.1f} s" for k, v in prep.stages.items())
+          + f" ({prep.train_images} training images, {plain.steps_per_epoch} steps of {exp.train.batch_size} "
+            f"per epoch, precision {plain.precision}, {plain.threads} torch thread(s) on both sides)")
+    head = f"{'':<54} {'plain PyTorch':>14} {'Ray TorchTrainer':>17} {'Ray / plain':>12}"
+    print("\n" + head)
+    print("-" * len(head))
+    rows = [
+        ("steady epoch (s), Ray: (wall N - wall 1) / (N - 1)", plain.steady_epoch_s, ray_epoch),
+        ("steady epoch (s), Ray: report-to-report median", plain.steady_epoch_s, interval),
+        ("  of which batches (s)", plain_train, None),
+        ("  of which validation scoring + checkpoint (s)", plain_eval, None),
+        ("start-up + shutdown, fixed per run (s)", plain.startup_s, ray_fixed),
+        (f"{args.epochs}-epoch run, wall (s)", plain.ready_s + sum(plain.epochs_s), many.wall_s),
+        ("1-epoch run, wall (s)", plain.ready_s + plain.epochs_s[0], one.wall_s),
+        ("steps per second, steady", plain.steps_per_epoch / plain.steady_epoch_s,
+         plain.steps_per_epoch / ray_epoch),
+    ]
+    for label, a, b in rows:
+        ratio = f"{b / a:>11.2f}x" if b is not None and a > 0 else f"{'':>12}"
+        cell_b = f"{b:>17.2f}" if b is not None else f"{'-':>17}"
+        print(f"{label:<54} {a:>14.2f} {cell_b} {ratio}")
+    print(f"\nRay, controller-side report times ({args.epochs}-epoch fit): fit start to first report "
+          f"{first_report:.1f} s, report-to-report median {interval:.2f} s "
+          f"({', '.join(f'{t:.2f}' for t in many.intervals)}), last report to fit end {after_last:.1f} s")
+    print(f"Ray's extra time per epoch: {ray_epoch - plain.steady_epoch_s:+.2f} s by the wall difference, "
+          f"{interval - plain.steady_epoch_s:+.2f} s by the report times (the two fits' fixed costs differ by "
+          f"a second or so between runs, which the difference divides by N - 1 = {args.epochs - 1})")
+    print(f"sanity, last epoch's losses (same seeds, different shuffles: close, not necessarily equal): L_G plain "
+          f"{plain.last_metrics.get('loss_total', float('nan')):.4f}, Ray {many.last_metrics.get('loss_total', float('nan')):.4f}; "
+          f"L_D plain {plain.last_metrics.get('loss_d', float('nan')):.4f}, Ray {many.last_metrics.get('loss_d', float('nan')):.4f}")
+    print(f"{machine.load_line()} (1-min load at the end of the fits {load_end:.2f}); "
+          f"benchmark wall time {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
