@@ -1,7 +1,7 @@
 """How fast `epd-ray deidentify` runs: faces per second through the generator, frames per second on a video.
 
-    python benchmarks/deidentify.py                 # default run: well under 2 minutes on a 2-core CPU
-    python benchmarks/deidentify.py --sizes 256 --budget 10 --video-frames 120
+    python -m benchmarks.deidentify                 # default run: well under 2 minutes on a 2-core CPU
+    python -m benchmarks.deidentify --sizes 256 --budget 10 --video-frames 120
 
 Aligned crops at 64, 128 and 256 px through a U-Net generator with ngf 64 (random weights: speed does not
 depend on them), in fp32 and in bf16 autocast, on the CPU and on CUDA when there is one. Then a short
