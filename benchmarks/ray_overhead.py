@@ -42,13 +42,11 @@ if __package__ in (None, ""):
 import ray.train  # noqa: E402
 
 from benchmarks import machine  # noqa: E402
-from epd_ray.checkpoints import build_from_record, load_checkpoint, network_record, save_checkpoint  # noqa: E402
-from epd_ray.config import ExperimentConfig, LossConfig, load_config  # noqa: E402
-from epd_ray.core.losses import discriminator_loss, generator_loss  # noqa: E402
-from epd_ray.core.precision import autocast, resolve_precision, threads_for  # noqa: E402
-from epd_ray.core.scoring import deidentify_pixels, judge  # noqa: E402
+from epd_ray.checkpoints import build_from_record, load_checkpoint, save_checkpoint  # noqa: E402
+from epd_ray.config import ExperimentConfig, load_config  # noqa: E402
+from epd_ray.core.precision import resolve_precision, threads_for  # noqa: E402
 from epd_ray.data.shards import load_split  # noqa: E402
-from epd_ray.train.gan import build_gan, frozen, scalar_metrics, trial_params  # noqa: E402
+from epd_ray.train.gan import GanSteps, build_gan, frozen, trial_params, validation_metrics  # noqa: E402
 from epd_ray.train.worker import CHECKPOINT_FILE, RealPairPool, WorkerSetup, prepare_images, seed_everything  # noqa: E402
 
 # Pretraining that only has to produce networks of the right shape, fast.
@@ -131,58 +129,28 @@ def plain_gan(exp: ExperimentConfig, *, dataset_dir: Path, pretrained_path: Path
         batch_size = exp.train.batch_size
         run.steps_per_epoch = len(train) // batch_size
         checkpoint_dir = Path(tempfile.mkdtemp(prefix="epd-plain-"))
+        steps = GanSteps(generator, discriminator, identity_verifier, emotion_verifier, opt_g, opt_d, weights, setup)
 
         for epoch in range(epochs):
             epoch_start = time.perf_counter()
             generator.train()
             discriminator.train()
             order = np.random.default_rng(exp.train.seed * 1000 + epoch).permutation(len(train))
-            sums: dict[str, torch.Tensor] = {}
-            steps = 0
             for start in range(0, run.steps_per_epoch * batch_size, batch_size):
                 idx = order[start:start + batch_size]
                 identity = torch.from_numpy(train.identity[idx]).to(setup.device)
                 emotion = torch.from_numpy(train.emotion[idx]).to(setup.device)
                 x = prepare_images(torch.from_numpy(train.pixels[idx]), setup)
                 y_real = prepare_images(pool.sample(identity, emotion), setup)
-
-                with autocast(setup.device, setup.precision):
-                    fake = generator(x)
-                    loss_d = discriminator_loss(discriminator(x, y_real), discriminator(x, fake.detach()))
-                opt_d.zero_grad(set_to_none=True)
-                loss_d.backward()
-                opt_d.step()
-
-                with autocast(setup.device, setup.precision):
-                    loss_g, parts = generator_loss(
-                        discriminator(x, fake), x, fake, identity_verifier(fake), identity,
-                        emotion_verifier(fake), emotion, weights)
-                opt_g.zero_grad(set_to_none=True)
-                loss_g.backward()
-                opt_g.step()
-                for key, value in {"loss_d": loss_d, **{f"loss_{k}": v for k, v in parts.items()}}.items():
-                    sums[key] = sums.get(key, 0) + value.detach().float()
-                steps += 1
-            losses = {k: (v / max(1, steps)).item() for k, v in sums.items()}
+                steps.step(x, y_real, identity, emotion)
+            losses = steps.epoch_losses()
             run.train_s.append(time.perf_counter() - epoch_start)
 
             metrics: dict[str, Any] = {"epoch": epoch + 1, **losses,
                                        "diverged": not all(math.isfinite(v) for v in losses.values())}
-            deid = deidentify_pixels(generator, val.pixels, batch_size=exp.evaluation.batch_size,
-                                     device=setup.device, precision=setup.precision)
-            scores = judge(val.pixels, deid, val.identity, val.emotion, identity_net=identity_evaluator,
-                           emotion_net=emotion_evaluator, mu=mu, ssim_weight=exp.evaluation.ssim_weight,
-                           batch_size=exp.evaluation.batch_size, device=setup.device, precision=setup.precision)
-            metrics.update(scalar_metrics(scores))
-            payload = {
-                "networks": {"generator": network_record("generator", generator),
-                             "discriminator": network_record("discriminator", discriminator)},
-                "optimizers": {"generator": opt_g.state_dict(), "discriminator": opt_d.state_dict()},
-                "epoch": epoch,
-                "params": {**{k: getattr(weights, k) for k in LossConfig.model_fields}, "mu": mu},
-                "experiment": exp.to_dict(),
-                "metrics": metrics,
-            }
+            metrics.update(validation_metrics(generator, val, identity_evaluator, emotion_evaluator, mu=mu, exp=exp,
+                                              setup=setup))
+            payload = steps.checkpoint_payload(epoch, mu, exp, metrics)
             save_checkpoint(checkpoint_dir / CHECKPOINT_FILE, payload)
             run.last_metrics = metrics
             run.epochs_s.append(time.perf_counter() - epoch_start)

@@ -55,6 +55,68 @@ def trial_params(config: dict[str, Any]) -> tuple[LossWeights, float]:
     return LossWeights(**loss.model_dump()), float(params["mu"])
 
 
+class GanSteps:
+    """One batch of EPD-Net training and one epoch's bookkeeping: shared by `gan_loop` and the benchmarks."""
+
+    def __init__(self, generator, discriminator, identity_verifier, emotion_verifier, opt_g, opt_d,
+                 weights: LossWeights, setup: WorkerSetup):
+        self.generator, self.discriminator = generator, discriminator
+        self.identity_verifier, self.emotion_verifier = identity_verifier, emotion_verifier
+        self.opt_g, self.opt_d = opt_g, opt_d
+        self.weights, self.setup = weights, setup
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = 0
+
+    def step(self, x: torch.Tensor, y_real: torch.Tensor, identity: torch.Tensor, emotion: torch.Tensor) -> None:
+        """A discriminator step on (x, y_real) against (x, G(x, z)), then a generator step on L_G."""
+        setup = self.setup
+        with autocast(setup.device, setup.precision):
+            fake = self.generator(x)
+            loss_d = discriminator_loss(self.discriminator(x, y_real), self.discriminator(x, fake.detach()))
+        self.opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        self.opt_d.step()
+
+        with autocast(setup.device, setup.precision):
+            loss_g, parts = generator_loss(
+                self.discriminator(x, fake), x, fake, self.identity_verifier(fake), identity,
+                self.emotion_verifier(fake), emotion, self.weights)
+        self.opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        self.opt_g.step()
+
+        for key, value in {"loss_d": loss_d, **{f"loss_{k}": v for k, v in parts.items()}}.items():
+            self.sums[key] = self.sums.get(key, 0) + value.detach().float()
+        self.steps += 1
+
+    def epoch_losses(self) -> dict[str, float]:
+        """Mean losses of the epoch, then reset. One host sync per epoch, not per step."""
+        losses = {k: (v / max(1, self.steps)).item() for k, v in self.sums.items()}
+        self.sums, self.steps = {}, 0
+        return losses
+
+    def checkpoint_payload(self, epoch: int, mu: float, exp: ExperimentConfig, metrics: dict) -> dict[str, Any]:
+        return {
+            "networks": {"generator": network_record("generator", self.generator),
+                         "discriminator": network_record("discriminator", self.discriminator)},
+            "optimizers": {"generator": self.opt_g.state_dict(), "discriminator": self.opt_d.state_dict()},
+            "epoch": epoch,
+            "params": {**{k: getattr(self.weights, k) for k in LossConfig.model_fields}, "mu": mu},
+            "experiment": exp.to_dict(),
+            "metrics": metrics,
+        }
+
+
+def validation_metrics(generator: torch.nn.Module, val, identity_evaluator, emotion_evaluator, *, mu: float,
+                       exp: ExperimentConfig, setup: WorkerSetup) -> dict[str, float]:
+    """J and its factors on the validation split, judged by the independent evaluators."""
+    module = getattr(generator, "module", generator)
+    kw = dict(batch_size=exp.evaluation.batch_size, device=setup.device, precision=setup.precision)
+    deid = deidentify_pixels(module, val.pixels, **kw)
+    return scalar_metrics(judge(val.pixels, deid, val.identity, val.emotion, identity_net=identity_evaluator,
+                                emotion_net=emotion_evaluator, mu=mu, ssim_weight=exp.evaluation.ssim_weight, **kw))
+
+
 def gan_loop(config: dict[str, Any]) -> None:
     exp = ExperimentConfig.model_validate(config["experiment"])
     weights, mu = trial_params(config)
@@ -90,36 +152,15 @@ def gan_loop(config: dict[str, Any]) -> None:
         identity_evaluator = frozen(build_from_record(pretrained["identity_evaluator"]), setup)
         emotion_evaluator = frozen(build_from_record(pretrained["emotion_evaluator"]), setup)
 
+    steps = GanSteps(generator, discriminator, identity_verifier, emotion_verifier, opt_g, opt_d, weights, setup)
     for epoch in range(start_epoch, exp.train.epochs):
         generator.train()
         discriminator.train()
-        sums: dict[str, torch.Tensor] = {}
-        steps = 0
         for batch in image_batches(setup, exp.train.batch_size, seed=exp.train.seed * 1000 + epoch):
-            x = batch["x"]
             y_real = prepare_images(pool.sample(batch["identity"], batch["emotion"]), setup)
+            steps.step(batch["x"], y_real, batch["identity"], batch["emotion"])
 
-            with autocast(setup.device, setup.precision):
-                fake = generator(x)
-                loss_d = discriminator_loss(discriminator(x, y_real), discriminator(x, fake.detach()))
-            opt_d.zero_grad(set_to_none=True)
-            loss_d.backward()
-            opt_d.step()
-
-            with autocast(setup.device, setup.precision):
-                loss_g, parts = generator_loss(
-                    discriminator(x, fake), x, fake, identity_verifier(fake), batch["identity"],
-                    emotion_verifier(fake), batch["emotion"], weights)
-            opt_g.zero_grad(set_to_none=True)
-            loss_g.backward()
-            opt_g.step()
-
-            for key, value in {"loss_d": loss_d, **{f"loss_{k}": v for k, v in parts.items()}}.items():
-                sums[key] = sums.get(key, 0) + value.detach().float()
-            steps += 1
-
-        # One host sync per epoch, not per step.
-        losses = {k: (v / max(1, steps)).item() for k, v in sums.items()}
+        losses = steps.epoch_losses()
         diverged = not all(math.isfinite(v) for v in losses.values())
         metrics: dict[str, Any] = {"epoch": epoch + 1, "first_epoch": start_epoch + 1, **losses, "diverged": diverged,
                                    "stop_reason": "non-finite loss" if diverged else ""}
@@ -129,22 +170,9 @@ def gan_loop(config: dict[str, Any]) -> None:
             return
         payload = None
         if setup.rank == 0:
-            module = getattr(generator, "module", generator)
-            deid = deidentify_pixels(module, val.pixels, batch_size=exp.evaluation.batch_size,
-                                     device=setup.device, precision=setup.precision)
-            scores = judge(val.pixels, deid, val.identity, val.emotion, identity_net=identity_evaluator,
-                           emotion_net=emotion_evaluator, mu=mu, ssim_weight=exp.evaluation.ssim_weight,
-                           batch_size=exp.evaluation.batch_size, device=setup.device, precision=setup.precision)
-            metrics.update(scalar_metrics(scores))
-            payload = {
-                "networks": {"generator": network_record("generator", generator),
-                             "discriminator": network_record("discriminator", discriminator)},
-                "optimizers": {"generator": opt_g.state_dict(), "discriminator": opt_d.state_dict()},
-                "epoch": epoch,
-                "params": {**{k: getattr(weights, k) for k in LossConfig.model_fields}, "mu": mu},
-                "experiment": exp.to_dict(),
-                "metrics": metrics,
-            }
+            metrics.update(validation_metrics(generator, val, identity_evaluator, emotion_evaluator, mu=mu, exp=exp,
+                                              setup=setup))
+            payload = steps.checkpoint_payload(epoch, mu, exp, metrics)
         report(setup, metrics, payload)
 
 
