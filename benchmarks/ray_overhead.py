@@ -46,7 +46,7 @@ from epd_ray.checkpoints import build_from_record, load_checkpoint, save_checkpo
 from epd_ray.config import ExperimentConfig, load_config  # noqa: E402
 from epd_ray.core.precision import resolve_precision, threads_for  # noqa: E402
 from epd_ray.data.shards import load_split  # noqa: E402
-from epd_ray.train.gan import GanSteps, build_gan, frozen, trial_params, validation_metrics  # noqa: E402
+from epd_ray.train.gan import GanSteps, build_gan, ema_decay, frozen, trial_params, validation_metrics  # noqa: E402
 from epd_ray.train.worker import CHECKPOINT_FILE, RealPairPool, WorkerSetup, prepare_images, seed_everything  # noqa: E402
 
 # Pretraining that only has to produce networks of the right shape, fast.
@@ -129,7 +129,9 @@ def plain_gan(exp: ExperimentConfig, *, dataset_dir: Path, pretrained_path: Path
         batch_size = exp.train.batch_size
         run.steps_per_epoch = len(train) // batch_size
         checkpoint_dir = Path(tempfile.mkdtemp(prefix="epd-plain-"))
-        steps = GanSteps(generator, discriminator, identity_verifier, emotion_verifier, opt_g, opt_d, weights, setup)
+        decay = ema_decay(exp.train.ema_half_life, len(train), batch_size)
+        steps = GanSteps(generator, discriminator, identity_verifier, emotion_verifier, opt_g, opt_d, weights, setup,
+                         ema_decay=decay)
 
         for epoch in range(epochs):
             epoch_start = time.perf_counter()
@@ -148,7 +150,7 @@ def plain_gan(exp: ExperimentConfig, *, dataset_dir: Path, pretrained_path: Path
 
             metrics: dict[str, Any] = {"epoch": epoch + 1, **losses,
                                        "diverged": not all(math.isfinite(v) for v in losses.values())}
-            metrics.update(validation_metrics(generator, val, identity_evaluator, emotion_evaluator, mu=mu, exp=exp,
+            metrics.update(validation_metrics(steps.published_generator, val, identity_evaluator, emotion_evaluator, mu=mu, exp=exp,
                                               setup=setup))
             payload = steps.checkpoint_payload(epoch, mu, exp, metrics)
             save_checkpoint(checkpoint_dir / CHECKPOINT_FILE, payload)

@@ -59,10 +59,10 @@ if __package__ in (None, ""):
 from benchmarks import machine  # noqa: E402
 from epd_ray.config import load_config  # noqa: E402
 from epd_ray.core.losses import (LossWeights, adversarial_loss, contrastive_identity_loss,  # noqa: E402
-                                 discriminator_loss, emotion_loss, generator_loss, ssim_loss)
+                                 discriminator_loss, emotion_loss, ssim_loss)
 from epd_ray.core.networks import EmotionVerifier, IdentityVerifier, count_parameters  # noqa: E402
 from epd_ray.core.precision import autocast  # noqa: E402
-from epd_ray.train.gan import build_gan, frozen  # noqa: E402
+from epd_ray.train.gan import GanSteps, build_gan, frozen  # noqa: E402
 from epd_ray.train.worker import WorkerSetup, prepare_images  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------
@@ -254,32 +254,28 @@ class EpdStep:
         betas = (exp.train.beta1, exp.train.beta2)
         self.opt_g = torch.optim.Adam(generator.parameters(), lr=exp.train.lr, betas=betas)
         self.opt_d = torch.optim.Adam(discriminator.parameters(), lr=exp.train.lr, betas=betas)
-        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = GanSteps(generator, discriminator, self.identity_verifier, self.emotion_verifier, self.opt_g,
+                              self.opt_d, self.weights, setup, ema_decay=0.999)
 
     def __call__(self, x, y_real, identity, emotion, verifiers: bool = True) -> None:
+        if verifiers:  # exactly gan_loop's step
+            self.steps.step(x, y_real, identity, emotion)
+            return
+        # The G+D part alone: gan_loop's step without the verifiers' terms of L_G (D frozen the same way).
         setup, weights = self.setup, self.weights
-        generator, discriminator = self.generator, self.discriminator
         with autocast(setup.device, setup.precision):
-            fake = generator(x)
-            loss_d = discriminator_loss(discriminator(x, y_real), discriminator(x, fake.detach()))
+            fake = self.generator(x)
+            loss_d = discriminator_loss(self.discriminator(x, y_real), self.discriminator(x, fake.detach()))
         self.opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
         self.opt_d.step()
-
+        critic = self.discriminator.requires_grad_(False)
         with autocast(setup.device, setup.precision):
-            if verifiers:
-                loss_g, parts = generator_loss(
-                    discriminator(x, fake), x, fake, self.identity_verifier(fake), identity,
-                    self.emotion_verifier(fake), emotion, weights)
-            else:  # the G+D part alone: the cGAN term of L_G
-                adv, structure = adversarial_loss(discriminator(x, fake)), ssim_loss(x, fake)
-                loss_g = weights.lambda1 * (adv + weights.phi * structure)
-                parts = {"adv": adv, "ssim": structure}
+            loss_g = weights.lambda1 * (adversarial_loss(critic(x, fake)) + weights.phi * ssim_loss(x, fake))
         self.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         self.opt_g.step()
-        for key, value in {"loss_d": loss_d, **{f"loss_{k}": v for k, v in parts.items()}}.items():
-            self.sums[key] = self.sums.get(key, 0) + value.detach().float()
+        critic.requires_grad_(True)
 
     def fake_for_verifiers(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), autocast(self.setup.device, self.setup.precision):

@@ -109,6 +109,8 @@ class TrainConfig(_Strict):
     cpus_per_worker: float = Field(1.0, gt=0)
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     channels_last: bool = True
+    ema_half_life: float = Field(1.0, ge=0, description="epochs; half-life of the generator's weight average "
+                                                         "that is scored and published (0: the raw weights)")
     seed: int = 0
 
 

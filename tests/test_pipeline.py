@@ -83,6 +83,7 @@ def test_gan_training_checkpoints_every_epoch_and_resumes(ray_runtime, tiny_expe
         generator = load_network(Path(directory) / CHECKPOINT_FILE, "generator")
     assert payload["epoch"] == 1
     assert set(payload["optimizers"]) == {"generator", "discriminator"}
+    assert set(payload["networks"]) == {"generator", "generator_train", "discriminator"}  # average + raw
     assert payload["experiment"] == tiny_experiment.to_dict()
     assert payload["params"] == pytest.approx(PARAMS)
     assert generator(torch.zeros(1, 3, 32, 32)).shape == (1, 3, 32, 32)

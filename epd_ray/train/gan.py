@@ -10,6 +10,7 @@ reason and a finite penalty (J = 0), so the search goes on.
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from epd_ray.core.losses import LossWeights, discriminator_loss, generator_loss
 from epd_ray.core.networks import build_network
 from epd_ray.core.precision import autocast
 from epd_ray.core.scoring import deidentify_pixels, judge
-from epd_ray.data.shards import load_split
+from epd_ray.data.shards import load_split, read_manifest
 from epd_ray.train.worker import RealPairPool, WorkerSetup, image_batches, prepare_images, report, restore, setup_worker
 
 # The objective a diverged trial reports: finite (the searcher must never see NaN) and the worst possible.
@@ -36,6 +37,11 @@ def build_gan(exp: ExperimentConfig, image_size: int) -> tuple[torch.nn.Module, 
     discriminator = build_network("discriminator", ndf=exp.model.ndf, n_layers=exp.model.n_layers,
                                   norm=exp.model.norm)
     return generator, discriminator  # both initialised as pix2pix does, in their constructors
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The network inside a DistributedDataParallel wrapper (or the network itself)."""
+    return getattr(module, "module", module)
 
 
 def frozen(module: torch.nn.Module, setup: WorkerSetup) -> torch.nn.Module:
@@ -55,17 +61,36 @@ def trial_params(config: dict[str, Any]) -> tuple[LossWeights, float]:
     return LossWeights(**loss.model_dump()), float(params["mu"])
 
 
+def ema_decay(half_life_epochs: float, train_images: int, images_per_step: int) -> float:
+    """Per-step decay of the generator's moving average for a half-life given in epochs (0: no average)."""
+    if half_life_epochs <= 0:
+        return 0.0
+    return 0.5 ** (images_per_step / (half_life_epochs * max(train_images, images_per_step)))
+
+
 class GanSteps:
-    """One batch of EPD-Net training and one epoch's bookkeeping: shared by `gan_loop` and the benchmarks."""
+    """One batch of EPD-Net training and one epoch's bookkeeping: shared by `gan_loop` and the benchmarks.
+
+    With `ema_decay` > 0 it also keeps an exponential moving average of the generator's weights
+    (as stylegan does): the published generator. GAN weights swing from step to step (here J moved by
+    +-0.1 between epochs), so the average is both better and a steadier thing to select on.
+    """
 
     def __init__(self, generator, discriminator, identity_verifier, emotion_verifier, opt_g, opt_d,
-                 weights: LossWeights, setup: WorkerSetup):
+                 weights: LossWeights, setup: WorkerSetup, ema_decay: float = 0.0):
         self.generator, self.discriminator = generator, discriminator
         self.identity_verifier, self.emotion_verifier = identity_verifier, emotion_verifier
         self.opt_g, self.opt_d = opt_g, opt_d
         self.weights, self.setup = weights, setup
+        self.ema_decay = ema_decay
+        self.generator_ema = copy.deepcopy(unwrap(generator)).eval().requires_grad_(False) if ema_decay else None
         self.sums: dict[str, torch.Tensor] = {}
         self.steps = 0
+
+    @property
+    def published_generator(self) -> torch.nn.Module:
+        """The generator to score, checkpoint as `generator` and deploy: the average when there is one."""
+        return self.generator_ema if self.generator_ema is not None else unwrap(self.generator)
 
     def step(self, x: torch.Tensor, y_real: torch.Tensor, identity: torch.Tensor, emotion: torch.Tensor) -> None:
         """A discriminator step on (x, y_real) against (x, G(x, z)), then a generator step on L_G."""
@@ -77,17 +102,32 @@ class GanSteps:
         loss_d.backward()
         self.opt_d.step()
 
+        # D is frozen for the generator step: only the gradient to `fake` is needed, so D's weight
+        # gradients (7% of the step's FLOPs) are not computed. Calling the unwrapped module keeps DDP's
+        # reducer out of a pass that produces no gradients for it.
+        critic = unwrap(self.discriminator).requires_grad_(False)
         with autocast(setup.device, setup.precision):
             loss_g, parts = generator_loss(
-                self.discriminator(x, fake), x, fake, self.identity_verifier(fake), identity,
+                critic(x, fake), x, fake, self.identity_verifier(fake), identity,
                 self.emotion_verifier(fake), emotion, self.weights)
         self.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         self.opt_g.step()
+        critic.requires_grad_(True)
+        if self.generator_ema is not None:
+            self._update_ema()
 
         for key, value in {"loss_d": loss_d, **{f"loss_{k}": v for k, v in parts.items()}}.items():
             self.sums[key] = self.sums.get(key, 0) + value.detach().float()
         self.steps += 1
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        source = unwrap(self.generator)
+        ema_params, params = list(self.generator_ema.parameters()), list(source.parameters())
+        torch._foreach_lerp_(ema_params, params, 1.0 - self.ema_decay)
+        for ema_buffer, buffer in zip(self.generator_ema.buffers(), source.buffers()):
+            ema_buffer.copy_(buffer)
 
     def epoch_losses(self) -> dict[str, float]:
         """Mean losses of the epoch, then reset. One host sync per epoch, not per step."""
@@ -96,9 +136,12 @@ class GanSteps:
         return losses
 
     def checkpoint_payload(self, epoch: int, mu: float, exp: ExperimentConfig, metrics: dict) -> dict[str, Any]:
+        networks = {"generator": network_record("generator", self.published_generator),
+                    "discriminator": network_record("discriminator", self.discriminator)}
+        if self.generator_ema is not None:  # the raw weights, to resume training from
+            networks["generator_train"] = network_record("generator", self.generator)
         return {
-            "networks": {"generator": network_record("generator", self.generator),
-                         "discriminator": network_record("discriminator", self.discriminator)},
+            "networks": networks,
             "optimizers": {"generator": self.opt_g.state_dict(), "discriminator": self.opt_d.state_dict()},
             "epoch": epoch,
             "params": {**{k: getattr(self.weights, k) for k in LossConfig.model_fields}, "mu": mu},
@@ -109,10 +152,19 @@ class GanSteps:
 
 def validation_metrics(generator: torch.nn.Module, val, identity_evaluator, emotion_evaluator, *, mu: float,
                        exp: ExperimentConfig, setup: WorkerSetup) -> dict[str, float]:
-    """J and its factors on the validation split, judged by the independent evaluators."""
-    module = getattr(generator, "module", generator)
+    """J and its factors on the validation split, judged by the independent evaluators.
+
+    The generator is scored as it is published (eval mode: batch norm on its running statistics, the
+    dropout noise z still on), never in training mode, whose batch statistics would differ from what
+    `evaluate` and `deidentify` see and would fold the validation images into the running statistics.
+    """
     kw = dict(batch_size=exp.evaluation.batch_size, device=setup.device, precision=setup.precision)
-    deid = deidentify_pixels(module, val.pixels, **kw)
+    was_training = generator.training
+    generator.eval()
+    try:
+        deid = deidentify_pixels(generator, val.pixels, **kw)
+    finally:
+        generator.train(was_training)
     return scalar_metrics(judge(val.pixels, deid, val.identity, val.emotion, identity_net=identity_evaluator,
                                 emotion_net=emotion_evaluator, mu=mu, ssim_weight=exp.evaluation.ssim_weight, **kw))
 
@@ -135,7 +187,8 @@ def gan_loop(config: dict[str, Any]) -> None:
     if payload is None and "generator" in pretrained:  # the shared warm start (see train/pretrain.py)
         generator.load_state_dict(pretrained["generator"]["state_dict"])
     if payload is not None:
-        generator.load_state_dict(payload["networks"]["generator"]["state_dict"])
+        networks = payload["networks"]
+        generator.load_state_dict(networks.get("generator_train", networks["generator"])["state_dict"])
         discriminator.load_state_dict(payload["networks"]["discriminator"]["state_dict"])
         opt_g.load_state_dict(payload["optimizers"]["generator"])
         opt_d.load_state_dict(payload["optimizers"]["discriminator"])
@@ -152,7 +205,12 @@ def gan_loop(config: dict[str, Any]) -> None:
         identity_evaluator = frozen(build_from_record(pretrained["identity_evaluator"]), setup)
         emotion_evaluator = frozen(build_from_record(pretrained["emotion_evaluator"]), setup)
 
-    steps = GanSteps(generator, discriminator, identity_verifier, emotion_verifier, opt_g, opt_d, weights, setup)
+    decay = ema_decay(exp.train.ema_half_life, read_manifest(dataset_dir)["splits"]["train"]["images"],
+                      exp.train.batch_size * setup.world_size)
+    steps = GanSteps(generator, discriminator, identity_verifier, emotion_verifier, opt_g, opt_d, weights, setup,
+                     ema_decay=decay)
+    if payload is not None and steps.generator_ema is not None:
+        steps.generator_ema.load_state_dict(payload["networks"]["generator"]["state_dict"])
     for epoch in range(start_epoch, exp.train.epochs):
         generator.train()
         discriminator.train()
@@ -170,7 +228,7 @@ def gan_loop(config: dict[str, Any]) -> None:
             return
         payload = None
         if setup.rank == 0:
-            metrics.update(validation_metrics(generator, val, identity_evaluator, emotion_evaluator, mu=mu, exp=exp,
+            metrics.update(validation_metrics(steps.published_generator, val, identity_evaluator, emotion_evaluator, mu=mu, exp=exp,
                                               setup=setup))
             payload = steps.checkpoint_payload(epoch, mu, exp, metrics)
         report(setup, metrics, payload)

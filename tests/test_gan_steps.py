@@ -1,0 +1,77 @@
+"""The GAN step itself, in process (no Ray): frozen critic during the generator step, the weight average."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from epd_ray.core.losses import LossWeights, discriminator_loss
+from epd_ray.core.networks import EmotionVerifier, IdentityVerifier, PatchDiscriminator, UNetGenerator
+from epd_ray.train.gan import GanSteps, ema_decay
+from epd_ray.train.worker import WorkerSetup
+
+
+def _steps(decay: float) -> GanSteps:
+    torch.manual_seed(0)
+    generator, discriminator = UNetGenerator(image_size=32, ngf=8), PatchDiscriminator(ndf=8)
+    verifiers = [IdentityVerifier(4, 32, 0.125).eval().requires_grad_(False),
+                 EmotionVerifier().eval().requires_grad_(False)]
+    setup = WorkerSetup(0, 1, torch.device("cpu"), "fp32", channels_last=False)
+    return GanSteps(generator, discriminator, *verifiers, torch.optim.Adam(generator.parameters(), lr=1e-2),
+                    torch.optim.Adam(discriminator.parameters(), lr=1e-2), LossWeights(), setup, ema_decay=decay)
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    return (torch.rand(4, 3, 32, 32, generator=g) * 2 - 1, torch.rand(4, 3, 32, 32, generator=g) * 2 - 1,
+            torch.tensor([0, 1, 2, 3]), torch.tensor([0, 1, 2, 3]))
+
+
+def test_the_discriminator_gets_only_its_own_gradients_and_stays_trainable():
+    steps = _steps(0.0)
+    reference = copy.deepcopy(steps.discriminator)
+    x, y, identity, emotion = _batch()
+    steps.step(x, y, identity, emotion)
+    assert all(p.requires_grad for p in steps.discriminator.parameters())
+    # D's gradients are exactly those of the discriminator loss: the generator step added nothing.
+    fake = _steps(0.0).generator(x)  # same initial G, same noise draw as the step's first forward
+    discriminator_loss(reference(x, y), reference(x, fake.detach())).backward()
+    for p, q in zip(steps.discriminator.parameters(), reference.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6)
+
+
+def test_the_published_generator_is_the_moving_average_of_the_weights():
+    steps = _steps(0.9)
+    before = [p.detach().clone() for p in steps.generator_ema.parameters()]
+    steps.step(*_batch())
+    after_step = list(steps.generator.parameters())
+    for ema, old, new in zip(steps.published_generator.parameters(), before, after_step):
+        assert torch.allclose(ema, 0.9 * old + 0.1 * new.detach(), atol=1e-6)
+    assert not steps.published_generator.training
+    payload = steps.checkpoint_payload(0, 0.35, _experiment(), {})
+    assert set(payload["networks"]) == {"generator", "generator_train", "discriminator"}
+    published, raw = (payload["networks"][k]["state_dict"] for k in ("generator", "generator_train"))
+    assert published.keys() == raw.keys()
+    assert any(not torch.equal(published[k], raw[k]) for k in published)
+
+
+def test_without_an_average_the_raw_generator_is_published():
+    steps = _steps(0.0)
+    assert steps.generator_ema is None and steps.published_generator is steps.generator
+    assert set(steps.checkpoint_payload(0, 0.35, _experiment(), {})["networks"]) == {"generator", "discriminator"}
+
+
+def _experiment():
+    from epd_ray.config import load_config
+    return load_config("smoke")
+
+
+@pytest.mark.parametrize("half_life, images, per_step, expected", [
+    (0.0, 600, 32, 0.0),
+    (1.0, 640, 32, 0.5 ** (1 / 20)),   # half the weight after one epoch of 20 steps
+    (2.0, 640, 32, 0.5 ** (1 / 40)),
+])
+def test_ema_decay_halves_the_weight_of_the_past_after_the_half_life(half_life, images, per_step, expected):
+    assert ema_decay(half_life, images, per_step) == pytest.approx(expected)
