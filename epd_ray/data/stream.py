@@ -1,11 +1,12 @@
 """Ray Data stream of prepared shards into Ray Train workers.
 
-`read_parquet` reads the raw `pixels` column (no image decode: it was decoded once, at prepare time) and
-`map_batches` turns it into uint8 arrays; each worker iterates its part through
-`ray.train.get_dataset_shard(...)`. The driver materializes the result once, before any Train worker holds
-a CPU: every epoch and every trial then iterates blocks already in the object store (tens of thousands of
-images a second) instead of re-reading files, and on a small machine no read task (Ray Data's file
-listing asks for a whole CPU) can wait forever behind training workers that hold the CPUs.
+The driver reads the raw `pixels` column of the shards (no image decode: it was decoded once, at prepare
+time) and hands the tables to Ray as blocks in its object store: on a cluster, read tasks placed on other
+nodes could not open the driver's files. `map_batches` turns them into uint8 arrays; each worker iterates
+its part through `ray.train.get_dataset_shard(...)`. The driver materializes the result once, before any
+Train worker holds a CPU: every epoch and every trial then iterates blocks already in the object store
+(tens of thousands of images a second) instead of re-reading files, and on a small machine no data task
+can wait forever behind training workers that hold the CPUs.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import ray.data
 
 from epd_ray.data.shards import pixels_from_bytes, read_manifest, shard_paths
@@ -29,10 +31,10 @@ def _decode(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.ndarr
 
 
 def split_stream(dataset_dir: Path, split: str = "train") -> ray.data.Dataset:
-    """A lazy Ray Dataset of one split: columns pixels (N, H, W, 3) uint8, identity, emotion."""
+    """A Ray Dataset of one split, read now, decoded lazily: columns pixels (N, H, W, 3) uint8, identity, emotion."""
     image_size = read_manifest(dataset_dir)["image_size"]
-    ds = ray.data.read_parquet(shard_paths(dataset_dir, split), columns=["pixels", "identity", "emotion"],
-                               num_cpus=DATA_TASK_CPUS)
+    ds = ray.data.from_arrow([pq.read_table(path, columns=["pixels", "identity", "emotion"])
+                              for path in shard_paths(dataset_dir, split)])
     return ds.map_batches(_decode, fn_kwargs={"image_size": image_size}, batch_format="numpy",
                           num_cpus=DATA_TASK_CPUS)
 

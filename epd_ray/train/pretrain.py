@@ -11,9 +11,9 @@ network the loop reports a checkpoint holding every network finished so far, so 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
+import ray
 import ray.train
 import ray.train.torch
 import torch
@@ -25,7 +25,6 @@ from epd_ray.core.labels import NUM_EMOTIONS
 from epd_ray.core.losses import ssim_loss, ssim_per_image
 from epd_ray.core.networks import build_network
 from epd_ray.core.precision import autocast
-from epd_ray.data.shards import load_split
 from epd_ray.train.worker import WorkerSetup, image_batches, prepare_images, report, restore, setup_worker
 
 def network_specs(cfg: VerifiersConfig, model: ModelConfig, num_identities: int,
@@ -95,14 +94,13 @@ def pretrain_loop(config: dict[str, Any]) -> None:
     cfg = VerifiersConfig.model_validate(config["verifiers"])
     model_cfg = ModelConfig.model_validate(config["model"])
     setup = setup_worker(config["cpus_per_worker"], config["precision"], config["channels_last"], cfg.seed)
-    dataset_dir = Path(config["dataset_dir"])
     specs = network_specs(cfg, model_cfg, config["num_identities"], config["image_size"])
 
     payload, _ = restore()
     finished: dict[str, Any] = dict(payload["networks"]) if payload else {}
     scores: dict[str, float] = dict(payload.get("val_score", {})) if payload else {}
 
-    val = load_split(dataset_dir, "val") if setup.rank == 0 else None
+    val = ray.get(config["val_faces"]) if setup.rank == 0 else None  # FaceArrays, put by the driver
     val_x = prepare_images(val.pixels, setup) if val is not None else None
     max_shift = max(1, config["image_size"] // 16) if cfg.augment else 0
 

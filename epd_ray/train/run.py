@@ -7,6 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
+import ray
 import ray.data
 import ray.train
 from ray.train.torch import TorchTrainer
@@ -14,7 +15,8 @@ from ray.train.torch import TorchTrainer
 from epd_ray.checkpoints import load_checkpoint
 from epd_ray.config import ExperimentConfig, stable_hash
 from epd_ray.data.prepare import PreparedData
-from epd_ray.runtime import DATA_RESERVE_CPUS, RayRuntime
+from epd_ray.data.shards import load_split
+from epd_ray.runtime import DATA_RESERVE_CPUS, RayRuntime, sigint_guard
 from epd_ray.train.pretrain import pretrain_loop
 from epd_ray.train.worker import CHECKPOINT_FILE
 
@@ -44,7 +46,8 @@ def pretrain_networks(exp: ExperimentConfig, prepared: PreparedData, *, train_da
     trainer = TorchTrainer(
         pretrain_loop,
         train_loop_config={"verifiers": exp.verifiers.model_dump(mode="json"),
-                           "model": exp.model.model_dump(mode="json"), "dataset_dir": str(prepared.path),
+                           "model": exp.model.model_dump(mode="json"),
+                           "val_faces": ray.put(load_split(prepared.path, "val")),  # workers may be on other nodes
                            "num_identities": len(prepared.manifest["identities"]),
                            "image_size": prepared.manifest["image_size"],
                            "train_images": prepared.manifest["splits"]["train"]["images"],
@@ -52,10 +55,12 @@ def pretrain_networks(exp: ExperimentConfig, prepared: PreparedData, *, train_da
                            "channels_last": exp.train.channels_last},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=exp.train.use_gpu,
                                                resources_per_worker=None if exp.train.use_gpu else {"CPU": cpus}),
-        run_config=ray.train.RunConfig(name=f"pretrain-{key}", storage_path=storage_path),
+        run_config=ray.train.RunConfig(name=f"pretrain-{key}", storage_path=storage_path,
+                                       failure_config=ray.train.FailureConfig(max_failures=exp.train.max_failures)),
         datasets={"train": train_data},
     )
-    result = trainer.fit()
+    with sigint_guard():
+        result = trainer.fit()
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     with result.checkpoint.as_directory() as directory:
