@@ -23,7 +23,7 @@ from epd_ray.data.stream import materialized_split
 from epd_ray.evaluate.evaluate import baseline_methods, evaluate_methods, generator_method
 from epd_ray.evaluate.report import render_report
 from epd_ray.provenance import package_versions
-from epd_ray.runtime import start_ray
+from epd_ray.runtime import RayRuntime, start_ray
 from epd_ray.train.run import pretrain_networks
 from epd_ray.tune.search import SearchOutcome, run_search
 
@@ -69,9 +69,58 @@ def check_output(output: Path, exp: ExperimentConfig) -> None:
         raise OutputError(f"{output}: not empty and not an epd-ray experiment; choose an empty or new folder")
 
 
+def check_inputs(exp: ExperimentConfig, prepared_dir: Path | None) -> None:
+    """Input folders and files that must exist, checked before anything is written."""
+    if prepared_dir is not None:
+        read_manifest(Path(prepared_dir))  # FileNotFoundError naming the folder
+    elif exp.data.path and not Path(exp.data.path).exists():
+        raise FileNotFoundError(f"data.path: {exp.data.path} does not exist")
+    if exp.verifiers.emotion_data:
+        read_manifest(Path(exp.verifiers.emotion_data))
+
+
+@dataclass(frozen=True)
+class Stages:
+    """What every training command needs first: the data, Ray, the materialized train split, the networks."""
+
+    prepared: PreparedData
+    runtime: RayRuntime
+    train_data: Any
+    pretrained_path: Path
+
+
+def data_and_networks(exp: ExperimentConfig, *, prepared_dir: Path | None, storage_path: str,
+                      echo=print) -> Stages:
+    """Prepared data (given, or the cached synthetic/source set), Ray started once, the train split read
+    once into the object store, and the pretrained verifiers/evaluators (cached by content hash)."""
+    cache_dir = default_cache_dir(exp)
+    if prepared_dir is not None:
+        prepared = PreparedData(Path(prepared_dir), read_manifest(Path(prepared_dir)), reused=True)
+    else:
+        prepared = cached_dataset(exp.data, cache_dir, echo=lambda line: echo(f"data: {line}"))
+    m = prepared.manifest
+    echo(f"data: {'reusing' if prepared.reused else 'prepared'} {m['num_images']} images "
+         f"({len(m['identities'])} identities x {len(m['emotions'])} emotions, {m['image_size']} px) "
+         f"-> {prepared.path}")
+    runtime = start_ray(exp.ray)
+    echo(f"ray: dashboard {runtime.dashboard_url or '(not available)'}")
+    train_data = materialized_split(prepared.path, "train")
+    pretrained_path = pretrain_networks(exp, prepared, train_data=train_data, cache_dir=cache_dir, runtime=runtime,
+                                        storage_path=storage_path, echo=echo)
+    return Stages(prepared, runtime, train_data, pretrained_path)
+
+
+def run_pretrain(exp: ExperimentConfig, *, prepared_dir: Path | None = None, echo=print) -> Path:
+    """`epd-ray pretrain`: the verifiers, evaluators and warm start into the cache that `tune` reuses."""
+    check_inputs(exp, prepared_dir)
+    storage = exp.ray.storage_path or str(default_cache_dir(exp) / "ray")
+    return data_and_networks(exp, prepared_dir=prepared_dir, storage_path=storage, echo=echo).pretrained_path
+
+
 def run_tune(exp: ExperimentConfig, output: Path, *, prepared_dir: Path | None = None, echo=print) -> TuneRun:
     started = time.time()
     output = Path(output).resolve()
+    check_inputs(exp, prepared_dir)
     check_output(output, exp)
     output.mkdir(parents=True, exist_ok=True)
     write_resolved(exp, output / "config.yaml")
@@ -79,21 +128,10 @@ def run_tune(exp: ExperimentConfig, output: Path, *, prepared_dir: Path | None =
                                              "started": datetime.now().isoformat(timespec="seconds")}))
     echo(f"config: {output / 'config.yaml'}")
 
-    cache_dir = default_cache_dir(exp)
-    if prepared_dir is not None:
-        prepared = PreparedData(Path(prepared_dir), read_manifest(Path(prepared_dir)), reused=True)
-    else:
-        prepared = cached_dataset(exp.data, cache_dir)
-    echo(f"data: {'reusing' if prepared.reused else 'prepared'} {prepared.manifest['num_images']} images "
-         f"({len(prepared.manifest['identities'])} identities x 7 emotions, {prepared.manifest['image_size']} px) "
-         f"-> {prepared.path}")
-
-    runtime = start_ray(exp.ray)
-    echo(f"ray: dashboard {runtime.dashboard_url or '(not available)'}")
     storage = exp.ray.storage_path or str(output / "ray")
-    train_data = materialized_split(prepared.path, "train")
-    pretrained_path = pretrain_networks(exp, prepared, train_data=train_data, cache_dir=cache_dir, runtime=runtime,
-                                        storage_path=storage, echo=echo)
+    stages = data_and_networks(exp, prepared_dir=prepared_dir, storage_path=storage, echo=echo)
+    prepared, runtime, train_data, pretrained_path = (stages.prepared, stages.runtime, stages.train_data,
+                                                      stages.pretrained_path)
     outcome = run_search(exp, train_data=train_data, dataset_dir=prepared.path, pretrained_path=pretrained_path,
                          image_size=prepared.manifest["image_size"], runtime=runtime, storage_path=storage, echo=echo)
     echo(f"search: done in {outcome.wall_seconds:.0f} s; best trial {outcome.best.trial_id} "

@@ -26,6 +26,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from epd_ray.config import SEARCHED_KEYS, ExperimentConfig
 from epd_ray.runtime import DATA_RESERVE_CPUS, RayRuntime
+from epd_ray.data.stream import augmented
 from epd_ray.train.gan import gan_loop
 from epd_ray.train.worker import CHECKPOINT_FILE
 
@@ -95,7 +96,7 @@ def gan_trainer(exp: ExperimentConfig, params: dict[str, float], *, train_data: 
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=OBJECTIVE,
                                                          checkpoint_score_order="max"),
         ),
-        datasets={"train": train_data},
+        datasets={"train": augmented(train_data, flip=exp.train.flip, max_shift=exp.train.max_shift)},
     )
 
 
