@@ -82,13 +82,19 @@ def restore(default_epoch: int = 0) -> tuple[dict[str, Any] | None, int]:
 
 
 def report(setup: WorkerSetup, metrics: dict[str, Any], payload: dict[str, Any] | None) -> None:
-    """Report on every rank; rank 0 alone writes and attaches the checkpoint."""
+    """Report on every rank; rank 0 alone writes and attaches the checkpoint.
+
+    The upload to storage and the hand-over to the Train controller (which picks reports up at its poll)
+    run in Ray Train's background thread (`CheckpointUploadMode.ASYNC`), so the next epoch starts as soon
+    as the checkpoint file is written locally; Ray deletes the local copy once it is uploaded, and keeps
+    reports in order.
+    """
+    checkpoint = None
     if setup.rank == 0 and payload is not None:
-        with tempfile.TemporaryDirectory() as directory:
-            save_checkpoint(Path(directory) / CHECKPOINT_FILE, payload)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
-    else:
-        ray.train.report(metrics, checkpoint=None)
+        directory = tempfile.mkdtemp(prefix="epd-checkpoint-")
+        save_checkpoint(Path(directory) / CHECKPOINT_FILE, payload)
+        checkpoint = ray.train.Checkpoint.from_directory(directory)
+    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
 
 
 class RealPairPool:
