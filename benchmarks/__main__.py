@@ -22,6 +22,7 @@ BENCHMARKS = {
     "ray_overhead": "a GAN epoch in a Ray Train TorchTrainer against the same loop in plain PyTorch",
     "search": "trials per hour and time to the first result of the Tune search (reduced unless --full)",
     "deidentify": "faces and video frames per second through a trained generator",
+    "ingest": "images per second into a training loop: the Ray Data stream against a DataLoader over PNG files",
 }
 HAS_FULL = {"train_step", "search"}
 

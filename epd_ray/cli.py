@@ -14,13 +14,14 @@ import typer
 import yaml
 
 from epd_ray.config import ConfigError, load_config, preset_names
+from epd_ray.data.sources import DataError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="EPD-Net face de-identification, trained and tuned with Ray.")
 data_app = typer.Typer(no_args_is_help=True, help="Prepare face data sets as Parquet shards.")
 app.add_typer(data_app, name="data")
 
-USER_ERRORS = (ConfigError, FileNotFoundError, NotADirectoryError)
+USER_ERRORS = (ConfigError, DataError, FileNotFoundError, NotADirectoryError)
 INTERRUPTED = 130  # what a shell reports for a command stopped by Ctrl-C (128 + SIGINT)
 
 
@@ -80,22 +81,52 @@ def tune(
 
 @data_app.command("prepare")
 def data_prepare(
-    out: Path = typer.Option(..., "--out", help="folder to write the shards and dataset.json to"),
+    out: Path = typer.Option(..., "--out", help="folder to write the shards, dataset.json and rejects.csv to"),
+    source: Optional[str] = typer.Option(None, "--source", help="synthetic | folder | manifest | rafd | fer2013"),
+    path: Optional[Path] = typer.Option(None, "--path", help="the source's folder (folder, rafd) or file "
+                                                             "(manifest CSV/Parquet, FER2013 CSV)"),
+    size: Optional[int] = typer.Option(None, "--size", help="training image size, px (32, 64, 128, 256)"),
+    strict: bool = typer.Option(False, "--strict", help="stop at the first rejected file, naming it"),
     config: Optional[str] = typer.Option(None, "--config", "-c", help="take the data section of this preset/file"),
-    set_: list[str] = typer.Option([], "--set", help="override a data key, e.g. --set data.image_size=64"),
+    set_: list[str] = typer.Option([], "--set", help="override a data key, e.g. --set data.rafd_angles=[090,045]"),
 ) -> None:
-    """Write Parquet shards and dataset.json (classes, splits, counts, content hash)."""
-    from epd_ray.data.prepare import prepare_dataset
+    """Write Parquet shards, dataset.json (classes, splits, counts, content hash) and rejects.csv."""
+    from epd_ray.data.prepare import prepare_dataset, summary_line
 
+    overrides = parse_overrides(set_)
+    for key, value in (("source", source), ("path", path and str(path)), ("image_size", size)):
+        if value is not None:
+            overrides[f"data.{key}"] = value
     try:
-        exp = load_config(config, parse_overrides(set_))
-        prepared = prepare_dataset(exp.data, out)
+        exp = load_config(config, overrides)
+        prepared = prepare_dataset(exp.data, out, strict=strict, echo=lambda line: typer.echo(line, err=True))
     except USER_ERRORS as exc:
         fail(str(exc))
-    m = prepared.manifest
-    counts = ", ".join(f"{s} {m['splits'][s]['images']}" for s in ("train", "val", "test"))
-    typer.echo(f"{'reused' if prepared.reused else 'prepared'} {m['num_images']} images ({counts}), "
-               f"content hash {m['content_hash']} -> {prepared.path}")
+    typer.echo(summary_line(prepared))
+
+
+@app.command("pretrain")
+def pretrain(
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="preset or YAML file; default quick"),
+    data: Optional[Path] = typer.Option(None, "--data", help="a folder made by `epd-ray data prepare`; "
+                                                             "default the config's data section"),
+    emotion_data: Optional[Path] = typer.Option(None, "--emotion-data",
+                                                help="a prepared emotion-labelled set (e.g. `data prepare --source "
+                                                     "fer2013`) for the emotion verifier and evaluator"),
+    set_: list[str] = typer.Option([], "--set", help="override a config key, e.g. --set verifiers.epochs=5"),
+) -> None:
+    """Pretrain V, S, the evaluators V_e, S_e and the warm start into the cache that `tune` reuses."""
+    from epd_ray.experiment import run_pretrain
+
+    overrides = parse_overrides(set_)
+    if emotion_data is not None:
+        overrides["verifiers.emotion_data"] = str(emotion_data)
+    try:
+        path = run_pretrain(load_config(config, overrides), prepared_dir=data)
+    except USER_ERRORS as exc:
+        fail(str(exc))
+    typer.echo(f"done: pretrained networks in {path} (`epd-ray tune` with the same settings reuses them"
+               + (f"; add --set verifiers.emotion_data={emotion_data}" if emotion_data else "") + ")")
 
 
 @app.command("export")

@@ -28,7 +28,7 @@ from epd_ray.data.stream import materialized_split
 from epd_ray.evaluate.evaluate import baseline_methods, evaluate_methods, generator_method
 from epd_ray.evaluate.report import render_report
 from epd_ray.provenance import package_versions
-from epd_ray.runtime import resolve_storage, start_ray, storage_filesystem
+from epd_ray.runtime import RayRuntime, resolve_storage, start_ray, storage_filesystem
 from epd_ray.train.gan import GanInputs
 from epd_ray.train.run import pretrain_networks
 from epd_ray.tune.search import SearchOutcome, run_search
@@ -90,20 +90,70 @@ def finished(output: Path) -> bool:
     return (output / "best" / "model_card.json").is_file()
 
 
+def check_inputs(exp: ExperimentConfig, prepared_dir: Path | None) -> None:
+    """Input folders and files that must exist, checked before anything is written."""
+    if prepared_dir is not None:
+        read_manifest(Path(prepared_dir))  # FileNotFoundError naming the folder
+    elif exp.data.path and not Path(exp.data.path).exists():
+        raise FileNotFoundError(f"data.path: {exp.data.path} does not exist")
+    if exp.verifiers.emotion_data:
+        read_manifest(Path(exp.verifiers.emotion_data))
+
+
+@dataclass(frozen=True)
+class Stages:
+    """What every training command needs first: the data, Ray, the materialized train split, the networks."""
+
+    prepared: PreparedData
+    runtime: RayRuntime
+    train_data: Any
+    pretrained_path: Path
+
+
+def data_and_networks(exp: ExperimentConfig, *, runtime: RayRuntime, prepared_dir: Path | None, storage_path: str,
+                      echo=print) -> Stages:
+    """Prepared data (given, or the cached synthetic/source set), the train split read once into the object
+    store, and the pretrained verifiers/evaluators (cached by content hash)."""
+    cache_dir = default_cache_dir(exp)
+    if prepared_dir is not None:
+        prepared = PreparedData(Path(prepared_dir), read_manifest(Path(prepared_dir)), reused=True)
+    else:
+        prepared = cached_dataset(exp.data, cache_dir, echo=lambda line: echo(f"data: {line}"))
+    m = prepared.manifest
+    echo(f"data: {'reusing' if prepared.reused else 'prepared'} {m['num_images']} images "
+         f"({len(m['identities'])} identities x {len(m['emotions'])} emotions, {m['image_size']} px) "
+         f"-> {prepared.path}")
+    echo(f"ray: dashboard {runtime.dashboard_url or '(not available)'}; storage {storage_path}")
+    train_data = materialized_split(prepared.path, "train")
+    pretrained_path = pretrain_networks(exp, prepared, train_data=train_data, cache_dir=cache_dir, runtime=runtime,
+                                        storage_path=storage_path, echo=echo)
+    return Stages(prepared, runtime, train_data, pretrained_path)
+
+
+def run_pretrain(exp: ExperimentConfig, *, prepared_dir: Path | None = None, echo=print) -> Path:
+    """`epd-ray pretrain`: the verifiers, evaluators and warm start into the cache that `tune` reuses."""
+    check_inputs(exp, prepared_dir)
+    runtime = start_ray(exp.ray)
+    storage = resolve_storage(exp.ray, default_cache_dir(exp) / "ray")
+    return data_and_networks(exp, runtime=runtime, prepared_dir=prepared_dir, storage_path=storage,
+                             echo=echo).pretrained_path
+
+
 def run_tune(exp: ExperimentConfig, output: Path, *, prepared_dir: Path | None = None, echo=print) -> TuneRun:
     started = time.time()
     output = Path(output).resolve()
+    check_inputs(exp, prepared_dir)
     check_output(output, exp)
     runtime = start_ray(exp.ray)
-    storage = resolve_storage(exp.ray, output)
+    storage = resolve_storage(exp.ray, output / "ray")
     output.mkdir(parents=True, exist_ok=True)
     write_resolved(exp, output / "config.yaml")
     (output / MARKER).write_text(json.dumps({"kind": "epd-ray tune", "config_digest": exp.digest(),
                                              "data": str(Path(prepared_dir).resolve()) if prepared_dir else None,
                                              "started": datetime.now().isoformat(timespec="seconds")}))
     echo(f"config: {output / 'config.yaml'}")
-    return _interruptible(output, exp, lambda: _pipeline(exp, output, prepared_dir, runtime, storage, started,
-                                                         resume=False, echo=echo))
+    return _interruptible(output, exp, lambda: _search_and_report(exp, output, prepared_dir, runtime, storage,
+                                                                  started, resume=False, echo=echo))
 
 
 def resume_tune(output: Path, *, address: str | None = None, echo=print) -> TuneRun:
@@ -116,38 +166,29 @@ def resume_tune(output: Path, *, address: str | None = None, echo=print) -> Tune
     if finished(output):
         raise OutputError(f"{output}: this experiment finished already; its best model is in {output / 'best'}")
     exp = load_config(output / "config.yaml", {"ray.address": address} if address else None)
-    prepared_dir = json.loads(marker.read_text()).get("data")
+    recorded = json.loads(marker.read_text()).get("data")
+    prepared_dir = Path(recorded) if recorded else None
+    check_inputs(exp, prepared_dir)
     runtime = start_ray(exp.ray)
-    storage = resolve_storage(exp.ray, output)
+    storage = resolve_storage(exp.ray, output / "ray")
     echo(f"resuming: {output} (config {output / 'config.yaml'})")
-    return _interruptible(output, exp, lambda: _pipeline(exp, output, prepared_dir and Path(prepared_dir), runtime,
-                                                         storage, started, resume=True, echo=echo))
+    return _interruptible(output, exp, lambda: _search_and_report(exp, output, prepared_dir, runtime, storage,
+                                                                  started, resume=True, echo=echo))
 
 
-def _interruptible(output: Path, exp: ExperimentConfig, pipeline):
+def _interruptible(output: Path, exp: ExperimentConfig, run):
     try:
-        return pipeline()
+        return run()
     except KeyboardInterrupt:
         raise TuneInterrupted(f"interrupted: the search's state and each trial's last finished epoch are saved; "
                               f"resume with: {resume_command(output, exp.ray.address)}") from None
 
 
-def _pipeline(exp: ExperimentConfig, output: Path, prepared_dir: Path | None, runtime, storage: str,
-              started: float, *, resume: bool, echo) -> TuneRun:
-    cache_dir = default_cache_dir(exp)
-    if prepared_dir is not None:
-        prepared = PreparedData(Path(prepared_dir), read_manifest(Path(prepared_dir)), reused=True)
-    else:
-        prepared = cached_dataset(exp.data, cache_dir)
-    echo(f"data: {'reusing' if prepared.reused else 'prepared'} {prepared.manifest['num_images']} images "
-         f"({len(prepared.manifest['identities'])} identities x 7 emotions, {prepared.manifest['image_size']} px) "
-         f"-> {prepared.path}")
-
-    echo(f"ray: dashboard {runtime.dashboard_url or '(not available)'}; storage {storage}")
-    train_data = materialized_split(prepared.path, "train")
-    pretrained_path = pretrain_networks(exp, prepared, train_data=train_data, cache_dir=cache_dir, runtime=runtime,
-                                        storage_path=storage, echo=echo)
-    outcome = run_search(exp, train_data=train_data, inputs=GanInputs.put(prepared.path, pretrained_path),
+def _search_and_report(exp: ExperimentConfig, output: Path, prepared_dir: Path | None, runtime: RayRuntime,
+                       storage: str, started: float, *, resume: bool, echo) -> TuneRun:
+    stages = data_and_networks(exp, runtime=runtime, prepared_dir=prepared_dir, storage_path=storage, echo=echo)
+    prepared, pretrained_path = stages.prepared, stages.pretrained_path
+    outcome = run_search(exp, train_data=stages.train_data, inputs=GanInputs.put(prepared.path, pretrained_path),
                          runtime=runtime, storage_path=storage, resume=resume, echo=echo)
     echo(f"search: done in {outcome.wall_seconds:.0f} s; best trial {outcome.best.trial_id} "
          f"J={outcome.best.metrics['objective']:.3f} (validation)")

@@ -113,22 +113,21 @@ def is_local_path(path: str) -> bool:
     return urlparse(path).scheme in ("", "file")
 
 
-def resolve_storage(cfg: RayConfig, output: Path) -> str:
-    """Where Ray Train and Tune write checkpoints and results for a run folder `output`.
+def resolve_storage(cfg: RayConfig, default: Path) -> str:
+    """Where Ray Train and Tune write checkpoints and results: `ray.storage_path`, else the folder `default`.
 
     Train workers upload their checkpoints to it and the driver reads them back, so on more than one node
     a folder only works on a mount every node shares; a local folder there is refused (ConfigError) unless
     `ray.shared_storage` says it is such a mount. Checked against the nodes alive when the command starts.
     """
-    storage = cfg.storage_path or str(output / "ray")
+    storage = cfg.storage_path or str(default)
     if not is_local_path(storage):
         return storage.rstrip("/")
     nodes = alive_nodes()
     if nodes > 1 and not cfg.shared_storage:
-        default = "" if cfg.storage_path else " (the default, <output>/ray)"
-        raise ConfigError(f"ray.storage_path {storage}{default}: a local folder, but the cluster has {nodes} nodes, "
-                          "each with a disk of its own; use s3://..., gs://... or a folder on a shared mount "
-                          "(NFS) with --set ray.shared_storage=true")
+        raise ConfigError(f"ray.storage_path {storage}{'' if cfg.storage_path else ' (the default)'}: a local folder, "
+                          f"but the cluster has {nodes} nodes, each with a disk of its own; use s3://..., gs://... "
+                          "or a folder on a shared mount (NFS) with --set ray.shared_storage=true")
     return storage if storage.startswith("file://") else str(Path(storage).expanduser().resolve())
 
 

@@ -29,6 +29,10 @@ METRIC_KEYS = {"objective", "deid_rate", "switching_deid_rate", "genuine_accepta
     (["--set", "nonsense"], "KEY=VALUE"),
     (["--set", "train.max_failures=-2"], "train.max_failures"),
     (["--data", "/no/such/prepared/folder"], "/no/such/prepared/folder"),
+    (["--set", "data.source=folder"], "data.path"),
+    (["--set", "data.source=folder", "--set", "data.path=/no/such/faces"], "/no/such/faces"),
+    (["--set", "data.source=rafd", "--set", "data.path=/tmp", "--set", "data.rafd_angles=['091']"], "rafd_angles"),
+    (["--set", "verifiers.emotion_data=/no/such/fer"], "/no/such/fer"),
 ])
 def test_bad_input_is_one_line_naming_the_field_exit_2_nothing_written(tmp_path, args, named):
     out = tmp_path / "run"
@@ -37,6 +41,18 @@ def test_bad_input_is_one_line_naming_the_field_exit_2_nothing_written(tmp_path,
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and named in lines[0]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--emotion-data", "/no/such/fer"], "/no/such/fer"),
+    (["--data", "/no/such/prepared"], "/no/such/prepared"),
+    (["--set", "data.source=manifest", "--set", "data.path=/no/such/labels.csv"], "/no/such/labels.csv"),
+])
+def test_pretrain_bad_input_is_one_line_exit_2(args, named):
+    result = CliRunner().invoke(app, ["pretrain", *args])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and named in lines[0]
 
 
 def test_an_output_folder_holding_something_else_is_refused_untouched(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -75,3 +76,31 @@ def _experiment():
 ])
 def test_ema_decay_halves_the_weight_of_the_past_after_the_half_life(half_life, images, per_step, expected):
     assert ema_decay(half_life, images, per_step) == pytest.approx(expected)
+
+
+def test_the_real_pair_is_another_person_with_the_same_expression_or_the_nearest_fallback():
+    from epd_ray.data.shards import FaceArrays
+    from epd_ray.train.worker import RealPairPool
+
+    identity = np.array([0, 0, 1, 1, 2, 2])
+    emotion = np.array([3, 5, 3, 4, 3, 4])      # emotion 5 is shown by person 0 only
+    pixels = np.stack([np.full((4, 4, 3), i, np.uint8) for i in range(6)])  # pixel value = row index
+    pool = RealPairPool(FaceArrays(pixels, identity, emotion), "other_identity_same_emotion", seed=0)
+    for _ in range(20):
+        rows = pool.sample(torch.tensor([0, 1, 0]), torch.tensor([3, 4, 5]))[:, 0, 0, 0].numpy()
+        assert identity[rows[0]] != 0 and emotion[rows[0]] == 3
+        assert identity[rows[1]] != 1 and emotion[rows[1]] == 4
+        assert identity[rows[2]] != 0          # nobody else is happy-5: another person, any expression
+
+
+def test_augmentation_mirrors_and_shifts_faces_without_changing_their_content_otherwise():
+    from epd_ray.data.stream import augment_pixels
+
+    faces = np.random.default_rng(0).integers(0, 256, size=(64, 8, 8, 3), dtype=np.uint8)
+    mirrored = augment_pixels(faces, flip=True, max_shift=0, rng=np.random.default_rng(1))
+    same = [np.array_equal(a, b) for a, b in zip(mirrored, faces)]
+    flipped = [np.array_equal(a, b[:, ::-1]) for a, b in zip(mirrored, faces)]
+    assert all(s or f for s, f in zip(same, flipped)) and 16 < sum(flipped) < 48
+    shifted = augment_pixels(faces, flip=False, max_shift=2, rng=np.random.default_rng(2))
+    assert shifted.shape == faces.shape and not np.array_equal(shifted, faces)
+    assert np.array_equal(augment_pixels(faces, flip=False, max_shift=0, rng=np.random.default_rng(3)), faces)

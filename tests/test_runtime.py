@@ -13,9 +13,9 @@ from epd_ray.runtime import alive_nodes, is_local_path, resolve_storage, sigint_
 
 def test_storage_is_a_local_folder_on_one_node_and_uris_pass_untouched(ray_runtime, tmp_path, monkeypatch):
     assert alive_nodes() == 1
-    assert resolve_storage(RayConfig(), tmp_path / "run") == str(tmp_path / "run" / "ray")
+    assert resolve_storage(RayConfig(), tmp_path / "run" / "ray") == str(tmp_path / "run" / "ray")
     monkeypatch.chdir(tmp_path)
-    assert resolve_storage(RayConfig(storage_path="rel/ray"), tmp_path / "run") == str(tmp_path / "rel" / "ray")
+    assert resolve_storage(RayConfig(storage_path="rel/ray"), tmp_path) == str(tmp_path / "rel" / "ray")
     for uri in ("s3://bucket/epd-ray", "gs://bucket/epd-ray/", "file:///mnt/epd/ray"):
         assert resolve_storage(RayConfig(storage_path=uri), tmp_path) == uri.rstrip("/")
     assert [is_local_path(p) for p in ("/mnt/epd", "rel", "file:///x", "s3://b/x", "hdfs://n/x")] == \

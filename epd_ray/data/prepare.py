@@ -1,18 +1,38 @@
 """`epd-ray data prepare`: a source of labelled faces to Parquet shards, cached by what defines them.
 
-The cache key is the hash of the data section of the config, so a second run with the same data settings
-reuses the shards instead of rendering or decoding again.
+Every candidate from a source (`sources.py`) is either accepted as a training-size RGB face or rejected
+with a reason (`decode.py`); nothing is dropped silently. Rejected files are listed in `rejects.csv`
+(file, reason, detail), converted ones (grey, palette, RGBA, CMYK, 16-bit) counted, files left out by a
+choice (RaFD angles and gazes, contemptuous) counted apart, and `dataset.json` carries all those counts.
+With `strict` the first rejected file stops the run with its name and nothing is written.
+
+A prepared folder is reused when the data settings and the inputs (names, sizes and modification times of
+the files) are unchanged; it is written to a temporary folder and renamed when complete.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import csv
+import hashlib
+import io
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+from PIL import Image
 
 from epd_ray.config import DataConfig, stable_hash
-from epd_ray.core.labels import EMOTIONS
 from epd_ray.core.synthetic import make_synthetic_faces
-from epd_ray.data.shards import MANIFEST, read_manifest, split_per_identity, write_dataset
+from epd_ray.data import sources
+from epd_ray.data.sources import DataError
+from epd_ray.data.decode import (DUPLICATE, MISSING, UNDECODABLE, UNKNOWN_LABEL, UNLABELLED, Face, Rejected,
+                                 decode_face, square_crop)
+from epd_ray.data.shards import MANIFEST, SPLITS, read_manifest, split_per_identity, write_dataset
+
+REJECTS_FILE = "rejects.csv"
+NO_IDENTITY = -1  # FER2013 rows: an emotion label and no person
 
 
 @dataclass(frozen=True)
@@ -22,27 +42,228 @@ class PreparedData:
     reused: bool
 
 
+@dataclass
+class Intake:
+    """What came in: accepted faces with their labels, and an account of everything else."""
+
+    pixels: list[np.ndarray] = field(default_factory=list)
+    identity: list[str] = field(default_factory=list)
+    emotion: list[int] = field(default_factory=list)
+    split: list[str | None] = field(default_factory=list)
+    source: list[str] = field(default_factory=list)
+    rejects: list[tuple[str, str, str]] = field(default_factory=list)
+    converted: Counter = field(default_factory=Counter)
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        return {"accepted": len(self.pixels), "rejected": dict(Counter(r for _, r, _ in self.rejects)),
+                "converted": dict(self.converted), "skipped": dict(self.skipped)}
+
+
 def dataset_key(data: DataConfig) -> str:
     return f"{data.source}-{data.image_size}px-{stable_hash(data.model_dump(mode='json'))}"
 
 
-def cached_dataset(data: DataConfig, cache_dir: Path) -> PreparedData:
+def cached_dataset(data: DataConfig, cache_dir: Path, *, echo: Callable[[str], None] = print) -> PreparedData:
     """The prepared data set for these settings in the shared cache, prepared on first use."""
-    return prepare_dataset(data, Path(cache_dir) / "data" / dataset_key(data))
+    return prepare_dataset(data, Path(cache_dir) / "data" / dataset_key(data), echo=echo)
 
 
-def prepare_dataset(data: DataConfig, out: Path) -> PreparedData:
-    """Prepare into `out`; a folder already prepared with the same settings is reused as it is."""
+def input_fingerprint(data: DataConfig) -> str:
+    """Names, sizes and modification times of the input files: a changed file means preparing again."""
+    if data.source == "synthetic":
+        return ""
+    root = Path(data.path)
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+    h = hashlib.sha256()
+    for path in files:
+        stat = path.stat()
+        h.update(f"{path.relative_to(root) if path != root else path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n"
+                 .encode())
+    if data.source == "manifest" and root.is_file():  # the images it points to count too
+        for item in sources.manifest_items(root):
+            target = Path(item.file) if Path(item.file).is_absolute() else root.parent / item.file
+            if target.is_file():
+                stat = target.stat()
+                h.update(f"{item.file}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def prepare_dataset(data: DataConfig, out: Path, *, strict: bool = False,
+                    echo: Callable[[str], None] = print) -> PreparedData:
+    """Prepare into `out`; a folder already prepared from the same settings and inputs is reused as it is."""
     out = Path(out)
+    fingerprint = input_fingerprint(data)
     if (out / MANIFEST).is_file():
         manifest = read_manifest(out)
-        if manifest.get("config") == data.model_dump(mode="json"):
+        if manifest.get("config") == data.model_dump(mode="json") and manifest.get("inputs", "") == fingerprint:
             return PreparedData(out, manifest, reused=True)
-    faces = make_synthetic_faces(data.num_identities, data.variations, data.image_size, seed=data.seed)
-    split = split_per_identity(faces.identity, faces.emotion, data.splits, seed=data.seed)
+    extra = {"source": data.source, "config": data.model_dump(mode="json"), "inputs": fingerprint}
+    if data.source == "synthetic":
+        faces = make_synthetic_faces(data.num_identities, data.variations, data.image_size, seed=data.seed)
+        split = split_per_identity(faces.identity, faces.emotion, data.splits, seed=data.seed)
+        manifest = write_dataset(
+            out, pixels=faces.pixels, identity=faces.identity, identity_names=faces.identity_names,
+            emotion=faces.emotion, emotion_names=sources.EMOTIONS, split=split, source=faces.source,
+            shard_rows=data.shard_rows, extra=extra)
+        return PreparedData(out, manifest, reused=False)
+
+    classes = sources.emotion_classes(data.include_contempt)
+    intake = take_in(data, classes, strict=strict)
+    if not intake.pixels:
+        raise DataError(f"{data.path}: no usable face among {len(intake.rejects)} file(s); "
+                        f"rejected: {intake.summary()['rejected'] or 'none'}")
+    identity_names = sorted({name for name in intake.identity if name is not None})
+    identity = np.array([identity_names.index(n) if n is not None else NO_IDENTITY for n in intake.identity],
+                        dtype=np.int64)
+    emotion = np.array(intake.emotion, dtype=np.int64)
+    split, warnings = assign_splits(identity, emotion, intake.split, data, identity_names, classes)
+    for line in warnings:
+        echo(f"warning: {line}")
     manifest = write_dataset(
-        out, pixels=faces.pixels, identity=faces.identity, identity_names=faces.identity_names,
-        emotion=faces.emotion, emotion_names=EMOTIONS, split=split, source=faces.source,
-        shard_rows=data.shard_rows, extra={"source": data.source, "config": data.model_dump(mode="json")},
-    )
+        out, pixels=np.stack(intake.pixels), identity=identity, identity_names=identity_names, emotion=emotion,
+        emotion_names=classes, split=split, source=intake.source, shard_rows=data.shard_rows,
+        extra={**extra, "intake": intake.summary(), "warnings": warnings},
+        extra_files={REJECTS_FILE: rejects_csv(intake.rejects)})
     return PreparedData(out, manifest, reused=False)
+
+
+def items_of(data: DataConfig, skipped: dict[str, int]) -> Iterable[sources.Item]:
+    try:
+        if data.source == "folder":
+            return sources.folder_items(Path(data.path))
+        if data.source == "manifest":
+            return sources.manifest_items(Path(data.path))
+        if data.source == "rafd":
+            return sources.rafd_items(Path(data.path), angles=data.rafd_angles, gazes=data.rafd_gazes,
+                                      include_contempt=data.include_contempt, skipped=skipped)
+        return sources.fer2013_items(Path(data.path))
+    except sources.SourceError as exc:
+        raise DataError(str(exc)) from None
+
+
+def take_in(data: DataConfig, classes: tuple[str, ...], *, strict: bool) -> Intake:
+    """Judge every candidate once: accepted with its labels, or rejected with file and reason."""
+    intake = Intake()
+    first_of: dict[str, str] = {}  # content digest -> first file with those bytes
+    crop = rafd_head_crop if data.source == "rafd" else square_crop
+    for item in items_of(data, intake.skipped):
+        try:
+            emotion, face, digest = judge_item(item, data, classes, crop)
+            if digest in first_of:
+                raise Rejected(DUPLICATE, f"same content as {first_of[digest]}")
+        except Rejected as exc:
+            if strict:
+                raise DataError(f"{item.file}: {exc} (--strict stops at the first rejected file)") from None
+            intake.rejects.append((item.file, exc.reason, exc.detail))
+            continue
+        first_of[digest] = item.file
+        intake.pixels.append(face.pixels)
+        intake.identity.append(item.identity)
+        intake.emotion.append(emotion)
+        intake.split.append(item.split)
+        intake.source.append(item.file)
+        if face.converted_from:
+            intake.converted[face.converted_from] += 1
+    return intake
+
+
+def judge_item(item: sources.Item, data: DataConfig, classes: tuple[str, ...], crop) -> tuple[int, Face, str]:
+    """Labels first (cheap), then the bytes: (emotion class, face, content digest) or `Rejected`."""
+    if item.identity == "" or not item.emotion.strip():
+        raise Rejected(UNLABELLED, "no identity/emotion for it (expected <root>/<identity>/<emotion>/<file>)"
+                       if data.source == "folder" else "empty identity or emotion")
+    emotion = sources.emotion_class(item.emotion, classes)
+    if emotion is None:
+        raise Rejected(UNKNOWN_LABEL, f"emotion {item.emotion!r} (classes: {', '.join(classes)})")
+    if item.pixels is not None or item.read is None:  # a CSV row of pixels (FER2013)
+        if item.pixels is None:
+            raise Rejected(UNDECODABLE, "pixels are not 48x48 values in 0-255")
+        image = Image.fromarray(item.pixels, "L").convert("RGB").resize((data.image_size, data.image_size),
+                                                                        Image.Resampling.BICUBIC)
+        digest = hashlib.sha256(item.pixels.tobytes()).hexdigest()
+        return emotion, Face(np.asarray(image, dtype=np.uint8).copy(), "grey"), digest
+    try:
+        raw = item.read()
+    except FileNotFoundError:
+        raise Rejected(MISSING, "listed but not found") from None
+    except IsADirectoryError:
+        raise Rejected(MISSING, "is a folder, not a file") from None
+    face = decode_face(raw, data.image_size, max_pixels=data.max_image_pixels, crop=crop)
+    return emotion, face, hashlib.sha256(raw).hexdigest()
+
+
+def rafd_head_crop(image: Image.Image) -> Image.Image:
+    """The head in a RaFD full frame: the largest detected face grown by a margin to take in hair and chin,
+    else (no detection) a fixed box where RaFD's frontal camera puts the head (centred, upper half)."""
+    from epd_ray.deploy.faces import FaceDetector
+
+    rgb = np.asarray(image)
+    width, height = image.size
+    boxes = FaceDetector(min_face=max(24, min(width, height) // 8)).detect(rgb)
+    if boxes:
+        box = max(boxes, key=lambda b: b.area)
+        side = int(max(box.w, box.h) * 1.5)
+        cx, cy = box.x + box.w / 2, box.y + box.h / 2
+    else:
+        side, cx, cy = int(min(width, 0.62 * width)), width / 2, 0.42 * height
+    side = min(side, width, height)
+    left = int(min(max(0, cx - side / 2), width - side))
+    top = int(min(max(0, cy - side / 2), height - side))
+    return image.crop((left, top, left + side, top + side))
+
+
+def assign_splits(identity: np.ndarray, emotion: np.ndarray, fixed: list[str | None], data: DataConfig,
+                  identity_names: list[str], classes: tuple[str, ...]) -> tuple[np.ndarray, list[str]]:
+    """Per-identity closed-set splits (DESIGN section 3); a source's own split (FER2013 Usage) is kept.
+
+    Returns the split of every image and a warning for each class too thin to appear in every split.
+    """
+    if identity_names:
+        split = split_per_identity(identity, emotion, data.splits, seed=data.seed)
+        warnings = []
+        for ident, name in enumerate(identity_names):
+            for emo in np.unique(emotion[identity == ident]):
+                n = int(((identity == ident) & (emotion == emo)).sum())
+                if n < 3:
+                    warnings.append(f"identity {name!r}, emotion {classes[emo]!r}: {n} image(s), all kept in train "
+                                    "(a class needs 3 to appear in train, val and test)")
+            missing = [s for s in SPLITS if not ((identity == ident) & (split == s)).any()]
+            if missing:
+                warnings.append(f"identity {name!r} has no image in {'/'.join(missing)}: "
+                                "the closed-set metrics cannot judge it there")
+        return split, warnings
+    rng = np.random.default_rng(data.seed)
+    draw = rng.choice(SPLITS, size=len(fixed), p=np.array(data.splits))
+    split = np.array([s if s is not None else d for s, d in zip(fixed, draw)])
+    warnings = [f"split {s!r} is empty" for s in SPLITS if not (split == s).any()]
+    return split, warnings
+
+
+def rejects_csv(rejects: list[tuple[str, str, str]]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["file", "reason", "detail"])
+    writer.writerows(rejects)
+    return buf.getvalue()
+
+
+def summary_line(prepared: PreparedData) -> str:
+    """What `prepare` prints at the end: accepted and rejected per reason, conversions, what was left out."""
+    m = prepared.manifest
+    counts = ", ".join(f"{s} {m['splits'][s]['images']}" for s in SPLITS)
+    line = (f"{'reused' if prepared.reused else 'prepared'} {m['num_images']} images ({counts}), "
+            f"content hash {m['content_hash']} -> {prepared.path}")
+    intake = m.get("intake")
+    if intake:
+        rejected = sum(intake["rejected"].values())
+        parts = [f"accepted {intake['accepted']}", f"rejected {rejected}"
+                 + (f" ({', '.join(f'{k}: {v}' for k, v in sorted(intake['rejected'].items()))}; see "
+                    f"{Path(prepared.path) / REJECTS_FILE})" if rejected else "")]
+        if intake["converted"]:
+            parts.append("converted to RGB " + ", ".join(f"{k}: {v}" for k, v in sorted(intake["converted"].items())))
+        if intake["skipped"]:
+            parts.append("left out by choice " + ", ".join(f"{k}: {v}" for k, v in sorted(intake["skipped"].items())))
+        line += "\n" + "; ".join(parts)
+    return line
+

@@ -99,7 +99,7 @@ def encode_png(pixels: np.ndarray) -> bytes:
 
 def write_dataset(out_dir: Path, *, pixels: np.ndarray, identity: np.ndarray, identity_names: list[str],
                   emotion: np.ndarray, emotion_names: tuple[str, ...], split: np.ndarray, source: list[str],
-                  shard_rows: int, extra: dict) -> dict:
+                  shard_rows: int, extra: dict, extra_files: dict[str, str] | None = None) -> dict:
     """Write shards and `dataset.json` atomically: into a temporary folder renamed when complete.
 
     An interrupted run therefore leaves nothing that looks finished at `out_dir`.
@@ -119,7 +119,7 @@ def write_dataset(out_dir: Path, *, pixels: np.ndarray, identity: np.ndarray, id
                     "image": [encode_png(pixels[i]) for i in rows],
                     "pixels": [pixels[i].tobytes() for i in rows],
                     "identity": identity[rows].astype(np.int64),
-                    "identity_name": [identity_names[identity[i]] for i in rows],
+                    "identity_name": [identity_names[identity[i]] if identity[i] >= 0 else "" for i in rows],
                     "emotion": emotion[rows].astype(np.int64),
                     "emotion_name": [emotion_names[emotion[i]] for i in rows],
                     "split": [name] * len(rows),
@@ -142,6 +142,8 @@ def write_dataset(out_dir: Path, *, pixels: np.ndarray, identity: np.ndarray, id
             "content_hash": content_hash(pixels, identity, emotion, split),
             **extra,
         }
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         if out_dir.exists():
             shutil.rmtree(out_dir)

@@ -7,6 +7,10 @@ its part through `ray.train.get_dataset_shard(...)`. The driver materializes the
 Train worker holds a CPU: every epoch and every trial then iterates blocks already in the object store
 (tens of thousands of images a second) instead of re-reading files, and on a small machine no data task
 can wait forever behind training workers that hold the CPUs.
+
+Augmentation (pix2pix's mirror and jitter) is a lazy `map_batches` on top of the materialized split, so
+it runs again, with new draws, on every pass: each epoch sees other flips and shifts of the same faces.
+Its tasks take a quarter CPU each, out of the CPUs `runtime.py` keeps back from the training workers.
 """
 
 from __future__ import annotations
@@ -28,6 +32,34 @@ def _decode(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.ndarr
         "identity": batch["identity"].astype(np.int64),
         "emotion": batch["emotion"].astype(np.int64),
     }
+
+
+def augment_pixels(pixels: np.ndarray, *, flip: bool, max_shift: int, rng: np.random.Generator) -> np.ndarray:
+    """Mirror each face with probability 1/2 and shift it by up to `max_shift` px (edges repeated)."""
+    out = pixels.copy()
+    n, height, width = pixels.shape[:3]
+    if flip:
+        mirrored = rng.random(n) < 0.5
+        out[mirrored] = out[mirrored, :, ::-1]
+    if max_shift:
+        padded = np.pad(out, ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0)), mode="edge")
+        offsets = rng.integers(0, 2 * max_shift + 1, size=(n, 2))
+        for i, (dy, dx) in enumerate(offsets):
+            out[i] = padded[i, dy:dy + height, dx:dx + width]
+    return out
+
+
+def _augment(batch: dict[str, np.ndarray], flip: bool, max_shift: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng()  # fresh entropy per batch and pass: every epoch draws anew
+    return {**batch, "pixels": augment_pixels(batch["pixels"], flip=flip, max_shift=max_shift, rng=rng)}
+
+
+def augmented(ds: ray.data.Dataset, *, flip: bool, max_shift: int) -> ray.data.Dataset:
+    """`ds` with random mirror/shift applied on each pass, or `ds` itself when both are off."""
+    if not flip and not max_shift:
+        return ds
+    return ds.map_batches(_augment, fn_kwargs={"flip": flip, "max_shift": max_shift}, batch_format="numpy",
+                          num_cpus=DATA_TASK_CPUS)
 
 
 def split_stream(dataset_dir: Path, split: str = "train") -> ray.data.Dataset:

@@ -229,6 +229,7 @@ def gan_loop(config: dict[str, Any]) -> None:
     discriminator = ray.train.torch.prepare_model(discriminator)
 
     pool = RealPairPool(ray.get(inputs.train_faces), exp.model.real_pair, seed=exp.train.seed + setup.rank)
+    jitter = {"flip": exp.train.flip, "max_shift": exp.train.max_shift}  # y is mirrored/shifted as x is
     if setup.rank == 0:
         val = ray.get(inputs.val_faces)
         identity_evaluator = frozen(build_from_record(pretrained["identity_evaluator"]), setup)
@@ -243,7 +244,7 @@ def gan_loop(config: dict[str, Any]) -> None:
         generator.train()
         discriminator.train()
         for batch in image_batches(setup, exp.train.batch_size, seed=exp.train.seed * 1000 + epoch):
-            y_real = prepare_images(pool.sample(batch["identity"], batch["emotion"]), setup)
+            y_real = prepare_images(pool.sample(batch["identity"], batch["emotion"], **jitter), setup)
             steps.step(batch["x"], y_real, batch["identity"], batch["emotion"])
 
         losses = steps.epoch_losses()

@@ -28,15 +28,15 @@ from epd_ray.core.precision import autocast
 from epd_ray.train.worker import WorkerSetup, image_batches, prepare_images, report, restore, setup_worker
 
 def network_specs(cfg: VerifiersConfig, model: ModelConfig, num_identities: int,
-                  image_size: int) -> dict[str, dict[str, Any]]:
+                  image_size: int, num_emotions: int = NUM_EMOTIONS) -> dict[str, dict[str, Any]]:
     """Constructor arguments, task, seed and epochs of every pretrained network, in training order."""
     specs = {
         "identity_verifier": {"args": {"num_identities": num_identities, "image_size": image_size,
                                        "width": cfg.identity_width}, "task": "identity", "seed": cfg.seed},
-        "emotion_verifier": {"args": {"num_emotions": NUM_EMOTIONS}, "task": "emotion", "seed": cfg.seed + 1},
+        "emotion_verifier": {"args": {"num_emotions": num_emotions}, "task": "emotion", "seed": cfg.seed + 1},
         "identity_evaluator": {"args": {"num_classes": num_identities, "base_width": cfg.evaluator_width},
                                "task": "identity", "seed": cfg.evaluator_seed},
-        "emotion_evaluator": {"args": {"num_classes": NUM_EMOTIONS, "base_width": cfg.evaluator_width,
+        "emotion_evaluator": {"args": {"num_classes": num_emotions, "base_width": cfg.evaluator_width,
                                        "grey": True}, "task": "emotion", "seed": cfg.evaluator_seed + 1},
     }
     for spec in specs.values():
@@ -94,14 +94,17 @@ def pretrain_loop(config: dict[str, Any]) -> None:
     cfg = VerifiersConfig.model_validate(config["verifiers"])
     model_cfg = ModelConfig.model_validate(config["model"])
     setup = setup_worker(config["cpus_per_worker"], config["precision"], config["channels_last"], cfg.seed)
-    specs = network_specs(cfg, model_cfg, config["num_identities"], config["image_size"])
+    specs = network_specs(cfg, model_cfg, config["num_identities"], config["image_size"], config["num_emotions"])
 
     payload, _ = restore()
     finished: dict[str, Any] = dict(payload["networks"]) if payload else {}
     scores: dict[str, float] = dict(payload.get("val_score", {})) if payload else {}
 
-    val = ray.get(config["val_faces"]) if setup.rank == 0 else None  # FaceArrays, put by the driver
-    val_x = prepare_images(val.pixels, setup) if val is not None else None
+    # The val split of each training set, by the name of its Ray dataset, put by the driver: rank 0 may run
+    # on a node that cannot open the driver's files. The emotion networks learn from a separate
+    # emotion-labelled set (FER2013) when one is given.
+    val = {source: ray.get(ref) for source, ref in config["val_faces"].items()} if setup.rank == 0 else {}
+    val_x = {source: prepare_images(faces.pixels, setup) for source, faces in val.items()}
     max_shift = max(1, config["image_size"] // 16) if cfg.augment else 0
 
     for name, spec in specs.items():
@@ -114,14 +117,15 @@ def pretrain_loop(config: dict[str, Any]) -> None:
             model = model.to(memory_format=torch.channels_last)
         model = ray.train.torch.prepare_model(model)
         optimiser = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=1e-4)
-        steps_per_epoch = max(1, config["train_images"] // (setup.world_size * cfg.batch_size))
+        source = "emotion_train" if spec["task"] == "emotion" and "emotion_train" in config["val_faces"] else "train"
+        steps_per_epoch = max(1, config[f"{source}_images"] // (setup.world_size * cfg.batch_size))
         scheduler = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=spec["lr"],
                                                         total_steps=(steps_per_epoch + 2) * spec["epochs"])
         for epoch in range(spec["epochs"]):
             model.train()
             total = torch.zeros((), device=setup.device)
             steps = 0
-            for batch in image_batches(setup, cfg.batch_size, seed=spec["seed"] * 1000 + epoch):
+            for batch in image_batches(setup, cfg.batch_size, seed=spec["seed"] * 1000 + epoch, dataset=source):
                 loss = task_loss(model, spec["task"], batch, setup, max_shift)
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
@@ -131,8 +135,8 @@ def pretrain_loop(config: dict[str, Any]) -> None:
                 steps += 1
         # One report per network, not per epoch: each report waits for the Train controller's poll.
         finished[name] = network_record(name, model)
-        if val is not None:
-            scores[name] = validation_score(model, spec["task"], val_x, val, setup)
+        if val:
+            scores[name] = validation_score(model, spec["task"], val_x[source], val[source], setup)
         metrics = {"network": name, "epochs": spec["epochs"], "loss": (total / max(1, steps)).item(),
                    "val_score": scores.get(name, float("nan"))}
         report(setup, metrics, {"networks": finished, "val_score": scores})

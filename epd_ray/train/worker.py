@@ -22,6 +22,7 @@ from epd_ray.checkpoints import load_checkpoint, save_checkpoint
 from epd_ray.core.images import to_tensor
 from epd_ray.core.precision import resolve_precision, threads_for
 from epd_ray.data.shards import FaceArrays
+from epd_ray.data.stream import augment_pixels
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -51,9 +52,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def image_batches(setup: WorkerSetup, batch_size: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+def image_batches(setup: WorkerSetup, batch_size: int, seed: int,
+                  dataset: str = "train") -> Iterator[dict[str, torch.Tensor]]:
     """One epoch of this worker's shard: images as float NCHW in [-1, 1] on the worker's device."""
-    shard = ray.train.get_dataset_shard("train")
+    shard = ray.train.get_dataset_shard(dataset)
     for batch in shard.iter_torch_batches(batch_size=batch_size, local_shuffle_buffer_size=4 * batch_size,
                                           local_shuffle_seed=seed, drop_last=True):
         yield {
@@ -80,13 +82,19 @@ def restore(default_epoch: int = 0) -> tuple[dict[str, Any] | None, int]:
 
 
 def report(setup: WorkerSetup, metrics: dict[str, Any], payload: dict[str, Any] | None) -> None:
-    """Report on every rank; rank 0 alone writes and attaches the checkpoint."""
+    """Report on every rank; rank 0 alone writes and attaches the checkpoint.
+
+    The upload to storage and the hand-over to the Train controller (which picks reports up at its poll)
+    run in Ray Train's background thread (`CheckpointUploadMode.ASYNC`), so the next epoch starts as soon
+    as the checkpoint file is written locally; Ray deletes the local copy once it is uploaded, and keeps
+    reports in order.
+    """
+    checkpoint = None
     if setup.rank == 0 and payload is not None:
-        with tempfile.TemporaryDirectory() as directory:
-            save_checkpoint(Path(directory) / CHECKPOINT_FILE, payload)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
-    else:
-        ray.train.report(metrics, checkpoint=None)
+        directory = tempfile.mkdtemp(prefix="epd-checkpoint-")
+        save_checkpoint(Path(directory) / CHECKPOINT_FILE, payload)
+        checkpoint = ray.train.Checkpoint.from_directory(directory)
+    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
 
 
 class RealPairPool:
@@ -94,6 +102,8 @@ class RealPairPool:
 
     With `other_identity_same_emotion`, y is a real face of another person with x's expression, which
     teaches D "a real face that keeps the expression", not "a copy of x". Held in memory once per worker.
+    Where a real data set has an expression shown by one person only, y falls back to another person with
+    any expression, then to any face: training goes on instead of failing on the first such batch.
     """
 
     def __init__(self, faces: FaceArrays, mode: str, seed: int):
@@ -101,16 +111,25 @@ class RealPairPool:
         self.mode = mode
         self.rng = np.random.default_rng(seed)
         self.candidates: dict[tuple[int, int], np.ndarray] = {}
+        everyone = np.arange(len(faces.identity))
         for emo in np.unique(faces.emotion):
             for ident in np.unique(faces.identity):
-                idx = np.flatnonzero((faces.emotion == emo) & (faces.identity != ident))
-                if len(idx):
-                    self.candidates[(int(emo), int(ident))] = idx
+                for idx in (np.flatnonzero((faces.emotion == emo) & (faces.identity != ident)),
+                            np.flatnonzero(faces.identity != ident), everyone):
+                    if len(idx):
+                        self.candidates[(int(emo), int(ident))] = idx
+                        break
 
-    def sample(self, identity: torch.Tensor, emotion: torch.Tensor) -> torch.Tensor:
+    def sample(self, identity: torch.Tensor, emotion: torch.Tensor, *, flip: bool = False,
+               max_shift: int = 0) -> torch.Tensor:
+        """Real faces for a batch; mirrored/shifted like the stream's x, so D cannot tell real from fake by
+        augmentation alone."""
         if self.mode == "any_real":
             idx = self.rng.integers(0, len(self.pixels), size=len(identity))
         else:
             pairs = zip(emotion.tolist(), identity.tolist())
             idx = np.array([self.rng.choice(self.candidates[pair]) for pair in pairs])
-        return self.pixels[torch.from_numpy(idx)]
+        faces = self.pixels[torch.from_numpy(idx)]
+        if flip or max_shift:
+            faces = torch.from_numpy(augment_pixels(faces.numpy(), flip=flip, max_shift=max_shift, rng=self.rng))
+        return faces

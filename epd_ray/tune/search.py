@@ -32,6 +32,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from epd_ray.config import SEARCHED_KEYS, ExperimentConfig
+from epd_ray.data.stream import augmented
 from epd_ray.runtime import DATA_RESERVE_CPUS, RayRuntime, sigint_guard, storage_filesystem
 from epd_ray.train.gan import GanInputs, gan_loop
 from epd_ray.train.worker import CHECKPOINT_FILE
@@ -102,7 +103,7 @@ def gan_trainer(exp: ExperimentConfig, params: dict[str, float], *, train_data: 
                                                          checkpoint_score_order="max"),
             failure_config=ray.train.FailureConfig(max_failures=exp.train.max_failures),
         ),
-        datasets={"train": train_data},
+        datasets={"train": augmented(train_data, flip=exp.train.flip, max_shift=exp.train.max_shift)},
     )
 
 

@@ -1,0 +1,178 @@
+"""Where labelled faces come from: one generator of `Item`s per source format (DESIGN section 3).
+
+A source only says which files (or CSV rows) exist and what their labels claim; it never decodes an
+image. Decoding, cropping, conversion and every reject reason live in `decode.py`, and the bookkeeping
+(duplicates, rejects, counts, splits, shards) in `prepare.py`, so all formats are judged the same way.
+
+- `folder`: `<root>/<identity>/<emotion>/<image>`.
+- `manifest`: a CSV or Parquet file with columns `path,identity,emotion`, paths relative to the file.
+- `rafd`: Radboud Faces file names `Rafd{angle}_{subject}_{group}_{gender}_{emotion}_{gaze}.jpg`, with a
+  choice of camera angles and gazes; contemptuous is kept out unless asked for.
+- `fer2013`: the Kaggle CSV `emotion,pixels,Usage` (48x48 grey); no identities: emotion pretraining only.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from epd_ray.core.labels import EMOTIONS
+
+CONTEMPT = "contemptuous"
+
+# Spellings users' folders and manifests carry, to the paper's class names (FER and RaFD vocabularies).
+EMOTION_ALIASES = {
+    "anger": "angry", "angry": "angry", "mad": "angry",
+    "disgust": "disgusted", "disgusted": "disgusted",
+    "fear": "fearful", "fearful": "fearful", "afraid": "fearful", "scared": "fearful",
+    "happy": "happy", "happiness": "happy", "joy": "happy",
+    "sad": "sad", "sadness": "sad",
+    "surprise": "surprised", "surprised": "surprised",
+    "neutral": "neutral", "calm": "neutral",
+    "contempt": CONTEMPT, "contemptuous": CONTEMPT,
+}
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+RAFD_NAME = re.compile(r"^Rafd(?P<angle>\d{3})_(?P<subject>\d+)_(?P<group>[A-Za-z]+)_(?P<gender>[A-Za-z]+)_"
+                       r"(?P<emotion>[A-Za-z]+)_(?P<gaze>[A-Za-z]+)$")
+RAFD_ANGLES = ("000", "045", "090", "135", "180")
+RAFD_GAZES = ("frontal", "left", "right")
+FER_SPLITS = {"Training": "train", "PublicTest": "val", "PrivateTest": "test"}
+FER_SIZE = 48
+
+
+class DataError(ValueError):
+    """Input that stops `prepare`: an unreadable source (missing root, a manifest without the needed
+    columns) or, in strict mode, the first rejected file. The message names the file."""
+
+
+@dataclass(frozen=True)
+class Item:
+    """One candidate face: a name for reports, the labels it claims, and how to get its bytes or pixels.
+
+    `emotion` is the raw label (mapped to a class by `emotion_class`); `identity` is None for a source
+    without identities (FER2013) and "" where the label is missing. `split` is set when the source fixes
+    it (FER2013's Usage column); otherwise prepare splits per identity.
+    """
+
+    file: str
+    identity: str | None
+    emotion: str
+    read: Callable[[], bytes] | None = None
+    pixels: np.ndarray | None = None
+    split: str | None = None
+
+
+def emotion_classes(include_contempt: bool) -> tuple[str, ...]:
+    return EMOTIONS + ((CONTEMPT,) if include_contempt else ())
+
+
+def emotion_class(label: str, classes: tuple[str, ...]) -> int | None:
+    """The class index of a label (case-insensitive, common spellings accepted); None when outside."""
+    name = EMOTION_ALIASES.get(label.strip().lower(), label.strip().lower())
+    return classes.index(name) if name in classes else None
+
+
+def _reader(path: Path) -> Callable[[], bytes]:
+    return path.read_bytes
+
+
+def _visible_files(root: Path) -> Iterator[Path]:
+    """Every file under root, sorted, skipping hidden ones (.DS_Store, ._ files, .git)."""
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(root).parts):
+            yield path
+
+
+def _existing_dir(root: Path, what: str) -> Path:
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder ({what})")
+    return root
+
+
+def folder_items(root: Path) -> Iterator[Item]:
+    """`<root>/<identity>/<emotion>/<image>`; a file anywhere else has no labels and is reported so."""
+    root = _existing_dir(root, "folder source: <root>/<identity>/<emotion>/<image>")
+    for path in _visible_files(root):
+        parts = path.relative_to(root).parts
+        identity, emotion = (parts[0], parts[1]) if len(parts) == 3 else ("", "")
+        yield Item(str(path.relative_to(root)), identity, emotion, read=_reader(path))
+
+
+def manifest_items(manifest: Path) -> Iterator[Item]:
+    """Rows of a CSV or Parquet manifest `path,identity,emotion`; relative paths start at its folder."""
+    manifest = Path(manifest)
+    if not manifest.is_file():
+        raise DataError(f"{manifest}: no such manifest file")
+    if manifest.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(manifest).to_pylist()
+        columns = set(rows[0]) if rows else set(pq.read_schema(manifest).names)
+    else:
+        with manifest.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            rows, columns = list(reader), set(reader.fieldnames or [])
+    missing = {"path", "identity", "emotion"} - columns
+    if missing:
+        raise DataError(f"{manifest}: manifest lacks column(s) {', '.join(sorted(missing))} "
+                          "(needs path,identity,emotion)")
+    for row in rows:
+        raw = str(row["path"] or "").strip()
+        path = Path(raw) if Path(raw).is_absolute() else manifest.parent / raw
+        identity, emotion = (str(row[k] if row[k] is not None else "").strip() for k in ("identity", "emotion"))
+        yield Item(raw or "<empty path>", identity, emotion, read=_reader(path) if raw else None)
+
+
+def rafd_items(root: Path, *, angles: tuple[str, ...], gazes: tuple[str, ...], include_contempt: bool,
+               skipped: dict[str, int]) -> Iterator[Item]:
+    """Radboud files of the chosen angles and gazes; files left out by choice are counted in `skipped`."""
+    root = _existing_dir(root, "rafd source: the folder of Rafd*.jpg files")
+    for path in _visible_files(root):
+        match = RAFD_NAME.match(path.stem)
+        if match is None:
+            yield Item(str(path.relative_to(root)), "", "", read=_reader(path))
+            continue
+        fields = match.groupdict()
+        emotion = fields["emotion"].lower()
+        reason = ("camera angle" if fields["angle"] not in angles else
+                  "gaze" if fields["gaze"].lower() not in gazes else
+                  "contemptuous left out" if emotion == CONTEMPT and not include_contempt else "")
+        if reason:
+            skipped[reason] = skipped.get(reason, 0) + 1
+            continue
+        yield Item(str(path.relative_to(root)), f"rafd{int(fields['subject']):02d}", emotion, read=_reader(path))
+
+
+def fer2013_items(csv_path: Path) -> Iterator[Item]:
+    """Rows of the FER2013 CSV: 48x48 grey pixels as text, emotion 0-6 in the paper's order, Usage split."""
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise DataError(f"{csv_path}: no such FER2013 CSV")
+    with csv_path.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        missing = {"emotion", "pixels"} - set(reader.fieldnames or [])
+        if missing:
+            raise DataError(f"{csv_path}: not a FER2013 CSV, lacks column(s) {', '.join(sorted(missing))}")
+        for line, row in enumerate(reader, start=2):
+            label = (row.get("emotion") or "").strip()
+            emotion = EMOTIONS[int(label)] if label.isdigit() and int(label) < len(EMOTIONS) else label
+            split = FER_SPLITS.get((row.get("Usage") or "").strip())
+            yield Item(f"{csv_path.name}:{line}", None, emotion, pixels=_fer_pixels(row.get("pixels") or ""),
+                       split=split)
+
+
+def _fer_pixels(text: str) -> np.ndarray | None:
+    try:
+        values = np.array(text.split(), dtype=np.int64)
+    except ValueError:
+        return None
+    if values.size != FER_SIZE * FER_SIZE or values.min(initial=0) < 0 or values.max(initial=0) > 255:
+        return None
+    return values.astype(np.uint8).reshape(FER_SIZE, FER_SIZE)
