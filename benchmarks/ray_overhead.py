@@ -191,15 +191,13 @@ class RayFit:
         return [b - a for a, b in zip(self.report_times, self.report_times[1:])]
 
 
-def ray_fit(exp: ExperimentConfig, *, epochs: int, train_data, dataset_dir: Path, pretrained_path: Path,
-            image_size: int, storage: Path, name: str) -> RayFit:
+def ray_fit(exp: ExperimentConfig, *, epochs: int, train_data, inputs, storage: Path, name: str) -> RayFit:
     from epd_ray.tune.search import gan_trainer
 
     times_file = storage / f"{name}.times"
     run_exp = ExperimentConfig.model_validate({**exp.to_dict(), "train": {**exp.train.model_dump(), "epochs": epochs}})
-    trainer = gan_trainer(run_exp, {}, train_data=train_data, dataset_dir=str(dataset_dir),
-                          pretrained_path=str(pretrained_path), image_size=image_size, name=name,
-                          storage_path=str(storage), callbacks=[ReportTimes(str(times_file))])
+    trainer = gan_trainer(run_exp, {}, train_data=train_data, inputs=inputs, name=name, storage_path=str(storage),
+                          callbacks=[ReportTimes(str(times_file))])
     started = time.time()
     result = trainer.fit()
     wall = time.time() - started
@@ -280,8 +278,10 @@ def main(argv: list[str] | None = None) -> None:
         prep = prepare(exp, workdir, echo=quiet)
         storage = workdir / "ray"
         storage.mkdir(parents=True, exist_ok=True)
-        common = dict(train_data=prep.train_data, dataset_dir=prep.dataset_dir, pretrained_path=prep.pretrained_path,
-                      image_size=prep.image_size, storage=storage)
+        from epd_ray.train.gan import GanInputs
+
+        common = dict(train_data=prep.train_data, inputs=GanInputs.put(prep.dataset_dir, prep.pretrained_path),
+                      storage=storage)
         # Interleaved, so a burst of other load does not land on one side only.
         print("  running: Ray 1-epoch fit", flush=True)
         one = ray_fit(exp, epochs=1, name="overhead-1", **common)

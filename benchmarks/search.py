@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         prep = prepare(exp, workdir, cache_dir=cache_dir, echo=quiet)
         from epd_ray.runtime import start_ray
+        from epd_ray.train.gan import GanInputs
         from epd_ray.tune.search import concurrent_trials, run_search
 
         runtime = start_ray(exp.ray)  # already up: returns the running one
@@ -110,8 +111,8 @@ def main(argv: list[str] | None = None) -> None:
         stamped = StampedOutput(real_stdout, t0)
         sys.stdout = stamped
         try:
-            outcome = run_search(exp, train_data=prep.train_data, dataset_dir=prep.dataset_dir,
-                                 pretrained_path=prep.pretrained_path, image_size=prep.image_size, runtime=runtime,
+            outcome = run_search(exp, train_data=prep.train_data,
+                                 inputs=GanInputs.put(prep.dataset_dir, prep.pretrained_path), runtime=runtime,
                                  storage_path=str(workdir / "ray"), echo=print)
         finally:
             sys.stdout = real_stdout

@@ -22,6 +22,7 @@ data_app = typer.Typer(no_args_is_help=True, help="Prepare face data sets as Par
 app.add_typer(data_app, name="data")
 
 USER_ERRORS = (ConfigError, DataError, FileNotFoundError, NotADirectoryError)
+INTERRUPTED = 130  # what a shell reports for a command stopped by Ctrl-C (128 + SIGINT)
 
 
 def fail(message: str) -> None:
@@ -47,24 +48,34 @@ def tune(
     address: Optional[str] = typer.Option(None, "--address", help="join this Ray cluster ('auto' for the local one)"),
     data: Optional[Path] = typer.Option(None, "--data", help="a folder made by `epd-ray data prepare`"),
     set_: list[str] = typer.Option([], "--set", help="override a config key, e.g. --set train.epochs=3"),
+    resume: Optional[Path] = typer.Option(None, "--resume", metavar="OUTPUT",
+                                          help="continue the stopped run in this folder (its config and data)"),
 ) -> None:
     """Search EPD-Net's loss weights with Ray Tune; save the best model and a report."""
     overrides = parse_overrides(set_)
+    if resume is not None and (config or output or data or set_):
+        fail("--resume OUTPUT takes the run's own config and data: give only --address with it")
     if address:
         # Ray reads its auth mode when it is imported: joining a token-authenticated cluster (the default
         # since Ray 2.59) needs it set before that, not at ray.init.
         os.environ.setdefault("RAY_AUTH_MODE", "token")
         overrides["ray.address"] = address
-    from epd_ray.experiment import OutputError, default_output, run_tune
+    from epd_ray.experiment import OutputError, TuneInterrupted, default_output, resume_tune, run_tune
 
     try:
-        exp = load_config(config, overrides)
-        if data is not None and not (data / "dataset.json").is_file():
-            raise FileNotFoundError(f"{data}: no prepared data set here (dataset.json missing); "
-                                    "run `epd-ray data prepare --out DIR` first")
-        run = run_tune(exp, output or default_output(exp), prepared_dir=data)
+        if resume is not None:
+            run = resume_tune(resume, address=address)
+        else:
+            exp = load_config(config, overrides)
+            if data is not None and not (data / "dataset.json").is_file():
+                raise FileNotFoundError(f"{data}: no prepared data set here (dataset.json missing); "
+                                        "run `epd-ray data prepare --out DIR` first")
+            run = run_tune(exp, output or default_output(exp), prepared_dir=data)
     except (*USER_ERRORS, OutputError) as exc:
         fail(str(exc))
+    except TuneInterrupted as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(code=INTERRUPTED)
     typer.echo(f"done: best model in {run.best_dir}, report in {run.report_dir}")
 
 

@@ -144,6 +144,8 @@ class TrainConfig(_Strict):
     max_shift: int = Field(0, ge=0, le=32, description="shift faces by up to this many px at random")
     ema_half_life: float = Field(1.0, ge=0, description="epochs; half-life of the generator's weight average "
                                                          "that is scored and published (0: the raw weights)")
+    max_failures: int = Field(2, ge=-1, description="lost workers or nodes a Train run recovers from, each time "
+                                                    "from its latest checkpoint (-1: always, 0: never)")
     seed: int = 0
 
 
@@ -213,7 +215,10 @@ class RayConfig(_Strict):
     num_cpus: int | None = Field(None, ge=1, description="local cluster only; default: all cores")
     dashboard_host: str = "127.0.0.1"
     dashboard_port: int = Field(8265, ge=0, le=65535, description="0 picks a free port")
-    storage_path: str | None = Field(None, description="where Ray Train/Tune write; default <output>/ray")
+    storage_path: str | None = Field(None, description="where Ray Train/Tune write checkpoints and results: a "
+                                     "folder or a pyarrow URI (s3://, gs://); default <output>/ray")
+    shared_storage: bool = Field(False, description="storage_path is a folder on a file system mounted at the same "
+                                 "path on every node (NFS, EFS): needed for a folder on more than one node")
 
 
 class ExperimentConfig(_Strict):

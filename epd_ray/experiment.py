@@ -2,28 +2,34 @@
 
 Stages are cached by content hash (prepared data, pretrained verifiers), so a second run reuses them. The
 output folder receives the resolved config first, and is refused before anything is written if it holds
-something else.
+something else or if Ray's storage path cannot serve the cluster (see `runtime.resolve_storage`).
+
+A run stopped part-way (Ctrl-C, a killed driver, a lost head) is continued with `epd-ray tune --resume
+OUTPUT`: the same config, data and storage path, cached stages reused, the search restored from its saved
+state and each unfinished trial continued from its last checkpoint.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs
+
 from epd_ray.checkpoints import build_from_record, load_checkpoint, save_checkpoint
-from epd_ray.config import ExperimentConfig, write_resolved
+from epd_ray.config import ExperimentConfig, load_config, write_resolved
 from epd_ray.data.prepare import PreparedData, cached_dataset
 from epd_ray.data.shards import read_manifest
 from epd_ray.data.stream import materialized_split
 from epd_ray.evaluate.evaluate import baseline_methods, evaluate_methods, generator_method
 from epd_ray.evaluate.report import render_report
 from epd_ray.provenance import package_versions
-from epd_ray.runtime import RayRuntime, start_ray
+from epd_ray.runtime import RayRuntime, resolve_storage, start_ray, storage_filesystem
+from epd_ray.train.gan import GanInputs
 from epd_ray.train.run import pretrain_networks
 from epd_ray.tune.search import SearchOutcome, run_search
 
@@ -33,6 +39,10 @@ METHOD = "epd-net"
 
 class OutputError(ValueError):
     """An output folder that cannot take this experiment; the message names it."""
+
+
+class TuneInterrupted(Exception):
+    """Ctrl-C stopped the run; the message says how to resume it."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +62,10 @@ def default_cache_dir(exp: ExperimentConfig) -> Path:
     return Path(exp.cache_dir).expanduser() if exp.cache_dir else Path.home() / ".cache" / "epd-ray"
 
 
+def resume_command(output: Path, address: str | None) -> str:
+    return f"epd-ray tune --resume {output}" + (f" --address {address}" if address else "")
+
+
 def check_output(output: Path, exp: ExperimentConfig) -> None:
     """Refuse, before writing anything, a folder that holds another experiment or unrelated files."""
     if not output.exists():
@@ -64,9 +78,16 @@ def check_output(output: Path, exp: ExperimentConfig) -> None:
         if held != exp.digest():
             raise OutputError(f"{output}: holds another experiment (config {held}, this one {exp.digest()}); "
                               "choose a new --output")
+        if not finished(output):
+            raise OutputError(f"{output}: holds this experiment, unfinished; continue it with "
+                              f"`{resume_command(output, exp.ray.address)}` or choose a new --output")
         raise OutputError(f"{output}: holds this experiment already; choose a new --output to run it again")
     if any(output.iterdir()):
         raise OutputError(f"{output}: not empty and not an epd-ray experiment; choose an empty or new folder")
+
+
+def finished(output: Path) -> bool:
+    return (output / "best" / "model_card.json").is_file()
 
 
 def check_inputs(exp: ExperimentConfig, prepared_dir: Path | None) -> None:
@@ -89,10 +110,10 @@ class Stages:
     pretrained_path: Path
 
 
-def data_and_networks(exp: ExperimentConfig, *, prepared_dir: Path | None, storage_path: str,
+def data_and_networks(exp: ExperimentConfig, *, runtime: RayRuntime, prepared_dir: Path | None, storage_path: str,
                       echo=print) -> Stages:
-    """Prepared data (given, or the cached synthetic/source set), Ray started once, the train split read
-    once into the object store, and the pretrained verifiers/evaluators (cached by content hash)."""
+    """Prepared data (given, or the cached synthetic/source set), the train split read once into the object
+    store, and the pretrained verifiers/evaluators (cached by content hash)."""
     cache_dir = default_cache_dir(exp)
     if prepared_dir is not None:
         prepared = PreparedData(Path(prepared_dir), read_manifest(Path(prepared_dir)), reused=True)
@@ -102,8 +123,7 @@ def data_and_networks(exp: ExperimentConfig, *, prepared_dir: Path | None, stora
     echo(f"data: {'reusing' if prepared.reused else 'prepared'} {m['num_images']} images "
          f"({len(m['identities'])} identities x {len(m['emotions'])} emotions, {m['image_size']} px) "
          f"-> {prepared.path}")
-    runtime = start_ray(exp.ray)
-    echo(f"ray: dashboard {runtime.dashboard_url or '(not available)'}")
+    echo(f"ray: dashboard {runtime.dashboard_url or '(not available)'}; storage {storage_path}")
     train_data = materialized_split(prepared.path, "train")
     pretrained_path = pretrain_networks(exp, prepared, train_data=train_data, cache_dir=cache_dir, runtime=runtime,
                                         storage_path=storage_path, echo=echo)
@@ -113,8 +133,10 @@ def data_and_networks(exp: ExperimentConfig, *, prepared_dir: Path | None, stora
 def run_pretrain(exp: ExperimentConfig, *, prepared_dir: Path | None = None, echo=print) -> Path:
     """`epd-ray pretrain`: the verifiers, evaluators and warm start into the cache that `tune` reuses."""
     check_inputs(exp, prepared_dir)
-    storage = exp.ray.storage_path or str(default_cache_dir(exp) / "ray")
-    return data_and_networks(exp, prepared_dir=prepared_dir, storage_path=storage, echo=echo).pretrained_path
+    runtime = start_ray(exp.ray)
+    storage = resolve_storage(exp.ray, default_cache_dir(exp) / "ray")
+    return data_and_networks(exp, runtime=runtime, prepared_dir=prepared_dir, storage_path=storage,
+                             echo=echo).pretrained_path
 
 
 def run_tune(exp: ExperimentConfig, output: Path, *, prepared_dir: Path | None = None, echo=print) -> TuneRun:
@@ -122,34 +144,76 @@ def run_tune(exp: ExperimentConfig, output: Path, *, prepared_dir: Path | None =
     output = Path(output).resolve()
     check_inputs(exp, prepared_dir)
     check_output(output, exp)
+    runtime = start_ray(exp.ray)
+    storage = resolve_storage(exp.ray, output / "ray")
     output.mkdir(parents=True, exist_ok=True)
     write_resolved(exp, output / "config.yaml")
     (output / MARKER).write_text(json.dumps({"kind": "epd-ray tune", "config_digest": exp.digest(),
+                                             "data": str(Path(prepared_dir).resolve()) if prepared_dir else None,
                                              "started": datetime.now().isoformat(timespec="seconds")}))
     echo(f"config: {output / 'config.yaml'}")
+    return _interruptible(output, exp, lambda: _search_and_report(exp, output, prepared_dir, runtime, storage,
+                                                                  started, resume=False, echo=echo))
 
-    storage = exp.ray.storage_path or str(output / "ray")
-    stages = data_and_networks(exp, prepared_dir=prepared_dir, storage_path=storage, echo=echo)
-    prepared, runtime, train_data, pretrained_path = (stages.prepared, stages.runtime, stages.train_data,
-                                                      stages.pretrained_path)
-    outcome = run_search(exp, train_data=train_data, dataset_dir=prepared.path, pretrained_path=pretrained_path,
-                         image_size=prepared.manifest["image_size"], runtime=runtime, storage_path=storage, echo=echo)
+
+def resume_tune(output: Path, *, address: str | None = None, echo=print) -> TuneRun:
+    """Continue a run folder's experiment where it stopped, with the config and data it started with."""
+    started = time.time()
+    output = Path(output).resolve()
+    marker = output / MARKER
+    if not marker.is_file():
+        raise OutputError(f"{output}: not an `epd-ray tune` run folder (no {MARKER}); nothing to resume")
+    if finished(output):
+        raise OutputError(f"{output}: this experiment finished already; its best model is in {output / 'best'}")
+    exp = load_config(output / "config.yaml", {"ray.address": address} if address else None)
+    recorded = json.loads(marker.read_text()).get("data")
+    prepared_dir = Path(recorded) if recorded else None
+    check_inputs(exp, prepared_dir)
+    runtime = start_ray(exp.ray)
+    storage = resolve_storage(exp.ray, output / "ray")
+    echo(f"resuming: {output} (config {output / 'config.yaml'})")
+    return _interruptible(output, exp, lambda: _search_and_report(exp, output, prepared_dir, runtime, storage,
+                                                                  started, resume=True, echo=echo))
+
+
+def _interruptible(output: Path, exp: ExperimentConfig, run):
+    try:
+        return run()
+    except KeyboardInterrupt:
+        raise TuneInterrupted(f"interrupted: the search's state and each trial's last finished epoch are saved; "
+                              f"resume with: {resume_command(output, exp.ray.address)}") from None
+
+
+def _search_and_report(exp: ExperimentConfig, output: Path, prepared_dir: Path | None, runtime: RayRuntime,
+                       storage: str, started: float, *, resume: bool, echo) -> TuneRun:
+    stages = data_and_networks(exp, runtime=runtime, prepared_dir=prepared_dir, storage_path=storage, echo=echo)
+    prepared, pretrained_path = stages.prepared, stages.pretrained_path
+    outcome = run_search(exp, train_data=stages.train_data, inputs=GanInputs.put(prepared.path, pretrained_path),
+                         runtime=runtime, storage_path=storage, resume=resume, echo=echo)
     echo(f"search: done in {outcome.wall_seconds:.0f} s; best trial {outcome.best.trial_id} "
          f"J={outcome.best.metrics['objective']:.3f} (validation)")
 
     best_dir, report_dir = output / "best", output / "report"
-    metrics = evaluate_best(exp, outcome, prepared, pretrained_path)
-    write_best(best_dir, exp, outcome, prepared, metrics)
+    checkpoint = fetch_checkpoint(storage, outcome.best.checkpoint, best_dir / "checkpoint.pt")
+    metrics = evaluate_best(exp, outcome, checkpoint, prepared, pretrained_path)
     write_report(report_dir, exp, outcome, metrics)
+    write_best(best_dir, exp, outcome, prepared, metrics)  # last: its model card marks the run finished
     echo_summary(outcome, metrics, echo)
     wall = time.time() - started
     echo(f"best model: {best_dir}\nreport: {report_dir / 'report.md'}\nwall time: {wall:.0f} s")
     return TuneRun(output, best_dir, report_dir, runtime.dashboard_url, wall)
 
 
-def evaluate_best(exp: ExperimentConfig, outcome: SearchOutcome, prepared: PreparedData,
+def fetch_checkpoint(storage: str, path: str, dest: Path) -> Path:
+    """Copy a checkpoint file from Ray's storage (a folder or an object store) to `dest` on this machine."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    pyarrow.fs.copy_files(path, str(dest), source_filesystem=storage_filesystem(storage),
+                          destination_filesystem=pyarrow.fs.LocalFileSystem())
+    return dest
+
+
+def evaluate_best(exp: ExperimentConfig, outcome: SearchOutcome, checkpoint: Path, prepared: PreparedData,
                   pretrained_path: Path) -> dict[str, Any]:
-    checkpoint = Path(outcome.best.checkpoint)
     generator = build_from_record(load_checkpoint(checkpoint)["networks"]["generator"], checkpoint)
     methods = {METHOD: generator_method(generator, seed=exp.train.seed), **baseline_methods(exp.evaluation)}
     mu = float(outcome.best.params.get("mu", exp.evaluation.mu))
@@ -159,9 +223,8 @@ def evaluate_best(exp: ExperimentConfig, outcome: SearchOutcome, prepared: Prepa
 
 def write_best(best_dir: Path, exp: ExperimentConfig, outcome: SearchOutcome, prepared: PreparedData,
                metrics: dict[str, Any]) -> None:
-    best_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = load_checkpoint(Path(outcome.best.checkpoint))
-    shutil.copy(outcome.best.checkpoint, best_dir / "checkpoint.pt")
+    """The best generator and its model card next to the trial checkpoint that `fetch_checkpoint` copied."""
+    checkpoint = load_checkpoint(best_dir / "checkpoint.pt")
     save_checkpoint(best_dir / "generator.pt", {"networks": {"generator": checkpoint["networks"]["generator"]},
                                                 "params": checkpoint["params"]})
     card = {

@@ -5,20 +5,30 @@ dashboard on 127.0.0.1 with its URL printed, a custom `trial_driver` resource th
 holds instead of a CPU (on a 2-core machine a driver holding a CPU starves its own Train workers), and the
 state API address pinned for every worker (Train's placement-group cleaner needs it). With an address, join
 that cluster; token authentication, on by default since Ray 2.59, is then asked for explicitly.
+
+Also where Ray Train and Tune write (`storage_path`), and the rule that keeps a run on several nodes from
+scattering its checkpoints over disks of their own.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import tempfile
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import urlparse
 
+import pyarrow.fs
 import ray
 import ray.data
 
-from epd_ray.config import RayConfig
+from epd_ray.config import ConfigError, RayConfig
 
 TRIAL_DRIVER = "trial_driver"
 # CPU left free of training workers so Ray Data's read and decode tasks (fractional CPUs) always run.
@@ -66,7 +76,8 @@ def start_ray(cfg: RayConfig, *, trial_drivers: int = 64, quiet: bool = True) ->
     logging.getLogger("ray").setLevel(logging.WARNING if quiet else logging.INFO)
     ray.data.DataContext.get_current().enable_progress_bars = not quiet
     if cfg.address:  # token auth for joining is set up by the CLI, before Ray is imported
-        info = ray.init(address=cfg.address, log_to_driver=not quiet, runtime_env={"env_vars": TRAIN_POLL_ENV})
+        info = ray.init(address=cfg.address, log_to_driver=not quiet, runtime_env={"env_vars": TRAIN_POLL_ENV},
+                        logging_level=logging.WARNING if quiet else logging.INFO)
         return RayRuntime(dashboard_url=_url(info.dashboard_url), started_here=False)
     api_host = "127.0.0.1" if cfg.dashboard_host in ("0.0.0.0", "::") else cfg.dashboard_host
     port = _free_port(api_host, cfg.dashboard_port)
@@ -91,3 +102,76 @@ def _url(address: str | None) -> str | None:
     if not address:
         return None
     return address if address.startswith("http") else f"http://{address}"
+
+
+def alive_nodes() -> int:
+    return sum(1 for node in ray.nodes() if node["Alive"])
+
+
+def is_local_path(path: str) -> bool:
+    """A folder on this machine (a plain path or file://), as opposed to a pyarrow URI (s3://, gs://, ...)."""
+    return urlparse(path).scheme in ("", "file")
+
+
+def resolve_storage(cfg: RayConfig, default: Path) -> str:
+    """Where Ray Train and Tune write checkpoints and results: `ray.storage_path`, else the folder `default`.
+
+    Train workers upload their checkpoints to it and the driver reads them back, so on more than one node
+    a folder only works on a mount every node shares; a local folder there is refused (ConfigError) unless
+    `ray.shared_storage` says it is such a mount. Checked against the nodes alive when the command starts.
+    """
+    storage = cfg.storage_path or str(default)
+    if not is_local_path(storage):
+        return storage.rstrip("/")
+    nodes = alive_nodes()
+    if nodes > 1 and not cfg.shared_storage:
+        raise ConfigError(f"ray.storage_path {storage}{'' if cfg.storage_path else ' (the default)'}: a local folder, "
+                          f"but the cluster has {nodes} nodes, each with a disk of its own; use s3://..., gs://... "
+                          "or a folder on a shared mount (NFS) with --set ray.shared_storage=true")
+    return storage if storage.startswith("file://") else str(Path(storage).expanduser().resolve())
+
+
+def storage_filesystem(storage: str) -> pyarrow.fs.FileSystem:
+    """The file system of a storage path; checkpoint paths that Ray reports are paths on it."""
+    return pyarrow.fs.FileSystem.from_uri(storage)[0]
+
+
+@contextmanager
+def sigint_guard() -> Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt after a Ray Train or Tune `fit`, whatever those did with it.
+
+    Both install SIGINT handlers for the duration of `fit` and leave them behind: Train's aborts its run
+    (fit then fails with an actor error), Tune's saves the search's state and returns as if it had finished.
+    Python writes every handled signal's number to the wakeup fd, so this learns of a Ctrl-C however it was
+    handled, restores the handler it found, and raises KeyboardInterrupt in place of the stage's result.
+    Off the main thread (where neither installs a handler) it does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    handler = signal.getsignal(signal.SIGINT)
+    reader, writer = os.pipe()
+    for fd in (reader, writer):
+        os.set_blocking(fd, False)
+    previous_fd = signal.set_wakeup_fd(writer, warn_on_full_buffer=False)
+
+    def interrupted() -> bool:
+        signal.set_wakeup_fd(previous_fd)
+        signal.signal(signal.SIGINT, handler)
+        try:
+            received = os.read(reader, 4096)
+        except BlockingIOError:
+            received = b""
+        finally:
+            os.close(reader)
+            os.close(writer)
+        return signal.SIGINT in received
+
+    try:
+        yield
+    except BaseException as exc:
+        if interrupted():
+            raise KeyboardInterrupt from exc
+        raise
+    if interrupted():
+        raise KeyboardInterrupt

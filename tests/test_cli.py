@@ -27,6 +27,7 @@ METRIC_KEYS = {"objective", "deid_rate", "switching_deid_rate", "genuine_accepta
     (["--set", "loss.alpha=1.5"], "loss.alpha"),
     (["--set", "search.space.alpha={low: 0.5, high: 2.0}"], "search.space"),
     (["--set", "nonsense"], "KEY=VALUE"),
+    (["--set", "train.max_failures=-2"], "train.max_failures"),
     (["--data", "/no/such/prepared/folder"], "/no/such/prepared/folder"),
     (["--set", "data.source=folder"], "data.path"),
     (["--set", "data.source=folder", "--set", "data.path=/no/such/faces"], "/no/such/faces"),
@@ -66,6 +67,18 @@ def test_an_output_folder_holding_something_else_is_refused_untouched(tmp_path):
         result = CliRunner().invoke(app, ["tune", "--config", "smoke", "--output", str(folder)])
         assert result.exit_code == 2 and says in result.stderr and str(folder) in result.stderr
         assert sorted(p.name for p in folder.iterdir()) == before
+
+
+def test_resume_needs_a_stopped_run_folder_and_nothing_else(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for args, says in ((["--resume", str(empty)], "not an `epd-ray tune` run folder"),
+                       (["--resume", str(empty), "--set", "train.epochs=3"], "give only --address")):
+        result = CliRunner().invoke(app, ["tune", *args])
+        assert result.exit_code == 2, result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and says in lines[0], lines
+    assert not any(empty.iterdir())
 
 
 def _epd_ray(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -306,6 +306,7 @@ def _assert_cluster_tune(params: dict) -> None:
     assert params["config"] == "paper" and params["address"] == "auto"
     assert str(params["output"]).startswith(f"{SHARED}/")
     assert exp.cache_dir.startswith(f"{SHARED}/") and exp.ray.storage_path.startswith(f"{SHARED}/")
+    assert exp.ray.shared_storage  # a folder for storage_path on several nodes is refused without it
     assert exp.train.use_gpu
 
 
@@ -399,7 +400,7 @@ def test_readme_port_forwards_reach_the_dashboard_port(commands, raycluster_docs
 
 
 def test_readme_job_submissions_parse_and_match_the_files(commands, rayjob):
-    submits = [c for c in commands if c.startswith("ray job submit")]
+    submits = [c for c in commands if c.startswith("ray job submit") and " --resume " not in c]
     assert len(submits) == 2
     entry = shlex.split(rayjob["spec"]["entrypoint"])
     for command in submits:
@@ -415,6 +416,16 @@ def test_readme_job_submissions_parse_and_match_the_files(commands, rayjob):
         else:
             assert ray_argv[ray_argv.index("--working-dir") + 1] == "."
     assert sum("--runtime-env-json" in c for c in submits) == 1
+
+
+def test_readme_resume_command_continues_the_documented_run(commands, rayjob):
+    (resume,) = [c for c in commands if c.startswith("ray job submit") and " --resume " in c]
+    argv = shlex.split(resume.split(" -- ", 1)[1])
+    command = typer.main.get_command(app).commands["tune"]
+    params = command.make_context("tune", argv[2:]).params
+    run = _tune_params(shlex.split(rayjob["spec"]["entrypoint"]))
+    assert argv[:2] == ["epd-ray", "tune"] and params["resume"] == run["output"]
+    assert params["address"] == run["address"] and not (params["config"] or params["set_"] or params["output"])
 
 
 def test_readme_wheel_matches_pyproject(readme):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from ray.train.torch import TorchTrainer
 
 from epd_ray.checkpoints import load_checkpoint, load_network
 from epd_ray.data.stream import materialized_split
+from epd_ray.train.gan import GanInputs
 from epd_ray.train.run import pretrain_networks
 from epd_ray.train.worker import CHECKPOINT_FILE
 from epd_ray.tune.search import run_trial, gan_trainer
@@ -65,8 +67,8 @@ def test_networks_are_pretrained_once_and_reused(ray_runtime, tiny_experiment, t
 
 
 def _fit_gan(exp, data, pretrained, tmp_path, name):
-    return gan_trainer(exp, PARAMS, train_data=materialized_split(data.path), dataset_dir=str(data.path),
-                       pretrained_path=str(pretrained), image_size=32, name=name,
+    return gan_trainer(exp, PARAMS, train_data=materialized_split(data.path),
+                       inputs=GanInputs.put(data.path, pretrained), name=name,
                        storage_path=str(tmp_path / "ray")).fit()
 
 
@@ -98,11 +100,20 @@ def test_gan_training_checkpoints_every_epoch_and_resumes(ray_runtime, tiny_expe
         assert load_checkpoint(Path(directory) / CHECKPOINT_FILE)["epoch"] == 2
 
 
-def test_gan_training_runs_ddp_across_two_workers(ray_runtime, tiny_experiment, tiny_data, tiny_pretrained,
-                                                  tmp_path):
+def test_gan_training_runs_ddp_across_two_workers_without_the_drivers_files(ray_runtime, tiny_experiment, tiny_data,
+                                                                           tiny_pretrained, tmp_path):
+    """Workers on other nodes cannot open the driver's files: once the driver has handed the data and the
+    pretrained networks to Ray, training needs neither file."""
     exp = tiny_experiment.model_copy(update={"train": tiny_experiment.train.model_copy(
         update={"epochs": 1, "num_workers": 2, "cpus_per_worker": 0.5})})
-    result = _fit_gan(exp, tiny_data, tiny_pretrained, tmp_path, "gan-ddp")
+    data_dir, pretrained = tmp_path / "data", tmp_path / "pretrained.pt"
+    shutil.copytree(tiny_data.path, data_dir)
+    shutil.copy(tiny_pretrained, pretrained)
+    train_data, inputs = materialized_split(data_dir), GanInputs.put(data_dir, pretrained)
+    shutil.rmtree(data_dir)
+    pretrained.unlink()
+    result = gan_trainer(exp, PARAMS, train_data=train_data, inputs=inputs, name="gan-ddp",
+                         storage_path=str(tmp_path / "ray")).fit()
     assert result.error is None
     assert math.isfinite(result.metrics["objective"]) and result.checkpoint is not None
 
@@ -113,8 +124,8 @@ def test_a_diverging_trial_stops_with_a_reason_and_a_finite_penalty(ray_runtime,
     exp = tiny_experiment.model_copy(update={"train": tiny_experiment.train.model_copy(update={"lr": 1e30})})
     trainable = ray.tune.with_resources(ray.tune.with_parameters(
         run_trial, experiment=exp.to_dict(), train_data=materialized_split(tiny_data.path),
-        dataset_dir=str(tiny_data.path), pretrained_path=str(tiny_pretrained), image_size=32,
-        storage_path=str(tmp_path / "ray")), ray_runtime.trial_resources())
+        inputs=GanInputs.put(tiny_data.path, tiny_pretrained), storage_path=str(tmp_path / "ray")),
+        ray_runtime.trial_resources())
     grid = ray.tune.Tuner(trainable, param_space=PARAMS,
                           run_config=ray.tune.RunConfig(name="nan", storage_path=str(tmp_path / "ray"),
                                                         verbose=0)).fit()

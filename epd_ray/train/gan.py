@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
 import ray.train.torch
 import torch
 
@@ -29,6 +31,29 @@ from epd_ray.train.worker import RealPairPool, WorkerSetup, image_batches, prepa
 
 # The objective a diverged trial reports: finite (the searcher must never see NaN) and the worst possible.
 PENALTY_OBJECTIVE = 0.0
+
+
+@dataclass(frozen=True)
+class GanInputs:
+    """What GAN workers read besides their data shard, put into Ray's object store once by the driver.
+
+    Workers on other nodes cannot open the driver's files, so the pretrained networks and the two splits a
+    worker needs whole (train: the real-pair pool; val: rank 0's scoring) travel as object refs, on one
+    node as on many, and every trial of a search shares the same copies.
+    """
+
+    pretrained: ray.ObjectRef  # the table of networks of pretrained.pt
+    train_faces: ray.ObjectRef  # FaceArrays
+    val_faces: ray.ObjectRef  # FaceArrays
+    image_size: int
+    train_images: int
+
+    @classmethod
+    def put(cls, dataset_dir: Path, pretrained_path: Path) -> "GanInputs":
+        train = load_split(dataset_dir, "train")
+        return cls(pretrained=ray.put(load_checkpoint(Path(pretrained_path))["networks"]), train_faces=ray.put(train),
+                   val_faces=ray.put(load_split(dataset_dir, "val")),
+                   image_size=read_manifest(dataset_dir)["image_size"], train_images=len(train))
 
 
 def build_gan(exp: ExperimentConfig, image_size: int) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -173,17 +198,21 @@ def gan_loop(config: dict[str, Any]) -> None:
     exp = ExperimentConfig.model_validate(config["experiment"])
     weights, mu = trial_params(config)
     setup = setup_worker(exp.train.cpus_per_worker, exp.train.precision, exp.train.channels_last, exp.train.seed)
-    dataset_dir = Path(config["dataset_dir"])
-    image_size = config["image_size"]
+    inputs: GanInputs = config["inputs"]
 
-    generator, discriminator = build_gan(exp, image_size)
-    pretrained = load_checkpoint(Path(config["pretrained_path"]))["networks"]
+    generator, discriminator = build_gan(exp, inputs.image_size)
+    pretrained = ray.get(inputs.pretrained)
     identity_verifier = frozen(build_from_record(pretrained["identity_verifier"]), setup)
     emotion_verifier = frozen(build_from_record(pretrained["emotion_verifier"]), setup)
 
     opt_g = torch.optim.Adam(generator.parameters(), lr=exp.train.lr, betas=(exp.train.beta1, exp.train.beta2))
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=exp.train.lr, betas=(exp.train.beta1, exp.train.beta2))
     payload, start_epoch = restore()
+    if payload is not None and start_epoch >= exp.train.epochs:
+        # Resumed after its last epoch (the search's driver stopped before it recorded the end): its final
+        # result and checkpoint once more, so that the resumed search sees the trial as it finished.
+        report(setup, {**payload["metrics"], "replayed": True}, payload)
+        return
     if payload is None and "generator" in pretrained:  # the shared warm start (see train/pretrain.py)
         generator.load_state_dict(pretrained["generator"]["state_dict"])
     if payload is not None:
@@ -199,15 +228,14 @@ def gan_loop(config: dict[str, Any]) -> None:
     generator = ray.train.torch.prepare_model(generator)
     discriminator = ray.train.torch.prepare_model(discriminator)
 
-    pool = RealPairPool(load_split(dataset_dir, "train"), exp.model.real_pair, seed=exp.train.seed + setup.rank)
+    pool = RealPairPool(ray.get(inputs.train_faces), exp.model.real_pair, seed=exp.train.seed + setup.rank)
     jitter = {"flip": exp.train.flip, "max_shift": exp.train.max_shift}  # y is mirrored/shifted as x is
     if setup.rank == 0:
-        val = load_split(dataset_dir, "val")
+        val = ray.get(inputs.val_faces)
         identity_evaluator = frozen(build_from_record(pretrained["identity_evaluator"]), setup)
         emotion_evaluator = frozen(build_from_record(pretrained["emotion_evaluator"]), setup)
 
-    decay = ema_decay(exp.train.ema_half_life, read_manifest(dataset_dir)["splits"]["train"]["images"],
-                      exp.train.batch_size * setup.world_size)
+    decay = ema_decay(exp.train.ema_half_life, inputs.train_images, exp.train.batch_size * setup.world_size)
     steps = GanSteps(generator, discriminator, identity_verifier, emotion_verifier, opt_g, opt_d, weights, setup,
                      ema_decay=decay)
     if payload is not None and steps.generator_ema is not None:

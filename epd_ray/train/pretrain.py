@@ -11,9 +11,9 @@ network the loop reports a checkpoint holding every network finished so far, so 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
+import ray
 import ray.train
 import ray.train.torch
 import torch
@@ -25,7 +25,6 @@ from epd_ray.core.labels import NUM_EMOTIONS
 from epd_ray.core.losses import ssim_loss, ssim_per_image
 from epd_ray.core.networks import build_network
 from epd_ray.core.precision import autocast
-from epd_ray.data.shards import load_split
 from epd_ray.train.worker import WorkerSetup, image_batches, prepare_images, report, restore, setup_worker
 
 def network_specs(cfg: VerifiersConfig, model: ModelConfig, num_identities: int,
@@ -95,17 +94,17 @@ def pretrain_loop(config: dict[str, Any]) -> None:
     cfg = VerifiersConfig.model_validate(config["verifiers"])
     model_cfg = ModelConfig.model_validate(config["model"])
     setup = setup_worker(config["cpus_per_worker"], config["precision"], config["channels_last"], cfg.seed)
-    dataset_dir = Path(config["dataset_dir"])
     specs = network_specs(cfg, model_cfg, config["num_identities"], config["image_size"], config["num_emotions"])
 
     payload, _ = restore()
     finished: dict[str, Any] = dict(payload["networks"]) if payload else {}
     scores: dict[str, float] = dict(payload.get("val_score", {})) if payload else {}
 
-    # The emotion networks learn from a separate emotion-labelled set (FER2013) when one is given.
-    emotion_dir = Path(config["emotion_dataset_dir"]) if config.get("emotion_dataset_dir") else dataset_dir
-    val = {d: load_split(d, "val") for d in {dataset_dir, emotion_dir}} if setup.rank == 0 else {}
-    val_x = {d: prepare_images(faces.pixels, setup) for d, faces in val.items()}
+    # The val split of each training set, by the name of its Ray dataset, put by the driver: rank 0 may run
+    # on a node that cannot open the driver's files. The emotion networks learn from a separate
+    # emotion-labelled set (FER2013) when one is given.
+    val = {source: ray.get(ref) for source, ref in config["val_faces"].items()} if setup.rank == 0 else {}
+    val_x = {source: prepare_images(faces.pixels, setup) for source, faces in val.items()}
     max_shift = max(1, config["image_size"] // 16) if cfg.augment else 0
 
     for name, spec in specs.items():
@@ -118,8 +117,7 @@ def pretrain_loop(config: dict[str, Any]) -> None:
             model = model.to(memory_format=torch.channels_last)
         model = ray.train.torch.prepare_model(model)
         optimiser = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=1e-4)
-        source = "emotion_train" if spec["task"] == "emotion" and emotion_dir != dataset_dir else "train"
-        source_dir = emotion_dir if source == "emotion_train" else dataset_dir
+        source = "emotion_train" if spec["task"] == "emotion" and "emotion_train" in config["val_faces"] else "train"
         steps_per_epoch = max(1, config[f"{source}_images"] // (setup.world_size * cfg.batch_size))
         scheduler = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=spec["lr"],
                                                         total_steps=(steps_per_epoch + 2) * spec["epochs"])
@@ -138,7 +136,7 @@ def pretrain_loop(config: dict[str, Any]) -> None:
         # One report per network, not per epoch: each report waits for the Train controller's poll.
         finished[name] = network_record(name, model)
         if val:
-            scores[name] = validation_score(model, spec["task"], val_x[source_dir], val[source_dir], setup)
+            scores[name] = validation_score(model, spec["task"], val_x[source], val[source], setup)
         metrics = {"network": name, "epochs": spec["epochs"], "loss": (total / max(1, steps)).item(),
                    "val_score": scores.get(name, float("nan"))}
         report(setup, metrics, {"networks": finished, "val_score": scores})

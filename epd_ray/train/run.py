@@ -7,6 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
+import ray
 import ray.data
 import ray.train
 from ray.train.torch import TorchTrainer
@@ -14,9 +15,9 @@ from ray.train.torch import TorchTrainer
 from epd_ray.checkpoints import load_checkpoint
 from epd_ray.config import ConfigError, ExperimentConfig, stable_hash
 from epd_ray.data.prepare import PreparedData
-from epd_ray.data.shards import read_manifest
+from epd_ray.data.shards import load_split, read_manifest
 from epd_ray.data.stream import materialized_split
-from epd_ray.runtime import DATA_RESERVE_CPUS, RayRuntime
+from epd_ray.runtime import DATA_RESERVE_CPUS, RayRuntime, sigint_guard
 from epd_ray.train.pretrain import pretrain_loop
 from epd_ray.train.worker import CHECKPOINT_FILE
 
@@ -66,15 +67,16 @@ def pretrain_networks(exp: ExperimentConfig, prepared: PreparedData, *, train_da
          f"{' and the generator warm start' if exp.model.warm_start_epochs else ''} on "
          f"{prepared.manifest['splits']['train']['images']} images ({workers} worker(s))")
     emotions = emotion_data(exp, prepared)
-    datasets = {"train": train_data}
+    # Each training set's val split goes through the object store: workers may be on other nodes.
+    datasets, val_faces = {"train": train_data}, {"train": ray.put(load_split(prepared.path, "val"))}
     if emotions is not prepared:
         echo(f"emotion networks learn from {emotions.path} ({emotions.manifest['splits']['train']['images']} images)")
         datasets["emotion_train"] = materialized_split(emotions.path, "train")
+        val_faces["emotion_train"] = ray.put(load_split(emotions.path, "val"))
     trainer = TorchTrainer(
         pretrain_loop,
         train_loop_config={"verifiers": exp.verifiers.model_dump(mode="json"),
-                           "model": exp.model.model_dump(mode="json"), "dataset_dir": str(prepared.path),
-                           "emotion_dataset_dir": str(emotions.path) if emotions is not prepared else None,
+                           "model": exp.model.model_dump(mode="json"), "val_faces": val_faces,
                            "num_identities": len(prepared.manifest["identities"]),
                            "num_emotions": len(prepared.manifest["emotions"]),
                            "image_size": prepared.manifest["image_size"],
@@ -84,10 +86,12 @@ def pretrain_networks(exp: ExperimentConfig, prepared: PreparedData, *, train_da
                            "channels_last": exp.train.channels_last},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=exp.train.use_gpu,
                                                resources_per_worker=None if exp.train.use_gpu else {"CPU": cpus}),
-        run_config=ray.train.RunConfig(name=f"pretrain-{key}", storage_path=storage_path),
+        run_config=ray.train.RunConfig(name=f"pretrain-{key}", storage_path=storage_path,
+                                       failure_config=ray.train.FailureConfig(max_failures=exp.train.max_failures)),
         datasets=datasets,
     )
-    result = trainer.fit()
+    with sigint_guard():
+        result = trainer.fit()
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     with result.checkpoint.as_directory() as directory:

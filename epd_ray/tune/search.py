@@ -5,6 +5,12 @@ pattern), with a stable Train run name from the trial id; Train reports reach Tu
 `TuneReportCallback`, which also passes each checkpoint's path. The trial driver holds the custom
 `trial_driver` resource, not a CPU, so on a small machine every CPU goes to the Train workers and to the
 data tasks. All trials share the same prepared data and pretrained verifiers.
+
+Faults: a Train run recovers from lost workers or nodes (`train.max_failures`) from its latest checkpoint.
+A search whose driver was stopped resumes from the saved Tune state (`Tuner.restore`): finished trials are
+kept, unfinished and failed ones run again under their old trial id, so their Train run (named from it)
+continues from its latest checkpoint. ASHA therefore counts epochs, which survive such a restart, not
+Tune's training iterations, which start again from 1.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow.fs
 import ray.data
 import ray.train
 import ray.tune
@@ -25,12 +32,13 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from epd_ray.config import SEARCHED_KEYS, ExperimentConfig
-from epd_ray.runtime import DATA_RESERVE_CPUS, RayRuntime
 from epd_ray.data.stream import augmented
-from epd_ray.train.gan import gan_loop
+from epd_ray.runtime import DATA_RESERVE_CPUS, RayRuntime, sigint_guard, storage_filesystem
+from epd_ray.train.gan import GanInputs, gan_loop
 from epd_ray.train.worker import CHECKPOINT_FILE
 
 OBJECTIVE = "objective"
+SEARCH_NAME = "search"  # the Tune experiment's folder under the storage path
 PAPER_POINT = {"phi": 0.25, "mu": 0.35}
 
 
@@ -40,7 +48,7 @@ class TrialSummary:
     params: dict[str, float]
     epochs: int
     metrics: dict[str, Any]  # at the trial's best epoch
-    checkpoint: str | None
+    checkpoint: str | None  # the checkpoint file, a path on the storage path's file system
     status: str
 
 
@@ -82,31 +90,29 @@ def first_points(exp: ExperimentConfig) -> list[dict[str, float]]:
     return [{key: min(max(base[key], rng.low), rng.high) for key, rng in exp.search.space.items()}]
 
 
-def gan_trainer(exp: ExperimentConfig, params: dict[str, float], *, train_data: ray.data.Dataset, dataset_dir: str,
-                pretrained_path: str, image_size: int, name: str, storage_path: str,
-                callbacks: list | None = None) -> TorchTrainer:
+def gan_trainer(exp: ExperimentConfig, params: dict[str, float], *, train_data: ray.data.Dataset, inputs: GanInputs,
+                name: str, storage_path: str, callbacks: list | None = None) -> TorchTrainer:
     """One GAN training run (used by each trial, and by `epd-ray train` for a single config)."""
     return TorchTrainer(
         gan_loop,
-        train_loop_config={"experiment": exp.to_dict(), "params": params, "dataset_dir": dataset_dir,
-                           "pretrained_path": pretrained_path, "image_size": image_size},
+        train_loop_config={"experiment": exp.to_dict(), "params": params, "inputs": inputs},
         scaling_config=scaling_config(exp),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage_path, callbacks=callbacks,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=OBJECTIVE,
                                                          checkpoint_score_order="max"),
+            failure_config=ray.train.FailureConfig(max_failures=exp.train.max_failures),
         ),
         datasets={"train": augmented(train_data, flip=exp.train.flip, max_shift=exp.train.max_shift)},
     )
 
 
-def run_trial(params: dict[str, float], *, experiment: dict, train_data: ray.data.Dataset, dataset_dir: str,
-           pretrained_path: str, image_size: int, storage_path: str) -> None:
+def run_trial(params: dict[str, float], *, experiment: dict, train_data: ray.data.Dataset, inputs: GanInputs,
+              storage_path: str) -> None:
     exp = ExperimentConfig.model_validate(experiment)
     trial_id = ray.tune.get_context().get_trial_id()
-    trainer = gan_trainer(exp, params, train_data=train_data, dataset_dir=dataset_dir, pretrained_path=pretrained_path,
-                          image_size=image_size, name=f"train-{trial_id}", storage_path=storage_path,
-                          callbacks=[TuneReportCallback()])
+    trainer = gan_trainer(exp, params, train_data=train_data, inputs=inputs, name=f"train-{trial_id}",
+                          storage_path=storage_path, callbacks=[TuneReportCallback()])
     trainer.fit()
 
 
@@ -126,11 +132,22 @@ class ProgressLine(ray.tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if OBJECTIVE not in result:
             return
-        self.echo(f"  trial {trial.trial_id} epoch {result.get('epoch', '?')}/{self.epochs}  "
+        epoch = f"epoch {result.get('epoch', '?')}/{self.epochs}{self.restart_note(result)}"
+        self.echo(f"  trial {trial.trial_id} {epoch}  "
                   f"J={result[OBJECTIVE]:.3f} D={result.get('deid_rate', float('nan')):.2f} "
                   f"S={result.get('switching_deid_rate', float('nan')):.2f} "
                   f"E={result.get('emotion_preserved', float('nan')):.2f} "
                   f"SSIM={result.get('ssim', float('nan')):.2f}")
+
+    @staticmethod
+    def restart_note(result: dict) -> str:
+        """What a result after a restart is: an epoch trained from a checkpoint, or a finished trial's last."""
+        if result.get("replayed"):
+            return " (finished before the stop)"
+        first = result.get("first_epoch", 1)
+        if first > 1 and result.get("epoch") == first:
+            return f" (resumed from its checkpoint of epoch {first - 1})"
+        return ""
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.echo(f"  trial {trial.trial_id} finished")
@@ -139,34 +156,41 @@ class ProgressLine(ray.tune.Callback):
         self.echo(f"  trial {trial.trial_id} FAILED: see {trial.local_path}")
 
 
-def run_search(exp: ExperimentConfig, *, train_data: ray.data.Dataset, dataset_dir: Path, pretrained_path: Path,
-               image_size: int, runtime: RayRuntime, storage_path: str, echo=print) -> SearchOutcome:
+def run_search(exp: ExperimentConfig, *, train_data: ray.data.Dataset, inputs: GanInputs, runtime: RayRuntime,
+               storage_path: str, resume: bool = False, echo=print) -> SearchOutcome:
+    """Run the search, or with `resume` continue the one saved under `storage_path` (a new one if none is)."""
     started = time.time()
     concurrency = concurrent_trials(exp, runtime)
-    echo(f"search: {exp.search.num_samples} trials, {concurrency} at a time, "
-         f"{exp.train.epochs} epochs each, ASHA grace {exp.search.grace_period}")
     trainable = ray.tune.with_resources(
-        ray.tune.with_parameters(run_trial, experiment=exp.to_dict(), train_data=train_data, dataset_dir=str(dataset_dir),
-                                 pretrained_path=str(pretrained_path), image_size=image_size,
+        ray.tune.with_parameters(run_trial, experiment=exp.to_dict(), train_data=train_data, inputs=inputs,
                                  storage_path=storage_path),
         runtime.trial_resources(),
     )
-    tuner = ray.tune.Tuner(
-        trainable,
-        param_space=search_space(exp),
-        tune_config=ray.tune.TuneConfig(
-            metric=OBJECTIVE, mode="max", num_samples=exp.search.num_samples,
-            max_concurrent_trials=concurrency,
-            search_alg=OptunaSearch(points_to_evaluate=first_points(exp) or None, seed=exp.search.seed),
-            scheduler=ASHAScheduler(time_attr="training_iteration", max_t=exp.train.epochs,
-                                    grace_period=min(exp.search.grace_period, exp.train.epochs),
-                                    reduction_factor=exp.search.reduction_factor),
-        ),
-        run_config=ray.tune.RunConfig(name="search", storage_path=storage_path, verbose=0,
-                                      callbacks=[ProgressLine(exp.train.epochs)]),
-    )
-    grid = tuner.fit()
-    trials = [summarise(result) for result in grid]
+    saved = f"{storage_path}/{SEARCH_NAME}"
+    if resume and ray.tune.Tuner.can_restore(saved):
+        echo(f"search: resuming {saved}: finished trials kept, the others continue from their checkpoints")
+        tuner = ray.tune.Tuner.restore(saved, trainable, resume_unfinished=True, restart_errored=True)
+    else:
+        echo(f"search: {exp.search.num_samples} trials, {concurrency} at a time, "
+             f"{exp.train.epochs} epochs each, ASHA grace {exp.search.grace_period}")
+        tuner = ray.tune.Tuner(
+            trainable,
+            param_space=search_space(exp),
+            tune_config=ray.tune.TuneConfig(
+                metric=OBJECTIVE, mode="max", num_samples=exp.search.num_samples,
+                max_concurrent_trials=concurrency,
+                search_alg=OptunaSearch(points_to_evaluate=first_points(exp) or None, seed=exp.search.seed),
+                scheduler=ASHAScheduler(time_attr="epoch", max_t=exp.train.epochs,
+                                        grace_period=min(exp.search.grace_period, exp.train.epochs),
+                                        reduction_factor=exp.search.reduction_factor),
+            ),
+            run_config=ray.tune.RunConfig(name=SEARCH_NAME, storage_path=storage_path, verbose=0,
+                                          callbacks=[ProgressLine(exp.train.epochs)]),
+        )
+    with sigint_guard():
+        grid = tuner.fit()
+    filesystem = storage_filesystem(storage_path)
+    trials = [summarise(result, filesystem) for result in grid]
     scored = [t for t in trials if t.checkpoint is not None]
     if not scored:
         raise RuntimeError(f"no trial produced a checkpoint; see {grid.experiment_path}")
@@ -174,7 +198,7 @@ def run_search(exp: ExperimentConfig, *, train_data: ray.data.Dataset, dataset_d
     return SearchOutcome(trials, best, grid.experiment_path, time.time() - started)
 
 
-def summarise(result: ray.tune.Result) -> TrialSummary:
+def summarise(result: ray.tune.Result, filesystem: pyarrow.fs.FileSystem) -> TrialSummary:
     """A trial at its best epoch: the row with the highest J whose checkpoint is still kept."""
     frame: pd.DataFrame | None = result.metrics_dataframe
     params = {k: float(v) for k, v in (result.config or {}).items() if k in SEARCHED_KEYS}
@@ -187,8 +211,8 @@ def summarise(result: ray.tune.Result) -> TrialSummary:
     if "checkpoint_path" in frame:
         for _, candidate in frame.iterrows():
             path = candidate.get("checkpoint_path")
-            if isinstance(path, str) and (Path(path) / CHECKPOINT_FILE).is_file():
-                row, checkpoint = candidate, str(Path(path) / CHECKPOINT_FILE)
+            if isinstance(path, str) and filesystem.get_file_info(f"{path}/{CHECKPOINT_FILE}").is_file:
+                row, checkpoint = candidate, f"{path}/{CHECKPOINT_FILE}"
                 break
     metrics = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
     if bool(metrics.get("diverged")):

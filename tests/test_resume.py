@@ -1,0 +1,82 @@
+"""A search stopped part-way, through the command line as a user stops it: Ctrl-C, or the driver killed.
+
+Each test runs `epd-ray tune` in a subprocess on the tiny experiment (the session's data and pretrained
+networks reused), stops it once a trial has reported, and checks what `epd-ray tune --resume OUTPUT` needs:
+the Tune state and each trial's Train checkpoints, then the resumed run itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+from pathlib import Path
+
+import pytest
+
+EPOCH_LINE = re.compile(r"trial (\S+) epoch (\d+)/\d+"
+                        r"( \(resumed from its checkpoint of epoch (\d+)\)| \(finished before the stop\))?")
+FINISHED_LINE = re.compile(r"trial (\S+) finished")
+
+
+def train_checkpoints(output: Path, trial_id: str) -> list[Path]:
+    return sorted((output / "ray" / f"train-{trial_id}").glob("checkpoint_*/checkpoint.pt"))
+
+
+def test_ctrl_c_stops_cleanly_with_one_line_on_how_to_resume(tiny_tune_args, epd_ray_cli, tmp_path):
+    import ray.tune
+
+    out = tmp_path / "out"
+    run = epd_ray_cli(*tiny_tune_args, "--output", str(out), "--set", "search.num_samples=2",
+                      "--set", "train.epochs=4")
+    trial_id = EPOCH_LINE.search(run.wait_for(EPOCH_LINE.search, timeout=300)).group(1)
+    os.killpg(run.proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
+    rc = run.finish(timeout=120)
+
+    assert rc == 130, run.stdout[-2000:] + run.stderr[-3000:]
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("interrupted:") and last.endswith(f"resume with: epd-ray tune --resume {out}"), last
+    assert ray.tune.Tuner.can_restore(str(out / "ray" / "search"))
+    assert train_checkpoints(out, trial_id), "the trial that reported has no checkpoint"
+    assert not (out / "best").exists()
+
+
+def epoch_lines(lines: list[str]) -> list[tuple[str, int, str]]:
+    """(trial, epoch, the note after a restart: '', 'resumed from ... epoch N' or 'finished before the stop')."""
+    matches = [m for m in map(EPOCH_LINE.search, lines) if m]
+    return [(m.group(1), int(m.group(2)), (m.group(3) or "").strip(" ()")) for m in matches]
+
+
+@pytest.mark.slow
+def test_a_search_killed_with_sigkill_resumes_keeping_finished_trials(tiny_tune_args, epd_ray_cli, tmp_path):
+    out = tmp_path / "out"
+    args = [*tiny_tune_args, "--output", str(out), "--set", "search.num_samples=3", "--set", "train.epochs=3",
+            "--set", "search.grace_period=3"]  # no early stopping: every trial runs its 3 epochs
+    run = epd_ray_cli(*args)
+    done = FINISHED_LINE.search(run.wait_for(FINISHED_LINE.search, timeout=600)).group(1)
+    run.proc.send_signal(signal.SIGKILL)
+    run.finish(timeout=60)
+    before: dict[str, int] = {}
+    for trial_id, epoch, _ in epoch_lines(run.lines):
+        before[trial_id] = max(epoch, before.get(trial_id, 0))
+    assert before[done] == 3
+
+    again = epd_ray_cli("tune", "--resume", str(out))
+    assert again.finish(timeout=600) == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "search: resuming" in again.stdout
+    resumed = epoch_lines(again.lines)
+    print(f"SIGKILL after trial {done} finished; epochs reported before: {before}; after --resume: {resumed}")
+    # The finished trial is kept: none of its epochs runs again (at most its last result is replayed).
+    assert all(note == "finished before the stop" for trial_id, _, note in resumed if trial_id == done)
+    # A trial stopped part-way continues from its last checkpoint: it repeats no epoch it had reported, and
+    # loses at most the one in flight.
+    for trial_id, last_reported in before.items():
+        rows = [(epoch, note) for t, epoch, note in resumed if t == trial_id]
+        if trial_id != done and rows and rows[0][1] != "finished before the stop":
+            first_epoch, note = rows[0]
+            assert note == f"resumed from its checkpoint of epoch {first_epoch - 1}", (trial_id, rows)
+            assert last_reported + 1 <= first_epoch <= last_reported + 2, (trial_id, last_reported, rows)
+    trials = json.loads((out / "report" / "metrics.json").read_text())["trials"]
+    assert len(trials) == 3 and all(t["status"] == "ok" for t in trials), trials
+    assert json.loads((out / "best" / "model_card.json").read_text())["trial"] in {t["trial_id"] for t in trials}
