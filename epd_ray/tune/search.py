@@ -1,4 +1,11 @@
-"""The search: Ray Tune with Optuna (TPE) over lambda1-3, Phi, alpha and mu, ASHA on J per epoch.
+"""The search: Ray Tune with Optuna (TPE) over lambda1-3, Phi, alpha and mu.
+
+Two objectives (`search.objective`). `composite`: maximise J, with ASHA stopping weak trials on J per
+epoch; a trial counts at its best-J epoch. `pareto`: maximise privacy D*S*G and utility E*SSIM^w together
+(Optuna's multi-objective TPE); ASHA takes one metric, and stopping on J would cut exactly the trials at
+the ends of the front (high utility and low privacy, or the reverse), so every trial runs all its epochs,
+counts at its last epoch (the result Optuna is told) and keeps its latest checkpoints. The best model is
+then the front's trial with the highest J.
 
 Each trial is a Tune function trainable that builds and fits its own Ray Train `TorchTrainer` (the Train V2
 pattern), with a stable Train run name from the trial id; Train reports reach Tune through
@@ -25,11 +32,13 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from epd_ray.config import SEARCHED_KEYS, ExperimentConfig
+from epd_ray.core.metrics import pareto_front
 from epd_ray.runtime import DATA_RESERVE_CPUS, RayRuntime
 from epd_ray.train.gan import gan_loop
 from epd_ray.train.worker import CHECKPOINT_FILE
 
 OBJECTIVE = "objective"
+PARETO_METRICS = ("privacy", "utility")
 PAPER_POINT = {"phi": 0.25, "mu": 0.35}
 
 
@@ -49,6 +58,7 @@ class SearchOutcome:
     best: TrialSummary
     experiment_path: str
     wall_seconds: float
+    front: list[TrialSummary]  # the Pareto-optimal trials (privacy against utility), in trial order
 
 
 def scaling_config(exp: ExperimentConfig) -> ray.train.ScalingConfig:
@@ -57,15 +67,16 @@ def scaling_config(exp: ExperimentConfig) -> ray.train.ScalingConfig:
                                    resources_per_worker=resources)
 
 
-def concurrent_trials(exp: ExperimentConfig, runtime: RayRuntime) -> int:
-    """As many trials as the cluster's CPUs (or GPUs) hold at once, keeping CPU for the data tasks."""
+def concurrent_trials(exp: ExperimentConfig, runtime: RayRuntime, trials: int | None = None) -> int:
+    """As many of `trials` (default the search's) as the cluster's CPUs (or GPUs) hold at once, keeping CPU
+    for the data tasks."""
     if exp.search.max_concurrent:
         return exp.search.max_concurrent
     if exp.train.use_gpu:
         fit = runtime.total_gpus // exp.train.num_workers
     else:
         fit = (runtime.total_cpus - DATA_RESERVE_CPUS) // (exp.train.num_workers * exp.train.cpus_per_worker)
-    return int(max(1, min(fit, exp.search.num_samples)))
+    return int(max(1, min(fit, trials or exp.search.num_samples)))
 
 
 def search_space(exp: ExperimentConfig) -> dict[str, Any]:
@@ -81,20 +92,27 @@ def first_points(exp: ExperimentConfig) -> list[dict[str, float]]:
     return [{key: min(max(base[key], rng.low), rng.high) for key, rng in exp.search.space.items()}]
 
 
+def is_pareto(exp: ExperimentConfig) -> bool:
+    return exp.search.objective == "pareto"
+
+
 def gan_trainer(exp: ExperimentConfig, params: dict[str, float], *, train_data: ray.data.Dataset, dataset_dir: str,
                 pretrained_path: str, image_size: int, name: str, storage_path: str,
                 callbacks: list | None = None) -> TorchTrainer:
-    """One GAN training run (used by each trial, and by `epd-ray train` for a single config)."""
+    """One GAN training run (used by each trial, and by `epd-ray train` for a single config).
+
+    It keeps the checkpoints its trial may be judged at: the two best by J, or in pareto mode the two latest.
+    """
+    kept = (ray.train.CheckpointConfig(num_to_keep=2) if is_pareto(exp) else
+            ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=OBJECTIVE,
+                                       checkpoint_score_order="max"))
     return TorchTrainer(
         gan_loop,
         train_loop_config={"experiment": exp.to_dict(), "params": params, "dataset_dir": dataset_dir,
                            "pretrained_path": pretrained_path, "image_size": image_size},
         scaling_config=scaling_config(exp),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=storage_path, callbacks=callbacks,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=OBJECTIVE,
-                                                         checkpoint_score_order="max"),
-        ),
+            name=name, storage_path=storage_path, callbacks=callbacks, checkpoint_config=kept),
         datasets={"train": train_data},
     )
 
@@ -129,7 +147,9 @@ class ProgressLine(ray.tune.Callback):
                   f"J={result[OBJECTIVE]:.3f} D={result.get('deid_rate', float('nan')):.2f} "
                   f"S={result.get('switching_deid_rate', float('nan')):.2f} "
                   f"E={result.get('emotion_preserved', float('nan')):.2f} "
-                  f"SSIM={result.get('ssim', float('nan')):.2f}")
+                  f"SSIM={result.get('ssim', float('nan')):.2f} "
+                  f"privacy={result.get('privacy', float('nan')):.2f} "
+                  f"utility={result.get('utility', float('nan')):.2f}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.echo(f"  trial {trial.trial_id} finished")
@@ -138,12 +158,33 @@ class ProgressLine(ray.tune.Callback):
         self.echo(f"  trial {trial.trial_id} FAILED: see {trial.local_path}")
 
 
+def tune_settings(exp: ExperimentConfig, concurrency: int) -> ray.tune.TuneConfig:
+    """Composite: one metric, ASHA on it. Pareto: the two metrics go to OptunaSearch itself (Tune's own
+    metric/mode take one metric only, so they stay unset) and Tune's default FIFO scheduler runs every trial
+    to the end."""
+    first = first_points(exp) or None
+    if is_pareto(exp):
+        return ray.tune.TuneConfig(
+            num_samples=exp.search.num_samples, max_concurrent_trials=concurrency,
+            search_alg=OptunaSearch(metric=list(PARETO_METRICS), mode=["max"] * len(PARETO_METRICS),
+                                    points_to_evaluate=first, seed=exp.search.seed))
+    return ray.tune.TuneConfig(
+        metric=OBJECTIVE, mode="max", num_samples=exp.search.num_samples, max_concurrent_trials=concurrency,
+        search_alg=OptunaSearch(points_to_evaluate=first, seed=exp.search.seed),
+        scheduler=ASHAScheduler(time_attr="training_iteration", max_t=exp.train.epochs,
+                                grace_period=min(exp.search.grace_period, exp.train.epochs),
+                                reduction_factor=exp.search.reduction_factor),
+    )
+
+
 def run_search(exp: ExperimentConfig, *, train_data: ray.data.Dataset, dataset_dir: Path, pretrained_path: Path,
                image_size: int, runtime: RayRuntime, storage_path: str, echo=print) -> SearchOutcome:
     started = time.time()
     concurrency = concurrent_trials(exp, runtime)
+    stopping = ("no early stopping (pareto: privacy and utility)" if is_pareto(exp)
+                else f"ASHA grace {exp.search.grace_period}")
     echo(f"search: {exp.search.num_samples} trials, {concurrency} at a time, "
-         f"{exp.train.epochs} epochs each, ASHA grace {exp.search.grace_period}")
+         f"{exp.train.epochs} epochs each, {stopping}")
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(run_trial, experiment=exp.to_dict(), train_data=train_data, dataset_dir=str(dataset_dir),
                                  pretrained_path=str(pretrained_path), image_size=image_size,
@@ -153,35 +194,36 @@ def run_search(exp: ExperimentConfig, *, train_data: ray.data.Dataset, dataset_d
     tuner = ray.tune.Tuner(
         trainable,
         param_space=search_space(exp),
-        tune_config=ray.tune.TuneConfig(
-            metric=OBJECTIVE, mode="max", num_samples=exp.search.num_samples,
-            max_concurrent_trials=concurrency,
-            search_alg=OptunaSearch(points_to_evaluate=first_points(exp) or None, seed=exp.search.seed),
-            scheduler=ASHAScheduler(time_attr="training_iteration", max_t=exp.train.epochs,
-                                    grace_period=min(exp.search.grace_period, exp.train.epochs),
-                                    reduction_factor=exp.search.reduction_factor),
-        ),
+        tune_config=tune_settings(exp, concurrency),
         run_config=ray.tune.RunConfig(name="search", storage_path=storage_path, verbose=0,
                                       callbacks=[ProgressLine(exp.train.epochs)]),
     )
     grid = tuner.fit()
-    trials = [summarise(result) for result in grid]
+    trials = [summarise(result, last_epoch=is_pareto(exp)) for result in grid]
     scored = [t for t in trials if t.checkpoint is not None]
     if not scored:
         raise RuntimeError(f"no trial produced a checkpoint; see {grid.experiment_path}")
-    best = max(scored, key=lambda t: t.metrics.get(OBJECTIVE, -math.inf))
-    return SearchOutcome(trials, best, grid.experiment_path, time.time() - started)
+    front = pareto_trials(scored)
+    best = max(front if is_pareto(exp) else scored, key=lambda t: t.metrics.get(OBJECTIVE, -math.inf))
+    return SearchOutcome(trials, best, grid.experiment_path, time.time() - started, front)
 
 
-def summarise(result: ray.tune.Result) -> TrialSummary:
-    """A trial at its best epoch: the row with the highest J whose checkpoint is still kept."""
+def pareto_trials(trials: list[TrialSummary]) -> list[TrialSummary]:
+    """The trials whose (privacy, utility) no other trial beats in both."""
+    points = [tuple(float(t.metrics.get(k, 0.0)) for k in PARETO_METRICS) for t in trials]
+    return [t for t, optimal in zip(trials, pareto_front(points)) if optimal]
+
+
+def summarise(result: ray.tune.Result, *, last_epoch: bool = False) -> TrialSummary:
+    """A trial at the epoch it is judged at: its highest-J epoch, or with `last_epoch` its last one (what a
+    multi-objective Optuna is told), in both cases the first such epoch whose checkpoint is still kept."""
     frame: pd.DataFrame | None = result.metrics_dataframe
     params = {k: float(v) for k, v in (result.config or {}).items() if k in SEARCHED_KEYS}
     trial_id = str((result.metrics or {}).get("trial_id", Path(result.path).name))
     status = "error" if result.error else "ok"
     if frame is None or OBJECTIVE not in frame or frame.empty:
         return TrialSummary(trial_id, params, 0, {}, None, status)
-    frame = frame.sort_values(OBJECTIVE, ascending=False)
+    frame = frame.sort_values("epoch" if last_epoch else OBJECTIVE, ascending=False)
     row, checkpoint = frame.iloc[0], None
     if "checkpoint_path" in frame:
         for _, candidate in frame.iterrows():
