@@ -41,6 +41,9 @@ from epd_ray.tune.search import ProgressLine, concurrent_trials, is_pareto, run_
 
 # variant -> what it changes in the tuned parameters
 VARIANTS: dict[str, dict[str, float]] = {"tuned": {}, "without_ssim": {"phi": 0.0}, "without_emotion": {"lambda3": 0.0}}
+# What the report shows of each run's last epoch (validation split, evaluators), next to the judged epoch:
+# how far training moved each variant from the warm start, and where the ablated term shows.
+LAST_EPOCH_KEYS = ("epoch", "objective", "deid_rate", "switching_deid_rate", "emotion_preserved", "emotion_mse", "ssim")
 # The paper's Table I (emotion MSE) for the same three: EPD-Net, without SSIM, PPGAN.
 PAPER_EMOTION_MSE = {"tuned": 0.0099, "without_ssim": 0.0241, "without_emotion": 0.0257}
 
@@ -61,7 +64,12 @@ def read_tuned_run(run_dir: Path) -> tuple[ExperimentConfig, dict[str, Any]]:
     card_path = run_dir / "best" / "model_card.json"
     if not card_path.is_file():
         raise FileNotFoundError(f"{run_dir}: no best/model_card.json here; ablate the folder of an `epd-ray tune` run")
-    card = json.loads(card_path.read_text())
+    try:
+        card = json.loads(card_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise AblationError(f"{card_path}: not valid JSON ({exc})") from None
+    if not isinstance(card, dict):
+        raise AblationError(f"{card_path}: not a model card (a JSON object expected)")
     exp = validate_section(ExperimentConfig, card.get("config") or {}, f"{card_path} config")
     missing = [k for k in SEARCHED_KEYS if k not in (card.get("params") or {})]
     if missing:
@@ -126,7 +134,8 @@ def run_ablation(run_dir: Path, *, address: str | None = None, echo=print) -> Ab
         runs[name] = {"params": variants[name], "trial_id": trial.trial_id, "status": trial.status,
                       "epochs_trained": trial.epochs, "judged_epoch": trial.metrics.get("epoch"),
                       "checkpoint": trial.checkpoint,
-                      "validation": {k: trial.metrics.get(k) for k in ("objective", "privacy", "utility")}}
+                      "validation": {k: trial.metrics.get(k) for k in ("objective", "privacy", "utility")},
+                      "last_epoch_validation": {k: (result.metrics or {}).get(k) for k in LAST_EPOCH_KEYS}}
     methods = {name: methods[name] for name in variants}  # the table's order, not the finishing order
 
     evaluation = run_evaluation(methods, dataset_dir=inputs.prepared.path, pretrained_path=inputs.pretrained_path,

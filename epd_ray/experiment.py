@@ -1,8 +1,10 @@
 """`epd-ray tune` from end to end: data, verifiers, search, best checkpoint, evaluation and report.
 
-Stages are cached by content hash (prepared data, pretrained verifiers), so a second run reuses them. The
-output folder receives the resolved config first, and is refused before anything is written if it holds
-something else.
+Stages are cached by content hash (prepared data, pretrained verifiers), so a second run reuses them (as
+does `epd-ray ablate`, through `training_inputs`). The output folder receives the resolved config first,
+and is refused before anything is written if it holds something else. It ends up holding best/ (model,
+checkpoint, model card), report/ (written by the code of `epd-ray report`: the best model and every
+baseline on the test split, figures included) and, in pareto mode, pareto.json (the Pareto-optimal trials).
 """
 
 from __future__ import annotations

@@ -24,7 +24,8 @@ def pareto_run(ray_runtime, tiny_experiment, tiny_data, tiny_pretrained, tmp_pat
 
     exp = tiny_experiment.model_copy(update={
         "cache_dir": str(tiny_pretrained.parents[2]),  # the fixture's cache: verifiers are reused, not retrained
-        "train": tiny_experiment.train.model_copy(update={"epochs": EPOCHS}),
+        # half a CPU per Train worker: both trials, then all three ablation runs, at once on 2 cores
+        "train": tiny_experiment.train.model_copy(update={"epochs": EPOCHS, "cpus_per_worker": 0.5}),
         "search": tiny_experiment.search.model_copy(update={"objective": "pareto", "num_samples": 2})})
     said: list[str] = []
     run = run_tune(exp, tmp_path_factory.mktemp("pareto") / "run", prepared_dir=tiny_data.path, echo=said.append)
@@ -122,29 +123,42 @@ def test_ablation_retrains_three_variants_on_one_budget(ablated):
     assert not list(output.glob(".ablation.tmp*"))
 
 
-def test_report_adds_the_ablation_table_from_its_metrics(ablated):
+def test_report_adds_the_ablation_tables_from_its_metrics(ablated):
     output, _, _, _ = ablated
     result = CliRunner().invoke(app, ["report", str(output)])
     assert result.exit_code == 0, result.output
     metrics = json.loads((output / "ablation" / "metrics.json").read_text())
     text = (output / "report" / "report.md").read_text()
     assert "## Ablations" in text
-    rows = [line for line in text.splitlines() if line.startswith("| without_") or line.startswith("| tuned |")]
-    assert len(rows) == 3
-    for row, (name, judged) in zip(rows, metrics["methods"].items()):
-        ev = judged["evaluators"]
+    rows = [line for line in text.splitlines() if line.startswith(("| tuned |", "| without_ssim |",
+                                                                   "| without_emotion |"))]
+    assert len(rows) == 6  # the judged epoch on the test split, then the last epoch on the validation split
+    for row, (name, judged) in zip(rows[:3], metrics["methods"].items()):
         assert row.startswith(f"| {name} |")
         for key in ("objective", "deid_rate", "emotion_mse", "ssim"):
-            assert f"{ev[key]:.4f}" in row, key
+            assert f"{judged['evaluators'][key]:.4f}" in row, key
+    for row, (name, run) in zip(rows[3:], metrics["variants"].items()):
+        last = run["last_epoch_validation"]
+        assert row.startswith(f"| {name} | {EPOCHS} |") and last["epoch"] == EPOCHS
+        for key in ("objective", "emotion_mse", "ssim"):
+            assert f"{last[key]:.4f}" in row, key
     tuned, no_emotion = (metrics["methods"][k]["evaluators"]["emotion_mse"] for k in ("tuned", "without_emotion"))
-    assert f"emotion MSE: {no_emotion:.4f} against {tuned:.4f} tuned" in text
+    assert f"emotion MSE: {no_emotion:.4g} against {tuned:.4g} tuned" in text
 
 
 def test_ablate_refuses_a_folder_it_cannot_use(ablated, tmp_path):
     output, _, _, _ = ablated
-    for folder, named in ((tmp_path, "best/model_card.json"), (output, "ablation")):
+    broken, partial = tmp_path / "broken", tmp_path / "partial"
+    for folder, card in ((broken, "{"), (partial, json.dumps({"config": {}, "params": {"phi": 0.2}}))):
+        (folder / "best").mkdir(parents=True)
+        (folder / "best" / "model_card.json").write_text(card)
+    cases = ((tmp_path / "empty", "best/model_card.json"), (broken, "not valid JSON"), (partial, "lambda1"),
+             (output, "holds an ablation already"))
+    (tmp_path / "empty").mkdir()
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    for folder, named in cases:
         result = CliRunner().invoke(app, ["ablate", str(folder)])
         assert result.exit_code == 2, result.output
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and named in lines[0], lines
-    assert not list(tmp_path.iterdir())
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written

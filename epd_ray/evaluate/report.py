@@ -27,6 +27,8 @@ COLUMNS = [("objective", "J"), ("deid_rate", "D(mu)"), ("switching_deid_rate", "
            ("ssim", "SSIM")]
 REPORT_DIR, REPORT_FILE, ABLATION_DIR = "report", "report.md", "ablation"
 ALL_BASELINES = ("identity", "blur", "pixelate", "ksame")
+# What `epd-ray tune` records about its search in report/metrics.json, kept when the report re-evaluates.
+SEARCH_KEYS = ("trials", "best_trial", "search_objective", "pareto_front")
 ORIGINAL_ROW, HIDDEN_METHODS = "original", ("no_change",)
 GRID_PAD, GRID_MIN_TILE = 4, 96
 FIGURES = {"cmc": "cmc.png", "ssim": "ssim.png", "mu_sweep": "mu_sweep.png", "trials": "trials.png",
@@ -80,11 +82,28 @@ def pareto_table(front: list[dict[str, Any]]) -> list[str]:
 
 
 def _change(new: float, old: float) -> str:
-    return "leaves unchanged" if f"{new:.4f}" == f"{old:.4f}" else ("raises" if new > old else "lowers")
+    """How `new` compares with `old`, to the 4 significant digits the sentence prints."""
+    return "leaves unchanged" if f"{new:.4g}" == f"{old:.4g}" else ("raises" if new > old else "lowers")
+
+
+def ablation_findings(ev: dict[str, dict[str, float]], paper: dict[str, float], where: str) -> list[str]:
+    """What `ev` (variant -> metrics) says about the paper's ablation claims, whichever way it comes out."""
+    lines = []
+    if {"tuned", "without_emotion"} <= set(ev):
+        a, b = ev["without_emotion"]["emotion_mse"], ev["tuned"]["emotion_mse"]
+        lines.append(f"- {where}: dropping the emotion verifier (lambda3 = 0) {_change(a, b)} emotion MSE: {a:.4g} "
+                     f"against {b:.4g} tuned (paper: {paper['without_emotion']} PPGAN against {paper['tuned']}).")
+    if {"tuned", "without_ssim"} <= set(ev):
+        a, b = ev["without_ssim"]["ssim"], ev["tuned"]["ssim"]
+        lines.append(f"- {where}: dropping SSIM (Phi = 0) {_change(a, b)} SSIM: {a:.4g} against {b:.4g} tuned.")
+        a, b = ev["without_ssim"]["emotion_mse"], ev["tuned"]["emotion_mse"]
+        lines.append(f"- {where}: dropping SSIM {_change(a, b)} emotion MSE: {a:.4g} against {b:.4g} tuned "
+                     f"(paper: {paper['without_ssim']} against {paper['tuned']}).")
+    return lines
 
 
 def ablation_section(ablation: dict[str, Any]) -> list[str]:
-    """The ablation table (`epd-ray ablate`) and what it says about the paper's claims, measured either way."""
+    """The ablation tables (`epd-ray ablate`) and what they say about the paper's claims."""
     header = (["variant", "Phi", "lambda3", "epoch"] + [title for _, title in COLUMNS]
               + ["CMC miss r1", "emotion MSE (verifiers)", "paper emotion MSE"])
     rows = []
@@ -95,23 +114,22 @@ def ablation_section(ablation: dict[str, Any]) -> list[str]:
                                                                 _cell(judged["verifiers"]["emotion_mse"]),
                                                                 _cell(ablation["paper_emotion_mse"].get(name, "-"))])
     budget = ablation["budget"]
+    paper = ablation["paper_emotion_mse"]
     lines = ["## Ablations (paper Table I, Fig. 5)", "",
              f"Each variant retrained from the tuned parameters with the same budget ({budget['epochs']} epochs, "
              f"{budget['train_images']} training images, seed {budget['seed']}, the same pretrained networks), "
              f"judged at its {ablation['judged_at']} epoch; test split, mu = {ablation['mu']:.3f}, independent "
              "evaluators unless said otherwise.", ""] + _table(header, rows) + [""]
-    ev = {name: judged["evaluators"] for name, judged in ablation["methods"].items()}
-    paper = ablation["paper_emotion_mse"]
-    if {"tuned", "without_emotion"} <= set(ev):
-        a, b = ev["without_emotion"]["emotion_mse"], ev["tuned"]["emotion_mse"]
-        lines.append(f"- Dropping the emotion verifier (lambda3 = 0) {_change(a, b)} emotion MSE: {a:.4f} against "
-                     f"{b:.4f} tuned (paper: {paper['without_emotion']} PPGAN against {paper['tuned']}).")
-    if {"tuned", "without_ssim"} <= set(ev):
-        a, b = ev["without_ssim"]["ssim"], ev["tuned"]["ssim"]
-        lines.append(f"- Dropping SSIM (Phi = 0) {_change(a, b)} SSIM: {a:.4f} against {b:.4f} tuned.")
-        a, b = ev["without_ssim"]["emotion_mse"], ev["tuned"]["emotion_mse"]
-        lines.append(f"- Dropping SSIM {_change(a, b)} emotion MSE: {a:.4f} against {b:.4f} tuned "
-                     f"(paper: {paper['without_ssim']} against {paper['tuned']}).")
+    lines += ablation_findings({name: judged["evaluators"] for name, judged in ablation["methods"].items()},
+                               paper, "Judged epoch, test split") + [""]
+    last = {name: run["last_epoch_validation"] for name, run in ablation["variants"].items()}
+    keys = ("objective", "deid_rate", "switching_deid_rate", "emotion_preserved", "emotion_mse", "ssim")
+    titles = dict(COLUMNS)
+    lines += ["Each variant at its last epoch (validation split, independent evaluators): the judged epoch can "
+              "lie early, close to the autoencoder warm start, where the ablated term has had little effect yet.", ""]
+    lines += _table(["variant", "epoch"] + [titles[k] for k in keys],
+                    [[name, str(m["epoch"])] + [_cell(m[k]) for k in keys] for name, m in last.items()]) + [""]
+    lines += ablation_findings(last, paper, "Last epoch, validation split")
     return lines + [""]
 
 
@@ -335,7 +353,7 @@ def build_report(run_dir: Path, *, show_originals: bool = False, echo: Callable[
                                 "run `epd-ray evaluate --out DIR` or `epd-ray tune` first")
     if is_run and _needs_evaluation(metrics, source):
         echo(f"evaluating the best model and the baselines ({', '.join(ALL_BASELINES)}) on the test split")
-        kept = {k: metrics[k] for k in ("trials", "best_trial") if metrics and k in metrics}
+        kept = {k: metrics[k] for k in SEARCH_KEYS if metrics and k in metrics}
         evaluation, _ = evaluate_command(run_dir, source, baselines=ALL_BASELINES, include_model=True,
                                          mu=metrics.get("mu") if metrics else None)
         metrics = {**evaluation.metrics, **kept}
@@ -377,6 +395,8 @@ def build_report(run_dir: Path, *, show_originals: bool = False, echo: Callable[
         notes.append(f"Best trial `{metrics['best_trial']}`.")
     if metrics.get("model"):
         notes.append(f"Model `{metrics['model']}`.")
+    if metrics.get("params"):
+        notes.append("Parameters: " + ", ".join(f"{k} = {v:.3f}" for k, v in metrics["params"].items()) + ".")
     title = "EPD-Net de-identification report" if GENERATOR_METHOD in metrics["methods"] else "De-identification report"
     ablation_path = run_dir / ABLATION_DIR / METRICS_FILE
     ablation = json.loads(ablation_path.read_text()) if ablation_path.is_file() else None

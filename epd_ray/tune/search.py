@@ -216,7 +216,7 @@ def pareto_trials(trials: list[TrialSummary]) -> list[TrialSummary]:
 
 def summarise(result: ray.tune.Result, *, last_epoch: bool = False) -> TrialSummary:
     """A trial at the epoch it is judged at: its highest-J epoch, or with `last_epoch` its last one (what a
-    multi-objective Optuna is told), in both cases the first such epoch whose checkpoint is still kept."""
+    multi-objective Optuna is told); where that epoch's checkpoint is gone, the next in that order that kept one."""
     frame: pd.DataFrame | None = result.metrics_dataframe
     params = {k: float(v) for k, v in (result.config or {}).items() if k in SEARCHED_KEYS}
     trial_id = str((result.metrics or {}).get("trial_id", Path(result.path).name))
