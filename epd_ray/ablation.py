@@ -35,15 +35,12 @@ import ray.tune
 from epd_ray.checkpoints import build_from_record, load_checkpoint
 from epd_ray.config import SEARCHED_KEYS, ExperimentConfig, validate_section
 from epd_ray.evaluate.evaluate import generator_method, run_evaluation, summary_lines, write_evaluation
-from epd_ray.evaluate.report import ABLATION_DIR
+from epd_ray.evaluate.report import ABLATION_DIR, LAST_EPOCH_COLUMNS
 from epd_ray.experiment import training_inputs
 from epd_ray.tune.search import ProgressLine, concurrent_trials, is_pareto, run_trial, summarise
 
 # variant -> what it changes in the tuned parameters
 VARIANTS: dict[str, dict[str, float]] = {"tuned": {}, "without_ssim": {"phi": 0.0}, "without_emotion": {"lambda3": 0.0}}
-# What the report shows of each run's last epoch (validation split, evaluators), next to the judged epoch:
-# how far training moved each variant from the warm start, and where the ablated term shows.
-LAST_EPOCH_KEYS = ("epoch", "objective", "deid_rate", "switching_deid_rate", "emotion_preserved", "emotion_mse", "ssim")
 # The paper's Table I (emotion MSE) for the same three: EPD-Net, without SSIM, PPGAN.
 PAPER_EMOTION_MSE = {"tuned": 0.0099, "without_ssim": 0.0241, "without_emotion": 0.0257}
 
@@ -135,7 +132,8 @@ def run_ablation(run_dir: Path, *, address: str | None = None, echo=print) -> Ab
                       "epochs_trained": trial.epochs, "judged_epoch": trial.metrics.get("epoch"),
                       "checkpoint": trial.checkpoint,
                       "validation": {k: trial.metrics.get(k) for k in ("objective", "privacy", "utility")},
-                      "last_epoch_validation": {k: (result.metrics or {}).get(k) for k in LAST_EPOCH_KEYS}}
+                      "last_epoch_validation": {k: (result.metrics or {}).get(k)
+                                                for k in ("epoch", *LAST_EPOCH_COLUMNS)}}
     methods = {name: methods[name] for name in variants}  # the table's order, not the finishing order
 
     evaluation = run_evaluation(methods, dataset_dir=inputs.prepared.path, pretrained_path=inputs.pretrained_path,

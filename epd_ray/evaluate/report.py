@@ -27,6 +27,9 @@ COLUMNS = [("objective", "J"), ("deid_rate", "D(mu)"), ("switching_deid_rate", "
            ("ssim", "SSIM")]
 REPORT_DIR, REPORT_FILE, ABLATION_DIR = "report", "report.md", "ablation"
 ALL_BASELINES = ("identity", "blur", "pixelate", "ksame")
+# What the ablation table shows of each variant's last epoch (validation split, evaluators), next to the
+# judged epoch: how far training moved each variant from the warm start, and where the ablated term shows.
+LAST_EPOCH_COLUMNS = ("objective", "deid_rate", "switching_deid_rate", "emotion_preserved", "emotion_mse", "ssim")
 # What `epd-ray tune` records about its search in report/metrics.json, kept when the report re-evaluates.
 SEARCH_KEYS = ("trials", "best_trial", "search_objective", "pareto_front")
 ORIGINAL_ROW, HIDDEN_METHODS = "original", ("no_change",)
@@ -123,12 +126,12 @@ def ablation_section(ablation: dict[str, Any]) -> list[str]:
     lines += ablation_findings({name: judged["evaluators"] for name, judged in ablation["methods"].items()},
                                paper, "Judged epoch, test split") + [""]
     last = {name: run["last_epoch_validation"] for name, run in ablation["variants"].items()}
-    keys = ("objective", "deid_rate", "switching_deid_rate", "emotion_preserved", "emotion_mse", "ssim")
     titles = dict(COLUMNS)
     lines += ["Each variant at its last epoch (validation split, independent evaluators): the judged epoch can "
               "lie early, close to the autoencoder warm start, where the ablated term has had little effect yet.", ""]
-    lines += _table(["variant", "epoch"] + [titles[k] for k in keys],
-                    [[name, str(m["epoch"])] + [_cell(m[k]) for k in keys] for name, m in last.items()]) + [""]
+    lines += _table(["variant", "epoch"] + [titles[k] for k in LAST_EPOCH_COLUMNS],
+                    [[name, str(m["epoch"])] + [_cell(m[k]) for k in LAST_EPOCH_COLUMNS] for name, m in last.items()])
+    lines += [""]
     lines += ablation_findings(last, paper, "Last epoch, validation split")
     return lines + [""]
 
