@@ -344,6 +344,7 @@ def test_a_broken_folder_trains_on_the_rest_with_emotion_networks_from_fer2013(r
     the mirror/shift augmentation running as Ray Data map_batches tasks beside the Train worker."""
     from epd_ray.data.stream import materialized_split
     from epd_ray.train.run import pretrain_networks
+    from epd_ray.train.gan import GanInputs
     from epd_ray.tune.search import gan_trainer
 
     _broken_corpus(tmp_path / "faces")
@@ -358,6 +359,6 @@ def test_a_broken_folder_trains_on_the_rest_with_emotion_networks_from_fer2013(r
     pretrained = pretrain_networks(exp, faces, train_data=train, cache_dir=tmp_path / "cache", runtime=ray_runtime,
                                    storage_path=str(tmp_path / "ray"), echo=said.append)
     assert any("emotion networks learn from" in line and str(fer.path) in line for line in said)
-    result = gan_trainer(exp, {}, train_data=train, dataset_dir=str(faces.path), pretrained_path=str(pretrained),
-                         image_size=SIZE, name="gan-folder", storage_path=str(tmp_path / "ray")).fit()
+    result = gan_trainer(exp, {}, train_data=train, inputs=GanInputs.put(faces.path, pretrained), name="gan-folder",
+                         storage_path=str(tmp_path / "ray")).fit()
     assert result.error is None and 0.0 <= result.metrics["objective"] <= 1.0
