@@ -203,7 +203,7 @@ def evaluate(
 ) -> None:
     """Measure a checkpoint or a classical baseline on a split (DESIGN section 6), per judge, with a mu sweep."""
     from epd_ray.checkpoints import CheckpointError
-    from epd_ray.evaluate.evaluate import EvaluationError, evaluate_command
+    from epd_ray.evaluate.evaluate import EvaluationError, evaluate_command, summary_lines
 
     try:
         evaluation, paths = evaluate_command(model, out, baselines=baseline, data=data, pretrained=pretrained,
@@ -213,14 +213,28 @@ def evaluate(
         fail(str(exc))
     m = evaluation.metrics
     typer.echo(f"{split} split, {m['images']} images, mu = {m['mu']:.3f}, judged by the independent evaluators:")
-    typer.echo("  " + " ".join(f"{h:>10}" for h in ["method", "J", "D", "S", "G", "E", "emoMSE", "SSIM", "CMC r1"]))
-    for name, judged in m["methods"].items():
-        e = judged["evaluators"]
-        cells = [name[:10], *(f"{e[key]:.3f}" for key in ("objective", "deid_rate", "switching_deid_rate",
-                                                          "genuine_acceptance", "emotion_preserved")),
-                 f"{e['emotion_mse']:.4f}", f"{e['ssim']:.3f}", f"{e['cmc_misclassification'][0]:.3f}"]
-        typer.echo("  " + " ".join(f"{c:>10}" for c in cells))
+    for line in summary_lines(m):
+        typer.echo(line)
     typer.echo(f"done: {paths['metrics']}, {paths['per_image']}")
+
+
+@app.command("ablate")
+def ablate(
+    run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="an `epd-ray tune` run folder"),
+    address: Optional[str] = typer.Option(None, "--address", help="join this Ray cluster ('auto' for the local one)"),
+) -> None:
+    """Retrain the tuned model, without SSIM (Phi = 0) and without the emotion verifier (lambda3 = 0) on the
+    run's budget; evaluate all three on the test split into RUN_DIR/ablation/."""
+    if address:
+        os.environ.setdefault("RAY_AUTH_MODE", "token")  # before Ray is imported, as for `tune`
+    from epd_ray.ablation import AblationError, run_ablation
+
+    try:
+        run = run_ablation(run_dir, address=address, echo=typer.echo)
+    except (*USER_ERRORS, AblationError) as exc:
+        fail(str(exc))
+    typer.echo(f"done: {run.out / 'metrics.json'} in {run.wall_seconds:.0f} s; "
+               f"`epd-ray report {run_dir}` adds the ablation table")
 
 
 @app.command("report")

@@ -178,6 +178,9 @@ _SEARCH_BOUNDS = {"lambda1": (0, 1), "lambda2": (0, 1), "lambda3": (0, 1), "phi"
 class SearchConfig(_Strict):
     """Ray Tune search over the loss weights and the operating threshold mu (DESIGN section 7)."""
 
+    objective: Literal["composite", "pareto"] = Field(
+        "composite", description="composite: maximise J, ASHA stops weak trials early; pareto: maximise privacy "
+                                 "D*S*G and utility E*SSIM^w together, every trial runs all epochs")
     num_samples: int = Field(6, ge=1)
     max_concurrent: int = Field(0, ge=0, description="0: as many as the cluster's CPUs/GPUs fit")
     seed: int = 0

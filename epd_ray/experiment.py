@@ -7,6 +7,11 @@ something else or if Ray's storage path cannot serve the cluster (see `runtime.r
 A run stopped part-way (Ctrl-C, a killed driver, a lost head) is continued with `epd-ray tune --resume
 OUTPUT`: the same config, data and storage path, cached stages reused, the search restored from its saved
 state and each unfinished trial continued from its last checkpoint.
+
+It ends up holding best/ (model, checkpoint, model card), report/ (written by the code of `epd-ray
+report`: the best model and every baseline on the test split, figures included) and, in pareto mode,
+pareto.json (the Pareto-optimal trials). `epd-ray pretrain` and `epd-ray ablate` share its first stages
+(`data_and_networks`).
 """
 
 from __future__ import annotations
@@ -25,16 +30,17 @@ from epd_ray.config import ExperimentConfig, load_config, write_resolved
 from epd_ray.data.prepare import PreparedData, cached_dataset
 from epd_ray.data.shards import read_manifest
 from epd_ray.data.stream import materialized_split
-from epd_ray.evaluate.evaluate import baseline_methods, evaluate_methods, generator_method
-from epd_ray.evaluate.report import render_report
+from epd_ray.evaluate.evaluate import (GENERATOR_METHOD, Evaluation, baseline_methods, generator_method,
+                                       method_settings, run_evaluation, summary_lines, write_evaluation)
+from epd_ray.evaluate.report import ALL_BASELINES, REPORT_DIR, build_report
 from epd_ray.provenance import package_versions
 from epd_ray.runtime import RayRuntime, resolve_storage, start_ray, storage_filesystem
 from epd_ray.train.gan import GanInputs
 from epd_ray.train.run import pretrain_networks
-from epd_ray.tune.search import SearchOutcome, run_search
+from epd_ray.tune.search import OBJECTIVE, PARETO_METRICS, SearchOutcome, is_pareto, run_search
 
 MARKER = "experiment.json"
-METHOD = "epd-net"
+PARETO_FILE = "pareto.json"
 
 
 class OutputError(ValueError):
@@ -193,15 +199,15 @@ def _search_and_report(exp: ExperimentConfig, output: Path, prepared_dir: Path |
     echo(f"search: done in {outcome.wall_seconds:.0f} s; best trial {outcome.best.trial_id} "
          f"J={outcome.best.metrics['objective']:.3f} (validation)")
 
-    best_dir, report_dir = output / "best", output / "report"
+    best_dir = output / "best"
     checkpoint = fetch_checkpoint(storage, outcome.best.checkpoint, best_dir / "checkpoint.pt")
-    metrics = evaluate_best(exp, outcome, checkpoint, prepared, pretrained_path)
-    write_report(report_dir, exp, outcome, metrics)
-    write_best(best_dir, exp, outcome, prepared, metrics)  # last: its model card marks the run finished
-    echo_summary(outcome, metrics, echo)
+    evaluation = evaluate_best(exp, outcome, checkpoint, prepared, pretrained_path)
+    report_path = write_report(output, exp, outcome, evaluation)
+    write_best(best_dir, exp, outcome, prepared, evaluation.metrics)  # last: its model card marks the run finished
+    echo_summary(exp, outcome, evaluation.metrics, echo)
     wall = time.time() - started
-    echo(f"best model: {best_dir}\nreport: {report_dir / 'report.md'}\nwall time: {wall:.0f} s")
-    return TuneRun(output, best_dir, report_dir, runtime.dashboard_url, wall)
+    echo(f"best model: {best_dir}\nreport: {report_path}\nwall time: {wall:.0f} s")
+    return TuneRun(output, best_dir, report_path.parent, runtime.dashboard_url, wall)
 
 
 def fetch_checkpoint(storage: str, path: str, dest: Path) -> Path:
@@ -213,12 +219,14 @@ def fetch_checkpoint(storage: str, path: str, dest: Path) -> Path:
 
 
 def evaluate_best(exp: ExperimentConfig, outcome: SearchOutcome, checkpoint: Path, prepared: PreparedData,
-                  pretrained_path: Path) -> dict[str, Any]:
+                  pretrained_path: Path) -> Evaluation:
+    """The best model and every baseline (k-Same included) on the test split, as `epd-ray report` does."""
     generator = build_from_record(load_checkpoint(checkpoint)["networks"]["generator"], checkpoint)
-    methods = {METHOD: generator_method(generator, seed=exp.train.seed), **baseline_methods(exp.evaluation)}
+    methods = {GENERATOR_METHOD: generator_method(generator, seed=exp.train.seed),
+               **baseline_methods(exp.evaluation, ALL_BASELINES, dataset_dir=prepared.path)}
     mu = float(outcome.best.params.get("mu", exp.evaluation.mu))
-    return evaluate_methods(methods, dataset_dir=prepared.path, pretrained_path=pretrained_path, split="test",
-                            mu=mu, cfg=exp.evaluation)
+    return run_evaluation(methods, dataset_dir=prepared.path, pretrained_path=pretrained_path, split="test", mu=mu,
+                          cfg=exp.evaluation)
 
 
 def write_best(best_dir: Path, exp: ExperimentConfig, outcome: SearchOutcome, prepared: PreparedData,
@@ -232,11 +240,13 @@ def write_best(best_dir: Path, exp: ExperimentConfig, outcome: SearchOutcome, pr
         "weights": "generator.pt (load with epd_ray.checkpoints.load_network(path, 'generator'))",
         "params": outcome.best.params,
         "trial": outcome.best.trial_id,
+        "chosen_by": ("the Pareto front's highest J (privacy and utility searched)" if is_pareto(exp)
+                      else "the highest J (validation)"),
         "epoch": checkpoint["epoch"] + 1,
         "source_checkpoint": outcome.best.checkpoint,
         "pretrained_path": metrics.get("inputs", {}).get("pretrained_path"),
         "validation_metrics": {k: v for k, v in outcome.best.metrics.items() if isinstance(v, (int, float))},
-        "test_metrics": metrics["methods"][METHOD],
+        "test_metrics": metrics["methods"][GENERATOR_METHOD],
         "data": {"content_hash": prepared.manifest["content_hash"], "path": str(prepared.path),
                  "image_size": prepared.manifest["image_size"], "identities": len(prepared.manifest["identities"])},
         "config": exp.to_dict(),
@@ -245,31 +255,41 @@ def write_best(best_dir: Path, exp: ExperimentConfig, outcome: SearchOutcome, pr
     (best_dir / "model_card.json").write_text(json.dumps(card, indent=2))
 
 
-def write_report(report_dir: Path, exp: ExperimentConfig, outcome: SearchOutcome, metrics: dict[str, Any]) -> None:
-    report_dir.mkdir(parents=True, exist_ok=True)
-    trials = [asdict(t) for t in outcome.trials]
-    (report_dir / "metrics.json").write_text(json.dumps({**metrics, "best_trial": outcome.best.trial_id,
-                                                         "trials": trials}, indent=2, default=str))
-    notes = [f"Experiment `{exp.name}`; best trial `{outcome.best.trial_id}` with "
-             + ", ".join(f"{k}={v:.3f}" for k, v in outcome.best.params.items()) + "."]
-    (report_dir / "report.md").write_text(render_report(metrics, trials, title="EPD-Net de-identification report",
-                                                        notes=notes))
+def pareto_entries(outcome: SearchOutcome) -> list[dict[str, Any]]:
+    """The Pareto-optimal trials, for the user to pick a trade-off: params, both halves of J, checkpoint."""
+    return [{"trial_id": t.trial_id, "params": t.params, "epoch": t.metrics.get("epoch"),
+             **{k: t.metrics.get(k) for k in (*PARETO_METRICS, OBJECTIVE)}, "checkpoint": t.checkpoint,
+             "best": t.trial_id == outcome.best.trial_id} for t in outcome.front]
 
 
-def echo_summary(outcome: SearchOutcome, metrics: dict[str, Any], echo=print) -> None:
-    echo("\ntrials (best epoch, validation split):")
+def write_report(output: Path, exp: ExperimentConfig, outcome: SearchOutcome, evaluation: Evaluation) -> Path:
+    """report/ (metrics.json with the trials, per_image.parquet, samples, report.md and its figures), drawn by
+    the same code as `epd-ray report`; in pareto mode also pareto.json, the front with its checkpoints."""
+    extra = {"model": str(output / "best" / "generator.pt"), "params": outcome.best.params,
+             "best_trial": outcome.best.trial_id, "search_objective": exp.search.objective,
+             "trials": [asdict(t) for t in outcome.trials],
+             **method_settings(exp.evaluation, evaluation.metrics["methods"])}
+    if is_pareto(exp):
+        front = pareto_entries(outcome)
+        extra["pareto_front"] = front
+        (output / PARETO_FILE).write_text(json.dumps(
+            {"metrics": list(PARETO_METRICS), "split": "val", "trials": front}, indent=2, default=str))
+    write_evaluation(output / REPORT_DIR, evaluation, extra)
+    return build_report(output, echo=lambda *_: None)
+
+
+def echo_summary(exp: ExperimentConfig, outcome: SearchOutcome, metrics: dict[str, Any], echo=print) -> None:
+    echo(f"\ntrials ({'last' if is_pareto(exp) else 'best'} epoch, validation split; * on the Pareto front):")
     keys = sorted({k for t in outcome.trials for k in t.params})
-    echo("  " + " ".join(f"{h:>9}" for h in ["trial", "status", *keys, "J", "D", "E", "SSIM"]))
+    columns = ("objective", "privacy", "utility", "deid_rate", "emotion_preserved", "ssim")
+    echo("  " + " ".join(f"{h:>9}" for h in ["trial", "status", *keys, "J", "privacy", "utility", "D", "E", "SSIM"]))
+    front = {t.trial_id for t in outcome.front}
     for t in sorted(outcome.trials, key=lambda t: -t.metrics.get("objective", -1)):
         m = t.metrics
-        row = [t.trial_id[-9:], t.status, *(f"{t.params.get(k, float('nan')):.3f}" for k in keys),
-               *(f"{m.get(k, float('nan')):.3f}" for k in ("objective", "deid_rate", "emotion_preserved", "ssim"))]
+        row = [("*" if t.trial_id in front else "") + t.trial_id[-8:], t.status,
+               *(f"{t.params.get(k, float('nan')):.3f}" for k in keys),
+               *(f"{m.get(k, float('nan')):.3f}" for k in columns)]
         echo("  " + " ".join(f"{c:>9}" for c in row))
     echo(f"\ntest split, independent evaluators (mu={metrics['mu']:.3f}):")
-    echo("  " + " ".join(f"{h:>10}" for h in ["method", "J", "D", "S", "G", "E", "emoMSE", "SSIM"]))
-    for name, judged in metrics["methods"].items():
-        m = judged["evaluators"]
-        cells = [name[:10], *(f"{m[k]:.3f}" for k in ("objective", "deid_rate", "switching_deid_rate",
-                                                     "genuine_acceptance", "emotion_preserved")),
-                 f"{m['emotion_mse']:.4f}", f"{m['ssim']:.3f}"]
-        echo("  " + " ".join(f"{c:>10}" for c in cells))
+    for line in summary_lines(metrics):
+        echo(line)

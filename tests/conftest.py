@@ -63,7 +63,8 @@ def tiny_pretrained(tmp_path_factory, ray_runtime, tiny_experiment, tiny_data) -
 def tiny_tune_args(tiny_data, tiny_pretrained) -> list[str]:
     """`epd-ray tune` arguments for the tiny experiment that reuse the session's data and pretrained networks."""
     cache_dir = tiny_pretrained.parents[2]  # <cache>/pretrained/<key>/pretrained.pt
-    overrides = [f"{key}={value}" for key, value in {**TINY, "cache_dir": cache_dir}.items()]
+    # dashboard on a free port: another Ray on the host (a second test run) may hold the default 8265
+    overrides = [f"{key}={value}" for key, value in {**TINY, "cache_dir": cache_dir, "ray.dashboard_port": 0}.items()]
     return ["tune", "--config", "smoke", "--data", str(tiny_data.path), *[a for o in overrides for a in ("--set", o)]]
 
 

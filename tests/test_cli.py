@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from epd_ray.checkpoints import load_network
 from epd_ray.cli import app
+from epd_ray.evaluate.report import FIGURES
 
 REPO = Path(__file__).resolve().parents[1]
 METRIC_KEYS = {"objective", "deid_rate", "switching_deid_rate", "genuine_acceptance", "emotion_preserved",
@@ -105,7 +106,7 @@ def test_tune_smoke_end_to_end(tmp_path):
 
     metrics = json.loads((out / "report" / "metrics.json").read_text())
     assert metrics["split"] == "test"
-    assert set(metrics["methods"]) == {"epd-net", "no_change", "blur", "pixelate"}
+    assert set(metrics["methods"]) == {"epd-net", "no_change", "blur", "pixelate", "ksame"}
     for judged in metrics["methods"].values():
         for judge in ("evaluators", "verifiers"):
             assert METRIC_KEYS <= set(judged[judge])
@@ -116,6 +117,7 @@ def test_tune_smoke_end_to_end(tmp_path):
     assert unchanged["ssim"] == pytest.approx(1.0) and unchanged["emotion_mse"] == pytest.approx(0.0)
     report = (out / "report" / "report.md").read_text()
     assert "independent evaluators" in report and "epd-net" in report
+    assert all((out / "report" / name).stat().st_size > 0 for name in FIGURES.values())
 
     # The same output again is refused; a new output reuses the cached data and verifiers.
     again = _epd_ray("tune", "--config", "smoke", "--output", str(out), "--set", f"cache_dir={cache}", cwd=tmp_path)

@@ -142,6 +142,7 @@ BAD_OVERRIDES = [
     pytest.param({"search.space": {"mu": {"low": 0.3, "high": 0.5, "step": 0.1}}},
                  ["search.space.mu.step", "unknown key"], id="search-range-unknown-key"),
     pytest.param({"train.precision": "fp8"}, ["train.precision"], id="precision-literal"),
+    pytest.param({"search.objective": "J"}, ["search.objective"], id="search-objective-literal"),
     pytest.param({"train.epochs": 0}, ["train.epochs"], id="epochs-zero"),
 ]
 

@@ -19,6 +19,7 @@ from epd_ray.core.metrics import (
     genuine_acceptance,
     identity_distances,
     mu_sweep,
+    pareto_front,
     switching_deid_rate,
 )
 
@@ -184,3 +185,11 @@ def test_mu_sweep_monotone_and_consistent():
     assert d[1] == deid_rate(deid_id, identity, 0.35) and s[2] == switching_deid_rate(deid_id, identity, 0.9)
     assert g == [0.0, 1.0, 1.0, 1.0]  # own distance of originals is sqrt(0.0075) = 0.0866
     assert sweep["privacy"] == pytest.approx([a * b * c for a, b, c in zip(d, s, g)])
+
+
+def test_pareto_front_by_hand():
+    # (0.4, 0.4) is beaten by (0.5, 0.5) on both; (0.5, 0.4) only ties it on privacy and loses on utility;
+    # equal points are both on the front (neither beats the other).
+    points = [(0.2, 0.9), (0.5, 0.5), (0.4, 0.4), (0.9, 0.1), (0.5, 0.5), (0.5, 0.4)]
+    assert pareto_front(points) == [True, True, False, True, True, False]
+    assert pareto_front([]) == [] and pareto_front([(0.0, 0.0)]) == [True]

@@ -340,9 +340,11 @@ def _fer_csv(path: Path, rows_per_emotion: int = 6) -> Path:
 
 def test_a_broken_folder_trains_on_the_rest_with_emotion_networks_from_fer2013(ray_runtime, tiny_experiment,
                                                                                 tmp_path):
-    """Real formats all the way into Ray Train: pretraining (S and S_e on FER2013) and a GAN epoch."""
+    """Real formats all the way into Ray Train: pretraining (S and S_e on FER2013) and a GAN epoch with
+    the mirror/shift augmentation running as Ray Data map_batches tasks beside the Train worker."""
     from epd_ray.data.stream import materialized_split
     from epd_ray.train.run import pretrain_networks
+    from epd_ray.train.gan import GanInputs
     from epd_ray.tune.search import gan_trainer
 
     _broken_corpus(tmp_path / "faces")
@@ -351,12 +353,12 @@ def test_a_broken_folder_trains_on_the_rest_with_emotion_networks_from_fer2013(r
     assert faces.manifest["num_images"] == 24 and fer.manifest["splits"]["train"]["images"] == 7 * 6 * 2
     exp = tiny_experiment.model_copy(update={
         "verifiers": tiny_experiment.verifiers.model_copy(update={"emotion_data": str(fer.path)}),
-        "train": tiny_experiment.train.model_copy(update={"epochs": 1})})
+        "train": tiny_experiment.train.model_copy(update={"epochs": 1, "flip": True, "max_shift": 2})})
     train = materialized_split(faces.path)
     said: list[str] = []
     pretrained = pretrain_networks(exp, faces, train_data=train, cache_dir=tmp_path / "cache", runtime=ray_runtime,
                                    storage_path=str(tmp_path / "ray"), echo=said.append)
     assert any("emotion networks learn from" in line and str(fer.path) in line for line in said)
-    result = gan_trainer(exp, {}, train_data=train, dataset_dir=str(faces.path), pretrained_path=str(pretrained),
-                         image_size=SIZE, name="gan-folder", storage_path=str(tmp_path / "ray")).fit()
+    result = gan_trainer(exp, {}, train_data=train, inputs=GanInputs.put(faces.path, pretrained), name="gan-folder",
+                         storage_path=str(tmp_path / "ray")).fit()
     assert result.error is None and 0.0 <= result.metrics["objective"] <= 1.0

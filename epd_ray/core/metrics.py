@@ -176,6 +176,11 @@ def utility_score(E: float, ssim: float, w: float = 0.25) -> float:
     return float(E * max(float(ssim), 0.0) ** w)
 
 
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[bool]:
+    """Which (privacy, utility) points no other point dominates (both maximised; equal points are all kept)."""
+    return [not any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in points) for p in points]
+
+
 def mu_sweep(
     identity_probs_orig: ArrayLike,
     identity_probs_deid: ArrayLike,

@@ -1,8 +1,9 @@
 """Ray Data stream of prepared shards into Ray Train workers.
 
-The driver reads the raw `pixels` column of the shards (no image decode: it was decoded once, at prepare
-time) and hands the tables to Ray as blocks in its object store: on a cluster, read tasks placed on other
-nodes could not open the driver's files. `map_batches` turns them into uint8 arrays; each worker iterates
+`read_parquet` reads the raw `pixels` column of the shards (no image decode: it was decoded once, at
+prepare time). On a cluster of several nodes the driver reads the tables itself and hands them to Ray as
+blocks in its object store instead: read tasks placed on other nodes could not open files prepared on the
+driver's disk. `map_batches` turns them into uint8 arrays; each worker iterates
 its part through `ray.train.get_dataset_shard(...)`. The driver materializes the result once, before any
 Train worker holds a CPU: every epoch and every trial then iterates blocks already in the object store
 (tens of thousands of images a second) instead of re-reading files, and on a small machine no data task
@@ -22,6 +23,7 @@ import pyarrow.parquet as pq
 import ray.data
 
 from epd_ray.data.shards import pixels_from_bytes, read_manifest, shard_paths
+from epd_ray.runtime import alive_nodes
 
 DATA_TASK_CPUS = 0.25
 
@@ -62,15 +64,23 @@ def augmented(ds: ray.data.Dataset, *, flip: bool, max_shift: int) -> ray.data.D
                           num_cpus=DATA_TASK_CPUS)
 
 
-def split_stream(dataset_dir: Path, split: str = "train") -> ray.data.Dataset:
-    """A Ray Dataset of one split, read now, decoded lazily: columns pixels (N, H, W, 3) uint8, identity, emotion."""
+def split_stream(dataset_dir: Path, split: str = "train", *, via_driver: bool = False) -> ray.data.Dataset:
+    """A Ray Dataset of one split, decoded lazily: columns pixels (N, H, W, 3) uint8, identity, emotion.
+
+    `via_driver`: the driver reads the shards and puts the tables into the object store (the files may be
+    on its disk only) instead of Ray Data's read tasks reading them wherever they run.
+    """
     image_size = read_manifest(dataset_dir)["image_size"]
-    ds = ray.data.from_arrow([pq.read_table(path, columns=["pixels", "identity", "emotion"])
-                              for path in shard_paths(dataset_dir, split)])
+    paths, columns = shard_paths(dataset_dir, split), ["pixels", "identity", "emotion"]
+    if via_driver:
+        ds = ray.data.from_arrow([pq.read_table(path, columns=columns) for path in paths])
+    else:
+        ds = ray.data.read_parquet(paths, columns=columns, num_cpus=DATA_TASK_CPUS)
     return ds.map_batches(_decode, fn_kwargs={"image_size": image_size}, batch_format="numpy",
                           num_cpus=DATA_TASK_CPUS)
 
 
 def materialized_split(dataset_dir: Path, split: str = "train") -> ray.data.MaterializedDataset:
-    """The split read once into Ray's object store, shared by every Train run of a command."""
-    return split_stream(dataset_dir, split).materialize()
+    """The split read once into Ray's object store, shared by every Train run of a command (read through the
+    driver when the cluster has more than one node)."""
+    return split_stream(dataset_dir, split, via_driver=alive_nodes() > 1).materialize()

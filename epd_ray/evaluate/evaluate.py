@@ -175,12 +175,22 @@ def run_evaluation(methods: dict[str, Method | KSameMethod], *, dataset_dir: Pat
     return Evaluation(metrics, per_image, sample_pixels, index)
 
 
-def evaluate_methods(methods: dict[str, Method | KSameMethod], *, dataset_dir: Path, pretrained_path: Path,
-                     split: str, mu: float, cfg: EvaluationConfig, device: torch.device | None = None,
-                     precision: str = "fp32") -> dict[str, Any]:
-    """The metrics of `run_evaluation` alone (what `epd-ray tune` writes to its report)."""
-    return run_evaluation(methods, dataset_dir=dataset_dir, pretrained_path=pretrained_path, split=split, mu=mu,
-                          cfg=cfg, device=device, precision=precision).metrics
+def method_settings(cfg: EvaluationConfig, methods: dict[str, Any], k: int = KSAME_K) -> dict[str, Any]:
+    """The baselines' parameters, recorded next to their metrics."""
+    return {"ksame_k": k if "ksame" in methods else None, "blur_sigma": cfg.blur_sigma,
+            "pixelate_blocks": cfg.pixelate_blocks}
+
+
+def summary_lines(metrics: dict[str, Any]) -> list[str]:
+    """The main figures of each method (independent evaluators), as the commands print them."""
+    lines = ["  " + " ".join(f"{h:>10}" for h in ["method", "J", "D", "S", "G", "E", "emoMSE", "SSIM", "CMC r1"])]
+    for name, judged in metrics["methods"].items():
+        e = judged["evaluators"]
+        cells = [name[:10], *(f"{e[key]:.3f}" for key in ("objective", "deid_rate", "switching_deid_rate",
+                                                          "genuine_acceptance", "emotion_preserved")),
+                 f"{e['emotion_mse']:.4f}", f"{e['ssim']:.3f}", f"{e['cmc_misclassification'][0]:.3f}"]
+        lines.append("  " + " ".join(f"{c:>10}" for c in cells))
+    return lines
 
 
 def write_evaluation(out: Path, evaluation: Evaluation, extra: dict[str, Any] | None = None) -> dict[str, Path]:
@@ -303,6 +313,5 @@ def evaluate_command(model: Path | None, out: Path, *, baselines: Sequence[str] 
     evaluation = run_evaluation(methods, dataset_dir=setup.dataset_dir, pretrained_path=setup.pretrained_path,
                                 split=split, mu=setup.mu, cfg=setup.cfg)
     extra = {"model": str(setup.checkpoint) if setup.checkpoint else None,
-             "params": setup.card.get("params"), "ksame_k": k if "ksame" in methods else None,
-             "blur_sigma": setup.cfg.blur_sigma, "pixelate_blocks": setup.cfg.pixelate_blocks}
+             "params": setup.card.get("params"), **method_settings(setup.cfg, methods, k)}
     return evaluation, write_evaluation(out, evaluation, extra)

@@ -4,8 +4,9 @@
 `epd-ray report` command) completes a run's metrics.json where it lacks something (the mu sweep, k-Same,
 sample de-identified faces, the trials' history), draws the figures of the paper (CMC misclassification,
 Fig. 4; SSIM, Fig. 5; emotion MSE, Table I) and of the search (D/S/G against mu, the objective over time,
-privacy against utility with the Pareto front) and a grid of de-identified samples. The grid never shows
-an original face, and so never the `no_change` baseline either, unless asked to (--show-originals).
+privacy against utility with the Pareto front, and the Pareto-optimal trials of a pareto-mode search),
+a grid of de-identified samples, and the ablation table when `epd-ray ablate` has run. The grid never
+shows an original face, and so never the `no_change` baseline either, unless asked to (--show-originals).
 """
 
 from __future__ import annotations
@@ -17,14 +18,20 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from epd_ray.core.metrics import pareto_front
 from epd_ray.evaluate.evaluate import (GENERATOR_METHOD, METRICS_FILE, SAMPLES_FILE, SWEEP_JUDGE,
                                        evaluate_command)
 
 COLUMNS = [("objective", "J"), ("deid_rate", "D(mu)"), ("switching_deid_rate", "S(mu)"),
            ("genuine_acceptance", "G(mu)"), ("emotion_preserved", "E"), ("emotion_mse", "emotion MSE"),
            ("ssim", "SSIM")]
-REPORT_DIR, REPORT_FILE = "report", "report.md"
+REPORT_DIR, REPORT_FILE, ABLATION_DIR = "report", "report.md", "ablation"
 ALL_BASELINES = ("identity", "blur", "pixelate", "ksame")
+# What the ablation table shows of each variant's last epoch (validation split, evaluators), next to the
+# judged epoch: how far training moved each variant from the warm start, and where the ablated term shows.
+LAST_EPOCH_COLUMNS = ("objective", "deid_rate", "switching_deid_rate", "emotion_preserved", "emotion_mse", "ssim")
+# What `epd-ray tune` records about its search in report/metrics.json, kept when the report re-evaluates.
+SEARCH_KEYS = ("trials", "best_trial", "search_objective", "pareto_front")
 ORIGINAL_ROW, HIDDEN_METHODS = "original", ("no_change",)
 GRID_PAD, GRID_MIN_TILE = 4, 96
 FIGURES = {"cmc": "cmc.png", "ssim": "ssim.png", "mu_sweep": "mu_sweep.png", "trials": "trials.png",
@@ -68,9 +75,72 @@ def trials_table(trials: list[dict[str, Any]]) -> list[str]:
     return _table(header, rows)
 
 
+def pareto_table(front: list[dict[str, Any]]) -> list[str]:
+    keys = sorted({k for t in front for k in t["params"]})
+    header = ["trial", "epoch"] + keys + ["privacy D*S*G", "utility E*SSIM^w", "J", "checkpoint"]
+    rows = [[t["trial_id"] + (" (best/)" if t.get("best") else ""), str(t.get("epoch"))]
+            + [f"{t['params'][k]:.3f}" for k in keys] + [_cell(t[k]) for k in ("privacy", "utility", "objective")]
+            + [f"`{t['checkpoint']}`"] for t in front]
+    return _table(header, rows)
+
+
+def _change(new: float, old: float) -> str:
+    """How `new` compares with `old`, to the 4 significant digits the sentence prints."""
+    return "leaves unchanged" if f"{new:.4g}" == f"{old:.4g}" else ("raises" if new > old else "lowers")
+
+
+def ablation_findings(ev: dict[str, dict[str, float]], paper: dict[str, float], where: str) -> list[str]:
+    """What `ev` (variant -> metrics) says about the paper's ablation claims, whichever way it comes out."""
+    lines = []
+    if {"tuned", "without_emotion"} <= set(ev):
+        a, b = ev["without_emotion"]["emotion_mse"], ev["tuned"]["emotion_mse"]
+        lines.append(f"- {where}: dropping the emotion verifier (lambda3 = 0) {_change(a, b)} emotion MSE: {a:.4g} "
+                     f"against {b:.4g} tuned (paper: {paper['without_emotion']} PPGAN against {paper['tuned']}).")
+    if {"tuned", "without_ssim"} <= set(ev):
+        a, b = ev["without_ssim"]["ssim"], ev["tuned"]["ssim"]
+        lines.append(f"- {where}: dropping SSIM (Phi = 0) {_change(a, b)} SSIM: {a:.4g} against {b:.4g} tuned.")
+        a, b = ev["without_ssim"]["emotion_mse"], ev["tuned"]["emotion_mse"]
+        lines.append(f"- {where}: dropping SSIM {_change(a, b)} emotion MSE: {a:.4g} against {b:.4g} tuned "
+                     f"(paper: {paper['without_ssim']} against {paper['tuned']}).")
+    return lines
+
+
+def ablation_section(ablation: dict[str, Any]) -> list[str]:
+    """The ablation tables (`epd-ray ablate`) and what they say about the paper's claims."""
+    header = (["variant", "Phi", "lambda3", "epoch"] + [title for _, title in COLUMNS]
+              + ["CMC miss r1", "emotion MSE (verifiers)", "paper emotion MSE"])
+    rows = []
+    for name, judged in ablation["methods"].items():
+        run, ev = ablation["variants"][name], judged["evaluators"]
+        rows.append([name, f"{run['params']['phi']:.3f}", f"{run['params']['lambda3']:.3f}", str(run["judged_epoch"])]
+                    + [_cell(ev[key]) for key, _ in COLUMNS] + [_cell(ev["cmc_misclassification"][0]),
+                                                                _cell(judged["verifiers"]["emotion_mse"]),
+                                                                _cell(ablation["paper_emotion_mse"].get(name, "-"))])
+    budget = ablation["budget"]
+    paper = ablation["paper_emotion_mse"]
+    lines = ["## Ablations (paper Table I, Fig. 5)", "",
+             f"Each variant retrained from the tuned parameters with the same budget ({budget['epochs']} epochs, "
+             f"{budget['train_images']} training images, seed {budget['seed']}, the same pretrained networks), "
+             f"judged at its {ablation['judged_at']} epoch; test split, mu = {ablation['mu']:.3f}, independent "
+             "evaluators unless said otherwise.", ""] + _table(header, rows) + [""]
+    lines += ablation_findings({name: judged["evaluators"] for name, judged in ablation["methods"].items()},
+                               paper, "Judged epoch, test split") + [""]
+    last = {name: run["last_epoch_validation"] for name, run in ablation["variants"].items()}
+    titles = dict(COLUMNS)
+    lines += ["Each variant at its last epoch (validation split, independent evaluators): the judged epoch can "
+              "lie early, close to the autoencoder warm start, where the ablated term has had little effect yet.", ""]
+    lines += _table(["variant", "epoch"] + [titles[k] for k in LAST_EPOCH_COLUMNS],
+                    [[name, str(m["epoch"])] + [_cell(m[k]) for k in LAST_EPOCH_COLUMNS] for name, m in last.items()])
+    lines += [""]
+    lines += ablation_findings(last, paper, "Last epoch, validation split")
+    return lines + [""]
+
+
 def render_report(metrics: dict[str, Any], trials: list[dict[str, Any]], *, title: str, notes: list[str],
-                  figures: dict[str, str] | None = None, sample_rows: Sequence[str] = ()) -> str:
-    """Markdown of `metrics` (and `trials`); `figures` maps FIGURES keys to file names next to the report."""
+                  figures: dict[str, str] | None = None, sample_rows: Sequence[str] = (),
+                  ablation: dict[str, Any] | None = None) -> str:
+    """Markdown of `metrics` (and `trials`, and an `epd-ray ablate` result); `figures` maps FIGURES keys to
+    file names next to the report."""
     figures = figures or {}
 
     def figure(key: str, caption: str) -> list[str]:
@@ -94,10 +164,18 @@ def render_report(metrics: dict[str, Any], trials: list[dict[str, Any]], *, titl
               "The generator was trained against V and S, so these figures flatter it.", ""]
     lines += method_table(metrics, "verifiers") + [""]
     if trials:
-        lines += ["## Search trials (best epoch of each, on the validation split)", ""]
+        pareto = metrics.get("search_objective") == "pareto"
+        lines += [f"## Search trials ({'last' if pareto else 'best'} epoch of each, on the validation split)", ""]
         lines += trials_table(trials) + [""]
         lines += figure("trials", "objective J of every trial over the search's wall time")
         lines += figure("pareto", "privacy D*S*G against utility E*SSIM^w; Pareto front marked")
+    if metrics.get("pareto_front"):
+        lines += ["## Pareto-optimal trials (privacy against utility, validation split)", "",
+                  "No other trial is better on both; pick the trade-off you need and export its checkpoint "
+                  "(`epd-ray export CHECKPOINT --out DIR`). best/ holds the one with the highest J.", ""]
+        lines += pareto_table(metrics["pareto_front"]) + [""]
+    if ablation:
+        lines += ablation_section(ablation)
     if "samples" in figures:
         lines += ["## De-identified samples", "",
                   f"Rows, top to bottom: {', '.join(sample_rows)}. "
@@ -184,11 +262,6 @@ def plot_trials(history: dict[str, list[dict[str, float]]], path: Path) -> None:
     _save(fig, path)
 
 
-def pareto_front(points: Sequence[tuple[float, float]]) -> list[bool]:
-    """Which points no other point dominates (both coordinates maximised)."""
-    return [not any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in points) for p in points]
-
-
 def plot_pareto(trials: list[dict[str, Any]], path: Path) -> None:
     plt = _pyplot()
     pts = [(t["metrics"]["privacy"], t["metrics"]["utility"]) for t in trials]
@@ -267,7 +340,8 @@ def build_report(run_dir: Path, *, show_originals: bool = False, echo: Callable[
 
     RUN_DIR is an `epd-ray tune` output (metrics in report/metrics.json; completed by evaluating the best
     model and all four baselines on the test split when something is missing) or an `epd-ray evaluate`
-    output folder (metrics.json at its top; used as it is).
+    output folder (metrics.json at its top; used as it is). RUN_DIR/ablation/metrics.json, when
+    `epd-ray ablate` wrote it, adds the ablation table.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -282,7 +356,7 @@ def build_report(run_dir: Path, *, show_originals: bool = False, echo: Callable[
                                 "run `epd-ray evaluate --out DIR` or `epd-ray tune` first")
     if is_run and _needs_evaluation(metrics, source):
         echo(f"evaluating the best model and the baselines ({', '.join(ALL_BASELINES)}) on the test split")
-        kept = {k: metrics[k] for k in ("trials", "best_trial") if metrics and k in metrics}
+        kept = {k: metrics[k] for k in SEARCH_KEYS if metrics and k in metrics}
         evaluation, _ = evaluate_command(run_dir, source, baselines=ALL_BASELINES, include_model=True,
                                          mu=metrics.get("mu") if metrics else None)
         metrics = {**evaluation.metrics, **kept}
@@ -324,7 +398,12 @@ def build_report(run_dir: Path, *, show_originals: bool = False, echo: Callable[
         notes.append(f"Best trial `{metrics['best_trial']}`.")
     if metrics.get("model"):
         notes.append(f"Model `{metrics['model']}`.")
+    if metrics.get("params"):
+        notes.append("Parameters: " + ", ".join(f"{k} = {v:.3f}" for k, v in metrics["params"].items()) + ".")
     title = "EPD-Net de-identification report" if GENERATOR_METHOD in metrics["methods"] else "De-identification report"
+    ablation_path = run_dir / ABLATION_DIR / METRICS_FILE
+    ablation = json.loads(ablation_path.read_text()) if ablation_path.is_file() else None
     path = report_dir / REPORT_FILE
-    path.write_text(render_report(metrics, trials, title=title, notes=notes, figures=figures, sample_rows=rows))
+    path.write_text(render_report(metrics, trials, title=title, notes=notes, figures=figures, sample_rows=rows,
+                                  ablation=ablation))
     return path

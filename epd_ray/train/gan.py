@@ -29,8 +29,9 @@ from epd_ray.core.scoring import deidentify_pixels, judge
 from epd_ray.data.shards import load_split, read_manifest
 from epd_ray.train.worker import RealPairPool, WorkerSetup, image_batches, prepare_images, report, restore, setup_worker
 
-# The objective a diverged trial reports: finite (the searcher must never see NaN) and the worst possible.
-PENALTY_OBJECTIVE = 0.0
+# What a diverged trial reports for every searched objective (J, or privacy and utility in pareto mode):
+# finite (the searcher must never see NaN) and the worst possible.
+PENALTY = {"objective": 0.0, "privacy": 0.0, "utility": 0.0}
 
 
 @dataclass(frozen=True)
@@ -252,7 +253,7 @@ def gan_loop(config: dict[str, Any]) -> None:
         metrics: dict[str, Any] = {"epoch": epoch + 1, "first_epoch": start_epoch + 1, **losses, "diverged": diverged,
                                    "stop_reason": "non-finite loss" if diverged else ""}
         if diverged:
-            metrics.update(objective=PENALTY_OBJECTIVE)
+            metrics.update(PENALTY)
             report(setup, metrics, None)
             return
         payload = None

@@ -1,4 +1,11 @@
-"""The search: Ray Tune with Optuna (TPE) over lambda1-3, Phi, alpha and mu, ASHA on J per epoch.
+"""The search: Ray Tune with Optuna (TPE) over lambda1-3, Phi, alpha and mu.
+
+Two objectives (`search.objective`). `composite`: maximise J, with ASHA stopping weak trials on J per
+epoch; a trial counts at its best-J epoch. `pareto`: maximise privacy D*S*G and utility E*SSIM^w together
+(Optuna's multi-objective TPE); ASHA takes one metric, and stopping on J would cut exactly the trials at
+the ends of the front (high utility and low privacy, or the reverse), so every trial runs all its epochs,
+counts at its last epoch (the result Optuna is told) and keeps its latest checkpoints. The best model is
+then the front's trial with the highest J.
 
 Each trial is a Tune function trainable that builds and fits its own Ray Train `TorchTrainer` (the Train V2
 pattern), with a stable Train run name from the trial id; Train reports reach Tune through
@@ -32,12 +39,14 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from epd_ray.config import SEARCHED_KEYS, ExperimentConfig
+from epd_ray.core.metrics import pareto_front
 from epd_ray.data.stream import augmented
 from epd_ray.runtime import DATA_RESERVE_CPUS, RayRuntime, sigint_guard, storage_filesystem
 from epd_ray.train.gan import GanInputs, gan_loop
 from epd_ray.train.worker import CHECKPOINT_FILE
 
 OBJECTIVE = "objective"
+PARETO_METRICS = ("privacy", "utility")
 SEARCH_NAME = "search"  # the Tune experiment's folder under the storage path
 PAPER_POINT = {"phi": 0.25, "mu": 0.35}
 
@@ -58,6 +67,7 @@ class SearchOutcome:
     best: TrialSummary
     experiment_path: str
     wall_seconds: float
+    front: list[TrialSummary]  # the Pareto-optimal trials (privacy against utility), in trial order
 
 
 def scaling_config(exp: ExperimentConfig) -> ray.train.ScalingConfig:
@@ -66,15 +76,16 @@ def scaling_config(exp: ExperimentConfig) -> ray.train.ScalingConfig:
                                    resources_per_worker=resources)
 
 
-def concurrent_trials(exp: ExperimentConfig, runtime: RayRuntime) -> int:
-    """As many trials as the cluster's CPUs (or GPUs) hold at once, keeping CPU for the data tasks."""
+def concurrent_trials(exp: ExperimentConfig, runtime: RayRuntime, trials: int | None = None) -> int:
+    """As many of `trials` (default the search's) as the cluster's CPUs (or GPUs) hold at once, keeping CPU
+    for the data tasks."""
     if exp.search.max_concurrent:
         return exp.search.max_concurrent
     if exp.train.use_gpu:
         fit = runtime.total_gpus // exp.train.num_workers
     else:
         fit = (runtime.total_cpus - DATA_RESERVE_CPUS) // (exp.train.num_workers * exp.train.cpus_per_worker)
-    return int(max(1, min(fit, exp.search.num_samples)))
+    return int(max(1, min(fit, trials or exp.search.num_samples)))
 
 
 def search_space(exp: ExperimentConfig) -> dict[str, Any]:
@@ -90,27 +101,38 @@ def first_points(exp: ExperimentConfig) -> list[dict[str, float]]:
     return [{key: min(max(base[key], rng.low), rng.high) for key, rng in exp.search.space.items()}]
 
 
+def is_pareto(exp: ExperimentConfig) -> bool:
+    return exp.search.objective == "pareto"
+
+
 def gan_trainer(exp: ExperimentConfig, params: dict[str, float], *, train_data: ray.data.Dataset, inputs: GanInputs,
                 name: str, storage_path: str, callbacks: list | None = None,
                 max_failures: int | None = None) -> TorchTrainer:
-    """One GAN training run (used by each trial, and by `epd-ray train` for a single config).
+    """One GAN training run (used by each trial, and by `epd-ray ablate`).
 
+    It keeps the checkpoints its trial may be judged at: the two best by J, or in pareto mode the two latest.
     It restarts its workers from its latest checkpoint up to `max_failures` times (default
     `train.max_failures`) after losing some.
     """
+    kept = (ray.train.CheckpointConfig(num_to_keep=2) if is_pareto(exp) else
+            ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=OBJECTIVE,
+                                       checkpoint_score_order="max"))
     return TorchTrainer(
         gan_loop,
         train_loop_config={"experiment": exp.to_dict(), "params": params, "inputs": inputs},
         scaling_config=scaling_config(exp),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=storage_path, callbacks=callbacks,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=OBJECTIVE,
-                                                         checkpoint_score_order="max"),
+            name=name, storage_path=storage_path, callbacks=callbacks, checkpoint_config=kept,
             failure_config=ray.train.FailureConfig(
                 max_failures=exp.train.max_failures if max_failures is None else max_failures),
         ),
         datasets={"train": augmented(train_data, flip=exp.train.flip, max_shift=exp.train.max_shift)},
     )
+
+
+def trial_retries(exp: ExperimentConfig) -> ray.tune.FailureConfig:
+    """Tune's retries of a failed trial, for every Tuner that runs `run_trial` (which leaves them to Tune)."""
+    return ray.tune.FailureConfig(max_failures=exp.train.max_failures)
 
 
 def run_trial(params: dict[str, float], *, experiment: dict, train_data: ray.data.Dataset, inputs: GanInputs,
@@ -147,7 +169,9 @@ class ProgressLine(ray.tune.Callback):
                   f"J={result[OBJECTIVE]:.3f} D={result.get('deid_rate', float('nan')):.2f} "
                   f"S={result.get('switching_deid_rate', float('nan')):.2f} "
                   f"E={result.get('emotion_preserved', float('nan')):.2f} "
-                  f"SSIM={result.get('ssim', float('nan')):.2f}")
+                  f"SSIM={result.get('ssim', float('nan')):.2f} "
+                  f"privacy={result.get('privacy', float('nan')):.2f} "
+                  f"utility={result.get('utility', float('nan')):.2f}")
 
     @staticmethod
     def restart_note(result: dict) -> str:
@@ -169,6 +193,25 @@ class ProgressLine(ray.tune.Callback):
         self.echo(f"  trial {trial.trial_id} FAILED: see {trial.local_path}")
 
 
+def tune_settings(exp: ExperimentConfig, concurrency: int) -> ray.tune.TuneConfig:
+    """Composite: one metric, ASHA on it (counted in epochs, so a trial resumed from a checkpoint keeps its
+    rung). Pareto: the two metrics go to OptunaSearch itself (Tune's own metric/mode take one metric only,
+    so they stay unset) and Tune's default FIFO scheduler runs every trial to the end."""
+    first = first_points(exp) or None
+    if is_pareto(exp):
+        return ray.tune.TuneConfig(
+            num_samples=exp.search.num_samples, max_concurrent_trials=concurrency,
+            search_alg=OptunaSearch(metric=list(PARETO_METRICS), mode=["max"] * len(PARETO_METRICS),
+                                    points_to_evaluate=first, seed=exp.search.seed))
+    return ray.tune.TuneConfig(
+        metric=OBJECTIVE, mode="max", num_samples=exp.search.num_samples, max_concurrent_trials=concurrency,
+        search_alg=OptunaSearch(points_to_evaluate=first, seed=exp.search.seed),
+        scheduler=ASHAScheduler(time_attr="epoch", max_t=exp.train.epochs,
+                                grace_period=min(exp.search.grace_period, exp.train.epochs),
+                                reduction_factor=exp.search.reduction_factor),
+    )
+
+
 def run_search(exp: ExperimentConfig, *, train_data: ray.data.Dataset, inputs: GanInputs, runtime: RayRuntime,
                storage_path: str, resume: bool = False, echo=print) -> SearchOutcome:
     """Run the search, or with `resume` continue the one saved under `storage_path` (a new one if none is)."""
@@ -184,43 +227,46 @@ def run_search(exp: ExperimentConfig, *, train_data: ray.data.Dataset, inputs: G
         echo(f"search: resuming {saved}: finished trials kept, the others continue from their checkpoints")
         tuner = ray.tune.Tuner.restore(saved, trainable, resume_unfinished=True, restart_errored=True)
     else:
+        stopping = ("no early stopping (pareto: privacy and utility)" if is_pareto(exp)
+                    else f"ASHA grace {exp.search.grace_period}")
         echo(f"search: {exp.search.num_samples} trials, {concurrency} at a time, "
-             f"{exp.train.epochs} epochs each, ASHA grace {exp.search.grace_period}")
+             f"{exp.train.epochs} epochs each, {stopping}")
         tuner = ray.tune.Tuner(
             trainable,
             param_space=search_space(exp),
-            tune_config=ray.tune.TuneConfig(
-                metric=OBJECTIVE, mode="max", num_samples=exp.search.num_samples,
-                max_concurrent_trials=concurrency,
-                search_alg=OptunaSearch(points_to_evaluate=first_points(exp) or None, seed=exp.search.seed),
-                scheduler=ASHAScheduler(time_attr="epoch", max_t=exp.train.epochs,
-                                        grace_period=min(exp.search.grace_period, exp.train.epochs),
-                                        reduction_factor=exp.search.reduction_factor),
-            ),
+            tune_config=tune_settings(exp, concurrency),
             run_config=ray.tune.RunConfig(name=SEARCH_NAME, storage_path=storage_path, verbose=0,
                                           callbacks=[ProgressLine(exp.train.epochs)],
-                                          failure_config=ray.tune.FailureConfig(max_failures=exp.train.max_failures)),
+                                          failure_config=trial_retries(exp)),
         )
     with sigint_guard():
         grid = tuner.fit()
     filesystem = storage_filesystem(storage_path)
-    trials = [summarise(result, filesystem) for result in grid]
+    trials = [summarise(result, filesystem, last_epoch=is_pareto(exp)) for result in grid]
     scored = [t for t in trials if t.checkpoint is not None]
     if not scored:
         raise RuntimeError(f"no trial produced a checkpoint; see {grid.experiment_path}")
-    best = max(scored, key=lambda t: t.metrics.get(OBJECTIVE, -math.inf))
-    return SearchOutcome(trials, best, grid.experiment_path, time.time() - started)
+    front = pareto_trials(scored)
+    best = max(front if is_pareto(exp) else scored, key=lambda t: t.metrics.get(OBJECTIVE, -math.inf))
+    return SearchOutcome(trials, best, grid.experiment_path, time.time() - started, front)
 
 
-def summarise(result: ray.tune.Result, filesystem: pyarrow.fs.FileSystem) -> TrialSummary:
-    """A trial at its best epoch: the row with the highest J whose checkpoint is still kept."""
+def pareto_trials(trials: list[TrialSummary]) -> list[TrialSummary]:
+    """The trials whose (privacy, utility) no other trial beats in both."""
+    points = [tuple(float(t.metrics.get(k, 0.0)) for k in PARETO_METRICS) for t in trials]
+    return [t for t, optimal in zip(trials, pareto_front(points)) if optimal]
+
+
+def summarise(result: ray.tune.Result, filesystem: pyarrow.fs.FileSystem, *, last_epoch: bool = False) -> TrialSummary:
+    """A trial at the epoch it is judged at: its highest-J epoch, or with `last_epoch` its last one (what a
+    multi-objective Optuna is told); where that epoch's checkpoint is gone, the next in that order that kept one."""
     frame: pd.DataFrame | None = result.metrics_dataframe
     params = {k: float(v) for k, v in (result.config or {}).items() if k in SEARCHED_KEYS}
     trial_id = str((result.metrics or {}).get("trial_id", Path(result.path).name))
     status = "error" if result.error else "ok"
     if frame is None or OBJECTIVE not in frame or frame.empty:
         return TrialSummary(trial_id, params, 0, {}, None, status)
-    frame = frame.sort_values(OBJECTIVE, ascending=False)
+    frame = frame.sort_values("epoch" if last_epoch else OBJECTIVE, ascending=False, kind="stable")
     row, checkpoint = frame.iloc[0], None
     if "checkpoint_path" in frame:
         for _, candidate in frame.iterrows():
