@@ -40,7 +40,7 @@ from epd_ray.evaluate.report import ABLATION_DIR, LAST_EPOCH_COLUMNS
 from epd_ray.experiment import data_and_networks, fetch_checkpoint
 from epd_ray.runtime import resolve_storage, start_ray, storage_filesystem
 from epd_ray.train.gan import GanInputs
-from epd_ray.tune.search import ProgressLine, concurrent_trials, is_pareto, run_trial, summarise
+from epd_ray.tune.search import ProgressLine, concurrent_trials, is_pareto, run_trial, summarise, trial_retries
 
 # variant -> what it changes in the tuned parameters
 VARIANTS: dict[str, dict[str, float]] = {"tuned": {}, "without_ssim": {"phi": 0.0}, "without_emotion": {"lambda3": 0.0}}
@@ -119,7 +119,7 @@ def run_ablation(run_dir: Path, *, address: str | None = None, echo=print) -> Ab
         tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrent_trials(exp, inputs.runtime, len(variants))),
         run_config=ray.tune.RunConfig(name=f"ablation-{datetime.now():%Y%m%d-%H%M%S}",
                                       storage_path=storage, verbose=0,
-                                      callbacks=[ProgressLine(exp.train.epochs)]),
+                                      callbacks=[ProgressLine(exp.train.epochs)], failure_config=trial_retries(exp)),
     ).fit()
 
     runs: dict[str, dict[str, Any]] = {}

@@ -144,8 +144,8 @@ class TrainConfig(_Strict):
     max_shift: int = Field(0, ge=0, le=32, description="shift faces by up to this many px at random")
     ema_half_life: float = Field(1.0, ge=0, description="epochs; half-life of the generator's weight average "
                                                          "that is scored and published (0: the raw weights)")
-    max_failures: int = Field(2, ge=-1, description="lost workers or nodes a Train run recovers from, each time "
-                                                    "from its latest checkpoint (-1: always, 0: never)")
+    max_failures: int = Field(2, ge=-1, description="restarts of a trial (or of pretraining) from its latest "
+                                                    "checkpoint after losing workers or nodes (-1: always, 0: never)")
     seed: int = 0
 
 

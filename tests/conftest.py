@@ -155,10 +155,3 @@ def epd_ray_cli(tmp_path):
         run.kill()
     for pid in processes_working_in(tmp_path):
         os.kill(pid, 9)
-
-
-def pytest_collection_modifyitems(config, items):
-    """The multi-node tests run last. Their Cluster leaves this process unable to use the session's Ray
-    again (the next test that does exits pytest silently with status 1; seen only in a full run, not yet
-    understood), while everything run before them, and the session's teardown after them, is unaffected."""
-    items.sort(key=lambda item: item.nodeid.startswith("tests/test_multinode.py"))

@@ -28,7 +28,7 @@ def test_ctrl_c_stops_cleanly_with_one_line_on_how_to_resume(tiny_tune_args, epd
     import ray.tune
 
     out = tmp_path / "out"
-    run = epd_ray_cli(*tiny_tune_args, "--output", str(out), "--set", "search.num_samples=2",
+    run = epd_ray_cli(*tiny_tune_args, "--output", str(out), "--set", "search.num_samples=1",
                       "--set", "train.epochs=4")
     trial_id = EPOCH_LINE.search(run.wait_for(EPOCH_LINE.search, timeout=300)).group(1)
     os.killpg(run.proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group

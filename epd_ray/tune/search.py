@@ -13,11 +13,11 @@ pattern), with a stable Train run name from the trial id; Train reports reach Tu
 `trial_driver` resource, not a CPU, so on a small machine every CPU goes to the Train workers and to the
 data tasks. All trials share the same prepared data and pretrained verifiers.
 
-Faults: a Train run recovers from lost workers or nodes (`train.max_failures`) from its latest checkpoint.
-A search whose driver was stopped resumes from the saved Tune state (`Tuner.restore`): finished trials are
-kept, unfinished and failed ones run again under their old trial id, so their Train run (named from it)
-continues from its latest checkpoint. ASHA therefore counts epochs, which survive such a restart, not
-Tune's training iterations, which start again from 1.
+Faults: a trial whose Train run lost workers or nodes is retried by Tune (`train.max_failures` times), and
+its Train run, found by name, continues from its latest checkpoint. A search whose driver was stopped
+resumes from the saved Tune state (`Tuner.restore`): finished trials are kept, unfinished and failed ones
+run again under their old trial id, and so continue from their latest checkpoint too. ASHA therefore counts
+epochs, which survive such restarts, not Tune's training iterations, which start again from 1.
 """
 
 from __future__ import annotations
@@ -106,10 +106,13 @@ def is_pareto(exp: ExperimentConfig) -> bool:
 
 
 def gan_trainer(exp: ExperimentConfig, params: dict[str, float], *, train_data: ray.data.Dataset, inputs: GanInputs,
-                name: str, storage_path: str, callbacks: list | None = None) -> TorchTrainer:
+                name: str, storage_path: str, callbacks: list | None = None,
+                max_failures: int | None = None) -> TorchTrainer:
     """One GAN training run (used by each trial, and by `epd-ray ablate`).
 
     It keeps the checkpoints its trial may be judged at: the two best by J, or in pareto mode the two latest.
+    It restarts its workers from its latest checkpoint up to `max_failures` times (default
+    `train.max_failures`) after losing some.
     """
     kept = (ray.train.CheckpointConfig(num_to_keep=2) if is_pareto(exp) else
             ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=OBJECTIVE,
@@ -120,18 +123,28 @@ def gan_trainer(exp: ExperimentConfig, params: dict[str, float], *, train_data: 
         scaling_config=scaling_config(exp),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage_path, callbacks=callbacks, checkpoint_config=kept,
-            failure_config=ray.train.FailureConfig(max_failures=exp.train.max_failures),
+            failure_config=ray.train.FailureConfig(
+                max_failures=exp.train.max_failures if max_failures is None else max_failures),
         ),
         datasets={"train": augmented(train_data, flip=exp.train.flip, max_shift=exp.train.max_shift)},
     )
+
+
+def trial_retries(exp: ExperimentConfig) -> ray.tune.FailureConfig:
+    """Tune's retries of a failed trial, for every Tuner that runs `run_trial` (which leaves them to Tune)."""
+    return ray.tune.FailureConfig(max_failures=exp.train.max_failures)
 
 
 def run_trial(params: dict[str, float], *, experiment: dict, train_data: ray.data.Dataset, inputs: GanInputs,
               storage_path: str) -> None:
     exp = ExperimentConfig.model_validate(experiment)
     trial_id = ray.tune.get_context().get_trial_id()
+    # No Train-level restarts inside a trial: when Tune stops a trial (ASHA, or at its last epoch) it ends the
+    # trial's process, and a Train controller on its way down would take its workers' deaths for a failure,
+    # start a new worker group and leave that group's placement group (CPUs, GPUs) held for good. Tune
+    # retries the failed trial instead (`train.max_failures` times), and the Train run resumes by name.
     trainer = gan_trainer(exp, params, train_data=train_data, inputs=inputs, name=f"train-{trial_id}",
-                          storage_path=storage_path, callbacks=[TuneReportCallback()])
+                          storage_path=storage_path, callbacks=[TuneReportCallback()], max_failures=0)
     trainer.fit()
 
 
@@ -172,6 +185,9 @@ class ProgressLine(ray.tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.echo(f"  trial {trial.trial_id} finished")
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self.echo(f"  trial {trial.trial_id} failed (see {trial.local_path}); retrying from its last checkpoint")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.echo(f"  trial {trial.trial_id} FAILED: see {trial.local_path}")
@@ -220,7 +236,8 @@ def run_search(exp: ExperimentConfig, *, train_data: ray.data.Dataset, inputs: G
             param_space=search_space(exp),
             tune_config=tune_settings(exp, concurrency),
             run_config=ray.tune.RunConfig(name=SEARCH_NAME, storage_path=storage_path, verbose=0,
-                                          callbacks=[ProgressLine(exp.train.epochs)]),
+                                          callbacks=[ProgressLine(exp.train.epochs)],
+                                          failure_config=trial_retries(exp)),
         )
     with sigint_guard():
         grid = tuner.fit()
