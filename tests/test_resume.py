@@ -24,6 +24,7 @@ def train_checkpoints(output: Path, trial_id: str) -> list[Path]:
     return sorted((output / "ray" / f"train-{trial_id}").glob("checkpoint_*/checkpoint.pt"))
 
 
+@pytest.mark.slow  # ~60 s: keeps the CI suite under 10 minutes; run with -m slow
 def test_ctrl_c_stops_cleanly_with_one_line_on_how_to_resume(tiny_tune_args, epd_ray_cli, tmp_path):
     import ray.tune
 
