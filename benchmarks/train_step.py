@@ -59,7 +59,7 @@ if __package__ in (None, ""):
 from benchmarks import machine  # noqa: E402
 from epd_ray.config import load_config  # noqa: E402
 from epd_ray.core.losses import (LossWeights, adversarial_loss, contrastive_identity_loss,  # noqa: E402
-                                 discriminator_loss, emotion_loss, ssim_loss)
+                                 emotion_loss, ssim_loss)
 from epd_ray.core.networks import EmotionVerifier, IdentityVerifier, count_parameters  # noqa: E402
 from epd_ray.core.precision import autocast  # noqa: E402
 from epd_ray.train.gan import GanSteps, build_gan, frozen  # noqa: E402
@@ -263,12 +263,7 @@ class EpdStep:
             return
         # The G+D part alone: gan_loop's step without the verifiers' terms of L_G (D frozen the same way).
         setup, weights = self.setup, self.weights
-        with autocast(setup.device, setup.precision):
-            fake = self.generator(x)
-            loss_d = discriminator_loss(self.discriminator(x, y_real), self.discriminator(x, fake.detach()))
-        self.opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        self.opt_d.step()
+        fake, _ = self.steps.discriminator_step(x, y_real)
         critic = self.discriminator.requires_grad_(False)
         with autocast(setup.device, setup.precision):
             loss_g = weights.lambda1 * (adversarial_loss(critic(x, fake)) + weights.phi * ssim_loss(x, fake))

@@ -118,8 +118,8 @@ class GanSteps:
         """The generator to score, checkpoint as `generator` and deploy: the average when there is one."""
         return self.generator_ema if self.generator_ema is not None else unwrap(self.generator)
 
-    def step(self, x: torch.Tensor, y_real: torch.Tensor, identity: torch.Tensor, emotion: torch.Tensor) -> None:
-        """A discriminator step on (x, y_real) against (x, G(x, z)), then a generator step on L_G."""
+    def discriminator_step(self, x: torch.Tensor, y_real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One D update on (x, y_real) against (x, G(x, z)); returns G(x, z), still attached to G, and L_D."""
         setup = self.setup
         with autocast(setup.device, setup.precision):
             fake = self.generator(x)
@@ -127,6 +127,12 @@ class GanSteps:
         self.opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
         self.opt_d.step()
+        return fake, loss_d
+
+    def step(self, x: torch.Tensor, y_real: torch.Tensor, identity: torch.Tensor, emotion: torch.Tensor) -> None:
+        """A discriminator step on (x, y_real) against (x, G(x, z)), then a generator step on L_G."""
+        setup = self.setup
+        fake, loss_d = self.discriminator_step(x, y_real)
 
         # D is frozen for the generator step: only the gradient to `fake` is needed, so D's weight
         # gradients (7% of the step's FLOPs) are not computed. Calling the unwrapped module keeps DDP's
