@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 import yaml
@@ -40,18 +40,35 @@ def parse_overrides(pairs: list[str]) -> dict[str, object]:
     return overrides
 
 
+ConfigOption = Annotated[Optional[str], typer.Option(
+    "--config", "-c", help=f"preset ({', '.join(preset_names())}) or YAML file; default quick")]
+OutputOption = Annotated[Optional[Path], typer.Option("--output", "-o", help="run folder; default runs/<name>-<time>")]
+AddressOption = Annotated[Optional[str], typer.Option("--address",
+                                                      help="join this Ray cluster ('auto' for the local one)")]
+DataOption = Annotated[Optional[Path], typer.Option("--data", help="a folder made by `epd-ray data prepare`")]
+SetOption = Annotated[list[str], typer.Option("--set", help="override a config key, e.g. --set train.epochs=3")]
+ResumeOption = Annotated[Optional[Path], typer.Option(
+    "--resume", metavar="OUTPUT", help="continue the stopped run in this folder (its config and data)")]
+
+
 @app.command()
-def tune(
-    config: Optional[str] = typer.Option(None, "--config", "-c",
-                                         help=f"preset ({', '.join(preset_names())}) or YAML file; default quick"),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="run folder; default runs/<name>-<time>"),
-    address: Optional[str] = typer.Option(None, "--address", help="join this Ray cluster ('auto' for the local one)"),
-    data: Optional[Path] = typer.Option(None, "--data", help="a folder made by `epd-ray data prepare`"),
-    set_: list[str] = typer.Option([], "--set", help="override a config key, e.g. --set train.epochs=3"),
-    resume: Optional[Path] = typer.Option(None, "--resume", metavar="OUTPUT",
-                                          help="continue the stopped run in this folder (its config and data)"),
-) -> None:
+def tune(config: ConfigOption = None, output: OutputOption = None, address: AddressOption = None,
+         data: DataOption = None, set_: SetOption = [], resume: ResumeOption = None) -> None:
     """Search EPD-Net's loss weights with Ray Tune; save the best model and a report."""
+    _experiment(config, output, address, data, set_, resume, search=True)
+
+
+@app.command()
+def train(config: ConfigOption = None, output: OutputOption = None, address: AddressOption = None,
+          data: DataOption = None, set_: SetOption = [], resume: ResumeOption = None) -> None:
+    """Train EPD-Net with one setting, no search: the config's loss.* weights and evaluation.mu (default the
+    paper's; change them with --set loss.lambda2=0.5 --set evaluation.mu=0.2). Saves the best epoch's model
+    and a report, as `tune` does."""
+    _experiment(config, output, address, data, set_, resume, search=False)
+
+
+def _experiment(config: Optional[str], output: Optional[Path], address: Optional[str], data: Optional[Path],
+                set_: list[str], resume: Optional[Path], *, search: bool) -> None:
     overrides = parse_overrides(set_)
     if resume is not None and (config or output or data or set_):
         fail("--resume OUTPUT takes the run's own config and data: give only --address with it")
@@ -61,6 +78,7 @@ def tune(
         os.environ.setdefault("RAY_AUTH_MODE", "token")
         overrides["ray.address"] = address
     from epd_ray.experiment import OutputError, TuneInterrupted, default_output, resume_tune, run_tune
+    from epd_ray.tune.search import fixed_params
 
     try:
         if resume is not None:
@@ -70,7 +88,8 @@ def tune(
             if data is not None and not (data / "dataset.json").is_file():
                 raise FileNotFoundError(f"{data}: no prepared data set here (dataset.json missing); "
                                         "run `epd-ray data prepare --out DIR` first")
-            run = run_tune(exp, output or default_output(exp), prepared_dir=data)
+            run = run_tune(exp, output or default_output(exp), prepared_dir=data,
+                           fixed=None if search else fixed_params(exp))
     except (*USER_ERRORS, OutputError) as exc:
         fail(str(exc))
     except TuneInterrupted as exc:

@@ -40,6 +40,7 @@ from epd_ray.train.run import pretrain_networks
 from epd_ray.tune.search import OBJECTIVE, PARETO_METRICS, SearchOutcome, is_pareto, run_search
 
 MARKER = "experiment.json"
+TUNE, TRAIN = "epd-ray tune", "epd-ray train"  # the commands that make a run folder
 PARETO_FILE = "pareto.json"
 
 
@@ -69,7 +70,10 @@ def default_cache_dir(exp: ExperimentConfig) -> Path:
 
 
 def resume_command(output: Path, address: str | None) -> str:
-    return f"epd-ray tune --resume {output}" + (f" --address {address}" if address else "")
+    """The command that continues the run in `output`: `epd-ray train` or `tune`, whichever started it."""
+    marker = output / MARKER
+    kind = json.loads(marker.read_text()).get("kind", TUNE) if marker.is_file() else TUNE
+    return f"{kind} --resume {output}" + (f" --address {address}" if address else "")
 
 
 def check_output(output: Path, exp: ExperimentConfig) -> None:
@@ -145,7 +149,10 @@ def run_pretrain(exp: ExperimentConfig, *, prepared_dir: Path | None = None, ech
                              echo=echo).pretrained_path
 
 
-def run_tune(exp: ExperimentConfig, output: Path, *, prepared_dir: Path | None = None, echo=print) -> TuneRun:
+def run_tune(exp: ExperimentConfig, output: Path, *, prepared_dir: Path | None = None,
+             fixed: dict[str, float] | None = None, echo=print) -> TuneRun:
+    """`epd-ray tune`: every stage, the search, the best model and its report. With `fixed` params,
+    `epd-ray train`: the same stages and outputs for one setting trained for every epoch, no search."""
     started = time.time()
     output = Path(output).resolve()
     check_inputs(exp, prepared_dir)
@@ -154,12 +161,13 @@ def run_tune(exp: ExperimentConfig, output: Path, *, prepared_dir: Path | None =
     storage = resolve_storage(exp.ray, output / "ray")
     output.mkdir(parents=True, exist_ok=True)
     write_resolved(exp, output / "config.yaml")
-    (output / MARKER).write_text(json.dumps({"kind": "epd-ray tune", "config_digest": exp.digest(),
+    (output / MARKER).write_text(json.dumps({"kind": TRAIN if fixed else TUNE, "config_digest": exp.digest(),
                                              "data": str(Path(prepared_dir).resolve()) if prepared_dir else None,
+                                             "params": fixed,
                                              "started": datetime.now().isoformat(timespec="seconds")}))
     echo(f"config: {output / 'config.yaml'}")
     return _interruptible(output, exp, lambda: _search_and_report(exp, output, prepared_dir, runtime, storage,
-                                                                  started, resume=False, echo=echo))
+                                                                  started, resume=False, fixed=fixed, echo=echo))
 
 
 def resume_tune(output: Path, *, address: str | None = None, echo=print) -> TuneRun:
@@ -168,18 +176,18 @@ def resume_tune(output: Path, *, address: str | None = None, echo=print) -> Tune
     output = Path(output).resolve()
     marker = output / MARKER
     if not marker.is_file():
-        raise OutputError(f"{output}: not an `epd-ray tune` run folder (no {MARKER}); nothing to resume")
+        raise OutputError(f"{output}: not an epd-ray run folder (no {MARKER}); nothing to resume")
     if finished(output):
         raise OutputError(f"{output}: this experiment finished already; its best model is in {output / 'best'}")
     exp = load_config(output / "config.yaml", {"ray.address": address} if address else None)
-    recorded = json.loads(marker.read_text()).get("data")
+    recorded, fixed = (json.loads(marker.read_text()).get(key) for key in ("data", "params"))
     prepared_dir = Path(recorded) if recorded else None
     check_inputs(exp, prepared_dir)
     runtime = start_ray(exp.ray)
     storage = resolve_storage(exp.ray, output / "ray")
     echo(f"resuming: {output} (config {output / 'config.yaml'})")
     return _interruptible(output, exp, lambda: _search_and_report(exp, output, prepared_dir, runtime, storage,
-                                                                  started, resume=True, echo=echo))
+                                                                  started, resume=True, fixed=fixed, echo=echo))
 
 
 def _interruptible(output: Path, exp: ExperimentConfig, run):
@@ -191,19 +199,20 @@ def _interruptible(output: Path, exp: ExperimentConfig, run):
 
 
 def _search_and_report(exp: ExperimentConfig, output: Path, prepared_dir: Path | None, runtime: RayRuntime,
-                       storage: str, started: float, *, resume: bool, echo) -> TuneRun:
+                       storage: str, started: float, *, resume: bool, fixed: dict[str, float] | None,
+                       echo) -> TuneRun:
     stages = data_and_networks(exp, runtime=runtime, prepared_dir=prepared_dir, storage_path=storage, echo=echo)
     prepared, pretrained_path = stages.prepared, stages.pretrained_path
     outcome = run_search(exp, train_data=stages.train_data, inputs=GanInputs.put(prepared.path, pretrained_path),
-                         runtime=runtime, storage_path=storage, resume=resume, echo=echo)
-    echo(f"search: done in {outcome.wall_seconds:.0f} s; best trial {outcome.best.trial_id} "
+                         runtime=runtime, storage_path=storage, resume=resume, fixed=fixed, echo=echo)
+    echo(f"{'train' if fixed else 'search'}: done in {outcome.wall_seconds:.0f} s; best trial {outcome.best.trial_id} "
          f"J={outcome.best.metrics['objective']:.3f} (validation)")
 
     best_dir = output / "best"
     checkpoint = fetch_checkpoint(storage, outcome.best.checkpoint, best_dir / "checkpoint.pt")
     evaluation = evaluate_best(exp, outcome, checkpoint, prepared, pretrained_path)
     report_path = write_report(output, exp, outcome, evaluation)
-    write_best(best_dir, exp, outcome, prepared, evaluation.metrics)  # last: its model card marks the run finished
+    write_best(best_dir, exp, outcome, prepared, evaluation.metrics, searched=not fixed)  # last: its model card marks the run finished
     echo_summary(exp, outcome, evaluation.metrics, echo)
     wall = time.time() - started
     echo(f"best model: {best_dir}\nreport: {report_path}\nwall time: {wall:.0f} s")
@@ -229,8 +238,15 @@ def evaluate_best(exp: ExperimentConfig, outcome: SearchOutcome, checkpoint: Pat
                           cfg=exp.evaluation)
 
 
+def chosen_by(exp: ExperimentConfig, searched: bool) -> str:
+    if not searched:
+        return f"one setting (`epd-ray train`) at its {'last' if is_pareto(exp) else 'highest-J (validation)'} epoch"
+    return ("the Pareto front's highest J (privacy and utility searched)" if is_pareto(exp)
+            else "the highest J (validation)")
+
+
 def write_best(best_dir: Path, exp: ExperimentConfig, outcome: SearchOutcome, prepared: PreparedData,
-               metrics: dict[str, Any]) -> None:
+               metrics: dict[str, Any], *, searched: bool = True) -> None:
     """The best generator and its model card next to the trial checkpoint that `fetch_checkpoint` copied."""
     checkpoint = load_checkpoint(best_dir / "checkpoint.pt")
     save_checkpoint(best_dir / "generator.pt", {"networks": {"generator": checkpoint["networks"]["generator"]},
@@ -240,8 +256,7 @@ def write_best(best_dir: Path, exp: ExperimentConfig, outcome: SearchOutcome, pr
         "weights": "generator.pt (load with epd_ray.checkpoints.load_network(path, 'generator'))",
         "params": outcome.best.params,
         "trial": outcome.best.trial_id,
-        "chosen_by": ("the Pareto front's highest J (privacy and utility searched)" if is_pareto(exp)
-                      else "the highest J (validation)"),
+        "chosen_by": chosen_by(exp, searched),
         "epoch": checkpoint["epoch"] + 1,
         "source_checkpoint": outcome.best.checkpoint,
         "pretrained_path": metrics.get("inputs", {}).get("pretrained_path"),

@@ -140,3 +140,23 @@ def test_tune_joins_an_existing_cluster_by_address_with_token_auth(ray_runtime, 
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert ray_runtime.dashboard_url in run.stdout  # the session cluster's dashboard, not a new one
     assert (out / "best" / "generator.pt").is_file()
+
+
+def test_train_fits_one_setting_for_every_epoch_and_saves_it_as_tune_does(tiny_tune_args, tmp_path):
+    """`epd-ray train`: the config's loss weights and mu, no search and no early stopping; best/ and report/
+    as `tune` leaves them."""
+    from epd_ray.config import LossConfig
+
+    out = tmp_path / "out"
+    run = _epd_ray("train", *tiny_tune_args[1:], "--output", str(out), "--set", "loss.lambda2=0.5",
+                   "--set", "evaluation.mu=0.2", "--set", "train.epochs=3", cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "train: one setting, 3 epochs" in run.stdout and "search:" not in run.stdout
+
+    card = json.loads((out / "best" / "model_card.json").read_text())
+    assert card["params"] == pytest.approx({**LossConfig().model_dump(), "lambda2": 0.5, "mu": 0.2})
+    assert card["chosen_by"].startswith("one setting (`epd-ray train`)")
+    metrics = json.loads((out / "report" / "metrics.json").read_text())
+    assert metrics["mu"] == pytest.approx(0.2)
+    assert [t["epochs"] for t in metrics["trials"]] == [3]  # every epoch: no ASHA
+    assert json.loads((out / "experiment.json").read_text())["kind"] == "epd-ray train"

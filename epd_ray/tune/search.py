@@ -212,11 +212,21 @@ def tune_settings(exp: ExperimentConfig, concurrency: int) -> ray.tune.TuneConfi
     )
 
 
+def fixed_params(exp: ExperimentConfig) -> dict[str, float]:
+    """`epd-ray train`'s one setting: the config's loss weights (`loss.*`) and threshold (`evaluation.mu`)."""
+    return {**exp.loss.model_dump(), "mu": exp.evaluation.mu}
+
+
 def run_search(exp: ExperimentConfig, *, train_data: ray.data.Dataset, inputs: GanInputs, runtime: RayRuntime,
-               storage_path: str, resume: bool = False, echo=print) -> SearchOutcome:
-    """Run the search, or with `resume` continue the one saved under `storage_path` (a new one if none is)."""
+               storage_path: str, resume: bool = False, fixed: dict[str, float] | None = None,
+               echo=print) -> SearchOutcome:
+    """Run the search, or with `resume` continue the one saved under `storage_path` (a new one if none is).
+
+    With `fixed` params there is no search: one trial trains that setting for every epoch (`epd-ray train`),
+    through the same trainable, checkpoints, progress lines, resume and summary as a search's trials.
+    """
     started = time.time()
-    concurrency = concurrent_trials(exp, runtime)
+    concurrency = 1 if fixed else concurrent_trials(exp, runtime)
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(run_trial, experiment=exp.to_dict(), train_data=train_data, inputs=inputs,
                                  storage_path=storage_path),
@@ -227,14 +237,18 @@ def run_search(exp: ExperimentConfig, *, train_data: ray.data.Dataset, inputs: G
         echo(f"search: resuming {saved}: finished trials kept, the others continue from their checkpoints")
         tuner = ray.tune.Tuner.restore(saved, trainable, resume_unfinished=True, restart_errored=True)
     else:
-        stopping = ("no early stopping (pareto: privacy and utility)" if is_pareto(exp)
-                    else f"ASHA grace {exp.search.grace_period}")
-        echo(f"search: {exp.search.num_samples} trials, {concurrency} at a time, "
-             f"{exp.train.epochs} epochs each, {stopping}")
+        if fixed:
+            echo(f"train: one setting, {exp.train.epochs} epochs: "
+                 + ", ".join(f"{k}={v:.3g}" for k, v in fixed.items()))
+        else:
+            stopping = ("no early stopping (pareto: privacy and utility)" if is_pareto(exp)
+                        else f"ASHA grace {exp.search.grace_period}")
+            echo(f"search: {exp.search.num_samples} trials, {concurrency} at a time, "
+                 f"{exp.train.epochs} epochs each, {stopping}")
         tuner = ray.tune.Tuner(
             trainable,
-            param_space=search_space(exp),
-            tune_config=tune_settings(exp, concurrency),
+            param_space=dict(fixed) if fixed else search_space(exp),
+            tune_config=ray.tune.TuneConfig(num_samples=1) if fixed else tune_settings(exp, concurrency),
             run_config=ray.tune.RunConfig(name=SEARCH_NAME, storage_path=storage_path, verbose=0,
                                           callbacks=[ProgressLine(exp.train.epochs)],
                                           failure_config=trial_retries(exp)),
