@@ -194,3 +194,18 @@ def test_evaluate_bad_input_is_one_line_exit_2(world, tmp_path, args, named):
 def test_report_of_missing_run_is_one_line_exit_2(tmp_path):
     result = invoke("report", tmp_path / "nothing")
     assert result.exit_code == 2 and "nothing" in result.stderr and result.stderr.startswith("error:")
+
+
+def test_generator_noise_depends_on_its_seed_not_on_what_ran_before():
+    from epd_ray.evaluate.evaluate import generator_method
+
+    torch.manual_seed(0)
+    generator = build_network("generator", image_size=32, ngf=8)
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    first = generator_method(generator, seed=3)(x)
+    torch.rand(1000)  # another method, or another evaluation, drew from the global RNG in between
+    state = torch.get_rng_state()
+    again = generator_method(generator, seed=3)(x)
+    assert torch.equal(first, again)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is untouched
+    assert not torch.equal(first, generator_method(generator, seed=4)(x))  # z is on: the seed matters

@@ -86,10 +86,21 @@ def baseline_methods(cfg: EvaluationConfig, names: Sequence[str] | None = None, 
 
 
 def generator_method(generator: nn.Module, seed: int) -> Method:
-    """The generator as published: eval mode, its dropout noise z still on, a fixed seed."""
+    """The generator as published: eval mode, its dropout noise z still on, drawn from a stream of its own.
+
+    Each call (one batch) reseeds the RNG from that stream inside `fork_rng`, so the images depend on the
+    seed and the batches alone, not on what else ran first (methods, order, other evaluations), and the
+    caller's RNG is left as it was.
+    """
     generator.eval()
-    torch.manual_seed(seed)
-    return generator
+    stream = torch.Generator().manual_seed(seed)
+
+    def deidentify(x: torch.Tensor) -> torch.Tensor:
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+            torch.manual_seed(int(torch.randint(2**62, (1,), generator=stream)))
+            return generator(x)
+
+    return deidentify
 
 
 def load_judges(pretrained_path: Path, device: torch.device) -> dict[str, tuple[nn.Module, nn.Module]]:
