@@ -8,8 +8,9 @@ same augmentation (random mirror and shift, drawn anew each epoch), in the same 
 
 - Ray Data (epd-ray's path): Parquet shards from `prepare_dataset`, read and decoded once by
   `materialized_split`, augmented by `augmented(...)` (a lazy `map_batches` on CPU tasks), consumed inside a
-  Ray Train worker through `get_dataset_shard(...).iter_torch_batches` with a local shuffle buffer, exactly as
-  `epd_ray.train.worker.image_batches` does. The one-off read + decode is timed apart.
+  Ray Train worker by `epd_ray.train.worker.ShardBatches`, as training does: `get_dataset_shard(...)
+  .iter_torch_batches` with a local shuffle buffer each epoch, or with `--no-augment` (nothing new to draw
+  per pass) one pass kept in worker memory. The one-off read + decode is timed apart.
 - Baseline: a `torch.utils.data.DataLoader` (shuffle, one loader worker per core) over the same images as PNG
   files, decoded by PIL in `__getitem__` (a hand-written pix2pix loader), same augmentation per image.
 
@@ -36,6 +37,7 @@ from benchmarks import machine  # noqa: E402
 from epd_ray.config import DataConfig, RayConfig  # noqa: E402
 from epd_ray.core.images import to_tensor  # noqa: E402
 from epd_ray.data.stream import augment_pixels  # noqa: E402
+from epd_ray.train.worker import ShardBatches, WorkerSetup  # noqa: E402
 
 
 class PngFaces(torch.utils.data.Dataset):
@@ -70,27 +72,26 @@ def dataloader_epochs(files: list[Path], labels: np.ndarray, *, batch_size: int,
     return out
 
 
-def ray_epochs(train_data, *, batch_size: int, epochs: int, storage: Path) -> list[tuple[int, float]]:
+def ray_epochs(train_data, *, batch_size: int, epochs: int, keep: bool, storage: Path) -> list[tuple[int, float]]:
     """Epochs through a Ray Train worker, timed inside it (the worker's view is what training sees)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     def loop(config):
-        shard = ray.train.get_dataset_shard("train")
+        setup = WorkerSetup(rank=0, world_size=1, device=torch.device("cpu"), precision="fp32", channels_last=False)
+        batches = ShardBatches(setup, config["batch_size"], keep=config["keep"])
         times = []
         for epoch in range(config["epochs"]):
             started, images = time.perf_counter(), 0
-            for batch in shard.iter_torch_batches(batch_size=config["batch_size"], drop_last=True,
-                                                  local_shuffle_buffer_size=4 * config["batch_size"],
-                                                  local_shuffle_seed=epoch):
-                x = to_tensor(batch["pixels"])
-                images += x.shape[0]
+            for batch in batches.epoch(seed=epoch):
+                images += batch["x"].shape[0]
             times.append((images, time.perf_counter() - started))
         Path(config["out"]).write_text(json.dumps(times))  # (Train V2 keeps metrics only with checkpoints)
         ray.train.report({})
 
     out = storage / "times.json"
-    trainer = TorchTrainer(loop, train_loop_config={"epochs": epochs, "batch_size": batch_size, "out": str(out)},
+    trainer = TorchTrainer(loop, train_loop_config={"epochs": epochs, "batch_size": batch_size, "keep": keep,
+                                                             "out": str(out)},
                            scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
                            run_config=ray.train.RunConfig(name="ingest", storage_path=str(storage)),
                            datasets={"train": train_data})
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         train_data = materialized_split(prepared.path, "train")
         materialize_s = time.perf_counter() - t
         ray_side = ray_epochs(augmented(train_data, flip=flip, max_shift=max_shift), batch_size=args.batch,
-                              epochs=args.epochs, storage=workdir / "ray")
+                              epochs=args.epochs, keep=not flip, storage=workdir / "ray")
         workers = machine.usable_cores()
         loader_side = dataloader_epochs(files, np.array(labels), batch_size=args.batch, epochs=args.epochs,
                                         flip=flip, max_shift=max_shift, workers=workers)

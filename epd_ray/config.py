@@ -140,6 +140,8 @@ class TrainConfig(_Strict):
     cpus_per_worker: float = Field(1.0, gt=0)
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     channels_last: bool = True
+    keep_shard: bool = Field(True, description="keep each worker's shard in memory after the first Ray Data pass "
+                                               "when no random augmentation needs a new pass per epoch")
     flip: bool = Field(False, description="mirror faces at random (Ray Data map_batches, every epoch anew)")
     max_shift: int = Field(0, ge=0, le=32, description="shift faces by up to this many px at random")
     ema_half_life: float = Field(1.0, ge=0, description="epochs; half-life of the generator's weight average "

@@ -51,6 +51,36 @@ def test_ray_data_feeds_each_worker_its_part_of_the_shards(ray_runtime, tiny_dat
     assert all(s["shapes"] == [[32, 32, 3]] and s["dtypes"] == ["torch.uint8"] for s in seen)
 
 
+def test_a_worker_keeps_its_shard_after_one_ray_data_pass_and_reshuffles_it(ray_runtime, tiny_data, tmp_path):
+    def _epochs(config):
+        from epd_ray.train.worker import ShardBatches, WorkerSetup
+
+        setup = WorkerSetup(rank=0, world_size=1, device=torch.device("cpu"), precision="fp32", channels_last=False)
+        seen = {}
+        for keep in (True, False):
+            batches = ShardBatches(setup, 4, keep=keep)
+            seen[keep] = [[(int(i), int(e), int(p.sum())) for b in batches.epoch(seed=epoch)
+                           for i, e, p in zip(b["identity"], b["emotion"], b["pixels"])] for epoch in range(3)]
+            seen[f"kept {keep}"] = None if batches.kept is None else len(batches.kept["identity"])
+        Path(config["out"]).write_text(json.dumps({str(k): v for k, v in seen.items()}))
+        ray.train.report({})
+
+    out = tmp_path / "seen.json"
+    TorchTrainer(_epochs, train_loop_config={"out": str(out)},
+                 scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5}),
+                 run_config=ray.train.RunConfig(name="keep", storage_path=str(tmp_path / "ray")),
+                 datasets={"train": materialized_split(tiny_data.path)}).fit()
+    seen = json.loads(out.read_text())
+    n = tiny_data.manifest["splits"]["train"]["images"]
+    assert seen["kept True"] == n and seen["kept False"] is None  # every row of the pass, or nothing
+    streamed, *from_memory = seen["True"]
+    for epoch in (streamed, *from_memory, *seen["False"]):
+        assert len(epoch) == n // 4 * 4  # full batches only
+        assert len(set(map(tuple, epoch))) == len(epoch)  # no row twice in an epoch
+    assert len({tuple(row) for epoch in (streamed, *from_memory) for row in epoch}) <= n  # the same rows again
+    assert from_memory[0] != from_memory[1]  # reshuffled with each epoch's seed
+
+
 def test_networks_are_pretrained_once_and_reused(ray_runtime, tiny_experiment, tiny_data, tiny_pretrained):
     payload = load_checkpoint(tiny_pretrained)
     assert set(payload["networks"]) == {"identity_verifier", "emotion_verifier", "identity_evaluator",

@@ -27,7 +27,7 @@ from epd_ray.core.networks import build_network
 from epd_ray.core.precision import autocast
 from epd_ray.core.scoring import deidentify_pixels, judge
 from epd_ray.data.shards import load_split, read_manifest
-from epd_ray.train.worker import RealPairPool, WorkerSetup, image_batches, prepare_images, report, restore, setup_worker
+from epd_ray.train.worker import RealPairPool, ShardBatches, WorkerSetup, prepare_images, report, restore, setup_worker
 
 # What a diverged trial reports for every searched objective (J, or privacy and utility in pareto mode):
 # finite (the searcher must never see NaN) and the worst possible.
@@ -247,10 +247,12 @@ def gan_loop(config: dict[str, Any]) -> None:
                      ema_decay=decay)
     if payload is not None and steps.generator_ema is not None:
         steps.generator_ema.load_state_dict(payload["networks"]["generator"]["state_dict"])
+    batches = ShardBatches(setup, exp.train.batch_size,
+                           keep=exp.train.keep_shard and not (exp.train.flip or exp.train.max_shift))
     for epoch in range(start_epoch, exp.train.epochs):
         generator.train()
         discriminator.train()
-        for batch in image_batches(setup, exp.train.batch_size, seed=exp.train.seed * 1000 + epoch):
+        for batch in batches.epoch(seed=exp.train.seed * 1000 + epoch):
             y_real = prepare_images(pool.sample(batch["identity"], batch["emotion"], **jitter), setup)
             steps.step(batch["x"], y_real, batch["identity"], batch["emotion"])
 

@@ -25,7 +25,7 @@ from epd_ray.core.labels import NUM_EMOTIONS
 from epd_ray.core.losses import ssim_loss, ssim_per_image
 from epd_ray.core.networks import build_network
 from epd_ray.core.precision import autocast
-from epd_ray.train.worker import WorkerSetup, image_batches, prepare_images, report, restore, setup_worker
+from epd_ray.train.worker import ShardBatches, WorkerSetup, prepare_images, report, restore, setup_worker
 
 def network_specs(cfg: VerifiersConfig, model: ModelConfig, num_identities: int,
                   image_size: int, num_emotions: int = NUM_EMOTIONS) -> dict[str, dict[str, Any]]:
@@ -107,6 +107,9 @@ def pretrain_loop(config: dict[str, Any]) -> None:
     val_x = {source: prepare_images(faces.pixels, setup) for source, faces in val.items()}
     max_shift = max(1, config["image_size"] // 16) if cfg.augment else 0
 
+    # Every network passes over the same rows (augmentation is in the loop): one Ray Data pass each, then memory.
+    shards = {source: ShardBatches(setup, cfg.batch_size, dataset=source, keep=config["keep_shard"])
+              for source in config["val_faces"]}
     for name, spec in specs.items():
         if name in finished:
             build_from_record(finished[name])  # a corrupt record fails here, not later in the GAN
@@ -125,7 +128,7 @@ def pretrain_loop(config: dict[str, Any]) -> None:
             model.train()
             total = torch.zeros((), device=setup.device)
             steps = 0
-            for batch in image_batches(setup, cfg.batch_size, seed=spec["seed"] * 1000 + epoch, dataset=source):
+            for batch in shards[source].epoch(seed=spec["seed"] * 1000 + epoch):
                 loss = task_loss(model, spec["task"], batch, setup, max_shift)
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()

@@ -83,7 +83,7 @@ def pretrain_networks(exp: ExperimentConfig, prepared: PreparedData, *, train_da
                            "train_images": prepared.manifest["splits"]["train"]["images"],
                            "emotion_train_images": emotions.manifest["splits"]["train"]["images"],
                            "cpus_per_worker": cpus, "precision": exp.train.precision,
-                           "channels_last": exp.train.channels_last},
+                           "channels_last": exp.train.channels_last, "keep_shard": exp.train.keep_shard},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=exp.train.use_gpu,
                                                resources_per_worker=None if exp.train.use_gpu else {"CPU": cpus}),
         run_config=ray.train.RunConfig(name=f"pretrain-{key}", storage_path=storage_path,
