@@ -73,7 +73,7 @@ def test_an_output_folder_holding_something_else_is_refused_untouched(tmp_path):
 def test_resume_needs_a_stopped_run_folder_and_nothing_else(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    for args, says in ((["--resume", str(empty)], "not an `epd-ray tune` run folder"),
+    for args, says in ((["--resume", str(empty)], "not an epd-ray run folder"),
                        (["--resume", str(empty), "--set", "train.epochs=3"], "give only --address")):
         result = CliRunner().invoke(app, ["tune", *args])
         assert result.exit_code == 2, result.output
