@@ -119,39 +119,27 @@ def test_tune_smoke_end_to_end(tmp_path):
     assert "independent evaluators" in report and "epd-net" in report
     assert all((out / "report" / name).stat().st_size > 0 for name in FIGURES.values())
 
-    # The same output again is refused; a new output reuses the cached data and verifiers.
+    # The same output again is refused (a new output reuses the cache: see the `epd-ray train` test).
     again = _epd_ray("tune", "--config", "smoke", "--output", str(out), "--set", f"cache_dir={cache}", cwd=tmp_path)
     assert again.returncode == 2 and "holds this experiment" in again.stderr
-    second = _epd_ray("tune", "--config", "smoke", "--output", str(tmp_path / "out2"), "--set", f"cache_dir={cache}",
-                      "--set", "search.num_samples=1", "--set", "train.epochs=1", cwd=tmp_path)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "data: reusing" in second.stdout and "pretrained networks: reusing" in second.stdout
 
 
-def test_tune_joins_an_existing_cluster_by_address_with_token_auth(ray_runtime, tmp_path):
-    """`--address` joins the test session's cluster (token authentication on, as Ray 2.59+ starts it)."""
+def test_train_fits_one_setting_for_every_epoch_and_saves_it_as_tune_does(ray_runtime, tiny_tune_args, tmp_path):
+    """`epd-ray train`: the config's loss weights and mu, no search and no early stopping; best/ and report/
+    as `tune` leaves them. It joins the test session's cluster with `--address` (token authentication on,
+    as Ray 2.59+ starts it), as `tune` does."""
     import ray
 
-    out = tmp_path / "joined"
-    run = _epd_ray("tune", "--config", "smoke", "--address", ray.get_runtime_context().gcs_address,
-                   "--output", str(out), "--set", f"cache_dir={tmp_path / 'cache'}", "--set", "search.num_samples=1",
-                   "--set", "train.epochs=1", "--set", "verifiers.epochs=1", "--set", "model.warm_start_epochs=1",
-                   cwd=tmp_path)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert ray_runtime.dashboard_url in run.stdout  # the session cluster's dashboard, not a new one
-    assert (out / "best" / "generator.pt").is_file()
-
-
-def test_train_fits_one_setting_for_every_epoch_and_saves_it_as_tune_does(tiny_tune_args, tmp_path):
-    """`epd-ray train`: the config's loss weights and mu, no search and no early stopping; best/ and report/
-    as `tune` leaves them."""
     from epd_ray.config import LossConfig
 
     out = tmp_path / "out"
-    run = _epd_ray("train", *tiny_tune_args[1:], "--output", str(out), "--set", "loss.lambda2=0.5",
-                   "--set", "evaluation.mu=0.2", "--set", "train.epochs=3", cwd=tmp_path)
+    run = _epd_ray("train", *tiny_tune_args[1:], "--address", ray.get_runtime_context().gcs_address,
+                   "--output", str(out), "--set", "loss.lambda2=0.5", "--set", "evaluation.mu=0.2",
+                   "--set", "train.epochs=3", cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert ray_runtime.dashboard_url in run.stdout  # the session cluster's dashboard, not a new one
     assert "train: one setting, 3 epochs" in run.stdout and "search:" not in run.stdout
+    assert "data: reusing" in run.stdout and "pretrained networks: reusing" in run.stdout  # the session's cache
 
     card = json.loads((out / "best" / "model_card.json").read_text())
     assert card["params"] == pytest.approx({**LossConfig().model_dump(), "lambda2": 0.5, "mu": 0.2})

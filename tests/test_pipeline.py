@@ -23,10 +23,13 @@ from epd_ray.tune.search import run_trial, gan_trainer
 PARAMS = {"lambda1": 1.0, "lambda2": 0.8, "lambda3": 0.9, "phi": 0.25, "alpha": 1.0, "mu": 0.35}
 
 
-def test_ray_data_feeds_each_worker_its_part_of_the_shards(ray_runtime, tiny_data, tmp_path):
+def test_ray_data_feeds_each_worker_its_part_of_the_shards_then_workers_keep_theirs(ray_runtime, tiny_data, tmp_path):
     # Defined here so that it is pickled by value: Train workers cannot import test modules.
     def _count_shard(config):
-        """Worker loop: iterate this worker's shard for one epoch and record what arrived."""
+        """Worker loop: iterate this worker's shard for one epoch and record what arrived; then three epochs
+        through ShardBatches, kept (the first from Ray Data, the others from memory) and streamed."""
+        from epd_ray.train.worker import ShardBatches, WorkerSetup
+
         shard = ray.train.get_dataset_shard("train")
         rank = ray.train.get_context().get_world_rank()
         rows, shapes, dtypes = 0, set(), set()
@@ -34,8 +37,15 @@ def test_ray_data_feeds_each_worker_its_part_of_the_shards(ray_runtime, tiny_dat
             rows += len(batch["identity"])
             shapes.add(tuple(batch["pixels"].shape[1:]))
             dtypes.add(str(batch["pixels"].dtype))
+        setup = WorkerSetup(rank=rank, world_size=2, device=torch.device("cpu"), precision="fp32", channels_last=False)
+        epochs = {}
+        for keep in (True, False):
+            batches = ShardBatches(setup, 4, keep=keep)
+            epochs[str(keep)] = [[(int(i), int(e), int(p.sum())) for b in batches.epoch(seed=epoch)
+                                  for i, e, p in zip(b["identity"], b["emotion"], b["pixels"])] for epoch in range(3)]
+            epochs[f"kept {keep}"] = None if batches.kept is None else len(batches.kept["identity"])
         Path(config["out"], f"rank{rank}.json").write_text(json.dumps(
-            {"rows": rows, "shapes": sorted(shapes), "dtypes": sorted(dtypes)}))
+            {"rows": rows, "shapes": sorted(shapes), "dtypes": sorted(dtypes), "epochs": epochs}))
         ray.train.report({"rows": rows})
 
     trainer = TorchTrainer(
@@ -50,35 +60,15 @@ def test_ray_data_feeds_each_worker_its_part_of_the_shards(ray_runtime, tiny_dat
     assert all(s["rows"] > 0 for s in seen)
     assert all(s["shapes"] == [[32, 32, 3]] and s["dtypes"] == ["torch.uint8"] for s in seen)
 
-
-def test_a_worker_keeps_its_shard_after_one_ray_data_pass_and_reshuffles_it(ray_runtime, tiny_data, tmp_path):
-    def _epochs(config):
-        from epd_ray.train.worker import ShardBatches, WorkerSetup
-
-        setup = WorkerSetup(rank=0, world_size=1, device=torch.device("cpu"), precision="fp32", channels_last=False)
-        seen = {}
-        for keep in (True, False):
-            batches = ShardBatches(setup, 4, keep=keep)
-            seen[keep] = [[(int(i), int(e), int(p.sum())) for b in batches.epoch(seed=epoch)
-                           for i, e, p in zip(b["identity"], b["emotion"], b["pixels"])] for epoch in range(3)]
-            seen[f"kept {keep}"] = None if batches.kept is None else len(batches.kept["identity"])
-        Path(config["out"]).write_text(json.dumps({str(k): v for k, v in seen.items()}))
-        ray.train.report({})
-
-    out = tmp_path / "seen.json"
-    TorchTrainer(_epochs, train_loop_config={"out": str(out)},
-                 scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5}),
-                 run_config=ray.train.RunConfig(name="keep", storage_path=str(tmp_path / "ray")),
-                 datasets={"train": materialized_split(tiny_data.path)}).fit()
-    seen = json.loads(out.read_text())
-    n = tiny_data.manifest["splits"]["train"]["images"]
-    assert seen["kept True"] == n and seen["kept False"] is None  # every row of the pass, or nothing
-    streamed, *from_memory = seen["True"]
-    for epoch in (streamed, *from_memory, *seen["False"]):
-        assert len(epoch) == n // 4 * 4  # full batches only
-        assert len(set(map(tuple, epoch))) == len(epoch)  # no row twice in an epoch
-    assert len({tuple(row) for epoch in (streamed, *from_memory) for row in epoch}) <= n  # the same rows again
-    assert from_memory[0] != from_memory[1]  # reshuffled with each epoch's seed
+    for s in seen:  # ShardBatches keeps all rows of a worker's first pass (or nothing), then reshuffles them
+        kept, epochs = s["epochs"]["kept True"], s["epochs"]
+        assert kept == s["rows"] and epochs["kept False"] is None
+        streamed, *from_memory = epochs["True"]
+        for epoch in (streamed, *from_memory, *epochs["False"]):
+            assert len(epoch) % 4 == 0 and len(set(map(tuple, epoch))) == len(epoch)  # full batches, no repeats
+        assert all(len(epoch) == kept // 4 * 4 for epoch in from_memory)
+        assert len({tuple(row) for epoch in (streamed, *from_memory) for row in epoch}) <= kept  # same rows
+        assert from_memory[0] != from_memory[1]  # reshuffled with each epoch's seed
 
 
 def test_networks_are_pretrained_once_and_reused(ray_runtime, tiny_experiment, tiny_data, tiny_pretrained):

@@ -1,7 +1,7 @@
 """A search stopped part-way, through the command line as a user stops it: Ctrl-C, or the driver killed.
 
 Each test runs `epd-ray tune` in a subprocess on the tiny experiment (the session's data and pretrained
-networks reused), stops it once a trial has reported, and checks what `epd-ray tune --resume OUTPUT` needs:
+networks reused, the session's Ray cluster joined), stops it once a trial has reported, and checks what `epd-ray tune --resume OUTPUT` needs:
 the Tune state and each trial's Train checkpoints, then the resumed run itself.
 """
 
@@ -20,24 +20,33 @@ EPOCH_LINE = re.compile(r"trial (\S+) epoch (\d+)/\d+"
 FINISHED_LINE = re.compile(r"trial (\S+) finished")
 
 
+@pytest.fixture
+def session_address(ray_runtime) -> str:
+    """The test session's cluster, which the stopped and the resumed driver join (as drivers on a cluster do):
+    a killed driver takes its trials down with it, the cluster and what it stored stay."""
+    import ray
+
+    return ray.get_runtime_context().gcs_address
+
+
 def train_checkpoints(output: Path, trial_id: str) -> list[Path]:
     return sorted((output / "ray" / f"train-{trial_id}").glob("checkpoint_*/checkpoint.pt"))
 
 
-@pytest.mark.slow  # ~60 s: keeps the CI suite under 10 minutes; run with -m slow
-def test_ctrl_c_stops_cleanly_with_one_line_on_how_to_resume(tiny_tune_args, epd_ray_cli, tmp_path):
+def test_ctrl_c_stops_cleanly_with_one_line_on_how_to_resume(session_address, tiny_tune_args, epd_ray_cli, tmp_path):
     import ray.tune
 
     out = tmp_path / "out"
-    run = epd_ray_cli(*tiny_tune_args, "--output", str(out), "--set", "search.num_samples=1",
-                      "--set", "train.epochs=4")
+    run = epd_ray_cli(*tiny_tune_args, "--address", session_address, "--output", str(out),
+                      "--set", "search.num_samples=1", "--set", "train.epochs=4")
     trial_id = EPOCH_LINE.search(run.wait_for(EPOCH_LINE.search, timeout=300)).group(1)
     os.killpg(run.proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
     rc = run.finish(timeout=120)
 
     assert rc == 130, run.stdout[-2000:] + run.stderr[-3000:]
     last = run.stderr.strip().splitlines()[-1]
-    assert last.startswith("interrupted:") and last.endswith(f"resume with: epd-ray tune --resume {out}"), last
+    assert last.startswith("interrupted:") and last.endswith(
+        f"resume with: epd-ray tune --resume {out} --address {session_address}"), last
     assert ray.tune.Tuner.can_restore(str(out / "ray" / "search"))
     assert train_checkpoints(out, trial_id), "the trial that reported has no checkpoint"
     assert not (out / "best").exists()
@@ -49,11 +58,11 @@ def epoch_lines(lines: list[str]) -> list[tuple[str, int, str]]:
     return [(m.group(1), int(m.group(2)), (m.group(3) or "").strip(" ()")) for m in matches]
 
 
-@pytest.mark.slow
-def test_a_search_killed_with_sigkill_resumes_keeping_finished_trials(tiny_tune_args, epd_ray_cli, tmp_path):
+def test_a_search_killed_with_sigkill_resumes_keeping_finished_trials(session_address, tiny_tune_args, epd_ray_cli,
+                                                                     tmp_path):
     out = tmp_path / "out"
-    args = [*tiny_tune_args, "--output", str(out), "--set", "search.num_samples=3", "--set", "train.epochs=3",
-            "--set", "search.grace_period=3"]  # no early stopping: every trial runs its 3 epochs
+    args = [*tiny_tune_args, "--address", session_address, "--output", str(out), "--set", "search.num_samples=3",
+            "--set", "train.epochs=3", "--set", "search.grace_period=3"]  # no early stopping: 3 epochs each
     run = epd_ray_cli(*args)
     done = FINISHED_LINE.search(run.wait_for(FINISHED_LINE.search, timeout=600)).group(1)
     run.proc.send_signal(signal.SIGKILL)
@@ -63,7 +72,7 @@ def test_a_search_killed_with_sigkill_resumes_keeping_finished_trials(tiny_tune_
         before[trial_id] = max(epoch, before.get(trial_id, 0))
     assert before[done] == 3
 
-    again = epd_ray_cli("tune", "--resume", str(out))
+    again = epd_ray_cli("tune", "--resume", str(out), "--address", session_address)
     assert again.finish(timeout=600) == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "search: resuming" in again.stdout
     resumed = epoch_lines(again.lines)
