@@ -17,8 +17,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models.resnet import BasicBlock
-from torchvision.models.vgg import cfgs as VGG_CONFIGS
 
 from epd_ray.core.images import to_grey
 from epd_ray.core.labels import NUM_EMOTIONS
@@ -269,7 +267,9 @@ class IdentityVerifier(nn.Module):
         )
         layers: list[nn.Module] = []
         cin = 3
-        for v in VGG_CONFIGS["D"]:
+        from torchvision.models.vgg import cfgs  # here, not at the top: see _resnet_block
+
+        for v in cfgs["D"]:
             if v == "M":
                 layers.append(nn.MaxPool2d(2, 2))
             else:
@@ -367,6 +367,15 @@ class EmotionVerifier(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
+def _resnet_block(cin: int, cout: int, stride: int, downsample: nn.Module | None) -> nn.Module:
+    """torchvision's ResNet BasicBlock. torchvision is imported where a network needs it, not with this
+    module: importing it costs 1.3 s (it loads torch._dynamo), which every Ray process that unpickles a
+    training loop (each trial's Tune actor and Train controller) would pay without building any network."""
+    from torchvision.models.resnet import BasicBlock
+
+    return BasicBlock(cin, cout, stride=stride, downsample=downsample)
+
+
 class ResNetClassifier(nn.Module):
     """ResNet-18-shaped classifier: the independent evaluators V_e (identity) and S_e (emotion, grey).
 
@@ -409,7 +418,7 @@ class ResNetClassifier(nn.Module):
                 down = None
                 if st != 1 or cin != cout:
                     down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=st, bias=False), nn.BatchNorm2d(cout))
-                layers.append(BasicBlock(cin, cout, stride=st, downsample=down))
+                layers.append(_resnet_block(cin, cout, stride=st, downsample=down))
                 cin = cout
             stages.append(nn.Sequential(*layers))
         self.stages = nn.Sequential(*stages)
