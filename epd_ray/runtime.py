@@ -76,8 +76,9 @@ def start_ray(cfg: RayConfig, *, trial_drivers: int = 64, quiet: bool = True) ->
     logging.getLogger("ray").setLevel(logging.WARNING if quiet else logging.INFO)
     ray.data.DataContext.get_current().enable_progress_bars = not quiet
     if cfg.address:  # token auth for joining is set up by the CLI, before Ray is imported
-        api_address = _cluster_api_server(cfg.address)
-        env = {**TRAIN_POLL_ENV, **({"RAY_API_SERVER_ADDRESS": api_address} if api_address else {})}
+        env = dict(TRAIN_POLL_ENV)
+        if api_address := _cluster_api_server(cfg.address):
+            os.environ["RAY_API_SERVER_ADDRESS"] = env["RAY_API_SERVER_ADDRESS"] = api_address
         info = ray.init(address=cfg.address, log_to_driver=not quiet, runtime_env={"env_vars": env},
                         logging_level=logging.WARNING if quiet else logging.INFO)
         return RayRuntime(dashboard_url=_url(info.dashboard_url), started_here=False)
@@ -101,7 +102,7 @@ def start_ray(cfg: RayConfig, *, trial_drivers: int = 64, quiet: bool = True) ->
 
 
 def _cluster_api_server(address: str) -> str | None:
-    """The joined cluster's dashboard (state API) URL, as its GCS records it, pinned for every worker.
+    """The joined cluster's dashboard (state API) URL, as its GCS records it, to pin for every worker.
 
     Without it a worker finds the state API by looking for a local Ray, which on a host running a second Ray
     may be the wrong one. Ray Client addresses (ray://) resolve their own way and are left to Ray.
@@ -110,9 +111,7 @@ def _cluster_api_server(address: str) -> str | None:
         return None
     from ray.dashboard.utils import ray_address_to_api_server_url
 
-    url = ray_address_to_api_server_url(address)
-    os.environ["RAY_API_SERVER_ADDRESS"] = url
-    return url
+    return ray_address_to_api_server_url(address)
 
 
 def _url(address: str | None) -> str | None:

@@ -81,12 +81,14 @@ class ShardBatches:
         shard = ray.train.get_dataset_shard(self.dataset)
         for batch in shard.iter_torch_batches(batch_size=self.batch_size, local_shuffle_buffer_size=4 * self.batch_size,
                                               local_shuffle_seed=seed, drop_last=False):
-            if self.keep and size <= KEEP_LIMIT_BYTES:
+            if self.keep:
                 parts.append({k: batch[k] for k in ("pixels", "identity", "emotion")})
                 size += batch["pixels"].nbytes
+                if size > KEEP_LIMIT_BYTES:  # too big to keep: stream every epoch, and stop collecting for good
+                    self.keep, parts = False, []
             if len(batch["identity"]) == self.batch_size:  # the last, partial batch is not trained on
                 yield self._on_device(batch)
-        if parts and size <= KEEP_LIMIT_BYTES:
+        if parts:
             self.kept = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
     def _on_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -108,7 +108,7 @@ def is_pareto(exp: ExperimentConfig) -> bool:
 def gan_trainer(exp: ExperimentConfig, params: dict[str, float], *, train_data: ray.data.Dataset, inputs: GanInputs,
                 name: str, storage_path: str, callbacks: list | None = None,
                 max_failures: int | None = None) -> TorchTrainer:
-    """One GAN training run (used by each trial, and by `epd-ray ablate`).
+    """One GAN training run: what every trial fits (a search's, `epd-ray train`'s one, `epd-ray ablate`'s).
 
     It keeps the checkpoints its trial may be judged at: the two best by J, or in pareto mode the two latest.
     It restarts its workers from its latest checkpoint up to `max_failures` times (default
