@@ -112,7 +112,7 @@ def run_ablation(run_dir: Path, *, address: str | None = None, echo=print) -> Ab
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(train_variant, variants=variants, experiment=exp.to_dict(),
                                  train_data=inputs.train_data, storage_path=storage,
-                                 inputs=GanInputs.put(inputs.prepared.path, inputs.pretrained_path)),
+                                 inputs=GanInputs.put(inputs.prepared.path, inputs.pretrained_path, exp.evaluation)),
         inputs.runtime.trial_resources())
     grid = ray.tune.Tuner(
         trainable, param_space={"variant": ray.tune.grid_search(list(variants))},

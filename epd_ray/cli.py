@@ -219,19 +219,22 @@ def evaluate(
     blur_sigma: Optional[float] = typer.Option(None, "--blur-sigma", help="Gaussian blur std, px"),
     pixelate_blocks: Optional[int] = typer.Option(None, "--pixelate-blocks", help="pixelation grid side, blocks"),
     k: int = typer.Option(10, "--k", help="k of k-Same-Pixel (nearest train faces of other identities)"),
+    judge: Optional[str] = typer.Option(None, "--judge", help="main judge: auto | evaluators | recogniser; default "
+                                        "the run's (auto: the pretrained recogniser on real faces)"),
 ) -> None:
-    """Measure a checkpoint or a classical baseline on a split (DESIGN section 6), per judge, with a mu sweep."""
+    """Measure a checkpoint or a classical baseline on a split with every judge: the objective J (zero for doing
+    nothing), the pretrained recogniser, the parrot attack and the paper's figures, with a mu sweep."""
     from epd_ray.checkpoints import CheckpointError
     from epd_ray.evaluate.evaluate import EvaluationError, evaluate_command, summary_lines
 
     try:
         evaluation, paths = evaluate_command(model, out, baselines=baseline, data=data, pretrained=pretrained,
                                              split=split, mu=mu, blur_sigma=blur_sigma,
-                                             pixelate_blocks=pixelate_blocks, k=k)
+                                             pixelate_blocks=pixelate_blocks, k=k, judge=judge)
     except (*USER_ERRORS, CheckpointError, EvaluationError) as exc:
         fail(str(exc))
     m = evaluation.metrics
-    typer.echo(f"{split} split, {m['images']} images, mu = {m['mu']:.3f}, judged by the independent evaluators:")
+    typer.echo(f"{split} split, {m['images']} images, every judge (mu = {m['mu']:.3f} for the paper's figures):")
     for line in summary_lines(m):
         typer.echo(line)
     typer.echo(f"done: {paths['metrics']}, {paths['per_image']}")

@@ -152,8 +152,13 @@ class TrainConfig(_Strict):
 
 
 class EvaluationConfig(_Strict):
-    """How results are judged (DESIGN section 6)."""
+    """How results are judged: the judges, the objective J and the baselines (see `evaluate.judges`)."""
 
+    judge: Literal["auto", "evaluators", "recogniser"] = Field(
+        "auto", description="whose J the search maximises: recogniser = dlib's pretrained face recogniser (real "
+                            "faces), evaluators = V_e/S_e trained here; auto: recogniser unless the data is synthetic")
+    gallery_per_identity: int = Field(10, ge=1, description="train-split images per identity in the recogniser's "
+                                                            "and the parrot attack's gallery")
     mu: float = Field(0.35, gt=0, le=SQRT2)
     ssim_weight: float = Field(0.25, ge=0, le=4)
     blur_sigma: float = Field(3.0, gt=0)
@@ -182,7 +187,7 @@ class SearchConfig(_Strict):
 
     objective: Literal["composite", "pareto"] = Field(
         "composite", description="composite: maximise J, ASHA stops weak trials early; pareto: maximise privacy "
-                                 "D*S*G and utility E*SSIM^w together, every trial runs all epochs")
+                                 "and utility together (the two halves of J), every trial runs all epochs")
     num_samples: int = Field(6, ge=1)
     max_concurrent: int = Field(0, ge=0, description="0: as many as the cluster's CPUs/GPUs fit")
     seed: int = 0

@@ -31,7 +31,8 @@ from epd_ray.data.prepare import PreparedData, cached_dataset
 from epd_ray.data.shards import read_manifest
 from epd_ray.data.stream import materialized_split
 from epd_ray.evaluate.evaluate import (GENERATOR_METHOD, Evaluation, baseline_methods, generator_method,
-                                       method_settings, run_evaluation, summary_lines, write_evaluation)
+                                       method_settings, run_evaluation, summary_lines, verdict_line,
+                                       write_evaluation)
 from epd_ray.evaluate.report import ALL_BASELINES, REPORT_DIR, build_report
 from epd_ray.provenance import package_versions
 from epd_ray.runtime import RayRuntime, resolve_storage, start_ray, storage_filesystem
@@ -203,7 +204,7 @@ def _search_and_report(exp: ExperimentConfig, output: Path, prepared_dir: Path |
                        echo) -> TuneRun:
     stages = data_and_networks(exp, runtime=runtime, prepared_dir=prepared_dir, storage_path=storage, echo=echo)
     prepared, pretrained_path = stages.prepared, stages.pretrained_path
-    outcome = run_search(exp, train_data=stages.train_data, inputs=GanInputs.put(prepared.path, pretrained_path),
+    outcome = run_search(exp, train_data=stages.train_data, inputs=GanInputs.put(prepared.path, pretrained_path, exp.evaluation),
                          runtime=runtime, storage_path=storage, resume=resume, fixed=fixed, echo=echo)
     echo(f"{'train' if fixed else 'search'}: done in {outcome.wall_seconds:.0f} s; best trial {outcome.best.trial_id} "
          f"J={outcome.best.metrics['objective']:.3f} (validation)")
@@ -216,6 +217,8 @@ def _search_and_report(exp: ExperimentConfig, output: Path, prepared_dir: Path |
     echo_summary(exp, outcome, evaluation.metrics, echo)
     wall = time.time() - started
     echo(f"best model: {best_dir}\nreport: {report_path}\nwall time: {wall:.0f} s")
+    if not evaluation.metrics["verdict"]["beats_baselines"]:  # the last line a user reads says so again
+        echo(verdict_line(evaluation.metrics["verdict"]))
     return TuneRun(output, best_dir, report_path.parent, runtime.dashboard_url, wall)
 
 
@@ -261,6 +264,9 @@ def write_best(best_dir: Path, exp: ExperimentConfig, outcome: SearchOutcome, pr
         "source_checkpoint": outcome.best.checkpoint,
         "pretrained_path": metrics.get("inputs", {}).get("pretrained_path"),
         "validation_metrics": {k: v for k, v in outcome.best.metrics.items() if isinstance(v, (int, float))},
+        "main_judge": metrics["main_judge"],
+        "beats_baselines": metrics["verdict"]["beats_baselines"],
+        "verdict": metrics["verdict"],
         "test_metrics": metrics["methods"][GENERATOR_METHOD],
         "data": {"content_hash": prepared.manifest["content_hash"], "path": str(prepared.path),
                  "image_size": prepared.manifest["image_size"], "identities": len(prepared.manifest["identities"])},
@@ -305,6 +311,6 @@ def echo_summary(exp: ExperimentConfig, outcome: SearchOutcome, metrics: dict[st
                *(f"{t.params.get(k, float('nan')):.3f}" for k in keys),
                *(f"{m.get(k, float('nan')):.3f}" for k in columns)]
         echo("  " + " ".join(f"{c:>9}" for c in row))
-    echo(f"\ntest split, independent evaluators (mu={metrics['mu']:.3f}):")
+    echo(f"\ntest split, every judge (mu={metrics['mu']:.3f} for the paper's figures):")
     for line in summary_lines(metrics):
         echo(line)

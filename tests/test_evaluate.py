@@ -21,8 +21,9 @@ from epd_ray.data.prepare import prepare_dataset
 from epd_ray.data.shards import load_split
 from epd_ray.evaluate.report import FIGURES, GRID_PAD, ORIGINAL_ROW
 
-JUDGE_KEYS = {"deid_rate", "switching_deid_rate", "genuine_acceptance", "cmc_misclassification", "emotion_mse",
-              "emotion_preserved", "ssim", "objective", "privacy", "utility"}
+JUDGE_KEYS = {"cmc_misclassification", "emotion_mse", "emotion_preserved", "ssim", "objective", "privacy", "utility",
+              "expression_kept", "reidentified", "reidentified_original"}
+PAPER_KEYS = {"deid_rate", "switching_deid_rate", "genuine_acceptance", "paper_objective"}
 PER_IMAGE_COLUMNS = {"method", "index", "identity", "emotion", "ssim"} | {
     f"{j}_{c}" for j in ("evaluators", "verifiers")
     for c in ("true_identity_distance", "min_other_distance", "top5_identities", "emotion_original", "emotion_deid")}
@@ -65,13 +66,14 @@ def model_eval(world):
     return out
 
 
-def check_outputs(out: Path, methods: set[str], n: int) -> dict:
+def check_outputs(out: Path, methods: set[str], n: int, judges=("evaluators", "verifiers", "parrot")) -> dict:
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["methods"]) == methods and metrics["images"] == n
     for judged in metrics["methods"].values():
-        assert set(judged) == {"evaluators", "verifiers"}
-        for m in judged.values():
+        assert set(judged) == set(judges)
+        for name, m in judged.items():
             assert JUDGE_KEYS <= set(m) and len(m["cmc_misclassification"]) == 5 and m["num_probes"] == n
+            assert PAPER_KEYS <= set(m) or name in ("parrot", "recogniser")
     assert set(metrics["mu_sweep"]) == methods
     table = pq.read_table(out / "per_image.parquet")
     assert table.num_rows == n * len(methods) and PER_IMAGE_COLUMNS <= set(table.column_names)
@@ -96,6 +98,26 @@ def test_evaluate_each_baseline(world, baseline, name):
         ev = metrics["methods"][name]["evaluators"]
         assert ev["ssim"] == pytest.approx(1.0) and ev["emotion_mse"] == 0.0 and ev["cmc_misclassification"][4] <= ev[
             "cmc_misclassification"][0]
+        for judged in metrics["methods"][name].values():  # doing nothing hides nobody, under every judge
+            assert judged["privacy"] == 0.0 and judged["objective"] == 0.0
+
+
+def test_evaluate_with_the_recogniser_as_main_judge(world):
+    """The pretrained recogniser judges (and its embedding feeds the parrot); doing nothing still scores 0,
+    blurring keeps some privacy under every judge."""
+    out = world["root"] / "recogniser"
+    result = invoke("evaluate", "--baseline", "identity", "--baseline", "blur", *common(world), "--out", out,
+                    "--judge", "recogniser", "--blur-sigma", "4")
+    assert result.exit_code == 0, result.output
+    metrics = check_outputs(out, {"no_change", "blur"}, world["test_images"],
+                            judges=("evaluators", "verifiers", "recogniser", "parrot"))
+    assert metrics["main_judge"] == "recogniser" and metrics["methods"]["blur"]["parrot"]["embedding"] == "recogniser"
+    for judged in metrics["methods"]["no_change"].values():
+        assert judged["privacy"] == 0.0 and judged["objective"] == 0.0
+    rec = metrics["methods"]["blur"]["recogniser"]
+    assert rec["reidentified_original"] > 0.5 and rec["privacy"] > 0.0
+    assert {"verified", "verified_original", "face_found", "face_found_original"} <= set(rec)
+    assert "recogniser" in result.output and "r1 recogn" in result.output
 
 
 def test_mu_sweep_is_monotonic(model_eval):

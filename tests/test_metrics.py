@@ -10,17 +10,20 @@ from epd_ray.core.metrics import (
     METRICS,
     accuracy,
     cmc_misclassification,
-    composite_objective,
     compute_metrics,
     deid_rate,
     distance_to_all,
     emotion_mse,
     emotion_preserved,
+    expression_kept,
     genuine_acceptance,
     identity_distances,
     mu_sweep,
+    paper_objective,
     pareto_front,
+    privacy_gain,
     switching_deid_rate,
+    top_k_hits,
 )
 
 torch.set_num_threads(2)
@@ -119,14 +122,34 @@ def test_emotion_preserved_ratio_cap_and_zero():
     assert accuracy(np.eye(4)[[0, 1, 1, 3]], emotion) == pytest.approx(0.75)
 
 
-def test_composite_objective():
-    assert composite_objective(0.5, 0.8, 1.0, 0.9, 0.81) == pytest.approx(0.5 * 0.8 * 0.9 * 0.81**0.25)
-    assert composite_objective(0.5, 0.8, 1.0, 0.9, 0.81, w=0.0) == pytest.approx(0.36)
+def test_paper_objective():
+    assert paper_objective(0.5, 0.8, 1.0, 0.9, 0.81) == pytest.approx(0.5 * 0.8 * 0.9 * 0.81**0.25)
+    assert paper_objective(0.5, 0.8, 1.0, 0.9, 0.81, w=0.0) == pytest.approx(0.36)
     for i in range(5):
         factors = [0.9, 0.8, 0.7, 0.6, 0.5]
         factors[i] = 0.0
-        assert composite_objective(*factors) == 0.0
-    assert composite_objective(1, 1, 1, 1, -0.3) == 0.0  # negative SSIM clipped to 0
+        assert paper_objective(*factors) == 0.0
+    assert paper_objective(1, 1, 1, 1, -0.3) == 0.0  # negative SSIM clipped to 0
+
+
+def test_privacy_counts_only_faces_named_in_the_original():
+    scores = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3], [0.5, 0.5]])
+    identity = np.array([0, 1, 1, 0])  # named: 1, 1, 0, tie (1/2)
+    assert top_k_hits(scores, identity).tolist() == [1.0, 1.0, 0.0, 0.5]
+    assert privacy_gain(scores, scores, identity) == 0.0  # doing nothing hides nobody, whatever the judge
+    swapped = scores[:, ::-1]  # every rank-1 answer flipped: hits become 0, 0, 1, 1/2
+    assert privacy_gain(scores, swapped, identity) == pytest.approx((1 + 1 + 0 + 0) / 2.5)
+    # a face named better after de-identification is no loss, and no credit for the others either
+    assert privacy_gain(swapped, scores, identity) == pytest.approx((0 + 0 + 1 + 0) / 1.5)
+    # a judge that names nobody in the originals has no identity to lose: privacy 0, never free credit
+    assert privacy_gain(swapped[:2], scores[:2], identity[:2]) == 0.0
+
+
+def test_expression_kept_counts_only_expressions_read_in_the_original():
+    emotion = np.array([0, 1, 2, 3])
+    assert expression_kept([0, 1, 2, 0], [0, 1, 2, 3], emotion) == pytest.approx(3 / 4)
+    assert expression_kept([0, 1, 6, 6], [0, 1, 5, 5], emotion) == pytest.approx(1.0)  # 2 readable, both kept
+    assert expression_kept([0, 1, 2, 3], [6, 6, 6, 6], emotion) == 0.0  # none readable: nothing kept
 
 
 def _evaluation():
@@ -146,7 +169,8 @@ def test_compute_metrics_keys_and_values():
     expected_keys = {
         "deid_rate", "switching_deid_rate", "genuine_acceptance", "cmc_misclassification", "emotion_mse",
         "emotion_preserved", "emotion_accuracy_original", "emotion_accuracy_deid", "identity_accuracy_original",
-        "identity_accuracy_deid", "ssim", "objective", "privacy", "utility",
+        "identity_accuracy_deid", "ssim", "objective", "privacy", "utility", "expression_kept", "reidentified",
+        "reidentified_original", "paper_objective", "paper_privacy", "paper_utility",
     }
     assert expected_keys <= set(out) and set(METRICS) <= set(out)
     # own distances: sqrt 2, .866, .866, 0  -> D = 3/4
@@ -160,13 +184,23 @@ def test_compute_metrics_keys_and_values():
     assert out["emotion_preserved"] == pytest.approx(2 / 3)
     assert out["identity_accuracy_original"] == pytest.approx(1.0)
     assert out["ssim"] == pytest.approx(0.8)
-    assert out["privacy"] == pytest.approx(9 / 16)
+    # all four named at rank 1 in the original; after: a miss, two 4-way ties (1/4 each), a hit
+    assert out["reidentified_original"] == 1.0 and out["reidentified"] == pytest.approx(0.375)
+    assert out["privacy"] == pytest.approx((1 + 0.75 + 0.75 + 0) / 4)
+    assert out["expression_kept"] == pytest.approx(2 / 3)  # 3 read in the original, 2 of them still read
     assert out["utility"] == pytest.approx(2 / 3 * 0.8**0.25)
-    assert out["objective"] == pytest.approx(9 / 16 * 2 / 3 * 0.8**0.25)
+    assert out["objective"] == pytest.approx(0.625 * 2 / 3 * 0.8**0.25)
+    assert out["paper_privacy"] == pytest.approx(9 / 16)
+    assert out["paper_objective"] == pytest.approx(9 / 16 * 2 / 3 * 0.8**0.25)
     assert len(out["cmc_misclassification"]) == 5
     # rank 1: probe 1 pinned on 1 -> miss; probes 2, 3 uniform -> 3/4 miss each; probe 4 hit
     assert out["cmc_misclassification"][0] == pytest.approx((1 + 0.75 + 0.75 + 0) / 4)
     assert all(isinstance(v, float) for k, v in out.items() if k not in ("cmc_misclassification", "num_probes"))
+    # doing nothing under an evaluator unsure of two faces: the paper's product pays for it, J does not
+    weak = np.concatenate([orig_id[:2], np.eye(M)[identity[2:]] * 0.5 + 0.5 / M])
+    unchanged = compute_metrics(weak, weak, orig_em, orig_em, identity, emotion, np.ones(4), mu=0.35)
+    assert unchanged["paper_objective"] == pytest.approx(0.5 * 1.0 * 0.5 * 1.0)
+    assert unchanged["privacy"] == 0.0 and unchanged["objective"] == 0.0
 
 
 def test_compute_metrics_rejects_misaligned_inputs():

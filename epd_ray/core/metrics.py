@@ -1,4 +1,9 @@
-"""Evaluation metrics, exactly DESIGN section 6 (the paper's section IV), and the composite objective J.
+"""Evaluation metrics: the objective J that the search maximises, and the paper's section IV metrics.
+
+J = privacy x utility is measured against the unchanged images as its zero point (doing nothing scores 0
+under every judge): privacy is the share of faces a judge names at rank 1 in the original that it no
+longer names after de-identification; utility the share of correctly read expressions that stay correct,
+times SSIM^w. The paper's D(mu), S(mu), G(mu), CMC and emotion MSE are kept as reported figures.
 
 All functions take evaluator outputs as torch tensors or numpy arrays (probabilities = softmax of the
 evaluator's logits, unless a function says it also takes logits) and return Python floats. They compute
@@ -104,29 +109,27 @@ def genuine_acceptance(probs_orig: ArrayLike, identity: ArrayLike, mu: float) ->
     return float(np.mean(d <= mu)) if d.size else 0.0
 
 
-def cmc_misclassification(logits_or_probs: ArrayLike, identity: ArrayLike, max_rank: int = 5) -> list[float]:
-    """Share of probes whose true identity is NOT in the evaluator's top k, for k = 1..max_rank.
+def top_k_hits(scores: ArrayLike, identity: ArrayLike, k: int = 1) -> np.ndarray:
+    """Per probe, the chance that its true identity is in the judge's top k, ties broken uniformly at random.
 
-    Takes logits or probabilities (the ranking is the same; logits avoid ties created by softmax
-    underflow). Ties are broken uniformly at random in expectation: with g classes scoring strictly
-    higher than the true one and t classes (the true one included) scoring equal to it, the true
-    identity is in the top k with probability clip((k - g) / t, 0, 1). Non-increasing in k.
+    `scores` are (N, M), higher meaning "more like identity j": logits, probabilities or negative distances
+    (logits avoid ties created by softmax underflow). With g identities scoring strictly higher than the
+    true one and t (the true one included) scoring equal to it, the chance is clip((k - g) / t, 0, 1).
     """
-    s = _np(logits_or_probs)
+    s = _np(scores)
     if s.ndim != 2:
-        raise ValueError(f"expected an (N, classes) array, got shape {s.shape}")
+        raise ValueError(f"expected an (N, identities) array of scores, got shape {s.shape}")
     n = s.shape[0]
-    if n == 0:
-        return [0.0] * max_rank
     labels = _labels(identity, n)
     true = s[np.arange(n), labels][:, None]
-    greater = (s > true).sum(axis=1)
-    ties = (s == true).sum(axis=1)
-    out = []
-    for k in range(1, max_rank + 1):
-        hit = np.clip((k - greater) / ties, 0.0, 1.0)
-        out.append(float(1.0 - hit.mean()))
-    return out
+    return np.clip((k - (s > true).sum(axis=1)) / (s == true).sum(axis=1), 0.0, 1.0)
+
+
+def cmc_misclassification(logits_or_probs: ArrayLike, identity: ArrayLike, max_rank: int = 5) -> list[float]:
+    """Share of probes whose true identity is NOT in the judge's top k, for k = 1..max_rank (non-increasing)."""
+    if _np(logits_or_probs).shape[0] == 0:
+        return [0.0] * max_rank
+    return [float(1.0 - top_k_hits(logits_or_probs, identity, k).mean()) for k in range(1, max_rank + 1)]
 
 
 def accuracy(pred: ArrayLike, labels: ArrayLike) -> float:
@@ -161,19 +164,34 @@ def emotion_preserved(pred_deid: ArrayLike, pred_orig: ArrayLike, emotion: Array
     return float(min(1.0, accuracy(pred_deid, emotion) / acc_orig))
 
 
-def composite_objective(D: float, S: float, G: float, E: float, ssim: float, w: float = 0.25) -> float:
-    """J = D * S * G * E * max(SSIM, 0)^w: every factor in [0, 1], so none can be traded to zero."""
+def privacy_gain(scores_orig: ArrayLike, scores_deid: ArrayLike, identity: ArrayLike) -> float:
+    """Among the probes the judge names at rank 1 in the original, the share it no longer names after
+    de-identification. Zero for an unchanged image under every judge (the zero point of the objective);
+    zero too when the judge names nobody in the originals, since there is no identity it could lose.
+    A probe's share of being named (ties: a fraction) can only be lost, never gained, by de-identifying."""
+    before, after = top_k_hits(scores_orig, identity), top_k_hits(scores_deid, identity)
+    known = before.sum()
+    return float(np.clip(before - after, 0.0, None).sum() / known) if known > 0 else 0.0
+
+
+def expression_kept(pred_deid: ArrayLike, pred_orig: ArrayLike, emotion: ArrayLike) -> float:
+    """Among the probes whose expression the emotion judge reads correctly in the original, the share it
+    still reads correctly after de-identification (0 when it reads none: nothing to keep)."""
+    orig, deid = _predictions(pred_orig), _predictions(pred_deid)
+    labels = _labels(emotion, orig.shape[0])
+    readable = orig == labels
+    return float(np.mean(deid[readable] == labels[readable])) if readable.any() else 0.0
+
+
+def utility_score(kept: float, ssim: float, w: float = 0.25) -> float:
+    """Expression kept times max(SSIM, 0)^w, the utility half of J."""
+    return float(kept * max(float(ssim), 0.0) ** w)
+
+
+def paper_objective(D: float, S: float, G: float, E: float, ssim: float, w: float = 0.25) -> float:
+    """The paper's D * S * G * E * max(SSIM, 0)^w. Reported, never searched: a judge that rejects some
+    unchanged faces gives D > 0 to doing nothing, so this product rewards returning the input."""
     return float(D * S * G * E * max(float(ssim), 0.0) ** w)
-
-
-def privacy_score(D: float, S: float, G: float) -> float:
-    """D(mu) * S(mu) * G(mu), the privacy half of J."""
-    return float(D * S * G)
-
-
-def utility_score(E: float, ssim: float, w: float = 0.25) -> float:
-    """E * max(SSIM, 0)^w, the utility half of J."""
-    return float(E * max(float(ssim), 0.0) ** w)
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[bool]:
@@ -216,38 +234,82 @@ def mu_sweep(
 
 
 # --------------------------------------------------------------------------------------------------
-# Registry and entry point
+# Registries and entry points
 # --------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class MetricInputs:
-    """Everything the metrics need, converted once to float64/int64 numpy."""
+    """Everything the metrics need, converted once to float64/int64 numpy. Identity scores are (N, M),
+    higher meaning "more like identity j"; for a classifier judge they are its softmax probabilities."""
 
-    identity_probs_orig: np.ndarray
-    identity_probs_deid: np.ndarray
+    identity_scores_orig: np.ndarray
+    identity_scores_deid: np.ndarray
     emotion_probs_orig: np.ndarray
     emotion_probs_deid: np.ndarray
     identity: np.ndarray
     emotion: np.ndarray
     ssim_per_image: np.ndarray
-    mu: float
+    mu: float = float("nan")
 
 
-# name -> function of MetricInputs. Adding a metric is one entry here; compute_metrics reports it.
+# name -> function of MetricInputs; adding a metric is one entry. These hold for any identity judge.
 METRICS: dict[str, Callable[[MetricInputs], float | list[float]]] = {
-    "deid_rate": lambda m: deid_rate(m.identity_probs_deid, m.identity, m.mu),
-    "switching_deid_rate": lambda m: switching_deid_rate(m.identity_probs_deid, m.identity, m.mu),
-    "genuine_acceptance": lambda m: genuine_acceptance(m.identity_probs_orig, m.identity, m.mu),
-    "cmc_misclassification": lambda m: cmc_misclassification(m.identity_probs_deid, m.identity, 5),
+    "privacy": lambda m: privacy_gain(m.identity_scores_orig, m.identity_scores_deid, m.identity),
+    "expression_kept": lambda m: expression_kept(m.emotion_probs_deid, m.emotion_probs_orig, m.emotion),
+    "reidentified_original": lambda m: float(top_k_hits(m.identity_scores_orig, m.identity).mean()),
+    "reidentified": lambda m: float(top_k_hits(m.identity_scores_deid, m.identity).mean()),
+    "cmc_misclassification": lambda m: cmc_misclassification(m.identity_scores_deid, m.identity, 5),
     "emotion_mse": lambda m: emotion_mse(m.emotion_probs_deid, m.emotion_probs_orig),
     "emotion_preserved": lambda m: emotion_preserved(m.emotion_probs_deid, m.emotion_probs_orig, m.emotion),
     "emotion_accuracy_original": lambda m: accuracy(m.emotion_probs_orig, m.emotion),
     "emotion_accuracy_deid": lambda m: accuracy(m.emotion_probs_deid, m.emotion),
-    "identity_accuracy_original": lambda m: accuracy(m.identity_probs_orig, m.identity),
-    "identity_accuracy_deid": lambda m: accuracy(m.identity_probs_deid, m.identity),
     "ssim": lambda m: float(np.mean(m.ssim_per_image)) if m.ssim_per_image.size else 0.0,
 }
+
+# The paper's metrics (section IV): they read the judge's scores as probabilities and threshold them at mu.
+PAPER_METRICS: dict[str, Callable[[MetricInputs], float]] = {
+    "deid_rate": lambda m: deid_rate(m.identity_scores_deid, m.identity, m.mu),
+    "switching_deid_rate": lambda m: switching_deid_rate(m.identity_scores_deid, m.identity, m.mu),
+    "genuine_acceptance": lambda m: genuine_acceptance(m.identity_scores_orig, m.identity, m.mu),
+    "identity_accuracy_original": lambda m: accuracy(m.identity_scores_orig, m.identity),
+    "identity_accuracy_deid": lambda m: accuracy(m.identity_scores_deid, m.identity),
+}
+
+
+def _inputs(identity_scores_orig, identity_scores_deid, emotion_probs_orig, emotion_probs_deid, identity, emotion,
+            ssim_per_image, mu: float, probabilities: bool) -> MetricInputs:
+    scores = _probs if probabilities else _np
+    inputs = MetricInputs(
+        identity_scores_orig=scores(identity_scores_orig), identity_scores_deid=scores(identity_scores_deid),
+        emotion_probs_orig=_probs(emotion_probs_orig), emotion_probs_deid=_probs(emotion_probs_deid),
+        identity=_np(identity, np.int64).reshape(-1), emotion=_np(emotion, np.int64).reshape(-1),
+        ssim_per_image=_np(ssim_per_image).reshape(-1), mu=float(mu))
+    n = inputs.identity.shape[0]
+    for name in ("identity_scores_orig", "identity_scores_deid", "emotion_probs_orig", "emotion_probs_deid",
+                 "emotion", "ssim_per_image"):
+        if getattr(inputs, name).shape[0] != n:
+            raise ValueError(f"{name} has {getattr(inputs, name).shape[0]} rows, expected {n} (one per probe)")
+    return inputs
+
+
+def judged_metrics(identity_scores_orig: ArrayLike, identity_scores_deid: ArrayLike, emotion_probs_orig: ArrayLike,
+                   emotion_probs_deid: ArrayLike, identity: ArrayLike, emotion: ArrayLike,
+                   ssim_per_image: ArrayLike, ssim_weight: float = 0.25) -> dict[str, Any]:
+    """The METRICS registry and the objective for any identity judge (a recogniser, an attacker).
+
+    privacy: faces named at rank 1 in the original that are no longer named after de-identification;
+    utility: expression kept (among those read correctly in the original) x SSIM^w; objective J: their
+    product, the figure the search maximises. "No change" scores privacy 0 and J 0 under every judge.
+    """
+    inputs = _inputs(identity_scores_orig, identity_scores_deid, emotion_probs_orig, emotion_probs_deid, identity,
+                     emotion, ssim_per_image, float("nan"), probabilities=False)
+    out: dict[str, Any] = {name: fn(inputs) for name, fn in METRICS.items()}
+    out["utility"] = utility_score(out["expression_kept"], out["ssim"], ssim_weight)
+    out["objective"] = float(out["privacy"] * out["utility"])
+    out["ssim_weight"] = float(ssim_weight)
+    out["num_probes"] = int(inputs.identity.shape[0])
+    return out
 
 
 def compute_metrics(
@@ -261,37 +323,18 @@ def compute_metrics(
     mu: float,
     ssim_weight: float = 0.25,
 ) -> dict[str, Any]:
-    """Every DESIGN section 6 metric for one evaluation, plus the composite J and its two halves.
-
-    Inputs are the evaluators' softmax outputs on the original probes x and on x' = G(x, z) (or a
-    baseline's output), the true labels, and SSIM(x, x') per probe. Keys: the METRICS registry's
-    (deid_rate, switching_deid_rate, genuine_acceptance, cmc_misclassification [rank 1..5], emotion_mse,
-    emotion_preserved, emotion/identity accuracy on original and de-identified, ssim), then
-    objective (J), privacy (D*S*G) and utility (E*SSIM^w). Values are Python floats (JSON-ready).
-    """
-    inputs = MetricInputs(
-        identity_probs_orig=_probs(identity_probs_orig),
-        identity_probs_deid=_probs(identity_probs_deid),
-        emotion_probs_orig=_probs(emotion_probs_orig),
-        emotion_probs_deid=_probs(emotion_probs_deid),
-        identity=_np(identity, np.int64).reshape(-1),
-        emotion=_np(emotion, np.int64).reshape(-1),
-        ssim_per_image=_np(ssim_per_image).reshape(-1),
-        mu=float(mu),
-    )
-    n = inputs.identity.shape[0]
-    for name in ("identity_probs_orig", "identity_probs_deid", "emotion_probs_orig", "emotion_probs_deid",
-                 "emotion", "ssim_per_image"):
-        if getattr(inputs, name).shape[0] != n:
-            raise ValueError(f"{name} has {getattr(inputs, name).shape[0]} rows, expected {n} (one per probe)")
-    out: dict[str, Any] = {name: fn(inputs) for name, fn in METRICS.items()}
-    out["privacy"] = privacy_score(out["deid_rate"], out["switching_deid_rate"], out["genuine_acceptance"])
-    out["utility"] = utility_score(out["emotion_preserved"], out["ssim"], ssim_weight)
-    out["objective"] = composite_objective(
-        out["deid_rate"], out["switching_deid_rate"], out["genuine_acceptance"],
-        out["emotion_preserved"], out["ssim"], ssim_weight,
-    )
+    """Every metric for a classifier judge: `judged_metrics` (privacy, utility, J) plus the paper's
+    D(mu), S(mu), G(mu), identity accuracies and its own products, kept as `paper_privacy` (D*S*G),
+    `paper_utility` (E*SSIM^w) and `paper_objective`. Inputs are softmax outputs. Values are JSON-ready."""
+    inputs = _inputs(identity_probs_orig, identity_probs_deid, emotion_probs_orig, emotion_probs_deid, identity,
+                     emotion, ssim_per_image, mu, probabilities=True)
+    out = judged_metrics(inputs.identity_scores_orig, inputs.identity_scores_deid, inputs.emotion_probs_orig,
+                         inputs.emotion_probs_deid, inputs.identity, inputs.emotion, inputs.ssim_per_image,
+                         ssim_weight)
+    out.update({name: fn(inputs) for name, fn in PAPER_METRICS.items()})
+    out["paper_privacy"] = float(out["deid_rate"] * out["switching_deid_rate"] * out["genuine_acceptance"])
+    out["paper_utility"] = utility_score(out["emotion_preserved"], out["ssim"], ssim_weight)
+    out["paper_objective"] = paper_objective(out["deid_rate"], out["switching_deid_rate"], out["genuine_acceptance"],
+                                             out["emotion_preserved"], out["ssim"], ssim_weight)
     out["mu"] = float(mu)
-    out["ssim_weight"] = float(ssim_weight)
-    out["num_probes"] = int(n)
     return out

@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -29,8 +29,10 @@ from epd_ray.config import EvaluationConfig
 from epd_ray.core.baselines import gaussian_blur, k_same_pixel, no_change, pixelate
 from epd_ray.core.images import to_tensor, to_uint8
 from epd_ray.core.metrics import DEFAULT_MU_GRID, compute_metrics, distance_to_all, mu_sweep
-from epd_ray.core.scoring import Method, class_probabilities, deidentify_pixels, ssim_values
+from epd_ray.core.scoring import Method, class_logits, class_probabilities, deidentify_pixels, ssim_values
 from epd_ray.data.shards import SPLITS, FaceArrays, load_split, read_manifest
+from epd_ray.evaluate.judges import (FaceRecogniser, Gallery, gallery_subset, main_judge, parrot_metrics,
+                                     recogniser_metrics, uses_recogniser)
 
 JUDGES = {"evaluators": ("identity_evaluator", "emotion_evaluator"),
           "verifiers": ("identity_verifier", "emotion_verifier")}
@@ -143,47 +145,112 @@ def _per_image_columns(judge_name: str, id_orig: torch.Tensor, id_deid: torch.Te
             f"{judge_name}_emotion_deid": emo_deid.argmax(dim=1).numpy()}
 
 
+def _deidentify(method: Method | KSameMethod, faces: FaceArrays, kw: dict[str, Any]) -> np.ndarray:
+    if isinstance(method, KSameMethod):
+        return method.deidentify(faces, batch_size=kw["batch_size"], device=kw["device"])
+    return deidentify_pixels(method, faces.pixels, **kw)
+
+
 def run_evaluation(methods: dict[str, Method | KSameMethod], *, dataset_dir: Path, pretrained_path: Path, split: str,
                    mu: float, cfg: EvaluationConfig, device: torch.device | None = None, precision: str = "fp32",
                    mu_grid: Sequence[float] = DEFAULT_MU_GRID, samples: int = SAMPLES) -> Evaluation:
-    """De-identify `split` once per method; judge with the evaluators and the verifiers (see module doc)."""
+    """De-identify `split` once per method (and the parrot's gallery, from the train split); judge with
+    every judge of `evaluate.judges`. `metrics["main_judge"]` names the one whose J the search maximised."""
     device = device or torch.device("cpu")
     faces = load_split(dataset_dir, split)
+    source = read_manifest(dataset_dir).get("source", "synthetic")
+    main = main_judge(cfg.judge, source)
     judges = load_judges(pretrained_path, device)
     kw = dict(batch_size=cfg.batch_size, device=device, precision=precision)
     originals = {name: (class_probabilities(id_net, faces.pixels, **kw), class_probabilities(emo_net, faces.pixels, **kw))
                  for name, (id_net, emo_net) in judges.items()}
+    train = load_split(dataset_dir, "train")
+    chosen = gallery_subset(train.identity, cfg.gallery_per_identity)
+    gallery_faces = FaceArrays(train.pixels[chosen], train.identity[chosen], train.emotion[chosen])
+    num_identities = len(read_manifest(dataset_dir)["identities"])
+    recogniser = FaceRecogniser() if uses_recogniser(main, source) else None
+    if recogniser is not None:
+        rec_orig, found_orig = recogniser.embed(faces.pixels)
+        rec_gallery = Gallery(recogniser.embed(gallery_faces.pixels)[0], gallery_faces.identity, num_identities)
+    # The parrot takes the main judge's embedding: the recogniser's, or the evaluator's logits.
+    evaluator = judges["evaluators"][0]
+    embed: Callable[[np.ndarray], np.ndarray] = (
+        (lambda pixels: recogniser.embed(pixels)[0]) if main == "recogniser"
+        else (lambda pixels: class_logits(evaluator, pixels, **kw).numpy()))
+    plain_gallery = Gallery(embed(gallery_faces.pixels), gallery_faces.identity, num_identities)
+    main_orig = rec_orig if main == "recogniser" else embed(faces.pixels)
+    emo_orig = originals["evaluators"][1]
     index = sample_indices(faces.identity, samples)
     results: dict[str, Any] = {}
     sweeps: dict[str, Any] = {}
     tables: list[pa.Table] = []
     sample_pixels: dict[str, np.ndarray] = {}
     for method_name, method in methods.items():
-        if isinstance(method, KSameMethod):
-            deid = method.deidentify(faces, batch_size=cfg.batch_size, device=device)
-        else:
-            deid = deidentify_pixels(method, faces.pixels, **kw)
+        deid = _deidentify(method, faces, kw)
         sample_pixels[method_name] = deid[index]
         ssim = ssim_values(faces.pixels, deid, cfg.batch_size).numpy().astype(np.float64)
         columns: dict[str, Any] = {"method": [method_name] * len(faces), "index": np.arange(len(faces)),
                                    "identity": faces.identity, "emotion": faces.emotion, "ssim": ssim}
-        results[method_name] = {}
+        results[method_name] = judged = {}
         for judge_name, (id_net, emo_net) in judges.items():
-            id_orig, emo_orig = originals[judge_name]
+            id_orig, emo_judge_orig = originals[judge_name]
             id_deid, emo_deid = (class_probabilities(id_net, deid, **kw), class_probabilities(emo_net, deid, **kw))
-            results[method_name][judge_name] = compute_metrics(
-                identity_probs_orig=id_orig, identity_probs_deid=id_deid, emotion_probs_orig=emo_orig,
+            judged[judge_name] = compute_metrics(
+                identity_probs_orig=id_orig, identity_probs_deid=id_deid, emotion_probs_orig=emo_judge_orig,
                 emotion_probs_deid=emo_deid, identity=faces.identity, emotion=faces.emotion,
                 ssim_per_image=ssim, mu=mu, ssim_weight=cfg.ssim_weight)
-            columns.update(_per_image_columns(judge_name, id_orig, id_deid, emo_orig, emo_deid, faces.identity))
+            columns.update(_per_image_columns(judge_name, id_orig, id_deid, emo_judge_orig, emo_deid, faces.identity))
             if judge_name == SWEEP_JUDGE:
                 sweeps[method_name] = mu_sweep(id_orig, id_deid, faces.identity, mu_grid)
+        emo_deid = class_probabilities(judges["evaluators"][1], deid, **kw)
+        shared = dict(identity=faces.identity, emotion_probs_orig=emo_orig, emotion_probs_deid=emo_deid,
+                      emotion=faces.emotion, ssim=ssim, ssim_weight=cfg.ssim_weight)
+        if recogniser is not None:
+            rec_deid, found_deid = recogniser.embed(deid)
+            judged["recogniser"] = recogniser_metrics(rec_gallery, rec_orig, rec_deid, found_orig, found_deid, **shared)
+            columns["recogniser_face_found"] = found_deid
+        main_deid = rec_deid if main == "recogniser" else embed(deid)
+        parrot_gallery = Gallery(embed(_deidentify(method, gallery_faces, kw)), gallery_faces.identity, num_identities)
+        judged["parrot"] = {**parrot_metrics(plain_gallery, parrot_gallery, main_orig, main_deid, **shared),
+                            "embedding": main}
         tables.append(pa.table(columns))
     metrics = {"split": split, "images": len(faces), "mu": mu, "ssim_weight": cfg.ssim_weight, "methods": results,
+               "main_judge": main, "data_source": source, "gallery": {"split": "train", "images": len(chosen),
+                                                                      "per_identity": cfg.gallery_per_identity},
                "mu_sweep_judge": SWEEP_JUDGE, "mu_sweep": sweeps, "sample_index": index.tolist(),
                "inputs": {"dataset_dir": str(dataset_dir), "pretrained_path": str(pretrained_path)}}
+    metrics["verdict"] = baseline_verdict(metrics)
     per_image = pa.concat_tables(tables) if tables else pa.table({})
     return Evaluation(metrics, per_image, sample_pixels, index)
+
+
+def baseline_verdict(metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """Whether the model beats every baseline evaluated with it on J under the main judge (None: no model or
+    no baseline in this evaluation). A model no better than doing nothing, blurring or pixelating is
+    reported as such, never as success."""
+    methods, main = metrics["methods"], metrics["main_judge"]
+    baselines = {name: judged[main]["objective"] for name, judged in methods.items() if name != GENERATOR_METHOD}
+    if GENERATOR_METHOD not in methods or not baselines:
+        return None
+    model = methods[GENERATOR_METHOD][main]["objective"]
+    strongest = max(baselines, key=baselines.get)
+    return {"judge": main, "beats_baselines": bool(model > baselines[strongest]), "objective": model,
+            "strongest_baseline": strongest, "strongest_baseline_objective": baselines[strongest],
+            "margin": model - baselines[strongest], "baselines": baselines}
+
+
+def verdict_line(verdict: dict[str, Any] | None) -> str | None:
+    """One line that says whether the model beat the baselines, or None when there is nothing to compare."""
+    if verdict is None:
+        return None
+    figures = ", ".join(f"{name} {j:.3f}" for name, j in verdict["baselines"].items())
+    if verdict["beats_baselines"]:
+        return (f"verdict: the model beats every baseline under the {verdict['judge']} judge: "
+                f"J {verdict['objective']:.3f} against {figures}")
+    return (f"warning: the model does NOT beat the baselines under the {verdict['judge']} judge: J "
+            f"{verdict['objective']:.3f} against {figures} ({verdict['margin']:+.3f} behind "
+            f"{verdict['strongest_baseline']}); it is no better at hiding identity while keeping expression than "
+            "that baseline: train longer, widen the search, or check the pretraining warnings")
 
 
 def method_settings(cfg: EvaluationConfig, methods: dict[str, Any], k: int = KSAME_K) -> dict[str, Any]:
@@ -192,16 +259,29 @@ def method_settings(cfg: EvaluationConfig, methods: dict[str, Any], k: int = KSA
             "pixelate_blocks": cfg.pixelate_blocks}
 
 
+SUMMARY_JUDGES = ("evaluators", "verifiers", "recogniser", "parrot")
+
+
 def summary_lines(metrics: dict[str, Any]) -> list[str]:
-    """The main figures of each method (independent evaluators), as the commands print them."""
-    lines = ["  " + " ".join(f"{h:>10}" for h in ["method", "J", "D", "S", "G", "E", "emoMSE", "SSIM", "CMC r1"])]
+    """Each method under the main judge (J, privacy, utility and their parts), then rank-1 re-identification
+    under every judge side by side, as the commands print them."""
+    main = metrics.get("main_judge", "evaluators")
+    judges = [j for j in SUMMARY_JUDGES if all(j in m for m in metrics["methods"].values())]
+    header = ["method", "J", "privacy", "utility", "kept", "SSIM", *(f"r1 {j[:6]}" for j in judges)]
+    lines = [f"  main judge: {main}; r1: share named at rank 1 (unchanged faces: "
+             + ", ".join(f"{j} {_unchanged_rank1(metrics, j):.2f}" for j in judges) + ")",
+             "  " + " ".join(f"{h:>10}" for h in header)]
     for name, judged in metrics["methods"].items():
-        e = judged["evaluators"]
-        cells = [name[:10], *(f"{e[key]:.3f}" for key in ("objective", "deid_rate", "switching_deid_rate",
-                                                          "genuine_acceptance", "emotion_preserved")),
-                 f"{e['emotion_mse']:.4f}", f"{e['ssim']:.3f}", f"{e['cmc_misclassification'][0]:.3f}"]
+        m = judged[main]
+        cells = [name[:10], *(f"{m[key]:.3f}" for key in ("objective", "privacy", "utility", "expression_kept", "ssim")),
+                 *(f"{judged[j]['reidentified']:.3f}" for j in judges)]
         lines.append("  " + " ".join(f"{c:>10}" for c in cells))
-    return lines
+    line = verdict_line(metrics.get("verdict"))
+    return lines + ([line] if line else [])
+
+
+def _unchanged_rank1(metrics: dict[str, Any], judge_name: str) -> float:
+    return next(iter(metrics["methods"].values()))[judge_name]["reidentified_original"]
 
 
 def write_evaluation(out: Path, evaluation: Evaluation, extra: dict[str, Any] | None = None) -> dict[str, Path]:
@@ -259,7 +339,8 @@ def find_pretrained(card: dict[str, Any]) -> Path | None:
 
 def resolve_setup(model: Path | None, *, data: Path | None = None, pretrained: Path | None = None,
                   split: str = "test", mu: float | None = None, blur_sigma: float | None = None,
-                  pixelate_blocks: int | None = None, need_generator: bool = True) -> EvaluationSetup:
+                  pixelate_blocks: int | None = None, judge: str | None = None,
+                  need_generator: bool = True) -> EvaluationSetup:
     """Everything `epd-ray evaluate` needs, from a run folder or checkpoint and the options that override it."""
     from epd_ray.deploy.export import resolve_source
 
@@ -287,7 +368,8 @@ def resolve_setup(model: Path | None, *, data: Path | None = None, pretrained: P
     config = card.get("config") or {}
     values = {**(config.get("evaluation") or {}),
               **({"blur_sigma": blur_sigma} if blur_sigma is not None else {}),
-              **({"pixelate_blocks": pixelate_blocks} if pixelate_blocks is not None else {})}
+              **({"pixelate_blocks": pixelate_blocks} if pixelate_blocks is not None else {}),
+              **({"judge": judge} if judge is not None else {})}
     try:
         cfg = EvaluationConfig.model_validate(values)
     except ValueError as exc:
@@ -302,7 +384,7 @@ def resolve_setup(model: Path | None, *, data: Path | None = None, pretrained: P
 def evaluate_command(model: Path | None, out: Path, *, baselines: Sequence[str] = (), data: Path | None = None,
                      pretrained: Path | None = None, split: str = "test", mu: float | None = None,
                      blur_sigma: float | None = None, pixelate_blocks: int | None = None, k: int = KSAME_K,
-                     include_model: bool | None = None) -> tuple[Evaluation, dict[str, Path]]:
+                     judge: str | None = None, include_model: bool | None = None) -> tuple[Evaluation, dict[str, Path]]:
     """`epd-ray evaluate`: the model (without --baseline) or the given baselines; write the results to `out`.
 
     `include_model=True` evaluates the model and the baselines together (what `epd-ray report` does).
@@ -312,7 +394,7 @@ def evaluate_command(model: Path | None, out: Path, *, baselines: Sequence[str] 
     include_model = not baselines if include_model is None else include_model
     methods: dict[str, Any] = {}
     setup = resolve_setup(model, data=data, pretrained=pretrained, split=split, mu=mu, blur_sigma=blur_sigma,
-                          pixelate_blocks=pixelate_blocks, need_generator=include_model)
+                          pixelate_blocks=pixelate_blocks, judge=judge, need_generator=include_model)
     if include_model:
         payload = load_checkpoint(setup.checkpoint)
         if "generator" not in payload["networks"]:

@@ -2,8 +2,9 @@
 
 Per batch: one discriminator step on the real pair (x, y) against the fake pair (x, G(x, z)), then one
 generator step on L_G = lambda1 (L_adv + Phi L_ssim) + lambda2 L_contrastive + lambda3 L_CE through the
-frozen verifiers V and S. Per epoch: rank 0 scores the generator on the validation split with the
-independent evaluators (the composite objective J that the search maximises) and checkpoints G, D,
+frozen verifiers V and S. Per epoch: rank 0 scores the generator on the validation split under the main
+judge (the objective J that the search maximises: the pretrained recogniser on real faces, the independent
+evaluators on synthetic ones; see evaluate/judges.py) and checkpoints G, D,
 their optimisers, the epoch and the resolved config. A non-finite loss stops the trial with a recorded
 reason and a finite penalty (J = 0), so the search goes on.
 """
@@ -16,17 +17,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 import ray.train.torch
 import torch
 
 from epd_ray.checkpoints import build_from_record, load_checkpoint, network_record
-from epd_ray.config import ExperimentConfig, LossConfig
+from epd_ray.config import EvaluationConfig, ExperimentConfig, LossConfig
 from epd_ray.core.losses import LossWeights, discriminator_loss, generator_loss
 from epd_ray.core.networks import build_network
 from epd_ray.core.precision import autocast
-from epd_ray.core.scoring import deidentify_pixels, judge
+from epd_ray.core.metrics import compute_metrics
+from epd_ray.core.scoring import class_probabilities, deidentify_pixels, ssim_values
 from epd_ray.data.shards import load_split, read_manifest
+from epd_ray.evaluate.judges import FaceRecogniser, Gallery, gallery_subset, main_judge, recogniser_metrics
 from epd_ray.train.worker import RealPairPool, ShardBatches, WorkerSetup, prepare_images, report, restore, setup_worker
 
 # What a diverged trial reports for every searched objective (J, or privacy and utility in pareto mode):
@@ -48,13 +52,26 @@ class GanInputs:
     val_faces: ray.ObjectRef  # FaceArrays
     image_size: int
     train_images: int
+    judge: str = "evaluators"  # whose J rank 0 reports each epoch (see evaluate.judges.main_judge)
+    recogniser_gallery: Gallery | None = None  # with the recogniser: its gallery and its view of the val
+    val_recognised: tuple[np.ndarray, np.ndarray] | None = None  # originals (embeddings, face found), made once
 
     @classmethod
-    def put(cls, dataset_dir: Path, pretrained_path: Path) -> "GanInputs":
-        train = load_split(dataset_dir, "train")
+    def put(cls, dataset_dir: Path, pretrained_path: Path, evaluation: EvaluationConfig | None = None) -> "GanInputs":
+        evaluation = evaluation or EvaluationConfig()
+        manifest = read_manifest(dataset_dir)
+        train, val = load_split(dataset_dir, "train"), load_split(dataset_dir, "val")
+        judge = main_judge(evaluation.judge, manifest.get("source", "synthetic"))
+        gallery = val_recognised = None
+        if judge == "recogniser":
+            recogniser = FaceRecogniser()
+            chosen = gallery_subset(train.identity, evaluation.gallery_per_identity)
+            gallery = Gallery(recogniser.embed(train.pixels[chosen])[0], train.identity[chosen],
+                              len(manifest["identities"]))
+            val_recognised = recogniser.embed(val.pixels)
         return cls(pretrained=ray.put(load_checkpoint(Path(pretrained_path))["networks"]), train_faces=ray.put(train),
-                   val_faces=ray.put(load_split(dataset_dir, "val")),
-                   image_size=read_manifest(dataset_dir)["image_size"], train_images=len(train))
+                   val_faces=ray.put(val), image_size=manifest["image_size"], train_images=len(train), judge=judge,
+                   recogniser_gallery=gallery, val_recognised=val_recognised)
 
 
 def build_gan(exp: ExperimentConfig, image_size: int) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -183,12 +200,14 @@ class GanSteps:
 
 
 def validation_metrics(generator: torch.nn.Module, val, identity_evaluator, emotion_evaluator, *, mu: float,
-                       exp: ExperimentConfig, setup: WorkerSetup) -> dict[str, float]:
-    """J and its factors on the validation split, judged by the independent evaluators.
+                       exp: ExperimentConfig, setup: WorkerSetup, inputs: GanInputs,
+                       recogniser: FaceRecogniser | None = None) -> dict[str, float]:
+    """J and its factors on the validation split, under the main judge; the evaluators' figures always.
 
-    The generator is scored as it is published (eval mode: batch norm on its running statistics, the
-    dropout noise z still on), never in training mode, whose batch statistics would differ from what
-    `evaluate` and `deidentify` see and would fold the validation images into the running statistics.
+    With the recogniser as main judge its privacy, utility and J replace the evaluators' (kept as
+    `evaluators_objective`); the paper's D, S, G stay the evaluators'. The generator is scored as it is
+    published (eval mode: batch norm on its running statistics, the dropout noise z still on), never in
+    training mode, whose batch statistics would differ from what `evaluate` and `deidentify` see.
     """
     kw = dict(batch_size=exp.evaluation.batch_size, device=setup.device, precision=setup.precision)
     was_training = generator.training
@@ -197,8 +216,18 @@ def validation_metrics(generator: torch.nn.Module, val, identity_evaluator, emot
         deid = deidentify_pixels(generator, val.pixels, **kw)
     finally:
         generator.train(was_training)
-    return scalar_metrics(judge(val.pixels, deid, val.identity, val.emotion, identity_net=identity_evaluator,
-                                emotion_net=emotion_evaluator, mu=mu, ssim_weight=exp.evaluation.ssim_weight, **kw))
+    emotion = (class_probabilities(emotion_evaluator, val.pixels, **kw), class_probabilities(emotion_evaluator, deid, **kw))
+    ssim = ssim_values(val.pixels, deid, exp.evaluation.batch_size)
+    scores = compute_metrics(class_probabilities(identity_evaluator, val.pixels, **kw),
+                             class_probabilities(identity_evaluator, deid, **kw), *emotion, val.identity, val.emotion,
+                             ssim, mu=mu, ssim_weight=exp.evaluation.ssim_weight)
+    if recogniser is not None:
+        scores["evaluators_objective"] = scores["objective"]
+        embedded, found = recogniser.embed(deid)
+        scores.update(recogniser_metrics(inputs.recogniser_gallery, inputs.val_recognised[0], embedded,
+                                         inputs.val_recognised[1], found, val.identity, *emotion, val.emotion, ssim,
+                                         exp.evaluation.ssim_weight))
+    return scalar_metrics(scores)
 
 
 def gan_loop(config: dict[str, Any]) -> None:
@@ -241,6 +270,7 @@ def gan_loop(config: dict[str, Any]) -> None:
         val = ray.get(inputs.val_faces)
         identity_evaluator = frozen(build_from_record(pretrained["identity_evaluator"]), setup)
         emotion_evaluator = frozen(build_from_record(pretrained["emotion_evaluator"]), setup)
+        recogniser = FaceRecogniser() if inputs.recogniser_gallery is not None else None
 
     decay = ema_decay(exp.train.ema_half_life, inputs.train_images, exp.train.batch_size * setup.world_size)
     steps = GanSteps(generator, discriminator, identity_verifier, emotion_verifier, opt_g, opt_d, weights, setup,
@@ -266,8 +296,8 @@ def gan_loop(config: dict[str, Any]) -> None:
             return
         payload = None
         if setup.rank == 0:
-            metrics.update(validation_metrics(steps.published_generator, val, identity_evaluator, emotion_evaluator, mu=mu, exp=exp,
-                                              setup=setup))
+            metrics.update(validation_metrics(steps.published_generator, val, identity_evaluator, emotion_evaluator,
+                                              mu=mu, exp=exp, setup=setup, inputs=inputs, recogniser=recogniser))
             payload = steps.checkpoint_payload(epoch, mu, exp, metrics)
         report(setup, metrics, payload)
 

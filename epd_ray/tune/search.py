@@ -1,7 +1,7 @@
 """The search: Ray Tune with Optuna (TPE) over lambda1-3, Phi, alpha and mu.
 
 Two objectives (`search.objective`). `composite`: maximise J, with ASHA stopping weak trials on J per
-epoch; a trial counts at its best-J epoch. `pareto`: maximise privacy D*S*G and utility E*SSIM^w together
+epoch; a trial counts at its best-J epoch. `pareto`: maximise privacy and utility (core.metrics.judged_metrics) together
 (Optuna's multi-objective TPE); ASHA takes one metric, and stopping on J would cut exactly the trials at
 the ends of the front (high utility and low privacy, or the reverse), so every trial runs all its epochs,
 counts at its last epoch (the result Optuna is told) and keeps its latest checkpoints. The best model is

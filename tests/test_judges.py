@@ -1,0 +1,122 @@
+"""The judges of `evaluate.judges`: a pretrained recogniser on a real face, the parrot attack, the verdict."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from epd_ray.core.baselines import gaussian_blur
+from epd_ray.core.images import to_tensor, to_uint8
+from epd_ray.core.metrics import judged_metrics
+from epd_ray.core.synthetic import make_synthetic_faces
+from epd_ray.evaluate.evaluate import baseline_verdict, verdict_line
+from epd_ray.evaluate.judges import RECOGNISER_THRESHOLD, FaceRecogniser, Gallery, main_judge, parrot_metrics
+
+EMOTIONS = 7
+
+
+@pytest.fixture(scope="module")
+def recogniser():
+    return FaceRecogniser()
+
+
+def astronaut_crop(x0: int, y0: int, side: int, mirror: bool = False) -> np.ndarray:
+    """A 64 px face crop of skimage's astronaut (Eileen Collins), the one real face photograph a test has."""
+    from skimage import data
+
+    crop = Image.fromarray(data.astronaut()[y0:y0 + side, x0:x0 + side]).resize((64, 64), Image.BICUBIC)
+    return np.array(crop.transpose(Image.FLIP_LEFT_RIGHT) if mirror else crop)
+
+
+def test_recogniser_names_a_real_person_and_loses_her_when_blurred(recogniser):
+    """Gallery: three crops of the astronaut (identity 0) among synthetic people (1-6); probe: another
+    crop, mirrored. The pretrained recogniser names her, verifies her at its own threshold and finds her
+    face; blurred at sigma 8 it finds no face and no longer names her."""
+    astronaut = np.stack([astronaut_crop(150, 50, 140), astronaut_crop(155, 55, 132), astronaut_crop(145, 45, 150)])
+    others = make_synthetic_faces(6, 3, 64, seed=0)
+    embedded, found = recogniser.embed(np.concatenate([astronaut, others.pixels[:30]]))
+    gallery = Gallery(embedded, np.concatenate([[0, 0, 0], others.identity[:30] + 1]), num_identities=7)
+    assert found[:3].all()
+
+    probe = astronaut_crop(152, 52, 140, mirror=True)[None]
+    probe_embedded, probe_found = recogniser.embed(probe)
+    distances = gallery.distances(probe_embedded)[0]
+    assert probe_found[0] and distances.argmin() == 0 and distances[0] < RECOGNISER_THRESHOLD
+
+    blurred = to_uint8(gaussian_blur(to_tensor(probe), sigma=8.0))
+    blurred_embedded, blurred_found = recogniser.embed(blurred)
+    assert not blurred_found[0] and gallery.distances(blurred_embedded)[0].argmin() != 0
+
+
+def test_recogniser_on_synthetic_faces_is_not_the_default_judge():
+    """dlib finds most synthetic faces and tells their people apart by colour and hair, cues that are no
+    human identity; so on synthetic data the evaluators are the main judge unless the recogniser is asked for."""
+    assert main_judge("auto", "synthetic") == "evaluators"
+    assert main_judge("auto", "folder") == "recogniser" and main_judge("auto", "rafd") == "recogniser"
+    assert main_judge("evaluators", "folder") == "evaluators"
+
+
+def toy_world(rng: np.random.Generator, people: int = 5, per_person: int = 6):
+    """Embeddings a perfect recogniser would give: one point per person plus a little noise."""
+    centres = rng.normal(size=(people, 16)) * 3
+    identity = np.repeat(np.arange(people), per_person)
+    emotion = np.tile(np.arange(per_person) % EMOTIONS, people)
+    return centres, identity, emotion, centres[identity] + rng.normal(size=(len(identity), 16)) * 0.1
+
+
+def read_emotions(emotion: np.ndarray) -> np.ndarray:
+    return np.eye(EMOTIONS)[emotion] * 0.9 + 0.1 / EMOTIONS
+
+
+def test_parrot_catches_a_consistent_stand_in_that_fools_the_plain_judge():
+    """A generator that turns each person into the same other person fools a recogniser whose gallery holds
+    the originals, but an attacker who fills the gallery with de-identified faces names everyone again."""
+    rng = np.random.default_rng(0)
+    centres, identity, emotion, train = toy_world(rng)
+    test = centres[identity] + rng.normal(size=train.shape) * 0.1
+    stand_in = (identity + 1) % len(centres)  # person i now looks like person i+1
+    deid_train = centres[stand_in] + rng.normal(size=train.shape) * 0.1
+    deid_test = centres[stand_in] + rng.normal(size=test.shape) * 0.1
+    plain = Gallery(train, identity, len(centres))
+    parrot = Gallery(deid_train, identity, len(centres))
+    faces = dict(identity=identity, emotion_probs_orig=read_emotions(emotion), emotion_probs_deid=read_emotions(emotion),
+                 emotion=emotion, ssim=np.full(len(identity), 0.5), ssim_weight=0.25)
+
+    plain_judged = judged_metrics(plain.scores(test), plain.scores(deid_test), faces["emotion_probs_orig"],
+                                  faces["emotion_probs_deid"], identity, emotion, faces["ssim"])
+    assert plain_judged["reidentified_original"] == 1.0 and plain_judged["privacy"] == 1.0
+    attacked = parrot_metrics(plain, parrot, test, deid_test, **faces)
+    assert attacked["reidentified"] == 1.0 and attacked["privacy"] == 0.0 and attacked["objective"] == 0.0
+    unchanged = parrot_metrics(plain, plain, test, test, **faces)
+    assert unchanged["privacy"] == 0.0 and unchanged["objective"] == 0.0
+
+
+def test_one_face_for_everyone_hides_identity_but_loses_the_expression():
+    """Mapping every face to one fixed face scores full privacy (bar the one person it resembles) under the
+    plain judge, and J near 0 through the utility term: that face has one expression."""
+    rng = np.random.default_rng(2)
+    centres, identity, emotion, train = toy_world(rng, people=7, per_person=7)
+    plain = Gallery(train, identity, len(centres))
+    test = centres[identity] + rng.normal(size=train.shape) * 0.1
+    fixed = np.repeat(centres[:1], len(identity), axis=0)
+    judged = judged_metrics(plain.scores(test), plain.scores(fixed), read_emotions(emotion),
+                            read_emotions(np.zeros_like(emotion)), identity, emotion, np.full(len(identity), 0.3))
+    assert judged["privacy"] == pytest.approx(6 / 7)
+    assert judged["expression_kept"] == pytest.approx(1 / 7) and judged["objective"] < 0.15
+
+
+def verdict_metrics(model_j: float) -> dict:
+    methods = {"epd-net": model_j, "no_change": 0.0, "blur": 0.21, "pixelate": 0.05}
+    return {"main_judge": "recogniser", "methods": {name: {"recogniser": {"objective": j}} for name, j in methods.items()}}
+
+
+def test_verdict_says_when_the_model_is_no_better_than_a_baseline():
+    behind = baseline_verdict(verdict_metrics(0.2))
+    assert behind["beats_baselines"] is False and behind["strongest_baseline"] == "blur"
+    assert behind["margin"] == pytest.approx(-0.01)
+    line = verdict_line(behind)
+    assert line.startswith("warning:") and "blur 0.210" in line and "-0.010" in line and "\n" not in line
+    ahead = baseline_verdict(verdict_metrics(0.5))
+    assert ahead["beats_baselines"] is True and verdict_line(ahead).startswith("verdict:")
+    assert baseline_verdict({"main_judge": "recogniser", "methods": {"blur": {"recogniser": {"objective": 0.1}}}}) is None
