@@ -353,7 +353,8 @@ def test_a_broken_folder_trains_on_the_rest_with_emotion_networks_from_fer2013(r
     assert faces.manifest["num_images"] == 24 and fer.manifest["splits"]["train"]["images"] == 7 * 6 * 2
     exp = tiny_experiment.model_copy(update={
         "verifiers": tiny_experiment.verifiers.model_copy(update={"emotion_data": str(fer.path)}),
-        "train": tiny_experiment.train.model_copy(update={"epochs": 1, "flip": True, "max_shift": 2})})
+        "train": tiny_experiment.train.model_copy(update={"steps": 2, "report_every": 2, "flip": True,
+                                                          "max_shift": 2})})
     train = materialized_split(faces.path)
     said: list[str] = []
     pretrained = pretrain_networks(exp, faces, train_data=train, cache_dir=tmp_path / "cache", runtime=ray_runtime,
