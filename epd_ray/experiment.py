@@ -37,7 +37,7 @@ from epd_ray.evaluate.report import ALL_BASELINES, REPORT_DIR, build_report
 from epd_ray.provenance import package_versions
 from epd_ray.runtime import RayRuntime, resolve_storage, start_ray, storage_filesystem
 from epd_ray.train.gan import GanInputs
-from epd_ray.train.run import PretrainingError, pretrain_networks
+from epd_ray.train.run import PretrainingError, check_batch_fits, pretrain_networks
 from epd_ray.tune.search import OBJECTIVE, PARETO_METRICS, SearchOutcome, is_pareto, run_search
 
 MARKER = "experiment.json"
@@ -136,6 +136,7 @@ def data_and_networks(exp: ExperimentConfig, *, runtime: RayRuntime, prepared_di
          f"({len(m['identities'])} identities x {len(m['emotions'])} emotions, {m['image_size']} px) "
          f"-> {prepared.path}")
     echo(f"ray: dashboard {runtime.dashboard_url or '(not available)'}; storage {storage_path}")
+    check_batch_fits("train.batch_size", exp.train.batch_size, m["splits"]["train"]["images"], exp.train.num_workers)
     train_data = materialized_split(prepared.path, "train")
     pretrained_path = pretrain_networks(exp, prepared, train_data=train_data, cache_dir=cache_dir, runtime=runtime,
                                         storage_path=storage_path, strict=strict, echo=echo)

@@ -51,14 +51,22 @@ def tiny_data(tmp_path_factory, tiny_experiment):
 
 
 @pytest.fixture(scope="session")
-def tiny_pretrained(tmp_path_factory, ray_runtime, tiny_experiment, tiny_data) -> Path:
+def tiny_pretraining(tmp_path_factory, ray_runtime, tiny_experiment, tiny_data) -> tuple[Path, list[tuple[float, str]]]:
+    """The tiny experiment's pretrained networks, and what pretraining said (monotonic time, line)."""
     from epd_ray.data.stream import materialized_split
     from epd_ray.train.run import pretrain_networks
 
     root = tmp_path_factory.mktemp("verifiers")
-    return pretrain_networks(tiny_experiment, tiny_data, train_data=materialized_split(tiny_data.path),
-                              cache_dir=root / "cache", runtime=ray_runtime, storage_path=str(root / "ray"),
-                              echo=lambda *_: None)
+    said: list[tuple[float, str]] = []
+    path = pretrain_networks(tiny_experiment, tiny_data, train_data=materialized_split(tiny_data.path),
+                             cache_dir=root / "cache", runtime=ray_runtime, storage_path=str(root / "ray"),
+                             echo=lambda line: said.append((time.monotonic(), line)))
+    return path, said
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrained(tiny_pretraining) -> Path:
+    return tiny_pretraining[0]
 
 
 @pytest.fixture(scope="session")

@@ -352,7 +352,8 @@ def test_a_broken_folder_trains_on_the_rest_with_emotion_networks_from_fer2013(r
     fer = prepare_dataset(_data("fer2013", _fer_csv(tmp_path / "fer2013.csv")), tmp_path / "fer")
     assert faces.manifest["num_images"] == 24 and fer.manifest["splits"]["train"]["images"] == 7 * 6 * 2
     exp = tiny_experiment.model_copy(update={
-        "verifiers": tiny_experiment.verifiers.model_copy(update={"emotion_data": str(fer.path)}),
+        # 12 training faces: batches of 8, so that every budgeted step has a full batch
+        "verifiers": tiny_experiment.verifiers.model_copy(update={"emotion_data": str(fer.path), "batch_size": 8}),
         "train": tiny_experiment.train.model_copy(update={"steps": 2, "report_every": 2, "flip": True,
                                                           "max_shift": 2})})
     train = materialized_split(faces.path)

@@ -75,6 +75,13 @@ def check_pretrained(scores: dict[str, float], classes: dict[str, int], exp: Exp
     return lines, warnings
 
 
+def check_batch_fits(field: str, batch_size: int, images: int, workers: int) -> None:
+    """Budgets count full batches: a worker whose share of the images cannot fill one would never step."""
+    if images // workers < batch_size:
+        raise ConfigError(f"{field}: {batch_size} is more than the {images} training image(s) give each of "
+                          f"{workers} worker(s); lower it")
+
+
 def progress_line(item: dict) -> str:
     score = f"val SSIM {item['val_score']:.3f}" if item["task"] == "reconstruct" else f"val acc {item['val_score']:.3f}"
     return (f"  {item['network']:<19} step {item['step']}/{item['steps']}  loss {item['loss']:.4f}  {score}  "
@@ -128,6 +135,9 @@ def pretrain_networks(exp: ExperimentConfig, prepared: PreparedData, *, train_da
         judge_pretrained(json.loads((out / SCORES_FILE).read_text()), classes, exp, strict=strict, echo=echo)
         return out / PRETRAINED_FILE
     workers = exp.train.num_workers
+    for data in {prepared.path: prepared, emotions.path: emotions}.values():
+        check_batch_fits("verifiers.batch_size", exp.verifiers.batch_size, data.manifest["splits"]["train"]["images"],
+                         workers)
     cpus = max(exp.train.cpus_per_worker, (runtime.total_cpus - DATA_RESERVE_CPUS) / workers)
     echo(f"pretraining V (VGG-16), S (mini-Xception), evaluators V_e, S_e (ResNet-18 shape)"
          f"{' and the generator warm start' if exp.model.warm_start_steps else ''} on "
