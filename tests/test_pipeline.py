@@ -105,6 +105,8 @@ def test_gan_training_checkpoints_every_round_and_resumes(ray_runtime, tiny_expe
         payload = load_checkpoint(Path(directory) / CHECKPOINT_FILE)
         generator = load_network(Path(directory) / CHECKPOINT_FILE, "generator")
     assert payload["round"] == 1 and payload["step"] == 6
+    # 6 real optimiser updates of G from 28 images in batches of 8 (3 a pass): the budget wrapped round the data
+    assert int(payload["optimizers"]["generator"]["state"][0]["step"]) == tiny_experiment.train.steps == 6
     assert set(payload["optimizers"]) == {"generator", "discriminator"}
     assert set(payload["networks"]) == {"generator", "generator_train", "discriminator"}  # average + raw
     assert payload["experiment"] == tiny_experiment.to_dict()
