@@ -50,7 +50,7 @@ from epd_ray.train.gan import GanSteps, build_gan, ema_decay, frozen, trial_para
 from epd_ray.train.worker import CHECKPOINT_FILE, RealPairPool, WorkerSetup, prepare_images, seed_everything  # noqa: E402
 
 # Pretraining that only has to produce networks of the right shape, fast.
-TINY_PRETRAINING = {"verifiers.epochs": 1, "model.warm_start_epochs": 1}
+TINY_PRETRAINING = {"verifiers.steps": 1, "model.warm_start_steps": 1}
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -129,7 +129,7 @@ def plain_gan(exp: ExperimentConfig, *, dataset_dir: Path, pretrained_path: Path
         batch_size = exp.train.batch_size
         run.steps_per_epoch = len(train) // batch_size
         checkpoint_dir = Path(tempfile.mkdtemp(prefix="epd-plain-"))
-        decay = ema_decay(exp.train.ema_half_life, len(train), batch_size)
+        decay = ema_decay(exp.train.ema_half_life_steps)
         steps = GanSteps(generator, discriminator, identity_verifier, emotion_verifier, opt_g, opt_d, weights, setup,
                          ema_decay=decay)
 
@@ -145,14 +145,14 @@ def plain_gan(exp: ExperimentConfig, *, dataset_dir: Path, pretrained_path: Path
                 x = prepare_images(torch.from_numpy(train.pixels[idx]), setup)
                 y_real = prepare_images(pool.sample(identity, emotion), setup)
                 steps.step(x, y_real, identity, emotion)
-            losses = steps.epoch_losses()
+            losses = steps.round_losses()
             run.train_s.append(time.perf_counter() - epoch_start)
 
             metrics: dict[str, Any] = {"epoch": epoch + 1, **losses,
                                        "diverged": not all(math.isfinite(v) for v in losses.values())}
             metrics.update(validation_metrics(steps.published_generator, val, identity_evaluator, emotion_evaluator, mu=mu, exp=exp,
                                               setup=setup))
-            payload = steps.checkpoint_payload(epoch, mu, exp, metrics)
+            payload = steps.checkpoint_payload(epoch, (epoch + 1) * run.steps_per_epoch, mu, exp, metrics)
             save_checkpoint(checkpoint_dir / CHECKPOINT_FILE, payload)
             run.last_metrics = metrics
             run.epochs_s.append(time.perf_counter() - epoch_start)
@@ -191,11 +191,15 @@ class RayFit:
         return [b - a for a, b in zip(self.report_times, self.report_times[1:])]
 
 
-def ray_fit(exp: ExperimentConfig, *, epochs: int, train_data, inputs, storage: Path, name: str) -> RayFit:
+def ray_fit(exp: ExperimentConfig, *, epochs: int, train_images: int, train_data, inputs, storage: Path,
+            name: str) -> RayFit:
+    """`epochs` passes over the data, as rounds of one pass each (the plain loop's epochs)."""
     from epd_ray.tune.search import gan_trainer
 
     times_file = storage / f"{name}.times"
-    run_exp = ExperimentConfig.model_validate({**exp.to_dict(), "train": {**exp.train.model_dump(), "epochs": epochs}})
+    per_pass = train_images // exp.train.batch_size
+    run_exp = ExperimentConfig.model_validate({**exp.to_dict(), "train": {
+        **exp.train.model_dump(), "steps": epochs * per_pass, "report_every": per_pass}})
     trainer = gan_trainer(run_exp, {}, train_data=train_data, inputs=inputs, name=name, storage_path=str(storage),
                           callbacks=[ReportTimes(str(times_file))])
     started = time.time()
@@ -281,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
         from epd_ray.train.gan import GanInputs
 
         common = dict(train_data=prep.train_data, inputs=GanInputs.put(prep.dataset_dir, prep.pretrained_path),
-                      storage=storage)
+                      storage=storage, train_images=prep.train_images)
         # Interleaved, so a burst of other load does not land on one side only.
         print("  running: Ray 1-epoch fit", flush=True)
         one = ray_fit(exp, epochs=1, name="overhead-1", **common)

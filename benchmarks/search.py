@@ -1,9 +1,9 @@
 """How fast the search runs: trials per hour and time to the first reported result of `epd-ray tune`'s search.
 
-    python -m benchmarks.search                  # REDUCED by default (4 trials x 3 epochs, tiny pretraining): ~3 min
+    python -m benchmarks.search                  # REDUCED by default (4 trials x 3 rounds, tiny pretraining): ~3 min
     python -m benchmarks.search --full           # the quick preset as `epd-ray tune` runs it: ~8 min of search,
                                                  # plus its pretraining unless ~/.cache/epd-ray already holds it
-    python -m benchmarks.search --set search.num_samples=6 --set train.epochs=4
+    python -m benchmarks.search --set search.num_samples=6 --set train.steps=60
 
 The search is `epd_ray.tune.search.run_search` itself (Optuna TPE, ASHA, one TorchTrainer per trial) on data
 prepared by the package and materialized once; nothing is added to the package. Its per-trial progress lines
@@ -33,10 +33,13 @@ if __package__ in (None, ""):
 from benchmarks import machine  # noqa: E402
 from benchmarks.ray_overhead import parse_overrides, plain_gan, prepare, quiet  # noqa: E402
 from epd_ray.config import load_config  # noqa: E402
+from epd_ray.train.gan import rounds  # noqa: E402
 
-REDUCED = {"search.num_samples": 4, "train.epochs": 3, "search.grace_period": 1,
-           "verifiers.epochs": 1, "model.warm_start_epochs": 1}
-RESULT_LINE = re.compile(r"trial (\S+) epoch (\d+)/")
+# The quick preset's round (train.report_every = 15 steps) is one pass over its 504 training images: here a
+# trial-epoch is a trial-round.
+REDUCED = {"search.num_samples": 4, "train.steps": 45, "search.grace_period": 1,
+           "verifiers.steps": 1, "model.warm_start_steps": 1}
+RESULT_LINE = re.compile(r"trial (\S+) round (\d+)/")
 
 
 class StampedOutput(io.TextIOBase):
@@ -91,8 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         print(f"REDUCED (pass --full for the {args.config} preset as it is): {REDUCED} -- trials per hour here are "
               f"not the preset's: fewer, shorter trials weigh each trial's start-up more")
-    print(f"config {args.config} + {overrides}: {exp.search.num_samples} trials x up to {exp.train.epochs} epochs, "
-          f"ASHA grace {min(exp.search.grace_period, exp.train.epochs)}, reduction {exp.search.reduction_factor}; "
+    print(f"config {args.config} + {overrides}: {exp.search.num_samples} trials x up to {rounds(exp.train)} rounds, "
+          f"ASHA grace {min(exp.search.grace_period, rounds(exp.train))}, reduction {exp.search.reduction_factor}; "
           f"{exp.data.image_size} px, ngf {exp.model.ngf}, batch {exp.train.batch_size}, "
           f"cpus_per_worker {exp.train.cpus_per_worker}; cache {cache_dir or workdir}")
     machine.print_machine("cpu" if not exp.train.use_gpu else None)
@@ -127,8 +130,8 @@ def main(argv: list[str] | None = None) -> None:
             shutil.rmtree(workdir, ignore_errors=True)
 
     trials = outcome.trials
-    trial_epochs = sum(t.epochs for t in trials)
-    stopped = sum(1 for t in trials if t.status == "ok" and t.epochs < exp.train.epochs)
+    trial_epochs = sum(t.rounds for t in trials)
+    stopped = sum(1 for t in trials if t.status == "ok" and t.rounds < rounds(exp.train))
     statuses = {s: sum(1 for t in trials if t.status == s) for s in sorted({t.status for t in trials})}
     first = stamped.results[0][0] if stamped.results else float("nan")
     first_per_trial = {}

@@ -2,18 +2,18 @@
 
 Three GAN runs from the run's best parameters (`best/model_card.json`): `tuned` (those parameters),
 `without_ssim` (Phi = 0) and `without_emotion` (lambda3 = 0: no emotion verifier in the loss, PPGAN-like).
-All three share the run's budget: its resolved config (epochs, batch size, learning rates, model size,
+All three share the run's budget: its resolved config (steps, batch size, learning rates, model size,
 seed), its prepared data and its pretrained verifiers and generator warm start, taken from the cache
 (pretrained again only if the cache lost them, by the same seeded code).
 
-The tuned model is retrained here, not taken from `best/`: `best/` is a trial's epoch picked among all
+The tuned model is retrained here, not taken from `best/`: `best/` is a trial's round picked among all
 trials of a search (which ASHA may have cut short), so its budget and selection are not those of the other
 two. Retrained by the same code with the same seed, the three runs differ in the ablated term only.
 
 The runs are trials of one Ray Tune experiment (a grid over the three variants: no search, no early
 stopping), so they run side by side as the search's trials do, each fitting a Ray Train `TorchTrainer`
-(`run_trial`); each is judged at the epoch the run's search would have judged it (`summarise`: highest
-validation J, or the last epoch in pareto mode). Evaluation is the report's: the test split, the tuned mu
+(`run_trial`); each is judged at the round the run's search would have judged it (`summarise`: highest
+validation J, or the last round in pareto mode). Evaluation is the report's: the test split, the tuned mu
 for all three, the independent evaluators (main figures) and the training verifiers. The results go to
 RUN_DIR/ablation/ (metrics.json, per_image.parquet, samples.npz), written whole or not at all;
 `epd-ray report RUN_DIR` then adds the ablation table.
@@ -40,7 +40,8 @@ from epd_ray.evaluate.report import ABLATION_DIR, LAST_EPOCH_COLUMNS
 from epd_ray.experiment import data_and_networks, fetch_checkpoint
 from epd_ray.runtime import resolve_storage, start_ray, storage_filesystem
 from epd_ray.train.gan import GanInputs
-from epd_ray.tune.search import ProgressLine, concurrent_trials, is_pareto, run_trial, summarise, trial_retries
+from epd_ray.tune.search import (ProgressLine, budget, concurrent_trials, is_pareto, run_trial, summarise,
+                                 trial_retries)
 
 # variant -> what it changes in the tuned parameters
 VARIANTS: dict[str, dict[str, float]] = {"tuned": {}, "without_ssim": {"phi": 0.0}, "without_emotion": {"lambda3": 0.0}}
@@ -107,7 +108,7 @@ def run_ablation(run_dir: Path, *, address: str | None = None, echo=print) -> Ab
                             f"({card['data']['content_hash']}); the ablation must train on the same faces")
 
     variants = variant_params(card["params"])
-    echo(f"ablation: {', '.join(variants)}; {exp.train.epochs} epochs each on "
+    echo(f"ablation: {', '.join(variants)}; {budget(exp.train)} each on "
          f"{inputs.prepared.manifest['splits']['train']['images']} training images, seed {exp.train.seed}")
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(train_variant, variants=variants, experiment=exp.to_dict(),
@@ -119,7 +120,7 @@ def run_ablation(run_dir: Path, *, address: str | None = None, echo=print) -> Ab
         tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrent_trials(exp, inputs.runtime, len(variants))),
         run_config=ray.tune.RunConfig(name=f"ablation-{datetime.now():%Y%m%d-%H%M%S}",
                                       storage_path=storage, verbose=0,
-                                      callbacks=[ProgressLine(exp.train.epochs)], failure_config=trial_retries(exp)),
+                                      callbacks=[ProgressLine(exp.train)], failure_config=trial_retries(exp)),
     ).fit()
 
     runs: dict[str, dict[str, Any]] = {}
@@ -127,26 +128,26 @@ def run_ablation(run_dir: Path, *, address: str | None = None, echo=print) -> Ab
     fetched = Path(tempfile.mkdtemp(prefix="epd-ablation-"))
     for result in grid:
         name = result.config["variant"]
-        trial = summarise(result, storage_filesystem(storage), last_epoch=is_pareto(exp))
+        trial = summarise(result, storage_filesystem(storage), last_round=is_pareto(exp))
         if trial.checkpoint is None:
             raise RuntimeError(f"ablation run {name} left no checkpoint; see {result.path}")
         local = fetch_checkpoint(storage, trial.checkpoint, fetched / f"{name}.pt")
         generator = build_from_record(load_checkpoint(local)["networks"]["generator"], trial.checkpoint)
         methods[name] = generator_method(generator, seed=exp.train.seed)
         runs[name] = {"params": variants[name], "trial_id": trial.trial_id, "status": trial.status,
-                      "epochs_trained": trial.epochs, "judged_epoch": trial.metrics.get("epoch"),
+                      "rounds_trained": trial.rounds, "judged_round": trial.metrics.get("round"),
                       "checkpoint": trial.checkpoint,
                       "validation": {k: trial.metrics.get(k) for k in ("objective", "privacy", "utility")},
-                      "last_epoch_validation": {k: (result.metrics or {}).get(k)
-                                                for k in ("epoch", *LAST_EPOCH_COLUMNS)}}
+                      "last_round_validation": {k: (result.metrics or {}).get(k)
+                                                for k in ("round", *LAST_EPOCH_COLUMNS)}}
     methods = {name: methods[name] for name in variants}  # the table's order, not the finishing order
     shutil.rmtree(fetched, ignore_errors=True)
 
     evaluation = run_evaluation(methods, dataset_dir=inputs.prepared.path, pretrained_path=inputs.pretrained_path,
                                 split="test", mu=variants["tuned"]["mu"], cfg=exp.evaluation)
     extra = {"run": str(run_dir), "variants": {name: runs[name] for name in variants},
-             "judged_at": "last epoch" if is_pareto(exp) else "highest validation J",
-             "budget": {"epochs": exp.train.epochs, "batch_size": exp.train.batch_size, "lr": exp.train.lr,
+             "judged_at": "last round" if is_pareto(exp) else "highest-validation-J round",
+             "budget": {"steps": exp.train.steps, "report_every": exp.train.report_every, "batch_size": exp.train.batch_size, "lr": exp.train.lr,
                         "seed": exp.train.seed, "data_hash": data_hash,
                         "train_images": inputs.prepared.manifest["splits"]["train"]["images"],
                         "pretrained_path": str(inputs.pretrained_path)},

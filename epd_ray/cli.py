@@ -35,9 +35,16 @@ def parse_overrides(pairs: list[str]) -> dict[str, object]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            fail(f"--set {pair}: expected KEY=VALUE, for example train.epochs=3")
+            fail(f"--set {pair}: expected KEY=VALUE, for example train.steps=300")
         overrides[key.strip()] = yaml.safe_load(value)
     return overrides
+
+
+def parse_label_map(text: str) -> dict[str, str]:
+    pairs = [pair.partition("=") for pair in text.split(",") if pair.strip()]
+    if not pairs or any(not sep or not label.strip() or not name.strip() for label, sep, name in pairs):
+        fail(f"--label-map {text}: expected LABEL=CLASS[,LABEL=CLASS...], for example mad=angry,joy=happy")
+    return {label.strip(): name.strip() for label, _, name in pairs}
 
 
 ConfigOption = Annotated[Optional[str], typer.Option(
@@ -46,31 +53,36 @@ OutputOption = Annotated[Optional[Path], typer.Option("--output", "-o", help="ru
 AddressOption = Annotated[Optional[str], typer.Option("--address",
                                                       help="join this Ray cluster ('auto' for the local one)")]
 DataOption = Annotated[Optional[Path], typer.Option("--data", help="a folder made by `epd-ray data prepare`")]
-SetOption = Annotated[list[str], typer.Option("--set", help="override a config key, e.g. --set train.epochs=3")]
+SetOption = Annotated[list[str], typer.Option("--set", help="override a config key, e.g. --set train.steps=300")]
+StrictOption = Annotated[bool, typer.Option(
+    "--strict", help="stop after pretraining (exit 2, nothing kept) if a verifier or evaluator is not clearly above "
+                     "chance or the warm start reconstructs poorly")]
 ResumeOption = Annotated[Optional[Path], typer.Option(
     "--resume", metavar="OUTPUT", help="continue the stopped run in this folder (its config and data)")]
 
 
 @app.command()
 def tune(config: ConfigOption = None, output: OutputOption = None, address: AddressOption = None,
-         data: DataOption = None, set_: SetOption = [], resume: ResumeOption = None) -> None:
+         data: DataOption = None, set_: SetOption = [], resume: ResumeOption = None,
+         strict: StrictOption = False) -> None:
     """Search EPD-Net's loss weights with Ray Tune; save the best model and a report."""
-    _experiment(config, output, address, data, set_, resume, search=True)
+    _experiment(config, output, address, data, set_, resume, strict, search=True)
 
 
 @app.command()
 def train(config: ConfigOption = None, output: OutputOption = None, address: AddressOption = None,
-          data: DataOption = None, set_: SetOption = [], resume: ResumeOption = None) -> None:
+          data: DataOption = None, set_: SetOption = [], resume: ResumeOption = None,
+          strict: StrictOption = False) -> None:
     """Train EPD-Net with one setting, no search: the config's loss.* weights and evaluation.mu (default the
-    paper's; change them with --set loss.lambda2=0.5 --set evaluation.mu=0.2). Saves the best epoch's model
+    paper's; change them with --set loss.lambda2=0.5 --set evaluation.mu=0.2). Saves the best round's model
     and a report, as `tune` does."""
-    _experiment(config, output, address, data, set_, resume, search=False)
+    _experiment(config, output, address, data, set_, resume, strict, search=False)
 
 
 def _experiment(config: Optional[str], output: Optional[Path], address: Optional[str], data: Optional[Path],
-                set_: list[str], resume: Optional[Path], *, search: bool) -> None:
+                set_: list[str], resume: Optional[Path], strict: bool, *, search: bool) -> None:
     overrides = parse_overrides(set_)
-    if resume is not None and (config or output or data or set_):
+    if resume is not None and (config or output or data or set_ or strict):
         fail("--resume OUTPUT takes the run's own config and data: give only --address with it")
     if address:
         # Ray reads its auth mode when it is imported: joining a token-authenticated cluster (the default
@@ -78,6 +90,7 @@ def _experiment(config: Optional[str], output: Optional[Path], address: Optional
         os.environ.setdefault("RAY_AUTH_MODE", "token")
         overrides["ray.address"] = address
     from epd_ray.experiment import OutputError, TuneInterrupted, default_output, resume_tune, run_tune
+    from epd_ray.train.run import PretrainingError
     from epd_ray.tune.search import fixed_params
 
     try:
@@ -89,8 +102,8 @@ def _experiment(config: Optional[str], output: Optional[Path], address: Optional
                 raise FileNotFoundError(f"{data}: no prepared data set here (dataset.json missing); "
                                         "run `epd-ray data prepare --out DIR` first")
             run = run_tune(exp, output or default_output(exp), prepared_dir=data,
-                           fixed=None if search else fixed_params(exp))
-    except (*USER_ERRORS, OutputError) as exc:
+                           fixed=None if search else fixed_params(exp), strict=strict)
+    except (*USER_ERRORS, OutputError, PretrainingError) as exc:
         fail(str(exc))
     except TuneInterrupted as exc:
         typer.echo(str(exc), err=True)
@@ -107,13 +120,16 @@ def data_prepare(
     size: Optional[int] = typer.Option(None, "--size", help="training image size, px (32, 64, 128, 256)"),
     strict: bool = typer.Option(False, "--strict", help="stop at the first rejected file, naming it"),
     config: Optional[str] = typer.Option(None, "--config", "-c", help="take the data section of this preset/file"),
+    label_map: Optional[str] = typer.Option(None, "--label-map", help="the set's own emotion labels to class names, "
+                                            "e.g. mad=angry,joy=happy (anger, happiness, surprise... are known)"),
     set_: list[str] = typer.Option([], "--set", help="override a data key, e.g. --set data.rafd_angles=[090,045]"),
 ) -> None:
     """Write Parquet shards, dataset.json (classes, splits, counts, content hash) and rejects.csv."""
     from epd_ray.data.prepare import prepare_dataset, summary_line
 
     overrides = parse_overrides(set_)
-    for key, value in (("source", source), ("path", path and str(path)), ("image_size", size)):
+    for key, value in (("source", source), ("path", path and str(path)), ("image_size", size),
+                       ("label_map", label_map and parse_label_map(label_map))):
         if value is not None:
             overrides[f"data.{key}"] = value
     try:
@@ -132,17 +148,19 @@ def pretrain(
     emotion_data: Optional[Path] = typer.Option(None, "--emotion-data",
                                                 help="a prepared emotion-labelled set (e.g. `data prepare --source "
                                                      "fer2013`) for the emotion verifier and evaluator"),
-    set_: list[str] = typer.Option([], "--set", help="override a config key, e.g. --set verifiers.epochs=5"),
+    set_: list[str] = typer.Option([], "--set", help="override a config key, e.g. --set verifiers.steps=500"),
+    strict: StrictOption = False,
 ) -> None:
     """Pretrain V, S, the evaluators V_e, S_e and the warm start into the cache that `tune` reuses."""
     from epd_ray.experiment import run_pretrain
+    from epd_ray.train.run import PretrainingError
 
     overrides = parse_overrides(set_)
     if emotion_data is not None:
         overrides["verifiers.emotion_data"] = str(emotion_data)
     try:
-        path = run_pretrain(load_config(config, overrides), prepared_dir=data)
-    except USER_ERRORS as exc:
+        path = run_pretrain(load_config(config, overrides), prepared_dir=data, strict=strict, echo=typer.echo)
+    except (*USER_ERRORS, PretrainingError) as exc:
         fail(str(exc))
     typer.echo(f"done: pretrained networks in {path} (`epd-ray tune` with the same settings reuses them"
                + (f"; add --set verifiers.emotion_data={emotion_data}" if emotion_data else "") + ")")

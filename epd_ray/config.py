@@ -17,6 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from epd_ray.core.labels import CONTEMPT, EMOTIONS
+
 PRESETS_DIR = Path(__file__).parent / "presets"
 SQRT2 = math.sqrt(2.0)
 
@@ -40,6 +42,8 @@ class DataConfig(_Strict):
     rafd_angles: tuple[str, ...] = Field(("090",), description="rafd: camera angles kept (000 045 090 135 180)")
     rafd_gazes: tuple[str, ...] = Field(("frontal", "left", "right"), description="rafd: gazes kept")
     include_contempt: bool = Field(False, description="keep RaFD's eighth class, contemptuous")
+    label_map: dict[str, str] = Field(default_factory=dict, description="the set's own emotion labels to class "
+                                      "names (e.g. {mad: angry}), besides the built-in synonyms (anger, happiness...)")
     max_image_pixels: int = Field(50_000_000, ge=1, description="larger images are refused undecoded (bombs)")
     seed: int = 0
     splits: tuple[float, float, float] = (0.7, 0.15, 0.15)
@@ -63,6 +67,16 @@ class DataConfig(_Strict):
         if unknown:
             raise ValueError(f"rafd_gazes: unknown gaze(s) {sorted(unknown)} (frontal left right)")
         return self
+
+    @field_validator("label_map")
+    @classmethod
+    def _known_classes(cls, v: dict[str, str]) -> dict[str, str]:
+        classes = (*EMOTIONS, CONTEMPT)
+        mapped = {label.strip().lower(): name.strip().lower() for label, name in v.items()}
+        for label, name in mapped.items():
+            if name not in classes:
+                raise ValueError(f"{label!r} -> {name!r}: not a class ({', '.join(classes)})")
+        return mapped
 
     @field_validator("image_size")
     @classmethod
@@ -88,7 +102,7 @@ class VerifiersConfig(_Strict):
 
     identity_width: float = Field(0.25, gt=0, le=1.0, description="VGG-16 channel multiplier")
     evaluator_width: int = Field(16, ge=4, le=64, description="ResNet-18 base width of the evaluators")
-    epochs: int = Field(20, ge=1)
+    steps: int = Field(300, ge=1, description="optimiser steps per network (the same updates at any data size)")
     batch_size: int = Field(32, ge=2)
     lr: float = Field(5e-4, gt=0, description="identity networks (VGG-16 needs a small one from scratch)")
     emotion_lr: float = Field(2e-3, gt=0, description="emotion networks (mini-Xception: 0.90 at 5e-4, 1.00 at 2e-3)")
@@ -113,7 +127,8 @@ class ModelConfig(_Strict):
     norm: Literal["batch", "instance"] = "batch"
     dropout: float = Field(0.5, ge=0, lt=1)
     real_pair: Literal["other_identity_same_emotion", "any_real"] = "other_identity_same_emotion"
-    warm_start_epochs: int = Field(50, ge=0, description="autoencoder epochs before GAN training; 0: from noise")
+    warm_start_steps: int = Field(750, ge=0, description="autoencoder optimiser steps before GAN training; 0: from "
+                                                         "noise")
     warm_start_lr: float = Field(1e-3, gt=0)
 
 
@@ -130,7 +145,9 @@ class LossConfig(_Strict):
 class TrainConfig(_Strict):
     """GAN training run by Ray Train workers."""
 
-    epochs: int = Field(6, ge=1)
+    steps: int = Field(90, ge=1, description="optimiser steps of G (and of D) per trial, at any data size")
+    report_every: int = Field(15, ge=1, description="steps per round: one validation, checkpoint and Tune report "
+                                                    "(ASHA's grace_period counts rounds)")
     batch_size: int = Field(32, ge=2)
     lr: float = Field(2e-4, gt=0)
     beta1: float = Field(0.5, ge=0, lt=1)
@@ -141,11 +158,12 @@ class TrainConfig(_Strict):
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     channels_last: bool = True
     keep_shard: bool = Field(True, description="keep each worker's shard in memory after the first Ray Data pass "
-                                               "when no random augmentation needs a new pass per epoch")
-    flip: bool = Field(False, description="mirror faces at random (Ray Data map_batches, every epoch anew)")
+                                               "when no random augmentation needs a new pass over the data")
+    flip: bool = Field(False, description="mirror faces at random (Ray Data map_batches, every pass anew)")
     max_shift: int = Field(0, ge=0, le=32, description="shift faces by up to this many px at random")
-    ema_half_life: float = Field(1.0, ge=0, description="epochs; half-life of the generator's weight average "
-                                                         "that is scored and published (0: the raw weights)")
+    ema_half_life_steps: float = Field(15.0, ge=0, description="half-life, in steps, of the generator's weight "
+                                                               "average that is scored and published (0: the raw "
+                                                               "weights)")
     max_failures: int = Field(2, ge=-1, description="restarts of a trial (or of pretraining) from its latest "
                                                     "checkpoint after losing workers or nodes (-1: always, 0: never)")
     seed: int = 0
@@ -187,11 +205,12 @@ class SearchConfig(_Strict):
 
     objective: Literal["composite", "pareto"] = Field(
         "composite", description="composite: maximise J, ASHA stops weak trials early; pareto: maximise privacy "
-                                 "and utility together (the two halves of J), every trial runs all epochs")
+                                 "and utility together (the two halves of J), every trial runs all rounds")
     num_samples: int = Field(6, ge=1)
     max_concurrent: int = Field(0, ge=0, description="0: as many as the cluster's CPUs/GPUs fit")
     seed: int = 0
-    grace_period: int = Field(2, ge=1)
+    grace_period: int = Field(2, ge=1, description="rounds (train.report_every steps each) before ASHA may stop "
+                                                   "a trial")
     reduction_factor: int = Field(2, ge=2)
     paper_point_first: bool = True
     space: dict[str, Range] = Field(default_factory=lambda: {
@@ -261,12 +280,21 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
 
 
+# Keys that budgets in epochs used to have: a config that still names one is told which key took its place.
+REPLACED_KEYS = {
+    "train.epochs": "train.steps (optimiser steps; train.report_every steps make a round)",
+    "verifiers.epochs": "verifiers.steps (optimiser steps per network)",
+    "model.warm_start_epochs": "model.warm_start_steps (optimiser steps)",
+    "train.ema_half_life": "train.ema_half_life_steps (optimiser steps)",
+}
+
+
 def _format_validation_error(err: ValidationError, origin: str) -> str:
     first = err.errors()[0]
     field = ".".join(str(p) for p in first["loc"]) or "(top level)"
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
-        msg = "unknown key"
+        msg = f"replaced by {REPLACED_KEYS[field]}" if field in REPLACED_KEYS else "unknown key"
     return f"{origin}: {field}: {msg}"
 
 
@@ -294,7 +322,7 @@ def _complete_search_space(raw: dict) -> None:
 
 
 def load_config(config: str | Path | None = None, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
-    """Resolve a preset name or YAML path plus dotted overrides (`train.epochs=3`) into a checked config.
+    """Resolve a preset name or YAML path plus dotted overrides (`train.steps=300`) into a checked config.
 
     With no config, the `quick` preset: what a bare `epd-ray tune` runs.
     """

@@ -17,6 +17,7 @@ pareto.json (the Pareto-optimal trials). `epd-ray pretrain` and `epd-ray ablate`
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -37,7 +38,7 @@ from epd_ray.evaluate.report import ALL_BASELINES, REPORT_DIR, build_report
 from epd_ray.provenance import package_versions
 from epd_ray.runtime import RayRuntime, resolve_storage, start_ray, storage_filesystem
 from epd_ray.train.gan import GanInputs
-from epd_ray.train.run import pretrain_networks
+from epd_ray.train.run import PretrainingError, check_batch_fits, pretrain_networks
 from epd_ray.tune.search import OBJECTIVE, PARETO_METRICS, SearchOutcome, is_pareto, run_search
 
 MARKER = "experiment.json"
@@ -122,9 +123,10 @@ class Stages:
 
 
 def data_and_networks(exp: ExperimentConfig, *, runtime: RayRuntime, prepared_dir: Path | None, storage_path: str,
-                      echo=print) -> Stages:
+                      strict: bool = False, echo=print) -> Stages:
     """Prepared data (given, or the cached synthetic/source set), the train split read once into the object
-    store, and the pretrained verifiers/evaluators (cached by content hash)."""
+    store, and the pretrained verifiers/evaluators (cached by content hash; with `strict`, PretrainingError
+    when one is not clearly above chance)."""
     cache_dir = default_cache_dir(exp)
     if prepared_dir is not None:
         prepared = PreparedData(Path(prepared_dir), read_manifest(Path(prepared_dir)), reused=True)
@@ -135,25 +137,28 @@ def data_and_networks(exp: ExperimentConfig, *, runtime: RayRuntime, prepared_di
          f"({len(m['identities'])} identities x {len(m['emotions'])} emotions, {m['image_size']} px) "
          f"-> {prepared.path}")
     echo(f"ray: dashboard {runtime.dashboard_url or '(not available)'}; storage {storage_path}")
+    check_batch_fits("train.batch_size", exp.train.batch_size, m["splits"]["train"]["images"], exp.train.num_workers)
     train_data = materialized_split(prepared.path, "train")
     pretrained_path = pretrain_networks(exp, prepared, train_data=train_data, cache_dir=cache_dir, runtime=runtime,
-                                        storage_path=storage_path, echo=echo)
+                                        storage_path=storage_path, strict=strict, echo=echo)
     return Stages(prepared, runtime, train_data, pretrained_path)
 
 
-def run_pretrain(exp: ExperimentConfig, *, prepared_dir: Path | None = None, echo=print) -> Path:
+def run_pretrain(exp: ExperimentConfig, *, prepared_dir: Path | None = None, strict: bool = False,
+                 echo=print) -> Path:
     """`epd-ray pretrain`: the verifiers, evaluators and warm start into the cache that `tune` reuses."""
     check_inputs(exp, prepared_dir)
     runtime = start_ray(exp.ray)
     storage = resolve_storage(exp.ray, default_cache_dir(exp) / "ray")
-    return data_and_networks(exp, runtime=runtime, prepared_dir=prepared_dir, storage_path=storage,
+    return data_and_networks(exp, runtime=runtime, prepared_dir=prepared_dir, storage_path=storage, strict=strict,
                              echo=echo).pretrained_path
 
 
 def run_tune(exp: ExperimentConfig, output: Path, *, prepared_dir: Path | None = None,
-             fixed: dict[str, float] | None = None, echo=print) -> TuneRun:
+             fixed: dict[str, float] | None = None, strict: bool = False, echo=print) -> TuneRun:
     """`epd-ray tune`: every stage, the search, the best model and its report. With `fixed` params,
-    `epd-ray train`: the same stages and outputs for one setting trained for every epoch, no search."""
+    `epd-ray train`: the same stages and outputs for one setting trained for every round, no search.
+    With `strict`, a pretrained network not clearly above chance stops it and the run folder is removed."""
     started = time.time()
     output = Path(output).resolve()
     check_inputs(exp, prepared_dir)
@@ -167,8 +172,13 @@ def run_tune(exp: ExperimentConfig, output: Path, *, prepared_dir: Path | None =
                                              "params": fixed,
                                              "started": datetime.now().isoformat(timespec="seconds")}))
     echo(f"config: {output / 'config.yaml'}")
-    return _interruptible(output, exp, lambda: _search_and_report(exp, output, prepared_dir, runtime, storage,
-                                                                  started, resume=False, fixed=fixed, echo=echo))
+    try:
+        return _interruptible(output, exp, lambda: _search_and_report(exp, output, prepared_dir, runtime, storage,
+                                                                      started, resume=False, fixed=fixed,
+                                                                      strict=strict, echo=echo))
+    except PretrainingError:
+        shutil.rmtree(output)  # check_output let only a new or empty folder through: nothing of the user's
+        raise
 
 
 def resume_tune(output: Path, *, address: str | None = None, echo=print) -> TuneRun:
@@ -188,21 +198,23 @@ def resume_tune(output: Path, *, address: str | None = None, echo=print) -> Tune
     storage = resolve_storage(exp.ray, output / "ray")
     echo(f"resuming: {output} (config {output / 'config.yaml'})")
     return _interruptible(output, exp, lambda: _search_and_report(exp, output, prepared_dir, runtime, storage,
-                                                                  started, resume=True, fixed=fixed, echo=echo))
+                                                                  started, resume=True, fixed=fixed, strict=False,
+                                                                  echo=echo))
 
 
 def _interruptible(output: Path, exp: ExperimentConfig, run):
     try:
         return run()
     except KeyboardInterrupt:
-        raise TuneInterrupted(f"interrupted: the search's state and each trial's last finished epoch are saved; "
+        raise TuneInterrupted(f"interrupted: the search's state and each trial's last finished round are saved; "
                               f"resume with: {resume_command(output, exp.ray.address)}") from None
 
 
 def _search_and_report(exp: ExperimentConfig, output: Path, prepared_dir: Path | None, runtime: RayRuntime,
                        storage: str, started: float, *, resume: bool, fixed: dict[str, float] | None,
-                       echo) -> TuneRun:
-    stages = data_and_networks(exp, runtime=runtime, prepared_dir=prepared_dir, storage_path=storage, echo=echo)
+                       strict: bool, echo) -> TuneRun:
+    stages = data_and_networks(exp, runtime=runtime, prepared_dir=prepared_dir, storage_path=storage, strict=strict,
+                               echo=echo)
     prepared, pretrained_path = stages.prepared, stages.pretrained_path
     outcome = run_search(exp, train_data=stages.train_data, inputs=GanInputs.put(prepared.path, pretrained_path, exp.evaluation),
                          runtime=runtime, storage_path=storage, resume=resume, fixed=fixed, echo=echo)
@@ -243,7 +255,7 @@ def evaluate_best(exp: ExperimentConfig, outcome: SearchOutcome, checkpoint: Pat
 
 def chosen_by(exp: ExperimentConfig, searched: bool) -> str:
     if not searched:
-        return f"one setting (`epd-ray train`) at its {'last' if is_pareto(exp) else 'highest-J (validation)'} epoch"
+        return f"one setting (`epd-ray train`) at its {'last' if is_pareto(exp) else 'highest-J (validation)'} round"
     return ("the Pareto front's highest J (privacy and utility searched)" if is_pareto(exp)
             else "the highest J (validation)")
 
@@ -260,7 +272,8 @@ def write_best(best_dir: Path, exp: ExperimentConfig, outcome: SearchOutcome, pr
         "params": outcome.best.params,
         "trial": outcome.best.trial_id,
         "chosen_by": chosen_by(exp, searched),
-        "epoch": checkpoint["epoch"] + 1,
+        "round": checkpoint["round"] + 1,
+        "step": checkpoint["step"],
         "source_checkpoint": outcome.best.checkpoint,
         "pretrained_path": metrics.get("inputs", {}).get("pretrained_path"),
         "validation_metrics": {k: v for k, v in outcome.best.metrics.items() if isinstance(v, (int, float))},
@@ -278,7 +291,7 @@ def write_best(best_dir: Path, exp: ExperimentConfig, outcome: SearchOutcome, pr
 
 def pareto_entries(outcome: SearchOutcome) -> list[dict[str, Any]]:
     """The Pareto-optimal trials, for the user to pick a trade-off: params, both halves of J, checkpoint."""
-    return [{"trial_id": t.trial_id, "params": t.params, "epoch": t.metrics.get("epoch"),
+    return [{"trial_id": t.trial_id, "params": t.params, "round": t.metrics.get("round"),
              **{k: t.metrics.get(k) for k in (*PARETO_METRICS, OBJECTIVE)}, "checkpoint": t.checkpoint,
              "best": t.trial_id == outcome.best.trial_id} for t in outcome.front]
 
@@ -300,7 +313,7 @@ def write_report(output: Path, exp: ExperimentConfig, outcome: SearchOutcome, ev
 
 
 def echo_summary(exp: ExperimentConfig, outcome: SearchOutcome, metrics: dict[str, Any], echo=print) -> None:
-    echo(f"\ntrials ({'last' if is_pareto(exp) else 'best'} epoch, validation split; * on the Pareto front):")
+    echo(f"\ntrials ({'last' if is_pareto(exp) else 'best'} round, validation split; * on the Pareto front):")
     keys = sorted({k for t in outcome.trials for k in t.params})
     columns = ("objective", "privacy", "utility", "deid_rate", "emotion_preserved", "ssim")
     echo("  " + " ".join(f"{h:>9}" for h in ["trial", "status", *keys, "J", "privacy", "utility", "D", "E", "SSIM"]))

@@ -29,8 +29,10 @@ def ray_runtime():
     ray.shutdown()
 
 
-TINY = {"data.num_identities": 4, "data.variations": 3, "verifiers.epochs": 1, "model.warm_start_epochs": 1,
-        "train.epochs": 2, "train.batch_size": 8}
+# 28 training images: 2 verifier steps (batches of 16), 2 warm-start steps, and 6 GAN steps (batches of 8)
+# in 2 rounds of 3.
+TINY = {"data.num_identities": 4, "data.variations": 3, "verifiers.steps": 2, "model.warm_start_steps": 2,
+        "train.steps": 6, "train.report_every": 3, "train.batch_size": 8}
 
 
 @pytest.fixture(scope="session")
@@ -49,14 +51,22 @@ def tiny_data(tmp_path_factory, tiny_experiment):
 
 
 @pytest.fixture(scope="session")
-def tiny_pretrained(tmp_path_factory, ray_runtime, tiny_experiment, tiny_data) -> Path:
+def tiny_pretraining(tmp_path_factory, ray_runtime, tiny_experiment, tiny_data) -> tuple[Path, list[tuple[float, str]]]:
+    """The tiny experiment's pretrained networks, and what pretraining said (monotonic time, line)."""
     from epd_ray.data.stream import materialized_split
     from epd_ray.train.run import pretrain_networks
 
     root = tmp_path_factory.mktemp("verifiers")
-    return pretrain_networks(tiny_experiment, tiny_data, train_data=materialized_split(tiny_data.path),
-                              cache_dir=root / "cache", runtime=ray_runtime, storage_path=str(root / "ray"),
-                              echo=lambda *_: None)
+    said: list[tuple[float, str]] = []
+    path = pretrain_networks(tiny_experiment, tiny_data, train_data=materialized_split(tiny_data.path),
+                             cache_dir=root / "cache", runtime=ray_runtime, storage_path=str(root / "ray"),
+                             echo=lambda line: said.append((time.monotonic(), line)))
+    return path, said
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrained(tiny_pretraining) -> Path:
+    return tiny_pretraining[0]
 
 
 @pytest.fixture(scope="session")

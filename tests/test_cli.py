@@ -74,7 +74,7 @@ def test_resume_needs_a_stopped_run_folder_and_nothing_else(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     for args, says in ((["--resume", str(empty)], "not an epd-ray run folder"),
-                       (["--resume", str(empty), "--set", "train.epochs=3"], "give only --address")):
+                       (["--resume", str(empty), "--set", "train.steps=3"], "give only --address")):
         result = CliRunner().invoke(app, ["tune", *args])
         assert result.exit_code == 2, result.output
         lines = result.stderr.strip().splitlines()
@@ -124,7 +124,7 @@ def test_tune_smoke_end_to_end(tmp_path):
     assert again.returncode == 2 and "holds this experiment" in again.stderr
 
 
-def test_train_fits_one_setting_for_every_epoch_and_saves_it_as_tune_does(ray_runtime, tiny_tune_args, tmp_path):
+def test_train_fits_one_setting_for_every_round_and_saves_it_as_tune_does(ray_runtime, tiny_tune_args, tmp_path):
     """`epd-ray train`: the config's loss weights and mu, no search and no early stopping; best/ and report/
     as `tune` leaves them. It joins the test session's cluster with `--address` (token authentication on,
     as Ray 2.59+ starts it), as `tune` does."""
@@ -135,10 +135,10 @@ def test_train_fits_one_setting_for_every_epoch_and_saves_it_as_tune_does(ray_ru
     out = tmp_path / "out"
     run = _epd_ray("train", *tiny_tune_args[1:], "--address", ray.get_runtime_context().gcs_address,
                    "--output", str(out), "--set", "loss.lambda2=0.5", "--set", "evaluation.mu=0.2",
-                   "--set", "train.epochs=3", cwd=tmp_path)
+                   "--set", "train.steps=9", cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert ray_runtime.dashboard_url in run.stdout  # the session cluster's dashboard, not a new one
-    assert "train: one setting, 3 epochs" in run.stdout and "search:" not in run.stdout
+    assert "train: one setting, 9 steps in 3 rounds of 3" in run.stdout and "search:" not in run.stdout
     assert "data: reusing" in run.stdout and "pretrained networks: reusing" in run.stdout  # the session's cache
 
     card = json.loads((out / "best" / "model_card.json").read_text())
@@ -146,5 +146,5 @@ def test_train_fits_one_setting_for_every_epoch_and_saves_it_as_tune_does(ray_ru
     assert card["chosen_by"].startswith("one setting (`epd-ray train`)")
     metrics = json.loads((out / "report" / "metrics.json").read_text())
     assert metrics["mu"] == pytest.approx(0.2)
-    assert [t["epochs"] for t in metrics["trials"]] == [3]  # every epoch: no ASHA
+    assert [t["rounds"] for t in metrics["trials"]] == [3]  # every round: no ASHA
     assert json.loads((out / "experiment.json").read_text())["kind"] == "epd-ray train"

@@ -23,7 +23,7 @@ from epd_ray.config import (
 )
 
 TUNE_CONFIGS = Path(__file__).resolve().parents[1] / "tune_configs"
-QUICK_EPOCHS = yaml.safe_load((PRESETS_DIR / "quick.yaml").read_text())["train"]["epochs"]
+QUICK_STEPS = yaml.safe_load((PRESETS_DIR / "quick.yaml").read_text())["train"]["steps"]
 PRESET_FILES = sorted(TUNE_CONFIGS.glob("*.yaml"))
 
 
@@ -66,9 +66,9 @@ def test_no_config_means_the_quick_preset():
     default = load_config(None)
     assert default == load_config("quick")
     assert default.name == "quick"
-    # and not merely the built-in defaults: quick sets train.epochs to something else
-    assert ExperimentConfig().train.epochs != QUICK_EPOCHS
-    assert default.train.epochs == QUICK_EPOCHS
+    # and not merely the built-in defaults: quick sets train.steps to something else
+    assert ExperimentConfig().train.steps != QUICK_STEPS
+    assert default.train.steps == QUICK_STEPS
     assert load_config() == default
 
 
@@ -85,9 +85,9 @@ def test_empty_yaml_file_gives_the_defaults(tmp_path):
 
 def test_dotted_override_changes_one_key_only():
     base = load_config("quick")
-    cfg = load_config("quick", {"train.epochs": 3})
-    assert cfg.train.epochs == 3
-    assert base.train.epochs == QUICK_EPOCHS
+    cfg = load_config("quick", {"train.steps": 3})
+    assert cfg.train.steps == 3
+    assert base.train.steps == QUICK_STEPS
     # the rest of the section is kept from the preset, not reset to the defaults
     assert cfg.train.batch_size == base.train.batch_size == 32
     assert cfg.train.cpus_per_worker == 0.75
@@ -105,8 +105,8 @@ def test_override_of_a_section_the_preset_does_not_mention():
 def test_override_below_a_plain_value_is_refused():
     with pytest.raises(ConfigError, match=r"name\.x"):
         load_config("quick", {"name.x": 1})
-    with pytest.raises(ConfigError, match=r"train\.epochs\.x"):
-        load_config("quick", {"train.epochs.x": 1})
+    with pytest.raises(ConfigError, match=r"train\.steps\.x"):
+        load_config("quick", {"train.steps.x": 1})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -143,7 +143,15 @@ BAD_OVERRIDES = [
                  ["search.space.mu.step", "unknown key"], id="search-range-unknown-key"),
     pytest.param({"train.precision": "fp8"}, ["train.precision"], id="precision-literal"),
     pytest.param({"search.objective": "J"}, ["search.objective"], id="search-objective-literal"),
-    pytest.param({"train.epochs": 0}, ["train.epochs"], id="epochs-zero"),
+    pytest.param({"train.steps": 0}, ["train.steps"], id="steps-zero"),
+    pytest.param({"train.report_every": 0}, ["train.report_every"], id="report-every-zero"),
+    pytest.param({"train.epochs": 20}, ["train.epochs: replaced by train.steps"], id="old-train-epochs"),
+    pytest.param({"verifiers.epochs": 20}, ["verifiers.epochs: replaced by verifiers.steps"], id="old-verifier-epochs"),
+    pytest.param({"model.warm_start_epochs": 5}, ["model.warm_start_epochs: replaced by model.warm_start_steps"],
+                 id="old-warm-start-epochs"),
+    pytest.param({"train.ema_half_life": 1.0}, ["train.ema_half_life: replaced by train.ema_half_life_steps"],
+                 id="old-ema-half-life"),
+    pytest.param({"data.label_map": {"mad": "angri"}}, ["data.label_map", "'angri'", "angry"], id="label-map-class"),
 ]
 
 
@@ -254,7 +262,7 @@ def test_digest_is_stable_and_follows_every_value():
     assert re.fullmatch(r"[0-9a-f]{16}", a.digest())
     assert load_config("quick").digest() == a.digest()
     changed = {
-        "train.epochs": 9,
+        "train.steps": 9,
         "loss.lambda1": 0.5,
         "data.seed": 1,
         "search.space": {"mu": {"low": 0.25, "high": 0.61}},

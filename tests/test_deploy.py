@@ -37,7 +37,7 @@ def trial_checkpoint(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     generator = UNetGenerator(image_size=32, ngf=4)
     path = tmp_path_factory.mktemp("trial") / "checkpoint.pt"
-    save_checkpoint(path, {"networks": {"generator": network_record("generator", generator)}, "epoch": 4,
+    save_checkpoint(path, {"networks": {"generator": network_record("generator", generator)}, "round": 4,
                            "params": {"alpha": 0.5, "mu": 0.9}})
     return path
 
@@ -78,7 +78,7 @@ def test_export_folder_holds_weights_config_card_readme(model_dir, trial_checkpo
     spec = json.loads((model_dir / "generator.json").read_text())
     assert spec["kind"] == "generator" and spec["config"]["image_size"] == 32 and spec["config"]["ngf"] == 4
     card = json.loads((model_dir / "model_card.json").read_text())
-    assert card["epoch"] == 5 and card["params"]["alpha"] == 0.5 and "torch" in card["versions"]
+    assert card["round"] == 5 and card["params"]["alpha"] == 0.5 and "torch" in card["versions"]
     assert "epd-ray deidentify" in (model_dir / "README.md").read_text()
     # tensor-only: loads with weights_only and holds nothing but the generator
     payload = torch.load(model_dir / "generator.pt", weights_only=True)

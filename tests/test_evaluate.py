@@ -138,7 +138,7 @@ def fake_run(world):
     card = {"params": {"mu": 0.4}, "pretrained_path": str(world["pretrained"]),
             "data": {"path": str(world["data"])}, "config": {"train": {"seed": 0}}}
     (run / "best" / "model_card.json").write_text(json.dumps(card))
-    trials = [{"trial_id": f"t{i}", "status": "ok", "epochs": 2, "params": {"mu": 0.4, "phi": 0.1 * i},
+    trials = [{"trial_id": f"t{i}", "status": "ok", "rounds": 2, "params": {"mu": 0.4, "phi": 0.1 * i},
                "metrics": {"objective": p * u, "privacy": p, "utility": u, "deid_rate": p, "emotion_preserved": u,
                            "ssim": 0.5, "time_total_s": 10.0 * i}}
               for i, (p, u) in enumerate([(0.2, 0.9), (0.5, 0.5), (0.4, 0.4), (0.9, 0.1)])]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-EPOCH_LINE = re.compile(r"trial (\S+) epoch (\d+)/\d+")
+EPOCH_LINE = re.compile(r"trial (\S+) round (\d+)/\d+")
 HOST = Path(__file__).with_name("cluster_host.py")
 
 
@@ -84,7 +84,7 @@ def test_a_local_storage_path_is_refused_on_several_nodes(cluster, epd_ray_cli, 
 def test_a_trial_spans_two_nodes_and_survives_losing_one(cluster, tiny_tune_args, epd_ray_cli, tmp_path):
     out, epochs_wanted = tmp_path / "out", 6  # enough left after the first for the node loss to land mid-run
     run = epd_ray_cli(*tiny_tune_args, "--address", cluster.address, "--output", str(out), "--set",
-                      "search.num_samples=1", "--set", f"train.epochs={epochs_wanted}", "--set", "train.num_workers=2",
+                      "search.num_samples=1", "--set", f"train.steps={epochs_wanted * 3}", "--set", "train.num_workers=2",
                       "--set", "train.cpus_per_worker=1", "--set", f"ray.storage_path={tmp_path / 'shared'}",
                       "--set", "ray.shared_storage=true")
     reported = int(EPOCH_LINE.search(run.wait_for(EPOCH_LINE.search, timeout=600)).group(2))
@@ -94,7 +94,7 @@ def test_a_trial_spans_two_nodes_and_survives_losing_one(cluster, tiny_tune_args
     assert run.finish(timeout=600) == 0, run.stdout[-3000:] + run.stderr[-3000:]
 
     results = next((tmp_path / "shared" / "search").glob("*/result.json")).read_text().splitlines()
-    epochs = [(row["epoch"], row["first_epoch"]) for row in map(json.loads, results)]
+    epochs = [(row["round"], row["first_round"]) for row in map(json.loads, results)]
     print(f"node lost after epoch {reported} was reported; (epoch, first_epoch) reported: {epochs}")
     restarted = [i for i, (epoch, first) in enumerate(epochs) if first > 1]
     assert restarted, f"no restart from a checkpoint: {epochs}"
@@ -104,8 +104,9 @@ def test_a_trial_spans_two_nodes_and_survives_losing_one(cluster, tiny_tune_args
     assert last_before + 1 <= first_after <= last_before + 2, epochs  # at most the epoch in flight lost
     assert [e for e, _ in epochs[restarted[0]:]] == list(range(first_after, epochs_wanted + 1)), epochs
     assert "retrying from its last checkpoint" in run.stdout
-    assert f"epoch {first_after}/{epochs_wanted} (resumed from its checkpoint of epoch {first_after - 1})" in run.stdout
+    assert f"round {first_after}/{epochs_wanted} (step {first_after * 3}/{epochs_wanted * 3}) (resumed from its checkpoint of "
+            f"round {first_after - 1})" in run.stdout
     trials = json.loads((out / "report" / "metrics.json").read_text())["trials"]
-    assert len(trials) == 1 and trials[0]["status"] == "ok" and trials[0]["epochs"] == epochs_wanted
+    assert len(trials) == 1 and trials[0]["status"] == "ok" and trials[0]["rounds"] == epochs_wanted
     assert 0.0 <= trials[0]["metrics"]["objective"] <= 1.0
     assert (out / "best" / "generator.pt").is_file()

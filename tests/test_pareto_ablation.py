@@ -1,4 +1,4 @@
-"""A tiny tune in pareto mode (real Ray Tune + Train, 2 trials x 2 epochs), then `epd-ray ablate` on it
+"""A tiny tune in pareto mode (real Ray Tune + Train, 2 trials x 2 rounds), then `epd-ray ablate` on it
 (three real GAN runs) and `epd-ray report` with the ablation table."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from epd_ray.cli import app
 from epd_ray.config import SEARCHED_KEYS
 from epd_ray.evaluate.report import FIGURES
 
-EPOCHS = 2
+ROUNDS = 2  # the tiny experiment's 6 steps in rounds of 3
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def pareto_run(ray_runtime, tiny_experiment, tiny_data, tiny_pretrained, tmp_pat
     exp = tiny_experiment.model_copy(update={
         "cache_dir": str(tiny_pretrained.parents[2]),  # the fixture's cache: verifiers are reused, not retrained
         # half a CPU per Train worker: both trials, then all three ablation runs, at once on 2 cores
-        "train": tiny_experiment.train.model_copy(update={"epochs": EPOCHS, "cpus_per_worker": 0.5}),
+        "train": tiny_experiment.train.model_copy(update={"cpus_per_worker": 0.5}),
         "search": tiny_experiment.search.model_copy(update={"objective": "pareto", "num_samples": 2})})
     said: list[str] = []
     run = run_tune(exp, tmp_path_factory.mktemp("pareto") / "run", prepared_dir=tiny_data.path, echo=said.append)
@@ -52,8 +52,8 @@ def test_pareto_search_runs_every_trial_to_the_end_and_lists_the_front(pareto_ru
     metrics = json.loads((output / "report" / "metrics.json").read_text())
     trials = metrics["trials"]
     assert len(trials) == 2 and metrics["search_objective"] == "pareto"
-    for t in trials:  # no ASHA: both ran every epoch, and each counts at its last epoch (what Optuna was told)
-        assert t["epochs"] == EPOCHS and t["metrics"]["epoch"] == EPOCHS, t
+    for t in trials:  # no ASHA: both ran every round, and each counts at its last round (what Optuna was told)
+        assert t["rounds"] == ROUNDS and t["metrics"]["round"] == ROUNDS, t
 
     pareto = json.loads((output / "pareto.json").read_text())
     assert pareto["metrics"] == ["privacy", "utility"]
@@ -64,8 +64,8 @@ def test_pareto_search_runs_every_trial_to_the_end_and_lists_the_front(pareto_ru
     for t in front:
         assert set(t["params"]) == set(SEARCHED_KEYS)
         assert (t["privacy"], t["utility"]) == points[t["trial_id"]]
-        payload = load_checkpoint(Path(t["checkpoint"]))  # a usable checkpoint of that trial at that epoch
-        assert payload["epoch"] + 1 == t["epoch"] == EPOCHS
+        payload = load_checkpoint(Path(t["checkpoint"]))  # a usable checkpoint of that trial at that round
+        assert payload["round"] + 1 == t["round"] == ROUNDS
         assert payload["params"] == pytest.approx(t["params"])
     assert metrics["pareto_front"] == front
 
@@ -107,14 +107,14 @@ def test_ablation_retrains_three_variants_on_one_budget(ablated):
     for name, params in expected.items():
         variant = metrics["variants"][name]
         assert variant["params"] == pytest.approx(params)
-        assert variant["epochs_trained"] == EPOCHS and variant["judged_epoch"] == EPOCHS  # pareto run: last epoch
+        assert variant["rounds_trained"] == ROUNDS and variant["judged_round"] == ROUNDS  # pareto run: last round
         payload = load_checkpoint(Path(variant["checkpoint"]))  # the ablated term really was off in training
         assert payload["params"] == pytest.approx(params)
         assert payload["experiment"] == exp.to_dict()
         for judge in ("evaluators", "verifiers"):
             assert 0.0 <= metrics["methods"][name][judge]["objective"] <= 1.0
     assert metrics["mu"] == pytest.approx(tuned["mu"]) and metrics["split"] == "test"
-    assert metrics["budget"]["epochs"] == EPOCHS and metrics["budget"]["seed"] == exp.train.seed
+    assert metrics["budget"]["steps"] == exp.train.steps and metrics["budget"]["seed"] == exp.train.seed
     assert metrics["budget"]["data_hash"] == card["data"]["content_hash"]
     assert metrics["budget"]["pretrained_path"] == card["pretrained_path"]  # from the cache, not retrained
     assert not any("pretraining" in line for line in said)
@@ -132,14 +132,14 @@ def test_report_adds_the_ablation_tables_from_its_metrics(ablated):
     assert "## Ablations" in text
     rows = [line for line in text.splitlines() if line.startswith(("| tuned |", "| without_ssim |",
                                                                    "| without_emotion |"))]
-    assert len(rows) == 6  # the judged epoch on the test split, then the last epoch on the validation split
+    assert len(rows) == 6  # the judged round on the test split, then the last round on the validation split
     for row, (name, judged) in zip(rows[:3], metrics["methods"].items()):
         assert row.startswith(f"| {name} |")
         for key in ("objective", "deid_rate", "emotion_mse", "ssim"):
             assert f"{judged['evaluators'][key]:.4f}" in row, key
     for row, (name, run) in zip(rows[3:], metrics["variants"].items()):
-        last = run["last_epoch_validation"]
-        assert row.startswith(f"| {name} | {EPOCHS} |") and last["epoch"] == EPOCHS
+        last = run["last_round_validation"]
+        assert row.startswith(f"| {name} | {ROUNDS} |") and last["round"] == ROUNDS
         for key in ("objective", "emotion_mse", "ssim"):
             assert f"{last[key]:.4f}" in row, key
     tuned, no_emotion = (metrics["methods"][k]["evaluators"]["emotion_mse"] for k in ("tuned", "without_emotion"))

@@ -92,32 +92,36 @@ def _fit_gan(exp, data, pretrained, tmp_path, name):
                        storage_path=str(tmp_path / "ray")).fit()
 
 
-def test_gan_training_checkpoints_every_epoch_and_resumes(ray_runtime, tiny_experiment, tiny_data, tiny_pretrained,
+def test_gan_training_checkpoints_every_round_and_resumes(ray_runtime, tiny_experiment, tiny_data, tiny_pretrained,
                                                           tmp_path):
     result = _fit_gan(tiny_experiment, tiny_data, tiny_pretrained, tmp_path, "gan")
     assert result.error is None
-    assert list(result.metrics_dataframe["epoch"]) == [1, 2]
-    assert result.metrics["first_epoch"] == 1
+    assert list(result.metrics_dataframe["round"]) == [1, 2]
+    assert list(result.metrics_dataframe["step"]) == [3, 6]
+    assert result.metrics["first_round"] == 1
     assert all(math.isfinite(v) for v in result.metrics_dataframe["objective"])
     assert 0.0 <= result.metrics["objective"] <= 1.0
     with result.checkpoint.as_directory() as directory:
         payload = load_checkpoint(Path(directory) / CHECKPOINT_FILE)
         generator = load_network(Path(directory) / CHECKPOINT_FILE, "generator")
-    assert payload["epoch"] == 1
+    assert payload["round"] == 1 and payload["step"] == 6
+    # 6 real optimiser updates of G from 28 images in batches of 8 (3 a pass): the budget wrapped round the data
+    assert int(payload["optimizers"]["generator"]["state"][0]["step"]) == tiny_experiment.train.steps == 6
     assert set(payload["optimizers"]) == {"generator", "discriminator"}
     assert set(payload["networks"]) == {"generator", "generator_train", "discriminator"}  # average + raw
     assert payload["experiment"] == tiny_experiment.to_dict()
     assert payload["params"] == pytest.approx(PARAMS)
     assert generator(torch.zeros(1, 3, 32, 32)).shape == (1, 3, 32, 32)
 
-    longer = tiny_experiment.model_copy(update={"train": tiny_experiment.train.model_copy(update={"epochs": 3})})
+    longer = tiny_experiment.model_copy(update={"train": tiny_experiment.train.model_copy(update={"steps": 8})})
     # Train V2 resumes a run of the same name and storage path from its latest checkpoint.
     resumed = _fit_gan(longer, tiny_data, tiny_pretrained, tmp_path, "gan")
     assert resumed.error is None
-    assert resumed.metrics["epoch"] == 3 and resumed.metrics["first_epoch"] == 3  # not from scratch
-    assert list(resumed.metrics_dataframe["epoch"])[-1:] == [3]
+    assert resumed.metrics["round"] == 3 and resumed.metrics["first_round"] == 3  # not from scratch
+    assert resumed.metrics["step"] == 8  # the last round is the 2 steps left of the budget
+    assert list(resumed.metrics_dataframe["round"])[-1:] == [3]
     with resumed.checkpoint.as_directory() as directory:
-        assert load_checkpoint(Path(directory) / CHECKPOINT_FILE)["epoch"] == 2
+        assert load_checkpoint(Path(directory) / CHECKPOINT_FILE)["round"] == 2
 
 
 def test_gan_training_runs_ddp_across_two_workers_without_the_drivers_files(ray_runtime, tiny_experiment, tiny_data,
@@ -125,7 +129,7 @@ def test_gan_training_runs_ddp_across_two_workers_without_the_drivers_files(ray_
     """Workers on other nodes cannot open the driver's files: once the driver has handed the data and the
     pretrained networks to Ray, training needs neither file."""
     exp = tiny_experiment.model_copy(update={"train": tiny_experiment.train.model_copy(
-        update={"epochs": 1, "num_workers": 2, "cpus_per_worker": 0.5})})
+        update={"steps": 2, "report_every": 2, "num_workers": 2, "cpus_per_worker": 0.5})})
     data_dir, pretrained = tmp_path / "data", tmp_path / "pretrained.pt"
     shutil.copytree(tiny_data.path, data_dir)
     shutil.copy(tiny_pretrained, pretrained)
@@ -153,4 +157,4 @@ def test_a_diverging_trial_stops_with_a_reason_and_a_finite_penalty(ray_runtime,
     assert result.error is None
     assert result.metrics["diverged"] is True and result.metrics["stop_reason"] == "non-finite loss"
     assert result.metrics["objective"] == 0.0 and math.isfinite(result.metrics["objective"])
-    assert len(result.metrics_dataframe) == 1  # stopped after the first epoch instead of going on
+    assert len(result.metrics_dataframe) == 1  # stopped after the first round instead of going on

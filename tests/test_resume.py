@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-EPOCH_LINE = re.compile(r"trial (\S+) epoch (\d+)/\d+"
-                        r"( \(resumed from its checkpoint of epoch (\d+)\)| \(finished before the stop\))?")
+EPOCH_LINE = re.compile(r"trial (\S+) round (\d+)/\d+ \(step \d+/\d+\)"
+                        r"( \(resumed from its checkpoint of round (\d+)\)| \(finished before the stop\))?")
 FINISHED_LINE = re.compile(r"trial (\S+) finished")
 
 
@@ -38,7 +38,7 @@ def test_ctrl_c_stops_cleanly_with_one_line_on_how_to_resume(session_address, ti
 
     out = tmp_path / "out"
     run = epd_ray_cli(*tiny_tune_args, "--address", session_address, "--output", str(out),
-                      "--set", "search.num_samples=1", "--set", "train.epochs=4")
+                      "--set", "search.num_samples=1", "--set", "train.steps=12")
     trial_id = EPOCH_LINE.search(run.wait_for(EPOCH_LINE.search, timeout=300)).group(1)
     os.killpg(run.proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
     rc = run.finish(timeout=120)
@@ -53,7 +53,7 @@ def test_ctrl_c_stops_cleanly_with_one_line_on_how_to_resume(session_address, ti
 
 
 def epoch_lines(lines: list[str]) -> list[tuple[str, int, str]]:
-    """(trial, epoch, the note after a restart: '', 'resumed from ... epoch N' or 'finished before the stop')."""
+    """(trial, epoch, the note after a restart: '', 'resumed from ... round N' or 'finished before the stop')."""
     matches = [m for m in map(EPOCH_LINE.search, lines) if m]
     return [(m.group(1), int(m.group(2)), (m.group(3) or "").strip(" ()")) for m in matches]
 
@@ -62,7 +62,7 @@ def test_a_search_killed_with_sigkill_resumes_keeping_finished_trials(session_ad
                                                                      tmp_path):
     out = tmp_path / "out"
     args = [*tiny_tune_args, "--address", session_address, "--output", str(out), "--set", "search.num_samples=3",
-            "--set", "train.epochs=3", "--set", "search.grace_period=3"]  # no early stopping: 3 epochs each
+            "--set", "train.steps=9", "--set", "search.grace_period=3"]  # no early stopping: 3 rounds each
     run = epd_ray_cli(*args)
     done = FINISHED_LINE.search(run.wait_for(FINISHED_LINE.search, timeout=600)).group(1)
     run.proc.send_signal(signal.SIGKILL)
@@ -85,7 +85,7 @@ def test_a_search_killed_with_sigkill_resumes_keeping_finished_trials(session_ad
         rows = [(epoch, note) for t, epoch, note in resumed if t == trial_id]
         if trial_id != done and rows and rows[0][1] != "finished before the stop":
             first_epoch, note = rows[0]
-            assert note == f"resumed from its checkpoint of epoch {first_epoch - 1}", (trial_id, rows)
+            assert note == f"resumed from its checkpoint of round {first_epoch - 1}", (trial_id, rows)
             assert last_reported + 1 <= first_epoch <= last_reported + 2, (trial_id, last_reported, rows)
     trials = json.loads((out / "report" / "metrics.json").read_text())["trials"]
     assert len(trials) == 3 and all(t["status"] == "ok" for t in trials), trials

@@ -352,8 +352,10 @@ def test_a_broken_folder_trains_on_the_rest_with_emotion_networks_from_fer2013(r
     fer = prepare_dataset(_data("fer2013", _fer_csv(tmp_path / "fer2013.csv")), tmp_path / "fer")
     assert faces.manifest["num_images"] == 24 and fer.manifest["splits"]["train"]["images"] == 7 * 6 * 2
     exp = tiny_experiment.model_copy(update={
-        "verifiers": tiny_experiment.verifiers.model_copy(update={"emotion_data": str(fer.path)}),
-        "train": tiny_experiment.train.model_copy(update={"epochs": 1, "flip": True, "max_shift": 2})})
+        # 12 training faces: batches of 8, so that every budgeted step has a full batch
+        "verifiers": tiny_experiment.verifiers.model_copy(update={"emotion_data": str(fer.path), "batch_size": 8}),
+        "train": tiny_experiment.train.model_copy(update={"steps": 2, "report_every": 2, "flip": True,
+                                                          "max_shift": 2})})
     train = materialized_split(faces.path)
     said: list[str] = []
     pretrained = pretrain_networks(exp, faces, train_data=train, cache_dir=tmp_path / "cache", runtime=ray_runtime,
@@ -362,3 +364,49 @@ def test_a_broken_folder_trains_on_the_rest_with_emotion_networks_from_fer2013(r
     result = gan_trainer(exp, {}, train_data=train, inputs=GanInputs.put(faces.path, pretrained), name="gan-folder",
                          storage_path=str(tmp_path / "ray")).fit()
     assert result.error is None and 0.0 <= result.metrics["objective"] <= 1.0
+
+
+def test_a_sets_own_labels_map_to_the_classes_and_thin_people_still_reach_val_and_test(tmp_path):
+    """JAFFE-like: the set's own emotion names (built-in synonyms, and `data.label_map` for the rest),
+    and 1-2 images per person and expression, so no expression of a person has the 3 a stratified split
+    needs: every person is in train, val and test all the same."""
+    for ident in range(3):
+        for label, emotion, count in (("anger", "angry", 2), ("HAPPINESS", "happy", 2), ("mad-ish", "sad", 1)):
+            folder = tmp_path / "faces" / f"p{ident}" / label
+            folder.mkdir(parents=True)
+            for k, face in enumerate(_faces_of(ident, emotion)[:count]):
+                (folder / f"{k}.png").write_bytes(_png(face))
+    unmapped = prepare_dataset(_data("folder", tmp_path / "faces"), tmp_path / "unmapped")
+    assert unmapped.manifest["intake"]["rejected"] == {"label outside the class list": 3}
+    assert "--label-map mad-ish=CLASS" in (tmp_path / "unmapped" / REJECTS_FILE).read_text()
+    said: list[str] = []
+    prepared = prepare_dataset(_data("folder", tmp_path / "faces", label_map={"Mad-ish": "sad"}), tmp_path / "out",
+                               echo=said.append)
+    m = prepared.manifest
+    assert m["intake"]["accepted"] == 15 and m["intake"]["rejected"] == {}
+    for split in ("train", "val", "test"):
+        faces = load_split(prepared.path, split)
+        assert set(faces.identity) == {0, 1, 2}, split
+    train = load_split(prepared.path, "train")
+    for ident in range(3):  # every expression of every person keeps an image in train
+        assert {int(e) for e in train.emotion[train.identity == ident]} == {0, 3, 4}
+    assert not any("no image in" in line for line in said)
+
+
+def test_the_label_map_option_of_data_prepare(tmp_path):
+    from typer.testing import CliRunner
+
+    from epd_ray.cli import app
+
+    _folder_tree(tmp_path / "faces")
+    (tmp_path / "faces" / "p0" / "happy").rename(tmp_path / "faces" / "p0" / "joyful")
+    runner = CliRunner()
+    ok = runner.invoke(app, ["data", "prepare", "--source", "folder", "--path", str(tmp_path / "faces"),
+                             "--out", str(tmp_path / "out"), "--label-map", "joyful=happy"])
+    assert ok.exit_code == 0 and "accepted 24; rejected 0" in ok.output, ok.output
+    bad = runner.invoke(app, ["data", "prepare", "--source", "folder", "--path", str(tmp_path / "faces"),
+                              "--out", str(tmp_path / "bad"), "--label-map", "joyful"])
+    assert bad.exit_code == 2 and "--label-map joyful: expected LABEL=CLASS" in bad.output
+    wrong = runner.invoke(app, ["data", "prepare", "--source", "folder", "--path", str(tmp_path / "faces"),
+                                "--out", str(tmp_path / "wrong"), "--label-map", "joyful=glad"])
+    assert wrong.exit_code == 2 and "data.label_map" in wrong.output and "'glad'" in wrong.output

@@ -173,9 +173,10 @@ def judge_item(item: sources.Item, data: DataConfig, classes: tuple[str, ...], c
     if item.identity == "" or not item.emotion.strip():
         raise Rejected(UNLABELLED, "no identity/emotion for it (expected <root>/<identity>/<emotion>/<file>)"
                        if data.source == "folder" else "empty identity or emotion")
-    emotion = sources.emotion_class(item.emotion, classes)
+    emotion = sources.emotion_class(item.emotion, classes, data.label_map)
     if emotion is None:
-        raise Rejected(UNKNOWN_LABEL, f"emotion {item.emotion!r} (classes: {', '.join(classes)})")
+        raise Rejected(UNKNOWN_LABEL, f"emotion {item.emotion!r} (classes: {', '.join(classes)}; name its class "
+                                      f"with --label-map {item.emotion.strip().lower()}=CLASS)")
     if item.pixels is not None or item.read is None:  # a CSV row of pixels (FER2013)
         if item.pixels is None:
             raise Rejected(UNDECODABLE, "pixels are not 48x48 values in 0-255")
@@ -226,8 +227,8 @@ def assign_splits(identity: np.ndarray, emotion: np.ndarray, fixed: list[str | N
             for emo in np.unique(emotion[identity == ident]):
                 n = int(((identity == ident) & (emotion == emo)).sum())
                 if n < 3:
-                    warnings.append(f"identity {name!r}, emotion {classes[emo]!r}: {n} image(s), all kept in train "
-                                    "(a class needs 3 to appear in train, val and test)")
+                    warnings.append(f"identity {name!r}, emotion {classes[emo]!r}: {n} image(s), too few to appear in "
+                                    "train, val and test (a class needs 3)")
             missing = [s for s in SPLITS if not ((identity == ident) & (split == s)).any()]
             if missing:
                 warnings.append(f"identity {name!r} has no image in {'/'.join(missing)}: "

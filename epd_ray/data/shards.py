@@ -53,18 +53,32 @@ def split_per_identity(identity: np.ndarray, emotion: np.ndarray, shares: tuple[
     """Closed-set split: every identity appears in train, val and test, images split per identity.
 
     Stratified by emotion inside each identity, so every split sees every expression of every person;
-    each image lands in exactly one split.
+    each image lands in exactly one split. An expression with fewer than 3 images of a person stays in
+    train, unless none of that person's expressions has 3: then those images are split as one group (the
+    second image of an expression first, so each expression keeps one in train), so that a person with
+    3 images or more is in val and test whatever their spread over expressions (real sets often have 1-2
+    per person and expression).
     """
     rng = np.random.default_rng(seed)
     split = np.empty(len(identity), dtype=object)
+
+    def assign(idx: np.ndarray) -> None:
+        n_val, n_test = _held_out_counts(len(idx), shares)
+        split[idx[: len(idx) - n_val - n_test]] = "train"
+        split[idx[len(idx) - n_val - n_test: len(idx) - n_test]] = "val"
+        split[idx[len(idx) - n_test:]] = "test"
+
     for ident in np.unique(identity):
+        firsts, seconds = [], []
         for emo in np.unique(emotion[identity == ident]):
             idx = np.flatnonzero((identity == ident) & (emotion == emo))
             idx = idx[rng.permutation(len(idx))]
-            n_val, n_test = _held_out_counts(len(idx), shares)
-            split[idx[: len(idx) - n_val - n_test]] = "train"
-            split[idx[len(idx) - n_val - n_test: len(idx) - n_test]] = "val"
-            split[idx[len(idx) - n_test:]] = "test"
+            assign(idx)
+            if len(idx) < 3:
+                firsts.append(idx[0])
+                seconds.extend(idx[1:])
+        if not (split[identity == ident] == "val").any():
+            assign(np.array(firsts + [seconds[i] for i in rng.permutation(len(seconds))], dtype=np.int64))
     return split.astype(str)
 
 

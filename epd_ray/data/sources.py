@@ -21,12 +21,12 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from epd_ray.core.labels import EMOTIONS
+from epd_ray.core.labels import CONTEMPT, EMOTIONS
 
-CONTEMPT = "contemptuous"
-
-# Spellings users' folders and manifests carry, to the paper's class names (FER and RaFD vocabularies).
+# Spellings users' folders and manifests carry, to the paper's class names (FER, RaFD and JAFFE vocabularies,
+# JAFFE's two-letter codes too); a set's own names go in `data.label_map`.
 EMOTION_ALIASES = {
+    "an": "angry", "di": "disgusted", "fe": "fearful", "ha": "happy", "sa": "sad", "su": "surprised", "ne": "neutral",
     "anger": "angry", "angry": "angry", "mad": "angry",
     "disgust": "disgusted", "disgusted": "disgusted",
     "fear": "fearful", "fearful": "fearful", "afraid": "fearful", "scared": "fearful",
@@ -72,9 +72,11 @@ def emotion_classes(include_contempt: bool) -> tuple[str, ...]:
     return EMOTIONS + ((CONTEMPT,) if include_contempt else ())
 
 
-def emotion_class(label: str, classes: tuple[str, ...]) -> int | None:
-    """The class index of a label (case-insensitive, common spellings accepted); None when outside."""
-    name = EMOTION_ALIASES.get(label.strip().lower(), label.strip().lower())
+def emotion_class(label: str, classes: tuple[str, ...], label_map: dict[str, str] | None = None) -> int | None:
+    """The class index of a label (case-insensitive; the user's `label_map` first, then common spellings);
+    None when outside."""
+    label = label.strip().lower()
+    name = (label_map or {}).get(label) or EMOTION_ALIASES.get(label, label)
     return classes.index(name) if name in classes else None
 
 

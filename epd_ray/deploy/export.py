@@ -105,7 +105,7 @@ def export_model(source: Path, out: Path) -> Path:
                 "model": "EPD-Net generator (pix2pix U-Net)",
                 "source_checkpoint": str(Path(checkpoint_path).resolve()),
                 "params": payload.get("params"),
-                "epoch": payload["epoch"] + 1 if isinstance(payload.get("epoch"), int) else None,
+                "round": payload["round"] + 1 if isinstance(payload.get("round"), int) else None,
                 "versions": package_versions(),
             }
             (staging / CARD_FILE).write_text(json.dumps(card, indent=2, default=str) + "\n")

@@ -36,8 +36,8 @@ JUDGE_NOTES = {
     "verifiers": "V, S: the generator was trained against them (flattered)"}
 REPORT_DIR, REPORT_FILE, ABLATION_DIR = "report", "report.md", "ablation"
 ALL_BASELINES = ("identity", "blur", "pixelate", "ksame")
-# What the ablation table shows of each variant's last epoch (validation split, evaluators), next to the
-# judged epoch: how far training moved each variant from the warm start, and where the ablated term shows.
+# What the ablation table shows of each variant's last round (validation split, evaluators), next to the
+# judged round: how far training moved each variant from the warm start, and where the ablated term shows.
 LAST_EPOCH_COLUMNS = ("objective", "deid_rate", "switching_deid_rate", "emotion_preserved", "emotion_mse", "ssim")
 # What `epd-ray tune` records about its search in report/metrics.json, kept when the report re-evaluates.
 SEARCH_KEYS = ("trials", "best_trial", "search_objective", "pareto_front")
@@ -119,19 +119,19 @@ def emotion_table(metrics: dict[str, Any]) -> list[str]:
 
 def trials_table(trials: list[dict[str, Any]]) -> list[str]:
     keys = sorted({k for t in trials for k in t["params"]})
-    header = ["trial", "status", "epochs"] + keys + ["J", "D", "E", "SSIM"]
+    header = ["trial", "status", "rounds"] + keys + ["J", "D", "E", "SSIM"]
     rows = []
     for t in trials:
         m = t["metrics"]
-        rows.append([t["trial_id"], t["status"], str(t["epochs"])] + [f"{t['params'].get(k, float('nan')):.3f}" for k in keys]
+        rows.append([t["trial_id"], t["status"], str(t["rounds"])] + [f"{t['params'].get(k, float('nan')):.3f}" for k in keys]
                     + [_cell(m.get(k, float("nan"))) for k in ("objective", "deid_rate", "emotion_preserved", "ssim")])
     return _table(header, rows)
 
 
 def pareto_table(front: list[dict[str, Any]]) -> list[str]:
     keys = sorted({k for t in front for k in t["params"]})
-    header = ["trial", "epoch"] + keys + ["privacy", "utility", "J", "checkpoint"]
-    rows = [[t["trial_id"] + (" (best/)" if t.get("best") else ""), str(t.get("epoch"))]
+    header = ["trial", "round"] + keys + ["privacy", "utility", "J", "checkpoint"]
+    rows = [[t["trial_id"] + (" (best/)" if t.get("best") else ""), str(t.get("round"))]
             + [f"{t['params'][k]:.3f}" for k in keys] + [_cell(t[k]) for k in ("privacy", "utility", "objective")]
             + [f"`{t['checkpoint']}`"] for t in front]
     return _table(header, rows)
@@ -160,32 +160,32 @@ def ablation_findings(ev: dict[str, dict[str, float]], paper: dict[str, float], 
 
 def ablation_section(ablation: dict[str, Any]) -> list[str]:
     """The ablation tables (`epd-ray ablate`) and what they say about the paper's claims."""
-    header = (["variant", "Phi", "lambda3", "epoch"] + [title for _, title in COLUMNS]
+    header = (["variant", "Phi", "lambda3", "round"] + [title for _, title in COLUMNS]
               + ["CMC miss r1", "emotion MSE (verifiers)", "paper emotion MSE"])
     rows = []
     for name, judged in ablation["methods"].items():
         run, ev = ablation["variants"][name], judged["evaluators"]
-        rows.append([name, f"{run['params']['phi']:.3f}", f"{run['params']['lambda3']:.3f}", str(run["judged_epoch"])]
+        rows.append([name, f"{run['params']['phi']:.3f}", f"{run['params']['lambda3']:.3f}", str(run["judged_round"])]
                     + [_cell(ev[key]) for key, _ in COLUMNS] + [_cell(ev["cmc_misclassification"][0]),
                                                                 _cell(judged["verifiers"]["emotion_mse"]),
                                                                 _cell(ablation["paper_emotion_mse"].get(name, "-"))])
     budget = ablation["budget"]
     paper = ablation["paper_emotion_mse"]
     lines = ["## Ablations (paper Table I, Fig. 5)", "",
-             f"Each variant retrained from the tuned parameters with the same budget ({budget['epochs']} epochs, "
+             f"Each variant retrained from the tuned parameters with the same budget ({budget['steps']} steps, "
              f"{budget['train_images']} training images, seed {budget['seed']}, the same pretrained networks), "
-             f"judged at its {ablation['judged_at']} epoch; test split, mu = {ablation['mu']:.3f}, independent "
+             f"judged at its {ablation['judged_at']}; test split, mu = {ablation['mu']:.3f}, independent "
              "evaluators unless said otherwise.", ""] + _table(header, rows) + [""]
     lines += ablation_findings({name: judged["evaluators"] for name, judged in ablation["methods"].items()},
-                               paper, "Judged epoch, test split") + [""]
-    last = {name: run["last_epoch_validation"] for name, run in ablation["variants"].items()}
+                               paper, "Judged round, test split") + [""]
+    last = {name: run["last_round_validation"] for name, run in ablation["variants"].items()}
     titles = dict(COLUMNS)
-    lines += ["Each variant at its last epoch (validation split, independent evaluators): the judged epoch can "
+    lines += ["Each variant at its last round (validation split, independent evaluators): the judged round can "
               "lie early, close to the autoencoder warm start, where the ablated term has had little effect yet.", ""]
-    lines += _table(["variant", "epoch"] + [titles[k] for k in LAST_EPOCH_COLUMNS],
-                    [[name, str(m["epoch"])] + [_cell(m[k]) for k in LAST_EPOCH_COLUMNS] for name, m in last.items()])
+    lines += _table(["variant", "round"] + [titles[k] for k in LAST_EPOCH_COLUMNS],
+                    [[name, str(m["round"])] + [_cell(m[k]) for k in LAST_EPOCH_COLUMNS] for name, m in last.items()])
     lines += [""]
-    lines += ablation_findings(last, paper, "Last epoch, validation split")
+    lines += ablation_findings(last, paper, "Last round, validation split")
     return lines + [""]
 
 
@@ -230,7 +230,7 @@ def render_report(metrics: dict[str, Any], trials: list[dict[str, Any]], *, titl
     lines += method_table(metrics, "verifiers") + [""]
     if trials:
         pareto = metrics.get("search_objective") == "pareto"
-        lines += [f"## Search trials ({'last' if pareto else 'best'} epoch of each, on the validation split)", ""]
+        lines += [f"## Search trials ({'last' if pareto else 'best'} round of each, on the validation split)", ""]
         lines += trials_table(trials) + [""]
         lines += figure("trials", "objective J of every trial over the search's wall time")
         lines += figure("pareto", "privacy against utility (main judge); Pareto front marked")
@@ -369,7 +369,7 @@ def sample_grid(rows: dict[str, np.ndarray], path: Path) -> int:
 
 
 def trial_history(search_dir: Path) -> dict[str, list[dict[str, float]]]:
-    """Per-epoch validation results of every Tune trial (its result.json), times from the first report."""
+    """Per-round validation results of every Tune trial (its result.json), times from the first report."""
     rows: dict[str, list[dict[str, float]]] = {}
     for result in sorted(Path(search_dir).glob("*/result.json")):
         for line in result.read_text().splitlines():
@@ -389,7 +389,7 @@ def trial_history(search_dir: Path) -> dict[str, list[dict[str, float]]]:
 
 
 def _history_from_trials(trials: list[dict[str, Any]]) -> dict[str, list[dict[str, float]]]:
-    """Without Tune's files: each trial's best epoch, at its total training time."""
+    """Without Tune's files: each trial's best round, at its total training time."""
     return {str(t["trial_id"]): [{"time_s": float(t["metrics"].get("time_total_s", i)),
                                   "objective": float(t["metrics"]["objective"])}]
             for i, t in enumerate(trials) if "objective" in t.get("metrics", {})}

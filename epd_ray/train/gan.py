@@ -2,10 +2,12 @@
 
 Per batch: one discriminator step on the real pair (x, y) against the fake pair (x, G(x, z)), then one
 generator step on L_G = lambda1 (L_adv + Phi L_ssim) + lambda2 L_contrastive + lambda3 L_CE through the
-frozen verifiers V and S. Per epoch: rank 0 scores the generator on the validation split under the main
-judge (the objective J that the search maximises: the pretrained recogniser on real faces, the independent
-evaluators on synthetic ones; see evaluate/judges.py) and checkpoints G, D,
-their optimisers, the epoch and the resolved config. A non-finite loss stops the trial with a recorded
+frozen verifiers V and S. The budget is `train.steps` optimiser steps in rounds of `train.report_every`
+(passing over the shard as often as that takes, so a small and a large set get the same updates). Per
+round: rank 0 scores the generator on the validation split under the main judge (the objective J that the
+search maximises: the pretrained recogniser on real faces, the independent evaluators on synthetic ones; see
+evaluate/judges.py) and checkpoints G, D, their optimisers, the round and the resolved config; the round is
+what Tune counts as one training iteration. A non-finite loss stops the trial with a recorded
 reason and a finite penalty (J = 0), so the search goes on.
 """
 
@@ -23,7 +25,7 @@ import ray.train.torch
 import torch
 
 from epd_ray.checkpoints import build_from_record, load_checkpoint, network_record
-from epd_ray.config import EvaluationConfig, ExperimentConfig, LossConfig
+from epd_ray.config import EvaluationConfig, ExperimentConfig, LossConfig, TrainConfig
 from epd_ray.core.losses import LossWeights, discriminator_loss, generator_loss
 from epd_ray.core.networks import build_network
 from epd_ray.core.precision import autocast
@@ -51,8 +53,7 @@ class GanInputs:
     train_faces: ray.ObjectRef  # FaceArrays
     val_faces: ray.ObjectRef  # FaceArrays
     image_size: int
-    train_images: int
-    judge: str = "evaluators"  # whose J rank 0 reports each epoch (see evaluate.judges.main_judge)
+    judge: str = "evaluators"  # whose J rank 0 reports each round (see evaluate.judges.main_judge)
     recogniser_gallery: Gallery | None = None  # with the recogniser: its gallery and its view of the val
     val_recognised: tuple[np.ndarray, np.ndarray] | None = None  # originals (embeddings, face found), made once
 
@@ -70,7 +71,7 @@ class GanInputs:
                               len(manifest["identities"]))
             val_recognised = recogniser.embed(val.pixels)
         return cls(pretrained=ray.put(load_checkpoint(Path(pretrained_path))["networks"]), train_faces=ray.put(train),
-                   val_faces=ray.put(val), image_size=manifest["image_size"], train_images=len(train), judge=judge,
+                   val_faces=ray.put(val), image_size=manifest["image_size"], judge=judge,
                    recogniser_gallery=gallery, val_recognised=val_recognised)
 
 
@@ -104,15 +105,18 @@ def trial_params(config: dict[str, Any]) -> tuple[LossWeights, float]:
     return LossWeights(**loss.model_dump()), float(params["mu"])
 
 
-def ema_decay(half_life_epochs: float, train_images: int, images_per_step: int) -> float:
-    """Per-step decay of the generator's moving average for a half-life given in epochs (0: no average)."""
-    if half_life_epochs <= 0:
-        return 0.0
-    return 0.5 ** (images_per_step / (half_life_epochs * max(train_images, images_per_step)))
+def ema_decay(half_life_steps: float) -> float:
+    """Per-step decay of the generator's moving average for a half-life given in steps (0: no average)."""
+    return 0.5 ** (1.0 / half_life_steps) if half_life_steps > 0 else 0.0
+
+
+def rounds(train: TrainConfig) -> int:
+    """Rounds of `report_every` steps in the budget (the last one shorter when they do not divide)."""
+    return -(-train.steps // train.report_every)
 
 
 class GanSteps:
-    """One batch of EPD-Net training and one epoch's bookkeeping: shared by `gan_loop` and the benchmarks.
+    """One batch of EPD-Net training and one round's bookkeeping: shared by `gan_loop` and the benchmarks.
 
     With `ema_decay` > 0 it also keeps an exponential moving average of the generator's weights
     (as stylegan does): the published generator. GAN weights swing from step to step (here J moved by
@@ -178,13 +182,13 @@ class GanSteps:
         for ema_buffer, buffer in zip(self.generator_ema.buffers(), source.buffers()):
             ema_buffer.copy_(buffer)
 
-    def epoch_losses(self) -> dict[str, float]:
-        """Mean losses of the epoch, then reset. One host sync per epoch, not per step."""
+    def round_losses(self) -> dict[str, float]:
+        """Mean losses of the round, then reset. One host sync per round, not per step."""
         losses = {k: (v / max(1, self.steps)).item() for k, v in self.sums.items()}
         self.sums, self.steps = {}, 0
         return losses
 
-    def checkpoint_payload(self, epoch: int, mu: float, exp: ExperimentConfig, metrics: dict) -> dict[str, Any]:
+    def checkpoint_payload(self, round_: int, step: int, mu: float, exp: ExperimentConfig, metrics: dict) -> dict[str, Any]:
         networks = {"generator": network_record("generator", self.published_generator),
                     "discriminator": network_record("discriminator", self.discriminator)}
         if self.generator_ema is not None:  # the raw weights, to resume training from
@@ -192,7 +196,8 @@ class GanSteps:
         return {
             "networks": networks,
             "optimizers": {"generator": self.opt_g.state_dict(), "discriminator": self.opt_d.state_dict()},
-            "epoch": epoch,
+            "round": round_,
+            "step": step,
             "params": {**{k: getattr(self.weights, k) for k in LossConfig.model_fields}, "mu": mu},
             "experiment": exp.to_dict(),
             "metrics": metrics,
@@ -243,9 +248,10 @@ def gan_loop(config: dict[str, Any]) -> None:
 
     opt_g = torch.optim.Adam(generator.parameters(), lr=exp.train.lr, betas=(exp.train.beta1, exp.train.beta2))
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=exp.train.lr, betas=(exp.train.beta1, exp.train.beta2))
-    payload, start_epoch = restore()
-    if payload is not None and start_epoch >= exp.train.epochs:
-        # Resumed after its last epoch (the search's driver stopped before it recorded the end): its final
+    payload, start_round = restore()
+    last_round = rounds(exp.train)
+    if payload is not None and start_round >= last_round:
+        # Resumed after its last round (the search's driver stopped before it recorded the end): its final
         # result and checkpoint once more, so that the resumed search sees the trial as it finished.
         report(setup, {**payload["metrics"], "replayed": True}, payload)
         return
@@ -272,24 +278,27 @@ def gan_loop(config: dict[str, Any]) -> None:
         emotion_evaluator = frozen(build_from_record(pretrained["emotion_evaluator"]), setup)
         recogniser = FaceRecogniser() if inputs.recogniser_gallery is not None else None
 
-    decay = ema_decay(exp.train.ema_half_life, inputs.train_images, exp.train.batch_size * setup.world_size)
     steps = GanSteps(generator, discriminator, identity_verifier, emotion_verifier, opt_g, opt_d, weights, setup,
-                     ema_decay=decay)
+                     ema_decay=ema_decay(exp.train.ema_half_life_steps))
     if payload is not None and steps.generator_ema is not None:
         steps.generator_ema.load_state_dict(payload["networks"]["generator"]["state_dict"])
-    batches = ShardBatches(setup, exp.train.batch_size,
-                           keep=exp.train.keep_shard and not (exp.train.flip or exp.train.max_shift))
-    for epoch in range(start_epoch, exp.train.epochs):
+    shard = ShardBatches(setup, exp.train.batch_size,
+                         keep=exp.train.keep_shard and not (exp.train.flip or exp.train.max_shift))
+    # A resumed run draws other passes than the first run did from where it stopped.
+    batches = shard.forever(seed=exp.train.seed * 1000 + 100 * start_round)
+    for round_ in range(start_round, last_round):
         generator.train()
         discriminator.train()
-        for batch in batches.epoch(seed=exp.train.seed * 1000 + epoch):
+        step = min(exp.train.steps, (round_ + 1) * exp.train.report_every)
+        for _ in range(step - round_ * exp.train.report_every):
+            batch = next(batches)
             y_real = prepare_images(pool.sample(batch["identity"], batch["emotion"], **jitter), setup)
             steps.step(batch["x"], y_real, batch["identity"], batch["emotion"])
 
-        losses = steps.epoch_losses()
+        losses = steps.round_losses()
         diverged = not all(math.isfinite(v) for v in losses.values())
-        metrics: dict[str, Any] = {"epoch": epoch + 1, "first_epoch": start_epoch + 1, **losses, "diverged": diverged,
-                                   "stop_reason": "non-finite loss" if diverged else ""}
+        metrics: dict[str, Any] = {"round": round_ + 1, "first_round": start_round + 1, "step": step, **losses,
+                                   "diverged": diverged, "stop_reason": "non-finite loss" if diverged else ""}
         if diverged:
             metrics.update(PENALTY)
             report(setup, metrics, None)
@@ -298,12 +307,12 @@ def gan_loop(config: dict[str, Any]) -> None:
         if setup.rank == 0:
             metrics.update(validation_metrics(steps.published_generator, val, identity_evaluator, emotion_evaluator,
                                               mu=mu, exp=exp, setup=setup, inputs=inputs, recogniser=recogniser))
-            payload = steps.checkpoint_payload(epoch, mu, exp, metrics)
+            payload = steps.checkpoint_payload(round_, step, mu, exp, metrics)
         report(setup, metrics, payload)
 
 
 def scalar_metrics(scores: dict[str, Any]) -> dict[str, float]:
-    """Flatten list-valued metrics (CMC ranks) so Tune can track every figure per epoch."""
+    """Flatten list-valued metrics (CMC ranks) so Tune can track every figure per round."""
     flat: dict[str, float] = {}
     for key, value in scores.items():
         if isinstance(value, (list, tuple)):

@@ -7,10 +7,16 @@ start, an autoencoder pass (L1 + SSIM reconstruction) from which every trial's G
 CPU budget of a few hundred GAN steps per trial, a generator starting from noise never learns to draw a
 face; starting from a reconstruction, the paper's losses only have to move identity away. After each
 network the loop reports a checkpoint holding every network finished so far, so a restart skips them.
+
+Budgets are optimiser steps (`verifiers.steps`, `model.warm_start_steps`), not epochs: a network takes
+that many batches, passing over a small set as often as it takes, so 150 and 8,000 images both get the
+updates they need. About ten times per network rank 0 sends the driver a progress item (step, loss,
+validation score, time) through `progress.send`.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import ray
@@ -25,11 +31,15 @@ from epd_ray.core.labels import NUM_EMOTIONS
 from epd_ray.core.losses import ssim_loss, ssim_per_image
 from epd_ray.core.networks import build_network
 from epd_ray.core.precision import autocast
+from epd_ray.train.progress import send
 from epd_ray.train.worker import ShardBatches, WorkerSetup, prepare_images, report, restore, setup_worker
+
+PROGRESS_LINES = 10  # progress items (each with a validation pass) per network
+
 
 def network_specs(cfg: VerifiersConfig, model: ModelConfig, num_identities: int,
                   image_size: int, num_emotions: int = NUM_EMOTIONS) -> dict[str, dict[str, Any]]:
-    """Constructor arguments, task, seed and epochs of every pretrained network, in training order."""
+    """Constructor arguments, task, seed and steps of every pretrained network, in training order."""
     specs = {
         "identity_verifier": {"args": {"num_identities": num_identities, "image_size": image_size,
                                        "width": cfg.identity_width}, "task": "identity", "seed": cfg.seed},
@@ -40,11 +50,11 @@ def network_specs(cfg: VerifiersConfig, model: ModelConfig, num_identities: int,
                                        "grey": True}, "task": "emotion", "seed": cfg.evaluator_seed + 1},
     }
     for spec in specs.values():
-        spec.update(epochs=cfg.epochs, lr=cfg.emotion_lr if spec["task"] == "emotion" else cfg.lr)
-    if model.warm_start_epochs:
+        spec.update(steps=cfg.steps, lr=cfg.emotion_lr if spec["task"] == "emotion" else cfg.lr)
+    if model.warm_start_steps:
         specs["generator"] = {"args": {"image_size": image_size, "ngf": model.ngf, "norm": model.norm,
                                        "dropout": model.dropout},
-                              "task": "reconstruct", "seed": cfg.seed + 2, "epochs": model.warm_start_epochs,
+                              "task": "reconstruct", "seed": cfg.seed + 2, "steps": model.warm_start_steps,
                               "lr": model.warm_start_lr}
     return specs
 
@@ -121,25 +131,32 @@ def pretrain_loop(config: dict[str, Any]) -> None:
         model = ray.train.torch.prepare_model(model)
         optimiser = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=1e-4)
         source = "emotion_train" if spec["task"] == "emotion" and "emotion_train" in config["val_faces"] else "train"
-        steps_per_epoch = max(1, config[f"{source}_images"] // (setup.world_size * cfg.batch_size))
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=spec["lr"],
-                                                        total_steps=(steps_per_epoch + 2) * spec["epochs"])
-        for epoch in range(spec["epochs"]):
-            model.train()
-            total = torch.zeros((), device=setup.device)
-            steps = 0
-            for batch in shards[source].epoch(seed=spec["seed"] * 1000 + epoch):
-                loss = task_loss(model, spec["task"], batch, setup, max_shift)
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                optimiser.step()
-                scheduler.step()
-                total += loss.detach()
-                steps += 1
-        # One report per network, not per epoch: each report waits for the Train controller's poll.
+        total = spec["steps"]
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=spec["lr"], total_steps=total)
+        every = max(1, total // PROGRESS_LINES)
+        batches = shards[source].forever(seed=spec["seed"] * 1000)
+        started, window, taken = time.monotonic(), torch.zeros((), device=setup.device), 0
+        model.train()
+        for step in range(1, total + 1):
+            loss = task_loss(model, spec["task"], next(batches), setup, max_shift)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            scheduler.step()
+            window += loss.detach()
+            taken += 1
+            if step % every and step < total:
+                continue
+            mean_loss = (window / taken).item()  # one host sync per progress line, not per step
+            window, taken = torch.zeros((), device=setup.device), 0
+            if val:
+                scores[name] = validation_score(model, spec["task"], val_x[source], val[source], setup)
+                model.train()
+                elapsed = time.monotonic() - started
+                send(config.get("progress"), {"network": name, "task": spec["task"], "step": step, "steps": total,
+                                              "loss": mean_loss, "val_score": scores[name], "elapsed_s": elapsed,
+                                              "left_s": elapsed / step * (total - step)})
+        # One report per network, not per progress line: each report waits for the Train controller's poll.
         finished[name] = network_record(name, model)
-        if val:
-            scores[name] = validation_score(model, spec["task"], val_x[source], val[source], setup)
-        metrics = {"network": name, "epochs": spec["epochs"], "loss": (total / max(1, steps)).item(),
-                   "val_score": scores.get(name, float("nan"))}
+        metrics = {"network": name, "steps": total, "loss": mean_loss, "val_score": scores.get(name, float("nan"))}
         report(setup, metrics, {"networks": finished, "val_score": scores})

@@ -1,4 +1,10 @@
-"""The driver of the pretraining stage: one Ray Train run, cached by what defines its networks."""
+"""The driver of the pretraining stage: one Ray Train run, cached by what defines its networks.
+
+While it runs, a progress line per network about ten times over (`progress.ProgressFeed`); after it (or
+on reusing the cache), each network's validation score next to chance, and a warning for a network that
+is not clearly above it (`check_pretrained`). With `strict` such a network stops the command and nothing
+goes into the cache.
+"""
 
 from __future__ import annotations
 
@@ -19,14 +25,72 @@ from epd_ray.data.shards import load_split, read_manifest
 from epd_ray.data.stream import materialized_split
 from epd_ray.runtime import DATA_RESERVE_CPUS, RayRuntime, sigint_guard
 from epd_ray.train.pretrain import pretrain_loop
+from epd_ray.train.progress import ProgressFeed
 from epd_ray.train.worker import CHECKPOINT_FILE
 
 PRETRAINED_FILE = "pretrained.pt"
+SCORES_FILE = "val_score.json"
+# The warm start's reconstruction SSIM below which GAN training starts from visibly blurred faces (the quick
+# preset's reaches ~0.97; its emotion evaluator then still reads ~98% of the reconstructed expressions).
+WARM_START_MIN_SSIM = 0.8
+
+
+class PretrainingError(RuntimeError):
+    """`--strict` and a pretrained network that cannot be trusted; the message names it and what to do."""
+
+
+def clearly_above_chance(classes: int) -> float:
+    """The validation accuracy a classifier of `classes` classes must reach to count as having learnt.
+
+    Chance plus a margin of max(chance, 0.2), i.e. at least twice chance and 20 points above it (7 emotions:
+    0.343; 12 people: 0.283; 67 people: 0.215), capped at half the way from chance to perfect so that a
+    two-class task asks 0.75, not 1.0. Validation sets of real faces are small (tens of images), where a
+    few lucky guesses move accuracy by several points: a margin, not just "above chance", keeps such luck
+    from passing for a trained verifier.
+    """
+    chance = 1.0 / classes
+    return chance + min(max(chance, 0.2), (1.0 - chance) / 2)
+
+
+def check_pretrained(scores: dict[str, float], classes: dict[str, int], exp: ExperimentConfig) -> tuple[list[str], list[str]]:
+    """Each network's validation score next to chance (the warm start: its reconstruction SSIM), and a
+    warning for each that is not clearly above chance (or reconstructs poorly). `classes`: per classifier."""
+    lines, warnings = [], []
+    for name, score in scores.items():
+        if name not in classes:  # the generator's warm start
+            lines.append(f"  {name:<19} reconstruction SSIM {score:.3f} (want >= {WARM_START_MIN_SSIM})")
+            if not score >= WARM_START_MIN_SSIM:
+                warnings.append(f"{name} (warm start): reconstruction SSIM {score:.3f} < {WARM_START_MIN_SSIM}: GAN "
+                                f"training would start from blurred faces; give it more steps "
+                                f"(model.warm_start_steps, now {exp.model.warm_start_steps}) or more data")
+            continue
+        chance, needed = 1.0 / classes[name], clearly_above_chance(classes[name])
+        lines.append(f"  {name:<19} validation accuracy {score:.3f}, chance {chance:.3f} "
+                     f"({classes[name]} classes; want >= {needed:.3f})")
+        if not score >= needed:
+            emotion = "--emotion-data with a larger emotion-labelled set (e.g. FER2013), " if "emotion" in name else ""
+            warnings.append(f"{name}: validation accuracy {score:.3f} is not clearly above chance {chance:.3f} "
+                            f"(want >= {needed:.3f}): it cannot steer or judge the GAN; give it more data, "
+                            f"{emotion}or more steps (verifiers.steps, now {exp.verifiers.steps})")
+    return lines, warnings
+
+
+def check_batch_fits(field: str, batch_size: int, images: int, workers: int) -> None:
+    """Budgets count full batches: a worker whose share of the images cannot fill one would never step."""
+    if images // workers < batch_size:
+        raise ConfigError(f"{field}: {batch_size} is more than the {images} training image(s) give each of "
+                          f"{workers} worker(s); lower it")
+
+
+def progress_line(item: dict) -> str:
+    score = f"val SSIM {item['val_score']:.3f}" if item["task"] == "reconstruct" else f"val acc {item['val_score']:.3f}"
+    return (f"  {item['network']:<19} step {item['step']}/{item['steps']}  loss {item['loss']:.4f}  {score}  "
+            f"{item['elapsed_s']:.0f} s, ~{item['left_s']:.0f} s left")
 
 
 def pretrained_key(exp: ExperimentConfig, prepared: PreparedData) -> str:
     """Pretrained networks depend on the data's content and their own settings only: every trial shares them."""
-    model = exp.model.model_dump(mode="json", include={"ngf", "norm", "dropout", "warm_start_epochs",
+    model = exp.model.model_dump(mode="json", include={"ngf", "norm", "dropout", "warm_start_steps",
                                                        "warm_start_lr"})
     verifiers = exp.verifiers.model_dump(mode="json")
     if verifiers.pop("emotion_data", None):  # its content, not where it lies
@@ -55,52 +119,81 @@ def emotion_data(exp: ExperimentConfig, prepared: PreparedData) -> PreparedData:
 
 
 def pretrain_networks(exp: ExperimentConfig, prepared: PreparedData, *, train_data: ray.data.Dataset,
-                       cache_dir: Path, runtime: RayRuntime, storage_path: str, echo=print) -> Path:
+                       cache_dir: Path, runtime: RayRuntime, storage_path: str, strict: bool = False,
+                       echo=print) -> Path:
+    """The pretrained networks' file in the cache, trained now unless cached; with `strict`, PretrainingError
+    for a network not clearly above chance (fresh ones are then not cached)."""
     key = pretrained_key(exp, prepared)
     out = Path(cache_dir) / "pretrained" / key
+    emotions = emotion_data(exp, prepared)
+    classes = {"identity_verifier": len(prepared.manifest["identities"]),
+               "identity_evaluator": len(prepared.manifest["identities"]),
+               "emotion_verifier": len(emotions.manifest["emotions"]),
+               "emotion_evaluator": len(emotions.manifest["emotions"])}
     if (out / PRETRAINED_FILE).is_file():
         echo(f"pretrained networks: reusing {out}")
+        judge_pretrained(json.loads((out / SCORES_FILE).read_text()), classes, exp, strict=strict, echo=echo)
         return out / PRETRAINED_FILE
     workers = exp.train.num_workers
+    for data in {prepared.path: prepared, emotions.path: emotions}.values():
+        check_batch_fits("verifiers.batch_size", exp.verifiers.batch_size, data.manifest["splits"]["train"]["images"],
+                         workers)
     cpus = max(exp.train.cpus_per_worker, (runtime.total_cpus - DATA_RESERVE_CPUS) / workers)
     echo(f"pretraining V (VGG-16), S (mini-Xception), evaluators V_e, S_e (ResNet-18 shape)"
-         f"{' and the generator warm start' if exp.model.warm_start_epochs else ''} on "
-         f"{prepared.manifest['splits']['train']['images']} images ({workers} worker(s))")
-    emotions = emotion_data(exp, prepared)
+         f"{' and the generator warm start' if exp.model.warm_start_steps else ''} on "
+         f"{prepared.manifest['splits']['train']['images']} images ({workers} worker(s)), "
+         f"{exp.verifiers.steps} steps each" + (f", warm start {exp.model.warm_start_steps}"
+                                               if exp.model.warm_start_steps else ""))
     # Each training set's val split goes through the object store: workers may be on other nodes.
     datasets, val_faces = {"train": train_data}, {"train": ray.put(load_split(prepared.path, "val"))}
     if emotions is not prepared:
         echo(f"emotion networks learn from {emotions.path} ({emotions.manifest['splits']['train']['images']} images)")
         datasets["emotion_train"] = materialized_split(emotions.path, "train")
         val_faces["emotion_train"] = ray.put(load_split(emotions.path, "val"))
-    trainer = TorchTrainer(
-        pretrain_loop,
-        train_loop_config={"verifiers": exp.verifiers.model_dump(mode="json"),
-                           "model": exp.model.model_dump(mode="json"), "val_faces": val_faces,
-                           "num_identities": len(prepared.manifest["identities"]),
-                           "num_emotions": len(prepared.manifest["emotions"]),
-                           "image_size": prepared.manifest["image_size"],
-                           "train_images": prepared.manifest["splits"]["train"]["images"],
-                           "emotion_train_images": emotions.manifest["splits"]["train"]["images"],
-                           "cpus_per_worker": cpus, "precision": exp.train.precision,
-                           "channels_last": exp.train.channels_last, "keep_shard": exp.train.keep_shard},
-        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=exp.train.use_gpu,
-                                               resources_per_worker=None if exp.train.use_gpu else {"CPU": cpus}),
-        run_config=ray.train.RunConfig(name=f"pretrain-{key}", storage_path=storage_path,
-                                       failure_config=ray.train.FailureConfig(max_failures=exp.train.max_failures)),
-        datasets=datasets,
-    )
-    with sigint_guard():
-        result = trainer.fit()
+    with ProgressFeed(lambda item: echo(progress_line(item))) as feed:
+        trainer = TorchTrainer(
+            pretrain_loop,
+            train_loop_config={"verifiers": exp.verifiers.model_dump(mode="json"),
+                               "model": exp.model.model_dump(mode="json"), "val_faces": val_faces,
+                               "num_identities": len(prepared.manifest["identities"]),
+                               "num_emotions": len(prepared.manifest["emotions"]),
+                               "image_size": prepared.manifest["image_size"], "progress": feed.queue,
+                               "cpus_per_worker": cpus, "precision": exp.train.precision,
+                               "channels_last": exp.train.channels_last, "keep_shard": exp.train.keep_shard},
+            scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=exp.train.use_gpu,
+                                                   resources_per_worker=None if exp.train.use_gpu else {"CPU": cpus}),
+            run_config=ray.train.RunConfig(name=f"pretrain-{key}", storage_path=storage_path,
+                                           failure_config=ray.train.FailureConfig(max_failures=exp.train.max_failures)),
+            datasets=datasets,
+        )
+        with sigint_guard():
+            result = trainer.fit()
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
-    with result.checkpoint.as_directory() as directory:
-        shutil.copy(Path(directory) / CHECKPOINT_FILE, tmp / PRETRAINED_FILE)
-    scores = load_checkpoint(tmp / PRETRAINED_FILE).get("val_score", {})
-    (tmp / "val_score.json").write_text(json.dumps(scores, indent=2))
+    try:
+        with result.checkpoint.as_directory() as directory:
+            shutil.copy(Path(directory) / CHECKPOINT_FILE, tmp / PRETRAINED_FILE)
+        scores = load_checkpoint(tmp / PRETRAINED_FILE).get("val_score", {})
+        (tmp / SCORES_FILE).write_text(json.dumps(scores, indent=2))
+        judge_pretrained(scores, classes, exp, strict=strict, echo=echo)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written, nothing untrusted, in the cache
+        raise
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
-    echo("pretrained networks: validation accuracy (SSIM for the generator) "
-         + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()) + f" -> {out}")
+    echo(f"pretrained networks -> {out}")
     return out / PRETRAINED_FILE
+
+
+def judge_pretrained(scores: dict[str, float], classes: dict[str, int], exp: ExperimentConfig, *, strict: bool,
+                     echo) -> None:
+    lines, warnings = check_pretrained(scores, classes, exp)
+    echo("pretrained networks, validation split:")
+    for line in lines:
+        echo(line)
+    for warning in warnings:
+        echo(f"warning: {warning}")
+    if strict and warnings:
+        raise PretrainingError(f"--strict: {len(warnings)} pretrained network(s) not to be trusted, stopping "
+                               f"before GAN training (first: {warnings[0]})")

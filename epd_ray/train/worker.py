@@ -7,6 +7,7 @@ real-pair pool, and reporting with a checkpoint written by rank 0 only (every ra
 
 from __future__ import annotations
 
+import itertools
 import random
 import tempfile
 from dataclasses import dataclass
@@ -56,7 +57,8 @@ KEEP_LIMIT_BYTES = 1 << 30  # a shard's pixels kept in worker memory at most (th
 
 
 class ShardBatches:
-    """This worker's Ray Data shard, one epoch per `epoch(seed)`, as float NCHW batches on its device.
+    """This worker's Ray Data shard, one pass per `epoch(seed)` (or pass after pass: `forever`), as float
+    NCHW batches on its device.
 
     The first epoch always streams from Ray Data (`ray.train.get_dataset_shard`). With `keep`, the rows of
     that complete pass stay in worker memory (up to KEEP_LIMIT_BYTES) and later epochs draw their batches
@@ -69,6 +71,18 @@ class ShardBatches:
     def __init__(self, setup: WorkerSetup, batch_size: int, *, dataset: str = "train", keep: bool = True):
         self.setup, self.batch_size, self.dataset, self.keep = setup, batch_size, dataset, keep
         self.kept: dict[str, torch.Tensor] | None = None
+
+    def forever(self, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches without end, pass after pass over the shard (pass n shuffled with `seed + n`): budgets are
+        counted in optimiser steps, so a loop takes as many batches as its steps and a small set wraps around."""
+        for n in itertools.count():
+            empty = True
+            for batch in self.epoch(seed + n):
+                empty = False
+                yield batch
+            if empty:
+                raise RuntimeError(f"the {self.dataset!r} shard of this worker holds fewer than batch_size = "
+                                   f"{self.batch_size} rows: lower the batch size or use fewer workers")
 
     def epoch(self, seed: int) -> Iterator[dict[str, torch.Tensor]]:
         if self.kept is not None:
@@ -105,14 +119,14 @@ def prepare_images(pixels: torch.Tensor | np.ndarray, setup: WorkerSetup) -> tor
     return x.contiguous(memory_format=torch.channels_last) if setup.channels_last else x
 
 
-def restore(default_epoch: int = 0) -> tuple[dict[str, Any] | None, int]:
-    """The payload of the checkpoint Ray Train hands back after a failure or resume, and the next epoch."""
+def restore() -> tuple[dict[str, Any] | None, int]:
+    """The payload of the checkpoint Ray Train hands back after a failure or resume, and the next round."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return None, default_epoch
+        return None, 0
     with checkpoint.as_directory() as directory:
         payload = load_checkpoint(Path(directory) / CHECKPOINT_FILE)
-    return payload, int(payload.get("epoch", -1)) + 1
+    return payload, int(payload.get("round", -1)) + 1
 
 
 def report(setup: WorkerSetup, metrics: dict[str, Any], payload: dict[str, Any] | None) -> None:

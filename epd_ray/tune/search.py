@@ -1,10 +1,11 @@
 """The search: Ray Tune with Optuna (TPE) over lambda1-3, Phi, alpha and mu.
 
 Two objectives (`search.objective`). `composite`: maximise J, with ASHA stopping weak trials on J per
-epoch; a trial counts at its best-J epoch. `pareto`: maximise privacy and utility (core.metrics.judged_metrics) together
+round (`train.report_every` optimiser steps); a trial counts at its best-J round. `pareto`: maximise privacy
+and utility (the two halves of J, `core.metrics.judged_metrics`) together
 (Optuna's multi-objective TPE); ASHA takes one metric, and stopping on J would cut exactly the trials at
-the ends of the front (high utility and low privacy, or the reverse), so every trial runs all its epochs,
-counts at its last epoch (the result Optuna is told) and keeps its latest checkpoints. The best model is
+the ends of the front (high utility and low privacy, or the reverse), so every trial runs all its rounds,
+counts at its last round (the result Optuna is told) and keeps its latest checkpoints. The best model is
 then the front's trial with the highest J.
 
 Each trial is a Tune function trainable that builds and fits its own Ray Train `TorchTrainer` (the Train V2
@@ -17,7 +18,7 @@ Faults: a trial whose Train run lost workers or nodes is retried by Tune (`train
 its Train run, found by name, continues from its latest checkpoint. A search whose driver was stopped
 resumes from the saved Tune state (`Tuner.restore`): finished trials are kept, unfinished and failed ones
 run again under their old trial id, and so continue from their latest checkpoint too. ASHA therefore counts
-epochs, which survive such restarts, not Tune's training iterations, which start again from 1.
+rounds as the trial reports them, which survive such restarts, not Tune's training iterations, which start again from 1.
 """
 
 from __future__ import annotations
@@ -38,11 +39,11 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from epd_ray.config import SEARCHED_KEYS, ExperimentConfig
+from epd_ray.config import SEARCHED_KEYS, ExperimentConfig, TrainConfig
 from epd_ray.core.metrics import pareto_front
 from epd_ray.data.stream import augmented
 from epd_ray.runtime import DATA_RESERVE_CPUS, RayRuntime, sigint_guard, storage_filesystem
-from epd_ray.train.gan import GanInputs, gan_loop
+from epd_ray.train.gan import GanInputs, gan_loop, rounds
 from epd_ray.train.worker import CHECKPOINT_FILE
 
 OBJECTIVE = "objective"
@@ -55,8 +56,8 @@ PAPER_POINT = {"phi": 0.25, "mu": 0.35}
 class TrialSummary:
     trial_id: str
     params: dict[str, float]
-    epochs: int
-    metrics: dict[str, Any]  # at the trial's best epoch
+    rounds: int
+    metrics: dict[str, Any]  # at the trial's best round
     checkpoint: str | None  # the checkpoint file, a path on the storage path's file system
     status: str
 
@@ -130,6 +131,11 @@ def gan_trainer(exp: ExperimentConfig, params: dict[str, float], *, train_data: 
     )
 
 
+def budget(train: TrainConfig) -> str:
+    """A training budget as the progress and summary lines state it."""
+    return f"{train.steps} steps in {rounds(train)} rounds of {train.report_every}"
+
+
 def trial_retries(exp: ExperimentConfig) -> ray.tune.FailureConfig:
     """Tune's retries of a failed trial, for every Tuner that runs `run_trial` (which leaves them to Tune)."""
     return ray.tune.FailureConfig(max_failures=exp.train.max_failures)
@@ -139,7 +145,7 @@ def run_trial(params: dict[str, float], *, experiment: dict, train_data: ray.dat
               storage_path: str) -> None:
     exp = ExperimentConfig.model_validate(experiment)
     trial_id = ray.tune.get_context().get_trial_id()
-    # No Train-level restarts inside a trial: when Tune stops a trial (ASHA, or at its last epoch) it ends the
+    # No Train-level restarts inside a trial: when Tune stops a trial (ASHA, or at its last round) it ends the
     # trial's process, and a Train controller on its way down would take its workers' deaths for a failure,
     # start a new worker group and leave that group's placement group (CPUs, GPUs) held for good. Tune
     # retries the failed trial instead (`train.max_failures` times), and the Train run resumes by name.
@@ -149,13 +155,13 @@ def run_trial(params: dict[str, float], *, experiment: dict, train_data: ray.dat
 
 
 class ProgressLine(ray.tune.Callback):
-    """One line per trial per epoch, instead of Tune's full tables.
+    """One line per trial per round, instead of Tune's full tables.
 
     Tune pickles its callbacks with the experiment state, so this holds no output function of its own.
     """
 
-    def __init__(self, epochs: int):
-        self.epochs = epochs
+    def __init__(self, train: TrainConfig):
+        self.rounds, self.steps = rounds(train), train.steps
 
     @staticmethod
     def echo(line: str) -> None:
@@ -164,8 +170,9 @@ class ProgressLine(ray.tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if OBJECTIVE not in result:
             return
-        epoch = f"epoch {result.get('epoch', '?')}/{self.epochs}{self.restart_note(result)}"
-        self.echo(f"  trial {trial.trial_id} {epoch}  "
+        done = (f"round {result.get('round', '?')}/{self.rounds} (step {result.get('step', '?')}/{self.steps})"
+                f"{self.restart_note(result)}")
+        self.echo(f"  trial {trial.trial_id} {done}  "
                   f"J={result[OBJECTIVE]:.3f} D={result.get('deid_rate', float('nan')):.2f} "
                   f"S={result.get('switching_deid_rate', float('nan')):.2f} "
                   f"E={result.get('emotion_preserved', float('nan')):.2f} "
@@ -175,12 +182,12 @@ class ProgressLine(ray.tune.Callback):
 
     @staticmethod
     def restart_note(result: dict) -> str:
-        """What a result after a restart is: an epoch trained from a checkpoint, or a finished trial's last."""
+        """What a result after a restart is: a round trained from a checkpoint, or a finished trial's last."""
         if result.get("replayed"):
             return " (finished before the stop)"
-        first = result.get("first_epoch", 1)
-        if first > 1 and result.get("epoch") == first:
-            return f" (resumed from its checkpoint of epoch {first - 1})"
+        first = result.get("first_round", 1)
+        if first > 1 and result.get("round") == first:
+            return f" (resumed from its checkpoint of round {first - 1})"
         return ""
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -194,7 +201,7 @@ class ProgressLine(ray.tune.Callback):
 
 
 def tune_settings(exp: ExperimentConfig, concurrency: int) -> ray.tune.TuneConfig:
-    """Composite: one metric, ASHA on it (counted in epochs, so a trial resumed from a checkpoint keeps its
+    """Composite: one metric, ASHA on it (counted in rounds, so a trial resumed from a checkpoint keeps its
     rung). Pareto: the two metrics go to OptunaSearch itself (Tune's own metric/mode take one metric only,
     so they stay unset) and Tune's default FIFO scheduler runs every trial to the end."""
     first = first_points(exp) or None
@@ -206,8 +213,8 @@ def tune_settings(exp: ExperimentConfig, concurrency: int) -> ray.tune.TuneConfi
     return ray.tune.TuneConfig(
         metric=OBJECTIVE, mode="max", num_samples=exp.search.num_samples, max_concurrent_trials=concurrency,
         search_alg=OptunaSearch(points_to_evaluate=first, seed=exp.search.seed),
-        scheduler=ASHAScheduler(time_attr="epoch", max_t=exp.train.epochs,
-                                grace_period=min(exp.search.grace_period, exp.train.epochs),
+        scheduler=ASHAScheduler(time_attr="round", max_t=rounds(exp.train),
+                                grace_period=min(exp.search.grace_period, rounds(exp.train)),
                                 reduction_factor=exp.search.reduction_factor),
     )
 
@@ -222,7 +229,7 @@ def run_search(exp: ExperimentConfig, *, train_data: ray.data.Dataset, inputs: G
                echo=print) -> SearchOutcome:
     """Run the search, or with `resume` continue the one saved under `storage_path` (a new one if none is).
 
-    With `fixed` params there is no search: one trial trains that setting for every epoch (`epd-ray train`),
+    With `fixed` params there is no search: one trial trains that setting for every round (`epd-ray train`),
     through the same trainable, checkpoints, progress lines, resume and summary as a search's trials.
     """
     started = time.time()
@@ -238,25 +245,25 @@ def run_search(exp: ExperimentConfig, *, train_data: ray.data.Dataset, inputs: G
         tuner = ray.tune.Tuner.restore(saved, trainable, resume_unfinished=True, restart_errored=True)
     else:
         if fixed:
-            echo(f"train: one setting, {exp.train.epochs} epochs: "
+            echo(f"train: one setting, {budget(exp.train)}: "
                  + ", ".join(f"{k}={v:.3g}" for k, v in fixed.items()))
         else:
             stopping = ("no early stopping (pareto: privacy and utility)" if is_pareto(exp)
                         else f"ASHA grace {exp.search.grace_period}")
             echo(f"search: {exp.search.num_samples} trials, {concurrency} at a time, "
-                 f"{exp.train.epochs} epochs each, {stopping}")
+                 f"{budget(exp.train)} each, {stopping}")
         tuner = ray.tune.Tuner(
             trainable,
             param_space=dict(fixed) if fixed else search_space(exp),
             tune_config=ray.tune.TuneConfig(num_samples=1) if fixed else tune_settings(exp, concurrency),
             run_config=ray.tune.RunConfig(name=SEARCH_NAME, storage_path=storage_path, verbose=0,
-                                          callbacks=[ProgressLine(exp.train.epochs)],
+                                          callbacks=[ProgressLine(exp.train)],
                                           failure_config=trial_retries(exp)),
         )
     with sigint_guard():
         grid = tuner.fit()
     filesystem = storage_filesystem(storage_path)
-    trials = [summarise(result, filesystem, last_epoch=is_pareto(exp)) for result in grid]
+    trials = [summarise(result, filesystem, last_round=is_pareto(exp)) for result in grid]
     scored = [t for t in trials if t.checkpoint is not None]
     if not scored:
         raise RuntimeError(f"no trial produced a checkpoint; see {grid.experiment_path}")
@@ -271,16 +278,16 @@ def pareto_trials(trials: list[TrialSummary]) -> list[TrialSummary]:
     return [t for t, optimal in zip(trials, pareto_front(points)) if optimal]
 
 
-def summarise(result: ray.tune.Result, filesystem: pyarrow.fs.FileSystem, *, last_epoch: bool = False) -> TrialSummary:
-    """A trial at the epoch it is judged at: its highest-J epoch, or with `last_epoch` its last one (what a
-    multi-objective Optuna is told); where that epoch's checkpoint is gone, the next in that order that kept one."""
+def summarise(result: ray.tune.Result, filesystem: pyarrow.fs.FileSystem, *, last_round: bool = False) -> TrialSummary:
+    """A trial at the round it is judged at: its highest-J round, or with `last_round` its last one (what a
+    multi-objective Optuna is told); where that round's checkpoint is gone, the next in that order that kept one."""
     frame: pd.DataFrame | None = result.metrics_dataframe
     params = {k: float(v) for k, v in (result.config or {}).items() if k in SEARCHED_KEYS}
     trial_id = str((result.metrics or {}).get("trial_id", Path(result.path).name))
     status = "error" if result.error else "ok"
     if frame is None or OBJECTIVE not in frame or frame.empty:
         return TrialSummary(trial_id, params, 0, {}, None, status)
-    frame = frame.sort_values("epoch" if last_epoch else OBJECTIVE, ascending=False, kind="stable")
+    frame = frame.sort_values("round" if last_round else OBJECTIVE, ascending=False, kind="stable")
     row, checkpoint = frame.iloc[0], None
     if "checkpoint_path" in frame:
         for _, candidate in frame.iterrows():
@@ -291,4 +298,4 @@ def summarise(result: ray.tune.Result, filesystem: pyarrow.fs.FileSystem, *, las
     metrics = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
     if bool(metrics.get("diverged")):
         status = "diverged"
-    return TrialSummary(trial_id, params, int(frame["epoch"].max()), metrics, checkpoint, status)
+    return TrialSummary(trial_id, params, int(frame["round"].max()), metrics, checkpoint, status)

@@ -1,0 +1,64 @@
+"""Progress from a Ray Train worker loop to the driver's output while `trainer.fit()` blocks the driver.
+
+epd-ray starts Ray with `log_to_driver` off (quiet), so a worker's prints never reach the terminal, and a
+`ray.train.report` per progress line would wait for the controller's poll each time. Instead rank 0 puts
+small dicts into a Ray queue (an actor that holds no CPU, so it never waits for the workers' cores) and a
+thread of the driver hands each to `echo` as it comes, on one node as on many.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Any, Callable
+
+import ray
+from ray.util.queue import Queue
+
+POLL_S = 0.2
+
+
+class ProgressFeed:
+    """Driver side: `with ProgressFeed(echo) as feed:` pass `feed.queue` to the workers, then fit."""
+
+    def __init__(self, echo: Callable[[dict[str, Any]], None]):
+        self.echo = echo
+        self.queue = Queue(actor_options={"num_cpus": 0})
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._pump, daemon=True)
+
+    def __enter__(self) -> "ProgressFeed":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._drain()  # what arrived after the last poll
+        ray.kill(self.queue.actor)
+
+    def _pump(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.echo(self.queue.get(timeout=POLL_S))
+            except queue.Empty:
+                continue
+            except Exception:  # the actor is gone (the cluster is shutting down): no more progress to show
+                return
+
+    def _drain(self) -> None:
+        try:
+            while True:
+                self.echo(self.queue.get_nowait())
+        except Exception:
+            return
+
+
+def send(feed: Queue | None, item: dict[str, Any]) -> None:
+    """Worker side: put one progress item; a lost feed never stops training."""
+    if feed is None:
+        return
+    try:
+        feed.put_nowait(item)
+    except Exception:
+        pass

@@ -1,0 +1,92 @@
+"""Pretraining you can watch and trust: progress lines while it runs, each network judged against chance
+after it, `--strict` stopping on one that has not learnt; and budgets that count optimiser steps."""
+
+from __future__ import annotations
+
+import itertools
+import re
+
+import pytest
+import torch
+
+from epd_ray.config import load_config
+from epd_ray.train.run import check_pretrained, clearly_above_chance
+from epd_ray.train.worker import ShardBatches, WorkerSetup
+
+NETWORKS = ("identity_verifier", "emotion_verifier", "identity_evaluator", "emotion_evaluator", "generator")
+
+
+@pytest.mark.parametrize("rows", [20, 300])
+def test_a_step_budget_takes_the_same_number_of_full_batches_at_any_data_size(rows):
+    """20 rows give 2 batches of 8 a pass, 300 give 37: 50 steps are 50 full batches either way, the small set
+    wrapping round 25 passes, each pass a fresh shuffle of the same rows."""
+    shard = ShardBatches(WorkerSetup(0, 1, torch.device("cpu"), "fp32", False), 8)
+    shard.kept = {"pixels": torch.zeros(rows, 4, 4, 3, dtype=torch.uint8), "identity": torch.arange(rows),
+                  "emotion": torch.zeros(rows, dtype=torch.int64)}
+    batches = list(itertools.islice(shard.forever(seed=0), 50))
+    assert len(batches) == 50 and all(len(b["identity"]) == 8 for b in batches)
+    per_pass = rows // 8
+    first, second = (torch.cat([b["identity"] for b in batches[k * per_pass:(k + 1) * per_pass]]) for k in (0, 1))
+    assert len(set(first.tolist())) == per_pass * 8 and not torch.equal(first, second)
+
+
+def test_a_shard_too_small_for_one_batch_is_an_error_not_an_endless_loop():
+    shard = ShardBatches(WorkerSetup(0, 1, torch.device("cpu"), "fp32", False), 8)
+    shard.kept = {"pixels": torch.zeros(5, 4, 4, 3, dtype=torch.uint8), "identity": torch.arange(5),
+                  "emotion": torch.zeros(5, dtype=torch.int64)}
+    with pytest.raises(RuntimeError, match="fewer than batch_size = 8 rows"):
+        next(shard.forever(seed=0))
+
+
+@pytest.mark.parametrize("classes, needed", [(2, 0.75), (4, 0.5), (7, 1 / 7 + 0.2), (12, 1 / 12 + 0.2),
+                                             (67, 1 / 67 + 0.2)])
+def test_clearly_above_chance_is_twice_chance_and_20_points_capped_halfway_to_perfect(classes, needed):
+    assert clearly_above_chance(classes) == pytest.approx(needed)
+
+
+def test_a_classifier_near_chance_and_a_blurry_warm_start_are_warned_about_by_name():
+    exp = load_config("smoke")
+    scores = {"identity_verifier": 0.98, "emotion_verifier": 0.2, "identity_evaluator": 0.3, "generator": 0.6}
+    lines, warnings = check_pretrained(scores, {"identity_verifier": 6, "identity_evaluator": 6,
+                                                "emotion_verifier": 7}, exp)
+    assert len(lines) == 4 and "chance 0.167" in lines[0] and "reconstruction SSIM 0.600" in lines[3]
+    assert [w.split(":")[0] for w in warnings] == ["emotion_verifier", "identity_evaluator", "generator (warm start)"]
+    assert "0.200 is not clearly above chance 0.143" in warnings[0] and "--emotion-data" in warnings[0]
+    assert f"verifiers.steps, now {exp.verifiers.steps}" in warnings[1] and "--emotion-data" not in warnings[1]
+    assert f"model.warm_start_steps, now {exp.model.warm_start_steps}" in warnings[2]
+
+
+def test_pretraining_shows_progress_per_network_while_it_runs_then_the_verdict(tiny_pretraining, tiny_experiment):
+    _, said = tiny_pretraining
+    lines = [line for _, line in said]
+    progress = {name: [(t, line) for t, line in said if re.match(rf"\s+{name}\s+step \d+/\d+  loss", line)]
+                for name in NETWORKS}
+    steps = tiny_experiment.verifiers.steps
+    for name, rows in progress.items():
+        assert rows, f"no progress line for {name}:\n" + "\n".join(lines)
+        total = tiny_experiment.model.warm_start_steps if name == "generator" else steps
+        assert f"step {total}/{total}" in rows[-1][1] and "left" in rows[-1][1]
+        assert ("val SSIM" if name == "generator" else "val acc") in rows[-1][1]
+    verdict = next(t for t, line in said if line == "pretrained networks, validation split:")
+    # shown as the networks finish, not all at once when pretraining is over
+    assert progress["identity_verifier"][-1][0] < verdict - 0.5
+    verdicts = lines[lines.index("pretrained networks, validation split:") + 1:]
+    assert sum("validation accuracy" in line and "chance" in line and not line.startswith("warning")
+               for line in verdicts) == 4 and any("reconstruction SSIM" in line for line in verdicts)
+    # 2 steps per network: the warm start cannot reconstruct faces yet, and says so
+    assert any(line.startswith("warning: generator (warm start)") for line in lines)
+
+
+def test_strict_stops_a_run_on_an_untrusted_network_and_leaves_nothing(tiny_tune_args, tiny_pretraining, tmp_path):
+    """The tiny cache's networks had 2 steps each: `tune --strict` reusing them stops before the search,
+    exit code 2, one line naming the network, and no run folder left behind."""
+    from typer.testing import CliRunner
+
+    from epd_ray.cli import app
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, [*tiny_tune_args, "--output", str(out), "--strict"])
+    assert result.exit_code == 2, result.output
+    assert "error: --strict:" in result.output and "generator (warm start)" in result.output
+    assert "pretrained networks: reusing" in result.output and "search:" not in result.output
+    assert not out.exists()
