@@ -104,8 +104,8 @@ def test_a_trial_spans_two_nodes_and_survives_losing_one(cluster, tiny_tune_args
     assert last_before + 1 <= first_after <= last_before + 2, epochs  # at most the epoch in flight lost
     assert [e for e, _ in epochs[restarted[0]:]] == list(range(first_after, epochs_wanted + 1)), epochs
     assert "retrying from its last checkpoint" in run.stdout
-    assert f"round {first_after}/{epochs_wanted} (step {first_after * 3}/{epochs_wanted * 3}) (resumed from its checkpoint of "
-            f"round {first_after - 1})" in run.stdout
+    assert (f"round {first_after}/{epochs_wanted} (step {first_after * 3}/{epochs_wanted * 3}) (resumed from its "
+            f"checkpoint of round {first_after - 1})") in run.stdout
     trials = json.loads((out / "report" / "metrics.json").read_text())["trials"]
     assert len(trials) == 1 and trials[0]["status"] == "ok" and trials[0]["rounds"] == epochs_wanted
     assert 0.0 <= trials[0]["metrics"]["objective"] <= 1.0
