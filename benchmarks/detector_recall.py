@@ -56,7 +56,7 @@ class Scene:
     condition: str
 
 
-def _photos() -> tuple[np.ndarray, list[np.ndarray]]:
+def photos() -> tuple[np.ndarray, list[np.ndarray]]:
     from skimage import data
 
     def rgb(image: np.ndarray) -> np.ndarray:
@@ -73,7 +73,7 @@ def _background(photo: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return cv2.resize(photo[y:y + side, x:x + side], CANVAS[::-1], interpolation=cv2.INTER_AREA)
 
 
-def _paste_face(canvas: np.ndarray, astronaut: np.ndarray, centre: tuple[float, float], width: float, angle: float,
+def paste_face(canvas: np.ndarray, astronaut: np.ndarray, centre: tuple[float, float], width: float, angle: float,
                 covered: bool, rng: np.random.Generator) -> Box:
     """Paste the astronaut's head with its face `width` px wide, turned by `angle` degrees, centred at
     `centre`; returns the face's true box."""
@@ -116,7 +116,7 @@ def make_scenes(images_per_condition: int, seed: int = 0, conditions: tuple[str,
     """The test set: `images_per_condition` images of each condition, `faces_per_image` faces each (one per
     cell of a 2 x 2 grid)."""
     rng = np.random.default_rng(seed)
-    astronaut, backgrounds = _photos()
+    astronaut, backgrounds = photos()
     h, w = CANVAS
     cells = [(cx, cy) for cy in (0, 1) for cx in (0, 1)][:faces_per_image]
     scenes = []
@@ -131,7 +131,7 @@ def make_scenes(images_per_condition: int, seed: int = 0, conditions: tuple[str,
                 x = rng.uniform(cx * w / 2 + reach, (cx + 1) * w / 2 - reach)
                 y = rng.uniform(cy * h / 2 + reach, (cy + 1) * h / 2 - reach) if reach < h / 4 else (cy + 0.5) * h / 2
                 signed = angle * (1 if rng.random() < 0.5 else -1)
-                truth.append(_paste_face(canvas, astronaut, (x, y), width, signed, covered, rng))
+                truth.append(paste_face(canvas, astronaut, (x, y), width, signed, covered, rng))
             scenes.append(Scene(canvas, truth, condition))
     return scenes
 
