@@ -21,7 +21,8 @@ BENCHMARKS = {
     "train_step": "one EPD-Net G+D update against a plain PyTorch pix2pix update (64/128/256 px, fp32/bf16)",
     "ray_overhead": "a GAN epoch in a Ray Train TorchTrainer against the same loop in plain PyTorch",
     "search": "trials per hour and time to the first result of the Tune search (reduced unless --full)",
-    "deidentify": "faces and video frames per second through a trained generator",
+    "deidentify": "faces and video frames per second through a trained generator, per face detector",
+    "detector_recall": "face detector recall, false positives and ms per megapixel: CenterFace against Haar",
     "ingest": "images per second into a training loop: the Ray Data stream against a DataLoader over PNG files",
 }
 HAS_FULL = {"train_step", "search"}

@@ -188,14 +188,26 @@ def deidentify_command(
     input_path: Path = typer.Argument(..., metavar="INPUT", help="an image, a folder (recursive) or a video"),
     output: Path = typer.Argument(..., metavar="OUTPUT", help="output file, or folder (relative names kept)"),
     aligned: bool = typer.Option(False, "--aligned", help="inputs are face crops: no detection, whole image replaced"),
-    min_face: int = typer.Option(40, "--min-face", help="smallest face side to detect, px"),
-    max_faces: int = typer.Option(20, "--max-faces", help="faces replaced per image/frame, largest first"),
+    detector: str = typer.Option("centerface", "--detector", help="face detector: centerface | haar"),
+    min_face: Optional[int] = typer.Option(None, "--min-face", help="smallest face side to detect, px "
+                                           "(default 16 with centerface, 40 with haar)"),
+    max_faces: int = typer.Option(20, "--max-faces", help="faces replaced per image/frame, largest first; "
+                                  "the rest are blurred"),
+    min_score: float = typer.Option(0.2, "--min-score", help="CenterFace confidence a face needs (0-1): lower "
+                                    "finds more (and more false) faces"),
     detector_threshold: int = typer.Option(5, "--detector-threshold",
                                            help="Haar minNeighbors: higher = fewer (false) detections"),
     scale_factor: float = typer.Option(1.1, "--scale-factor", help="Haar pyramid step (> 1; smaller finds more)"),
-    cascade: Optional[Path] = typer.Option(None, "--cascade", help="an OpenCV cascade XML instead of the bundled one"),
+    cascade: Optional[Path] = typer.Option(None, "--cascade", help="an OpenCV cascade XML instead of the bundled "
+                                           "one (with --detector haar)"),
     margin: float = typer.Option(0.25, "--margin", help="context around each detected face, fraction of its side"),
     on_no_face: str = typer.Option("blur", "--on-no-face", help="image with no face found: blur | copy | skip"),
+    detect_every: int = typer.Option(1, "--detect-every", help="video: detect on every N-th frame, track faces "
+                                     "in between"),
+    track_hold: int = typer.Option(10, "--track-hold", help="video: frames a face the detector misses stays "
+                                   "covered where its track moves"),
+    crf: int = typer.Option(18, "--crf", help="video quality, 0-51 (H.264 constant rate factor; lower = better, "
+                            "larger)"),
     batch_size: int = typer.Option(16, "--batch-size", help="faces per generator call"),
     device: str = typer.Option("auto", "--device", help="cpu | cuda | auto"),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | auto"),
@@ -208,9 +220,10 @@ def deidentify_command(
     from epd_ray.deploy.deidentify import DeidentifyOptions, deidentify
     from epd_ray.deploy.export import DeployError
 
-    options = DeidentifyOptions(aligned=aligned, min_face=min_face, max_faces=max_faces,
-                                detector_threshold=detector_threshold, scale_factor=scale_factor, cascade=cascade,
-                                margin=margin, on_no_face=on_no_face, batch_size=batch_size, device=device,
+    options = DeidentifyOptions(aligned=aligned, detector=detector, min_face=min_face, max_faces=max_faces,
+                                min_score=min_score, detector_threshold=detector_threshold, scale_factor=scale_factor,
+                                cascade=cascade, margin=margin, on_no_face=on_no_face, detect_every=detect_every,
+                                track_hold=track_hold, crf=crf, batch_size=batch_size, device=device,
                                 precision=precision, seed=seed, noise=noise, progress=progress)
     try:
         summary = deidentify(model, input_path, output, options,

@@ -41,6 +41,8 @@ class DataConfig(_Strict):
     variations: int = Field(10, ge=3, le=1000, description="synthetic source: images per identity and emotion")
     rafd_angles: tuple[str, ...] = Field(("090",), description="rafd: camera angles kept (000 045 090 135 180)")
     rafd_gazes: tuple[str, ...] = Field(("frontal", "left", "right"), description="rafd: gazes kept")
+    rafd_detector: Literal["centerface", "haar"] = Field("centerface", description="rafd: face detector of the "
+                                                         "head crop")
     include_contempt: bool = Field(False, description="keep RaFD's eighth class, contemptuous")
     label_map: dict[str, str] = Field(default_factory=dict, description="the set's own emotion labels to class "
                                       "names (e.g. {mad: angry}), besides the built-in synonyms (anger, happiness...)")

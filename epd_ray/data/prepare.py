@@ -13,6 +13,7 @@ the files) are unchanged; it is written to a temporary folder and renamed when c
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 from collections import Counter
@@ -30,6 +31,7 @@ from epd_ray.data.sources import DataError
 from epd_ray.data.decode import (DUPLICATE, MISSING, UNDECODABLE, UNKNOWN_LABEL, UNLABELLED, Face, Rejected,
                                  decode_face, square_crop)
 from epd_ray.data.shards import MANIFEST, SPLITS, read_manifest, split_per_identity, write_dataset
+from epd_ray.faces import Detector, make_detector
 
 REJECTS_FILE = "rejects.csv"
 NO_IDENTITY = -1  # FER2013 rows: an emotion label and no person
@@ -146,7 +148,11 @@ def take_in(data: DataConfig, classes: tuple[str, ...], *, strict: bool) -> Inta
     """Judge every candidate once: accepted with its labels, or rejected with file and reason."""
     intake = Intake()
     first_of: dict[str, str] = {}  # content digest -> first file with those bytes
-    crop = rafd_head_crop if data.source == "rafd" else square_crop
+    if data.source == "rafd":
+        detector = make_detector(data.rafd_detector, min_face=24)
+        crop = functools.partial(rafd_head_crop, detector=detector)
+    else:
+        crop = square_crop
     for item in items_of(data, intake.skipped):
         try:
             emotion, face, digest = judge_item(item, data, classes, crop)
@@ -194,17 +200,16 @@ def judge_item(item: sources.Item, data: DataConfig, classes: tuple[str, ...], c
     return emotion, face, hashlib.sha256(raw).hexdigest()
 
 
-def rafd_head_crop(image: Image.Image) -> Image.Image:
-    """The head in a RaFD full frame: the largest detected face grown by a margin to take in hair and chin,
-    else (no detection) a fixed box where RaFD's frontal camera puts the head (centred, upper half)."""
-    from epd_ray.deploy.faces import FaceDetector
-
-    rgb = np.asarray(image)
+def rafd_head_crop(image: Image.Image, detector: Detector) -> Image.Image:
+    """The head in a RaFD full frame: the largest detected face (of side at least an eighth of the frame's)
+    grown by a margin to take in hair and chin, else (no detection) a fixed box where RaFD's frontal camera
+    puts the head (centred, upper half). The margin is on the box's width: Haar's boxes are square,
+    CenterFace's as wide and taller (forehead to chin)."""
     width, height = image.size
-    boxes = FaceDetector(min_face=max(24, min(width, height) // 8)).detect(rgb)
+    boxes = [b for b in detector.detect(np.asarray(image)) if b.w >= min(width, height) // 8]
     if boxes:
         box = max(boxes, key=lambda b: b.area)
-        side = int(max(box.w, box.h) * 1.5)
+        side = int(box.w * 1.5)
         cx, cy = box.x + box.w / 2, box.y + box.h / 2
     else:
         side, cx, cy = int(min(width, 0.62 * width)), width / 2, 0.42 * height

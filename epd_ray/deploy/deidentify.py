@@ -1,15 +1,17 @@
 """`epd-ray deidentify MODEL INPUT OUTPUT`: de-identify an image, a folder of images and videos, or a video.
 
-Full images: faces found with OpenCV's Haar cascade, each cut out as a square with a margin, resized to
-the model's size, de-identified with its own noise seed, resized back and blended in with a feathered
-elliptical mask. `aligned=True`: every image (or frame) is a face crop that goes straight through.
+Full images: faces found with CenterFace (or OpenCV's Haar cascade, `detector="haar"`), each cut out as a
+square with a margin, resized to the model's size, de-identified with its own noise seed, resized back and
+blended in with a feathered elliptical mask turned by the face's roll. `aligned=True`: every image (or
+frame) is a face crop that goes straight through.
 
 Safety rules, checked before anything is written:
 * OUTPUT may not be an input file, nor inside the input folder; no output path may be an input path;
 * outputs are encoded from fresh pixel arrays, so no EXIF, GPS, ICC or text chunk of the input survives
   (EXIF orientation is applied to the pixels first, so the picture stays upright);
-* an image with no face found is reported and handled by `on_no_face` (default `blur`: the whole image
-  blurred), so a missed detection never publishes a clear face;
+* every face found is replaced (past `max_faces` per image, blurred); in video a face the detector misses
+  stays covered where its track moves (`track_hold` frames); an image with no face found is reported and
+  handled by `on_no_face` (default `blur`: the whole image blurred);
 * a corrupt or unreadable input is reported and skipped; the run goes on.
 """
 
@@ -29,7 +31,8 @@ from epd_ray.checkpoints import CheckpointError
 from epd_ray.deploy.batching import Batcher, Job
 from epd_ray.deploy.engine import FaceEngine
 from epd_ray.deploy.export import DeployError, load_model
-from epd_ray.deploy.faces import FaceDetector, blur_face, blur_image, face_region, seed_for
+from epd_ray.deploy.faces import blur_face, blur_image, face_region, seed_for
+from epd_ray.faces import DETECTORS, Detector, make_detector
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 VIDEO_EXTENSIONS = {".mp4", ".avi", ".mov", ".mkv", ".m4v", ".webm"}
@@ -39,13 +42,18 @@ ON_NO_FACE = ("blur", "copy", "skip")
 @dataclass
 class DeidentifyOptions:
     aligned: bool = False  # inputs are face crops: the whole image goes through the generator
-    min_face: int = 40  # smallest face side the detector looks for, px
-    max_faces: int = 20  # faces replaced per image/frame (largest first); the rest are blurred unless on_no_face=copy
+    detector: str = "centerface"  # centerface | haar
+    min_face: int | None = None  # smallest face side the detector looks for, px (None: 16 centerface, 40 haar)
+    max_faces: int = 20  # faces replaced per image/frame (largest first); the rest are blurred
+    min_score: float = 0.2  # CenterFace confidence a face needs: lower finds more faces and more false ones
     detector_threshold: int = 5  # Haar minNeighbors: higher finds fewer faces and fewer false ones
     scale_factor: float = 1.1  # Haar image pyramid step
     cascade: Path | None = None  # a user-given OpenCV cascade XML instead of the bundled frontal-face one
     margin: float = 0.25  # added around the detected box on each side, as a fraction of its side
     on_no_face: str = "blur"  # blur | copy | skip for an image (video: the frame) with no face found
+    detect_every: int = 1  # video: run the detector on every n-th frame, track faces in between
+    track_hold: int = 10  # video: frames a track the detector misses stays covered (past its next detection pass)
+    crf: int = 18  # video quality (x264/VP9 constant rate factor: lower is better and larger)
     batch_size: int = 16
     device: str = "auto"
     precision: str = "fp32"
@@ -58,8 +66,18 @@ class DeidentifyOptions:
             raise DeployError(f"--on-no-face must be one of {', '.join(ON_NO_FACE)}, got {self.on_no_face!r}")
         if self.max_faces < 1:
             raise DeployError(f"--max-faces must be >= 1, got {self.max_faces}")
-        if self.min_face < 8:
+        if self.detector not in DETECTORS:
+            raise DeployError(f"--detector must be one of {', '.join(DETECTORS)}, got {self.detector!r}")
+        if self.min_face is not None and self.min_face < 8:
             raise DeployError(f"--min-face must be >= 8 px, got {self.min_face}")
+        if not 0.0 < self.min_score < 1.0:
+            raise DeployError(f"--min-score must be in (0, 1), got {self.min_score}")
+        if self.detect_every < 1:
+            raise DeployError(f"--detect-every must be >= 1, got {self.detect_every}")
+        if self.track_hold < 0:
+            raise DeployError(f"--track-hold must be >= 0, got {self.track_hold}")
+        if not 0 <= self.crf <= 51:
+            raise DeployError(f"--crf must be in [0, 51], got {self.crf}")
         if self.detector_threshold < 0:
             raise DeployError(f"--detector-threshold must be >= 0, got {self.detector_threshold}")
         if not self.scale_factor > 1.0:
@@ -83,6 +101,8 @@ class Summary:
     frames: int = 0
     faces_found: int = 0
     faces_replaced: int = 0
+    faces_tracked: int = 0  # video: faces covered in frames where the detector did not find them (tracking alone)
+    faces_blurred: int = 0  # faces past max_faces, blurred
     written: int = 0
     per_file: dict[str, int] = field(default_factory=dict)  # relative name -> faces found (video: detections)
     no_face: list[str] = field(default_factory=list)
@@ -96,7 +116,9 @@ class Summary:
         out = [f"files: {self.files} ({self.images} images, {self.videos} videos"
                + (f", {self.frames} frames" if self.videos else "") + f"), {len(self.failed)} failed, "
                f"{self.written} written",
-               f"faces found: {self.faces_found}, faces replaced: {self.faces_replaced}",
+               f"faces found: {self.faces_found}, faces replaced: {self.faces_replaced}"
+               + (f", covered by tracking alone: {self.faces_tracked}" if self.videos else "")
+               + (f", blurred past --max-faces: {self.faces_blurred}" if self.faces_blurred else ""),
                f"files with no face: {len(self.no_face)}"]
         if 0 < len(self.per_file) <= per_file_limit:
             out += [f"  {rel}: {n} face{'s' if n != 1 else ''}" for rel, n in self.per_file.items()]
@@ -114,7 +136,7 @@ class Summary:
     def as_dict(self) -> dict[str, Any]:
         return {"output": str(self.output), "files": self.files, "images": self.images, "videos": self.videos,
                 "frames": self.frames, "faces_found": self.faces_found, "faces_replaced": self.faces_replaced,
-                "written": self.written, "per_file": dict(self.per_file), "no_face": list(self.no_face),
+                "faces_tracked": self.faces_tracked, "faces_blurred": self.faces_blurred, "written": self.written, "per_file": dict(self.per_file), "no_face": list(self.no_face),
                 "skipped": list(self.skipped), "failed": [list(f) for f in self.failed],
                 "unsupported": list(self.unsupported), "warnings": list(self.warnings)}
 
@@ -227,7 +249,7 @@ class _LineProgress:
 class Context:
     options: DeidentifyOptions
     engine: FaceEngine
-    detector: FaceDetector | None
+    detector: Detector | None
     summary: Summary
     warn: Callable[[str], None]
 
@@ -256,8 +278,9 @@ def deidentify(model: Path, input_path: Path, output: Path, options: DeidentifyO
     try:
         engine = FaceEngine(load_model(model), device=options.device, precision=options.precision,
                             batch_size=options.batch_size, noise=options.noise)
-        detector = None if options.aligned else FaceDetector(options.min_face, options.detector_threshold,
-                                                             options.scale_factor, options.cascade)
+        detector = None if options.aligned else make_detector(
+            options.detector, options.min_face, options.min_score, options.detector_threshold, options.scale_factor,
+            options.cascade)
     except ValueError as exc:
         if isinstance(exc, (DeployError, CheckpointError)):
             raise
@@ -324,9 +347,9 @@ def _image(item: Item, ctx: Context, batcher: Batcher) -> None:
             writer(0)(blur_image(rgb) if opts.on_no_face == "blur" else rgb)
         return
     keep, extra = boxes[:opts.max_faces], boxes[opts.max_faces:]
-    if opts.on_no_face != "copy":
-        for box in extra:
-            blur_face(rgb, face_region(box, opts.margin))
+    for box in extra:
+        blur_face(rgb, face_region(box, opts.margin))
+    summary.faces_blurred += len(extra)
     faces = [(face_region(box, opts.margin), seed_for(opts.seed, item.rel, i)) for i, box in enumerate(keep)]
     batcher.add(Job(rgb, faces, done=writer(len(faces)), fail=fail))
 
@@ -344,6 +367,8 @@ def _video(item: Item, ctx: Context) -> None:
     summary.frames += counts["frames"]
     summary.faces_found += counts["faces"]
     summary.faces_replaced += counts["replaced"]
+    summary.faces_tracked += counts["tracked"]
+    summary.faces_blurred += counts["blurred"]
     summary.per_file[item.rel] = counts["faces"]
     if not ctx.options.aligned and counts["faces"] == 0:
         summary.no_face.append(item.rel)

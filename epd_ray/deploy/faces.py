@@ -1,79 +1,24 @@
-"""Finding faces, cutting them out, blending de-identified faces back, and tracking them across frames.
+"""Cutting faces out, blending de-identified faces back, and tracking them across video frames.
 
-Images here are uint8 RGB HWC numpy arrays. Detection uses OpenCV's Haar cascade (the frontal-face model
-that ships inside opencv-python-headless), or a cascade file the user gives.
+Images here are uint8 RGB HWC numpy arrays; faces come from `epd_ray.faces` detectors as `Box`es.
 """
 
 from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import cv2
 import numpy as np
 
 from epd_ray.core.baselines import gaussian_blur
 from epd_ray.core.images import to_tensor, to_uint8
-
-DEFAULT_CASCADE = "haarcascade_frontalface_default.xml"
-
-
-@dataclass(frozen=True)
-class Box:
-    """A face rectangle in pixels (x, y: top-left corner)."""
-
-    x: int
-    y: int
-    w: int
-    h: int
-
-    @property
-    def area(self) -> int:
-        return self.w * self.h
-
-    def iou(self, other: "Box") -> float:
-        ix = max(0, min(self.x + self.w, other.x + other.w) - max(self.x, other.x))
-        iy = max(0, min(self.y + self.h, other.y + other.h) - max(self.y, other.y))
-        inter = ix * iy
-        union = self.area + other.area - inter
-        return inter / union if union > 0 else 0.0
+from epd_ray.faces import Box
 
 
 def seed_for(*parts: object) -> int:
     """A stable 31-bit seed from any printable parts (the same parts give the same seed in every run)."""
     return zlib.crc32(repr(parts).encode()) & 0x7FFFFFFF
-
-
-class FaceDetector:
-    """Haar-cascade face detector: `min_face` px smallest side, `min_neighbors` (higher: fewer false
-    positives, more misses), `scale_factor` (image pyramid step, > 1; smaller: slower, finds more)."""
-
-    def __init__(self, min_face: int = 40, min_neighbors: int = 5, scale_factor: float = 1.1,
-                 cascade: Path | str | None = None):
-        if min_face < 8:
-            raise ValueError(f"min_face must be >= 8 px, got {min_face}")
-        if min_neighbors < 0:
-            raise ValueError(f"detector threshold (minNeighbors) must be >= 0, got {min_neighbors}")
-        if not scale_factor > 1.0:
-            raise ValueError(f"scale factor must be > 1, got {scale_factor}")
-        path = Path(cascade) if cascade is not None else Path(cv2.data.haarcascades) / DEFAULT_CASCADE
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such cascade file")
-        self.classifier = cv2.CascadeClassifier(str(path))
-        if self.classifier.empty():
-            raise ValueError(f"{path}: OpenCV cannot load this cascade file")
-        self.min_face = int(min_face)
-        self.min_neighbors = int(min_neighbors)
-        self.scale_factor = float(scale_factor)
-
-    def detect(self, rgb: np.ndarray) -> list[Box]:
-        """Faces in an RGB image, largest first."""
-        grey = cv2.equalizeHist(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY))
-        found = self.classifier.detectMultiScale(grey, scaleFactor=self.scale_factor, minNeighbors=self.min_neighbors,
-                                                 minSize=(self.min_face, self.min_face))
-        boxes = [Box(int(x), int(y), int(w), int(h)) for x, y, w, h in (found if len(found) else [])]
-        return sorted(boxes, key=lambda b: -b.area)
 
 
 @dataclass(frozen=True)
@@ -114,8 +59,9 @@ def resize(image: np.ndarray, side_w: int, side_h: int | None = None) -> np.ndar
 def face_mask(region: Region, feather: float = 0.08) -> np.ndarray:
     """Soft elliptical mask (float32, side x side, 1 inside the face, 0 at the square's edge).
 
-    The ellipse covers the detected box with some room (Haar boxes cut the chin and forehead); the edge is
-    feathered with a Gaussian of `feather` * side, placed so the box itself stays fully replaced.
+    The ellipse covers the detected box with some room (Haar boxes cut the chin and forehead), turned by the
+    face's roll when the detector gave landmarks; the edge is feathered with a Gaussian of `feather` * side,
+    placed so the box itself stays fully replaced.
     """
     s, b = region.side, region.box
     cx, cy = b.x + b.w / 2.0 - region.x0, b.y + b.h / 2.0 - region.y0
@@ -123,7 +69,7 @@ def face_mask(region: Region, feather: float = 0.08) -> np.ndarray:
     ax = min(b.w * 0.62 + sigma, s / 2.0 - 1.5 * sigma)
     ay = min(b.h * 0.72 + sigma, s / 2.0 - 1.5 * sigma)
     mask = np.zeros((s, s), np.float32)
-    cv2.ellipse(mask, (int(round(cx)), int(round(cy))), (max(1, int(ax)), max(1, int(ay))), 0, 0, 360, 1.0, -1)
+    cv2.ellipse(mask, (int(round(cx)), int(round(cy))), (max(1, int(ax)), max(1, int(ay))), b.roll, 0, 360, 1.0, -1)
     k = 2 * int(np.ceil(3 * sigma)) + 1
     return cv2.GaussianBlur(mask, (k, k), sigma)
 
@@ -158,52 +104,106 @@ def blur_face(image: np.ndarray, region: Region) -> None:
     paste(image, region, blur_image(cut(image, region)), face_mask(region))
 
 
-class IoUTracker:
-    """Greedy IoU tracking of face boxes across video frames.
+@dataclass
+class Track:
+    box: Box  # where the face is in the latest frame (detected, followed or predicted)
+    vx: float = 0.0  # the box's motion, px per frame
+    vy: float = 0.0
+    last_detected: int = 0  # frame index of its latest detection
+    patch: np.ndarray | None = None  # grey face patch from its latest detection, for template tracking
+    scale: float = 1.0  # patch px per image px
 
-    Each track gets a fixed seed, so the generator draws the same noise z for the same face in every
-    frame (no flicker). A track missed for up to `max_missed` frames keeps its last box (and stays
-    replaced), so a detector's brief miss does not show the face.
+
+class IoUTracker:
+    """Tracks of face boxes across video frames, so that a face the detector misses is still covered.
+
+    Detections join tracks by IoU with each track's box moved by its velocity. A track the detector did not
+    find in a frame (it missed, or `detect_every` > 1 skipped that frame) is followed there: its box moved by
+    its velocity, then snapped to where its face patch matches best nearby (template matching, when a frame
+    is given). It keeps being covered until `hold` frames past the next detection pass after its latest
+    detection, then ends. Each track gets a fixed seed, so the generator draws the same noise z for the same
+    face in every frame (no flicker). `tracked_only` counts faces covered without a detection in the frame.
     """
 
-    def __init__(self, base_seed: int, iou_threshold: float = 0.3, max_missed: int = 5):
+    PATCH = 32  # template side, px: matching cost does not grow with the face's size
+    MATCH = 0.6  # least normalised correlation for a template match to move the box
+
+    def __init__(self, base_seed: int, iou_threshold: float = 0.3, hold: int = 10, detect_every: int = 1):
         self.base_seed = base_seed
         self.iou_threshold = iou_threshold
-        self.max_missed = max_missed
-        self.tracks: dict[int, tuple[Box, int]] = {}  # id -> (last box, frames missed)
+        self.expire = hold + detect_every - 1  # frames past its latest detection a track is kept
+        self.tracks: dict[int, Track] = {}
         self.next_id = 0
+        self.frame = -1
+        self.tracked_only = 0
 
     def seed(self, track_id: int) -> int:
         return seed_for(self.base_seed, "track", track_id)
 
-    def update(self, boxes: list[Box]) -> list[tuple[Box, int]]:
-        """(box, track id) of every face to replace in this frame: detections, then coasting tracks."""
-        pairs = sorted(((box.iou(tb), i, tid) for i, box in enumerate(boxes)
-                        for tid, (tb, _) in self.tracks.items()), reverse=True)
+    def update(self, boxes: list[Box] | None, rgb: np.ndarray | None = None) -> list[tuple[Box, int]]:
+        """(box, track id) of every face to cover in this frame: detections first, then followed tracks.
+        `boxes` None: the detector did not run on this frame. `rgb`: the frame, for template tracking."""
+        self.frame += 1
+        grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY) if rgb is not None else None
+        predicted = {tid: t.box.moved(t.vx, t.vy) for tid, t in self.tracks.items()}
+        pairs = sorted(((box.iou(pb), i, tid) for i, box in enumerate(boxes or [])
+                        for tid, pb in predicted.items()), reverse=True)
         assigned: dict[int, int] = {}
-        used: set[int] = set()
         for iou, i, tid in pairs:
             if iou < self.iou_threshold:
                 break
-            if i in assigned or tid in used:
-                continue
-            assigned[i] = tid
-            used.add(tid)
-        out = []
-        for i, box in enumerate(boxes):
+            if i not in assigned and tid not in assigned.values():
+                assigned[i] = tid
+        out, found = [], set()
+        for i, box in enumerate(boxes or []):
             tid = assigned.get(i)
             if tid is None:
                 tid, self.next_id = self.next_id, self.next_id + 1
-            self.tracks[tid] = (box, 0)
+                self.tracks[tid] = Track(box)
+            self._move(self.tracks[tid], box)
+            track = self.tracks[tid]
+            track.last_detected = self.frame
+            if grey is not None:
+                track.patch, track.scale = self._patch(grey, box)
             out.append((box, tid))
-        for tid in list(self.tracks):
-            if tid in used or any(t == tid for _, t in out):
-                continue
-            box, missed = self.tracks[tid]
-            if missed + 1 > self.max_missed:
+            found.add(tid)
+        for tid in [t for t in self.tracks if t not in found]:
+            track = self.tracks[tid]
+            if self.frame - track.last_detected > self.expire:
                 del self.tracks[tid]
-            else:
-                self.tracks[tid] = (box, missed + 1)
-                out.append((box, tid))
+                continue
+            self._move(track, self._follow(track, predicted[tid], grey))
+            out.append((track.box, tid))
+            self.tracked_only += 1
         return out
 
+    @staticmethod
+    def _move(track: Track, box: Box) -> None:
+        dx = box.x + box.w / 2 - (track.box.x + track.box.w / 2)
+        dy = box.y + box.h / 2 - (track.box.y + track.box.h / 2)
+        track.vx, track.vy = 0.5 * track.vx + 0.5 * dx, 0.5 * track.vy + 0.5 * dy
+        track.box = box
+
+    def _patch(self, grey: np.ndarray, box: Box) -> tuple[np.ndarray | None, float]:
+        """The box's grey patch scaled to PATCH px at most, and that scale; None for a box past the border."""
+        scale = min(1.0, self.PATCH / max(box.w, box.h))
+        if box.x < 0 or box.y < 0 or box.x + box.w > grey.shape[1] or box.y + box.h > grey.shape[0]:
+            return None, 1.0
+        crop = grey[box.y:box.y + box.h, box.x:box.x + box.w]
+        return cv2.resize(crop, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA), scale
+
+    def _follow(self, track: Track, predicted: Box, grey: np.ndarray | None) -> Box:
+        """The predicted box, moved to where the track's patch matches best within half a face of it."""
+        if grey is None or track.patch is None:
+            return predicted
+        s, reach = track.scale, max(predicted.w, predicted.h) // 2
+        x0, y0 = max(0, predicted.x - reach), max(0, predicted.y - reach)
+        window = grey[y0:max(y0, predicted.y + predicted.h + reach), x0:max(x0, predicted.x + predicted.w + reach)]
+        window = cv2.resize(window, None, fx=s, fy=s, interpolation=cv2.INTER_AREA) if s < 1.0 else window
+        ph, pw = track.patch.shape
+        if window.shape[0] < ph or window.shape[1] < pw:
+            return predicted
+        _, best, _, (mx, my) = cv2.minMaxLoc(cv2.matchTemplate(window, track.patch, cv2.TM_CCOEFF_NORMED))
+        if best < self.MATCH:
+            return predicted
+        return predicted.moved(x0 + mx / s - predicted.x, y0 + my / s - predicted.y)

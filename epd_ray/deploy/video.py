@@ -1,20 +1,23 @@
-"""De-identify a video file: frames read and written with OpenCV (same fps, size and frame count).
+"""De-identify a video file: frames read with OpenCV, written with the ffmpeg binary that imageio-ffmpeg
+ships (H.264, or VP9 for .webm; the input's fps, size and frame count; `crf` sets the quality), then the
+input's audio is muxed back in (AAC, Opus for .webm) with no metadata of the input.
 
-Faces are tracked across frames by IoU and each track keeps one noise seed, so a face's replacement
-does not flicker. OpenCV does not carry audio: with `ffmpeg` on PATH the input's audio is muxed back,
-without it a warning says the output is silent.
+Faces are tracked across frames (`IoUTracker`): a face the detector misses in a frame, or a frame the
+detector skips (`detect_every`), is covered where its track puts it, and each track keeps one noise seed, so
+a face's replacement does not flicker.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import cv2
+import imageio_ffmpeg
 import numpy as np
 
 from epd_ray.deploy.batching import Batcher, Job
@@ -23,21 +26,71 @@ from epd_ray.deploy.faces import IoUTracker, blur_face, blur_image, face_region,
 if TYPE_CHECKING:
     from epd_ray.deploy.deidentify import Context
 
-FOURCC = {".avi": "MJPG", ".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".mkv": "MJPG", ".webm": "VP80"}
 DEFAULT_FPS = 25.0
+WEBM = {"video": ["-c:v", "libvpx-vp9", "-b:v", "0", "-row-mt", "1"], "audio": ["-c:a", "libopus"]}
+H264 = {"video": ["-c:v", "libx264", "-preset", "medium"], "audio": ["-c:a", "aac"]}
 
 
 class VideoError(RuntimeError):
     pass
 
 
+def ffmpeg_exe() -> str:
+    """imageio-ffmpeg's bundled ffmpeg (or the one IMAGEIO_FFMPEG_EXE names)."""
+    return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+def codecs(path: Path) -> dict[str, list[str]]:
+    return WEBM if path.suffix.lower() == ".webm" else H264
+
+
+class Encoder:
+    """RGB frames piped into ffmpeg: H.264 (VP9 for .webm) at `crf`, `fps`, w x h, no audio, no metadata."""
+
+    def __init__(self, path: Path, width: int, height: int, fps: float, crf: int):
+        # 4:2:0 chroma (what every player takes) needs an even width and height; odd sizes keep 4:4:4
+        pix_fmt = "yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p"
+        cmd = [ffmpeg_exe(), "-v", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}",
+               "-r", repr(float(fps)), "-i", "-", *codecs(path)["video"], "-crf", str(crf), "-pix_fmt", pix_fmt,
+               "-an", "-map_metadata", "-1", str(path)]
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self.log)
+
+    def _error(self) -> VideoError:
+        self.log.seek(0)
+        lines = self.log.read().decode(errors="replace").strip().splitlines()
+        return VideoError(f"ffmpeg could not encode the video ({lines[-1] if lines else 'no message'})")
+
+    def write(self, rgb: np.ndarray) -> None:
+        try:
+            self.proc.stdin.write(np.ascontiguousarray(rgb).tobytes())
+        except (BrokenPipeError, OSError):
+            self.proc.wait()
+            raise self._error() from None
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        if self.proc.wait() != 0:
+            raise self._error()
+        self.log.close()
+
+    def abort(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self.log.close()
+
+
 def process_video(src: Path, dst: Path, rel: str, ctx: "Context") -> dict[str, Any]:
-    """Write the de-identified video to dst; returns per-file counts (frames, faces, tracks, no-face frames)."""
+    """Write the de-identified video to dst; returns per-file counts (frames, faces found, replaced, covered
+    by tracking alone, blurred past max_faces, tracks, no-face frames)."""
     cap = cv2.VideoCapture(str(src))
     if not cap.isOpened():
         raise VideoError("OpenCV cannot open this video")
     tmp = dst.parent / f".{dst.stem}.partial{dst.suffix}"
-    writer = None
+    encoder = None
     try:
         fps = cap.get(cv2.CAP_PROP_FPS)
         fps = fps if fps and math.isfinite(fps) and fps > 0 else DEFAULT_FPS
@@ -47,17 +100,12 @@ def process_video(src: Path, dst: Path, rel: str, ctx: "Context") -> dict[str, A
             raise VideoError("no frame could be read")
         h, w = frame.shape[:2]
         dst.parent.mkdir(parents=True, exist_ok=True)
-        writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*FOURCC.get(dst.suffix.lower(), "mp4v")), fps, (w, h))
-        if not writer.isOpened():
-            raise VideoError(f"OpenCV cannot write {dst.suffix} video here")
         opts = ctx.options
-        tracker = IoUTracker(seed_for(opts.seed, rel, "video"))
+        encoder = Encoder(tmp, w, h, fps, opts.crf)
+        tracker = IoUTracker(seed_for(opts.seed, rel, "video"), hold=opts.track_hold, detect_every=opts.detect_every)
         batcher = Batcher(ctx.engine)
-        counts = {"frames": 0, "faces": 0, "replaced": 0, "tracks": 0, "no_face_frames": 0}
-
-        def write(image: np.ndarray) -> None:
-            writer.write(cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-
+        counts = {"frames": 0, "faces": 0, "replaced": 0, "tracked": 0, "blurred": 0, "tracks": 0,
+                  "no_face_frames": 0}
         bar = ctx.progress(total=expected or None, desc=rel, unit="frame", leave=False)
         try:
             while ok:
@@ -65,20 +113,20 @@ def process_video(src: Path, dst: Path, rel: str, ctx: "Context") -> dict[str, A
                 if rgb.shape[:2] != (h, w):
                     rgb = cv2.resize(rgb, (w, h))
                 if opts.aligned:
-                    batcher.add(Job(rgb, done=write, aligned_seed=seed_for(opts.seed, rel, "aligned")))
+                    batcher.add(Job(rgb, done=encoder.write, aligned_seed=seed_for(opts.seed, rel, "aligned")))
                 else:
-                    boxes = ctx.detector.detect(rgb)
-                    counts["faces"] += len(boxes)
-                    for extra in boxes[opts.max_faces:]:
-                        if opts.on_no_face != "copy":
-                            blur_face(rgb, face_region(extra, opts.margin))
-                    tracked = tracker.update(boxes[:opts.max_faces])
+                    boxes = ctx.detector.detect(rgb) if counts["frames"] % opts.detect_every == 0 else None
+                    counts["faces"] += len(boxes or [])
+                    tracked = tracker.update(None if boxes is None else boxes[:opts.max_faces], rgb)
+                    for extra in (boxes or [])[opts.max_faces:]:
+                        blur_face(rgb, face_region(extra, opts.margin))
+                        counts["blurred"] += 1
                     if not tracked:
                         counts["no_face_frames"] += 1
                         if opts.on_no_face == "blur":
                             rgb = blur_image(rgb)
                     faces = [(face_region(box, opts.margin), tracker.seed(tid)) for box, tid in tracked]
-                    batcher.add(Job(rgb, faces, done=write))
+                    batcher.add(Job(rgb, faces, done=encoder.write))
                 counts["frames"] += 1
                 bar.update(1)
                 ok, frame = cap.read()
@@ -86,9 +134,10 @@ def process_video(src: Path, dst: Path, rel: str, ctx: "Context") -> dict[str, A
         finally:
             bar.close()
         counts["replaced"] = batcher.replaced
+        counts["tracked"] = tracker.tracked_only
         counts["tracks"] = tracker.next_id
-        writer.release()
-        writer = None
+        encoder.close()
+        encoder = None
         if not opts.aligned and counts["faces"] == 0 and opts.on_no_face == "skip":
             tmp.unlink(missing_ok=True)
             counts["skipped"] = True
@@ -96,8 +145,8 @@ def process_video(src: Path, dst: Path, rel: str, ctx: "Context") -> dict[str, A
         mux_audio(src, tmp, dst, ctx.warn)
         return counts
     except BaseException:
-        if writer is not None:
-            writer.release()
+        if encoder is not None:
+            encoder.abort()
         tmp.unlink(missing_ok=True)
         raise
     finally:
@@ -105,16 +154,12 @@ def process_video(src: Path, dst: Path, rel: str, ctx: "Context") -> dict[str, A
 
 
 def mux_audio(src: Path, video: Path, dst: Path, warn: Callable[[str], None]) -> None:
-    """Move `video` to dst, with src's audio track (if any) muxed back when ffmpeg is on PATH."""
-    ffmpeg = shutil.which("ffmpeg")
-    if ffmpeg is None:
-        warn("audio is not copied to de-identified videos: OpenCV drops audio and ffmpeg is not on PATH "
-             "(install ffmpeg to keep it)")
-        os.replace(video, dst)
-        return
+    """Move `video` to dst with src's audio (if any) re-encoded into it; the input's metadata and chapters
+    are dropped. When ffmpeg fails at this step the video is kept without sound and a warning says so."""
     muxed = video.with_name(video.stem + ".audio" + video.suffix)
-    cmd = [ffmpeg, "-nostdin", "-v", "error", "-y", "-i", str(video), "-i", str(src), "-map", "0:v:0", "-map", "1:a?",
-           "-c:v", "copy", "-c:a", "copy", "-map_metadata", "-1", "-map_chapters", "-1", "-shortest", str(muxed)]
+    cmd = [ffmpeg_exe(), "-nostdin", "-v", "error", "-y", "-i", str(video), "-i", str(src), "-map", "0:v:0",
+           "-map", "1:a?", "-c:v", "copy", *codecs(dst)["audio"], "-map_metadata", "-1", "-map_chapters", "-1",
+           "-shortest", str(muxed)]
     try:
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
         if result.returncode == 0 and muxed.is_file():
