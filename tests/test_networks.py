@@ -245,3 +245,37 @@ def test_bf16_autocast_and_channels_last(kind):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = _forward(kind, net, x.detach()).float()
     assert (low - ref).abs().max() <= 0.1 * ref.abs().max() + 0.05
+
+
+def test_cpu_training_avoids_the_channels_last_layout_that_crashes_onednn():
+    """oneDNN's channels-last weight gradient of 1x1 convolutions crashes the process on CPU at some shapes
+    (mini-Xception at 64 px, a last batch of 15 in bf16): the workers keep CPU tensors contiguous. Run in a
+    subprocess so that a regression fails this test instead of killing the test run."""
+    import subprocess
+    import sys
+
+    from epd_ray.train.worker import use_channels_last
+
+    assert not use_channels_last(True, torch.device("cpu")) and use_channels_last(True, torch.device("cuda"))
+    script = """
+import torch
+from epd_ray.core.networks import build_network
+from epd_ray.core.precision import autocast
+from epd_ray.train.worker import use_channels_last
+cpu = torch.device("cpu")
+net = build_network("emotion_verifier")
+layout = torch.channels_last if use_channels_last(True, cpu) else torch.contiguous_format
+net = net.to(memory_format=layout)
+optimiser = torch.optim.Adam(net.parameters(), 1e-3)
+for precision in ("bf16", "fp32"):
+    for batch in (32, 15):
+        x = (torch.rand(batch, 3, 64, 64) * 2 - 1).contiguous(memory_format=layout)
+        with autocast(cpu, precision):
+            loss = net(x).float().logsumexp(1).mean()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+print("trained")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "trained" in done.stdout, done.stderr[-2000:]
