@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 import typer
 import yaml
 
-from epd_ray.config import ConfigError, load_config, preset_names
+from epd_ray.config import ConfigError, default_preset, load_config, preset_names
 from epd_ray.data.sources import DataError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -48,7 +48,8 @@ def parse_label_map(text: str) -> dict[str, str]:
 
 
 ConfigOption = Annotated[Optional[str], typer.Option(
-    "--config", "-c", help=f"preset ({', '.join(preset_names())}) or YAML file; default quick")]
+    "--config", "-c", help=f"preset ({', '.join(preset_names())}) or YAML file; default quick, or faces when "
+                           "--data holds real faces")]
 OutputOption = Annotated[Optional[Path], typer.Option("--output", "-o", help="run folder; default runs/<name>-<time>")]
 AddressOption = Annotated[Optional[str], typer.Option("--address",
                                                       help="join this Ray cluster ('auto' for the local one)")]
@@ -79,6 +80,22 @@ def train(config: ConfigOption = None, output: OutputOption = None, address: Add
     _experiment(config, output, address, data, set_, resume, strict, search=False)
 
 
+def _preset_for(data: Optional[Path]) -> str:
+    """With no --config: `quick`, or the real-faces preset when --data holds real faces (said in one line)."""
+    from epd_ray.data.shards import read_manifest
+
+    if data is None:
+        return default_preset(None)
+    if not (data / "dataset.json").is_file():
+        raise FileNotFoundError(f"{data}: no prepared data set here (dataset.json missing); "
+                                "run `epd-ray data prepare --out DIR` first")
+    source = read_manifest(data).get("source", "synthetic")
+    preset = default_preset(source)
+    if preset != default_preset(None):
+        typer.echo(f"config: preset {preset!r} for real faces (source {source}); choose another with --config")
+    return preset
+
+
 def _experiment(config: Optional[str], output: Optional[Path], address: Optional[str], data: Optional[Path],
                 set_: list[str], resume: Optional[Path], strict: bool, *, search: bool) -> None:
     overrides = parse_overrides(set_)
@@ -97,10 +114,7 @@ def _experiment(config: Optional[str], output: Optional[Path], address: Optional
         if resume is not None:
             run = resume_tune(resume, address=address)
         else:
-            exp = load_config(config, overrides)
-            if data is not None and not (data / "dataset.json").is_file():
-                raise FileNotFoundError(f"{data}: no prepared data set here (dataset.json missing); "
-                                        "run `epd-ray data prepare --out DIR` first")
+            exp = load_config(config or _preset_for(data), overrides)
             run = run_tune(exp, output or default_output(exp), prepared_dir=data,
                            fixed=None if search else fixed_params(exp), strict=strict)
     except (*USER_ERRORS, OutputError, PretrainingError) as exc:
@@ -142,7 +156,8 @@ def data_prepare(
 
 @app.command("pretrain")
 def pretrain(
-    config: Optional[str] = typer.Option(None, "--config", "-c", help="preset or YAML file; default quick"),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="preset or YAML file; default quick, or faces "
+                                         "when --data holds real faces"),
     data: Optional[Path] = typer.Option(None, "--data", help="a folder made by `epd-ray data prepare`; "
                                                              "default the config's data section"),
     emotion_data: Optional[Path] = typer.Option(None, "--emotion-data",
@@ -159,7 +174,8 @@ def pretrain(
     if emotion_data is not None:
         overrides["verifiers.emotion_data"] = str(emotion_data)
     try:
-        path = run_pretrain(load_config(config, overrides), prepared_dir=data, strict=strict, echo=typer.echo)
+        path = run_pretrain(load_config(config or _preset_for(data), overrides), prepared_dir=data, strict=strict,
+                            echo=typer.echo)
     except (*USER_ERRORS, PretrainingError) as exc:
         fail(str(exc))
     typer.echo(f"done: pretrained networks in {path} (`epd-ray tune` with the same settings reuses them"

@@ -323,12 +323,21 @@ def _complete_search_space(raw: dict) -> None:
     search["space"] = space
 
 
+DEFAULT_PRESET, REAL_FACES_PRESET = "quick", "faces"
+
+
+def default_preset(data_source: str | None) -> str:
+    """The preset for a command given no --config: `quick` for the built-in synthetic faces, `faces` for a
+    prepared set of real faces (budgets, search ranges and judge made for them)."""
+    return DEFAULT_PRESET if data_source in (None, "synthetic") else REAL_FACES_PRESET
+
+
 def load_config(config: str | Path | None = None, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
     """Resolve a preset name or YAML path plus dotted overrides (`train.steps=300`) into a checked config.
 
     With no config, the `quick` preset: what a bare `epd-ray tune` runs.
     """
-    config = config or "quick"
+    config = config or DEFAULT_PRESET
     path = Path(config)
     if not path.suffix and str(config) in preset_names():
         path = PRESETS_DIR / f"{config}.yaml"
