@@ -34,7 +34,7 @@ PRESET_FILES = sorted(TUNE_CONFIGS.glob("*.yaml"))
 
 def test_every_preset_file_is_a_known_preset():
     assert {p.stem for p in PRESET_FILES} == {"smoke", "quick", "paper"}
-    assert preset_names() == ["paper", "quick", "smoke"]
+    assert preset_names() == ["faces", "paper", "quick", "smoke"]
 
 
 @pytest.mark.parametrize("preset", ["smoke", "quick", "paper"])
@@ -287,3 +287,13 @@ def test_override_of_one_search_bound_keeps_the_rest_of_the_space():
     cfg = load_config("quick", {"search.space.mu.low": 0.3})
     assert cfg.search.space["mu"] == Range(low=0.3, high=0.6)
     assert set(cfg.search.space) == {"lambda1", "lambda2", "lambda3", "phi", "alpha", "mu"}
+
+
+def test_a_real_face_set_gets_the_real_faces_preset_by_default():
+    from epd_ray.config import default_preset
+
+    assert default_preset(None) == default_preset("synthetic") == "quick"
+    for source in ("folder", "manifest", "rafd"):
+        assert default_preset(source) == "faces"
+    faces = load_config("faces")
+    assert faces.evaluation.judge == "auto"  # the pretrained recogniser judges real faces
