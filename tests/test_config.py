@@ -33,7 +33,7 @@ PRESET_FILES = sorted(TUNE_CONFIGS.glob("*.yaml"))
 
 
 def test_every_preset_file_is_a_known_preset():
-    assert {p.stem for p in PRESET_FILES} == {"smoke", "quick", "paper"}
+    assert {p.stem for p in PRESET_FILES} == {"smoke", "quick", "paper", "faces"}
     assert preset_names() == ["faces", "paper", "quick", "smoke"]
 
 
