@@ -112,9 +112,16 @@ def test_tune_smoke_end_to_end(tmp_path):
             assert METRIC_KEYS <= set(judged[judge])
             assert len(judged[judge]["cmc_misclassification"]) == 5
             assert 0.0 <= judged[judge]["objective"] <= 1.0
-    # With no change at all, the evaluators still recognise people: no privacy can be claimed.
+    # With no change at all, the evaluators still recognise people: no privacy can be claimed, by any judge.
     unchanged = metrics["methods"]["no_change"]["evaluators"]
     assert unchanged["ssim"] == pytest.approx(1.0) and unchanged["emotion_mse"] == pytest.approx(0.0)
+    assert set(metrics["methods"]["no_change"]) == {"evaluators", "verifiers", "parrot"}
+    assert all(j["privacy"] == 0.0 and j["objective"] == 0.0 for j in metrics["methods"]["no_change"].values())
+    # Whether the model beats the baselines is said on the card and in the output, whichever way it went.
+    assert card["main_judge"] == metrics["main_judge"] == "evaluators"
+    assert card["beats_baselines"] == card["verdict"]["beats_baselines"] == metrics["verdict"]["beats_baselines"]
+    said = "verdict: the model beats every baseline" if card["beats_baselines"] else "warning: the model does NOT beat"
+    assert said in run.stdout
     report = (out / "report" / "report.md").read_text()
     assert "independent evaluators" in report and "epd-net" in report
     assert all((out / "report" / name).stat().st_size > 0 for name in FIGURES.values())
