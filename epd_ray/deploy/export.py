@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from epd_ray.checkpoints import CheckpointError, build_from_record, load_checkpoint, save_checkpoint
+from epd_ray.artifacts import RunFolder, atomic_folder
+from epd_ray.checkpoints import CheckpointError, build_from_record, load_checkpoint, require_network, save_checkpoint
 from epd_ray.core.networks import UNetGenerator, count_parameters
 from epd_ray.provenance import package_versions
 
@@ -33,7 +32,7 @@ MODEL_FORMAT = "epd-ray-generator"
 MODEL_VERSION = 1
 WEIGHTS_FILE = "generator.pt"
 SPEC_FILE = "generator.json"
-CARD_FILE = "model_card.json"
+CARD_FILE = RunFolder.CARD  # a run's model card, copied along
 
 
 class DeployError(ValueError):
@@ -56,7 +55,7 @@ def resolve_source(source: Path) -> tuple[Path, Path | None]:
         return source, card if card.is_file() else None
     if not source.is_dir():
         raise FileNotFoundError(f"{source}: no such run folder or checkpoint file")
-    for folder in (source / "best", source):
+    for folder in (RunFolder(source).best_dir, source):
         for name in ("generator.pt", "checkpoint.pt"):
             if (folder / name).is_file():
                 card = folder / CARD_FILE
@@ -71,18 +70,13 @@ def export_model(source: Path, out: Path) -> Path:
         raise DeployError(f"{out}: already exists and is not an empty folder; export needs a new folder")
     checkpoint_path, card_path = resolve_source(source)
     payload = load_checkpoint(checkpoint_path)
-    if "generator" not in payload["networks"]:
-        raise CheckpointError(f"{checkpoint_path}: holds no network 'generator' "
-                              f"(has {', '.join(payload['networks']) or 'none'})")
-    record = payload["networks"]["generator"]
+    record = require_network(payload, "generator", checkpoint_path)
     if record.get("kind") != "generator":
         raise CheckpointError(f"{checkpoint_path}: network 'generator' is of kind {record.get('kind')!r}")
     generator = build_from_record(record, checkpoint_path)  # proves the record rebuilds before writing
     config = dict(generator.config)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as staging:  # an empty `out` (checked above) is replaced
         state = {k: v.detach().cpu().clone() for k, v in generator.state_dict().items()}
         save_checkpoint(staging / WEIGHTS_FILE, {"networks": {"generator": {
             "kind": "generator", "config": config, "state_dict": state}}})
@@ -110,12 +104,6 @@ def export_model(source: Path, out: Path) -> Path:
             }
             (staging / CARD_FILE).write_text(json.dumps(card, indent=2, default=str) + "\n")
         (staging / "README.md").write_text(_readme(config, spec["parameters"]))
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 
@@ -141,10 +129,7 @@ def load_model(model: Path, device: torch.device | str = "cpu") -> UNetGenerator
     """
     model = Path(model)
     if model.is_file():  # a checkpoint file (RUN/best/generator.pt or a trial checkpoint)
-        payload = load_checkpoint(model)
-        if "generator" not in payload["networks"]:
-            raise CheckpointError(f"{model}: holds no network 'generator'")
-        generator = build_from_record(payload["networks"]["generator"], model)
+        generator = build_from_record(require_network(load_checkpoint(model), "generator", model), model)
     else:
         spec_path = model / SPEC_FILE
         if not model.is_dir():

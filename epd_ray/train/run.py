@@ -9,7 +9,6 @@ goes into the cache.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -18,8 +17,9 @@ import ray.data
 import ray.train
 from ray.train.torch import TorchTrainer
 
+from epd_ray.artifacts import PRETRAINED_FILE, SCORES_FILE, PretrainedCache, atomic_folder, pretrained_key
 from epd_ray.checkpoints import load_checkpoint
-from epd_ray.config import ConfigError, ExperimentConfig, stable_hash
+from epd_ray.config import ConfigError, ExperimentConfig
 from epd_ray.data.prepare import PreparedData
 from epd_ray.data.shards import load_split, read_manifest
 from epd_ray.data.stream import materialized_split
@@ -28,8 +28,6 @@ from epd_ray.train.pretrain import pretrain_loop
 from epd_ray.train.progress import ProgressFeed
 from epd_ray.train.worker import CHECKPOINT_FILE
 
-PRETRAINED_FILE = "pretrained.pt"
-SCORES_FILE = "val_score.json"
 # The warm start's reconstruction SSIM below which GAN training starts from visibly blurred faces (the quick
 # preset's reaches ~0.97; its emotion evaluator then still reads ~98% of the reconstructed expressions).
 WARM_START_MIN_SSIM = 0.8
@@ -88,17 +86,6 @@ def progress_line(item: dict) -> str:
             f"{item['elapsed_s']:.0f} s, ~{item['left_s']:.0f} s left")
 
 
-def pretrained_key(exp: ExperimentConfig, prepared: PreparedData) -> str:
-    """Pretrained networks depend on the data's content and their own settings only: every trial shares them."""
-    model = exp.model.model_dump(mode="json", include={"ngf", "norm", "dropout", "warm_start_steps",
-                                                       "warm_start_lr"})
-    verifiers = exp.verifiers.model_dump(mode="json")
-    if verifiers.pop("emotion_data", None):  # its content, not where it lies
-        verifiers["emotion_data_hash"] = emotion_data(exp, prepared).manifest["content_hash"]
-    settings = {"verifiers": verifiers, "generator": model}
-    return f"{prepared.manifest['content_hash']}-{stable_hash(settings)}"
-
-
 def emotion_data(exp: ExperimentConfig, prepared: PreparedData) -> PreparedData:
     """The data set the emotion networks learn from: `verifiers.emotion_data` when set, else the faces.
 
@@ -123,8 +110,9 @@ def pretrain_networks(exp: ExperimentConfig, prepared: PreparedData, *, train_da
                        echo=print) -> Path:
     """The pretrained networks' file in the cache, trained now unless cached; with `strict`, PretrainingError
     for a network not clearly above chance (fresh ones are then not cached)."""
-    key = pretrained_key(exp, prepared)
-    out = Path(cache_dir) / "pretrained" / key
+    key = pretrained_key(exp, prepared.manifest["content_hash"])
+    cache = PretrainedCache(Path(cache_dir))
+    out = cache.entry(key)
     emotions = emotion_data(exp, prepared)
     classes = {"identity_verifier": len(prepared.manifest["identities"]),
                "identity_evaluator": len(prepared.manifest["identities"]),
@@ -132,7 +120,7 @@ def pretrain_networks(exp: ExperimentConfig, prepared: PreparedData, *, train_da
                "emotion_evaluator": len(emotions.manifest["emotions"])}
     if (out / PRETRAINED_FILE).is_file():
         echo(f"pretrained networks: reusing {out}")
-        judge_pretrained(json.loads((out / SCORES_FILE).read_text()), classes, exp, strict=strict, echo=echo)
+        judge_pretrained(cache.scores(key), classes, exp, strict=strict, echo=echo)
         return out / PRETRAINED_FILE
     workers = exp.train.num_workers
     for data in {prepared.path: prepared, emotions.path: emotions}.values():
@@ -168,20 +156,12 @@ def pretrain_networks(exp: ExperimentConfig, prepared: PreparedData, *, train_da
         )
         with sigint_guard():
             result = trainer.fit()
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    try:
+    with atomic_folder(out) as tmp:  # nothing half-written, nothing untrusted (a raise here), in the cache
         with result.checkpoint.as_directory() as directory:
             shutil.copy(Path(directory) / CHECKPOINT_FILE, tmp / PRETRAINED_FILE)
         scores = load_checkpoint(tmp / PRETRAINED_FILE).get("val_score", {})
         (tmp / SCORES_FILE).write_text(json.dumps(scores, indent=2))
         judge_pretrained(scores, classes, exp, strict=strict, echo=echo)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written, nothing untrusted, in the cache
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
     echo(f"pretrained networks -> {out}")
     return out / PRETRAINED_FILE
 
