@@ -221,7 +221,7 @@ def rafd_head_crop(image: Image.Image, detector: Detector) -> Image.Image:
 
 def assign_splits(identity: np.ndarray, emotion: np.ndarray, fixed: list[str | None], data: DataConfig,
                   identity_names: list[str], classes: tuple[str, ...]) -> tuple[np.ndarray, list[str]]:
-    """Per-identity closed-set splits (DESIGN section 3); a source's own split (FER2013 Usage) is kept.
+    """Per-identity closed-set splits (every person in every split); a source's own split (FER2013 Usage) is kept.
 
     Returns the split of every image and a warning for each class too thin to appear in every split.
     """

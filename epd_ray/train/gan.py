@@ -1,4 +1,4 @@
-"""EPD-Net GAN training as a Ray Train worker loop (DESIGN sections 4-6).
+"""EPD-Net GAN training as a Ray Train worker loop (the paper's sections III-IV).
 
 Per batch: one discriminator step on the real pair (x, y) against the fake pair (x, G(x, z)), then one
 generator step on L_G = lambda1 (L_adv + Phi L_ssim) + lambda2 L_contrastive + lambda3 L_CE through the

@@ -146,7 +146,7 @@ def report(setup: WorkerSetup, metrics: dict[str, Any], payload: dict[str, Any] 
 
 
 class RealPairPool:
-    """Real faces for the discriminator's real pair (x, y) (DESIGN section 4).
+    """Real faces for the discriminator's real pair (x, y) (the paper's section III).
 
     With `other_identity_same_emotion`, y is a real face of another person with x's expression, which
     teaches D "a real face that keeps the expression", not "a copy of x". Held in memory once per worker.
