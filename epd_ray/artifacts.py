@@ -206,33 +206,13 @@ class RunFolder:
     PARETO = "pareto.json"
     ABLATION = "ablation"
 
-    @property
-    def marker_path(self) -> Path:
-        return self.path / self.MARKER
-
-    @property
-    def config_path(self) -> Path:
-        return self.path / self.CONFIG
-
-    @property
-    def best_dir(self) -> Path:
-        return self.path / self.BEST
-
-    @property
-    def card_path(self) -> Path:
-        return self.best_dir / self.CARD
-
-    @property
-    def report_dir(self) -> Path:
-        return self.path / self.REPORT
-
-    @property
-    def pareto_path(self) -> Path:
-        return self.path / self.PARETO
-
-    @property
-    def ablation_dir(self) -> Path:
-        return self.path / self.ABLATION
+    marker_path = property(lambda self: self.path / self.MARKER)
+    config_path = property(lambda self: self.path / self.CONFIG)
+    best_dir = property(lambda self: self.path / self.BEST)
+    card_path = property(lambda self: self.path / self.BEST / self.CARD)
+    report_dir = property(lambda self: self.path / self.REPORT)
+    pareto_path = property(lambda self: self.path / self.PARETO)
+    ablation_dir = property(lambda self: self.path / self.ABLATION)
 
     def has_marker(self) -> bool:
         return self.marker_path.is_file()
