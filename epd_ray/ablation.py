@@ -102,14 +102,14 @@ def run_ablation(run_dir: Path, *, address: str | None = None, echo=print) -> Ab
     storage = resolve_storage(exp.ray, run_dir / "ray")
     inputs = data_and_networks(exp, runtime=runtime, storage_path=storage, echo=echo,
                                prepared_dir=recorded if (recorded / "dataset.json").is_file() else None)
-    data_hash = inputs.prepared.manifest["content_hash"]
+    data_hash = inputs.prepared.info.content_hash
     if data_hash != card["data"]["content_hash"]:
         raise AblationError(f"{inputs.prepared.path}: data content {data_hash} is not the run's "
                             f"({card['data']['content_hash']}); the ablation must train on the same faces")
 
     variants = variant_params(card["params"])
     echo(f"ablation: {', '.join(variants)}; {budget(exp.train)} each on "
-         f"{inputs.prepared.manifest['splits']['train']['images']} training images, seed {exp.train.seed}")
+         f"{inputs.prepared.info.images('train')} training images, seed {exp.train.seed}")
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(train_variant, variants=variants, experiment=exp.to_dict(),
                                  train_data=inputs.train_data, storage_path=storage,
@@ -149,7 +149,7 @@ def run_ablation(run_dir: Path, *, address: str | None = None, echo=print) -> Ab
              "judged_at": "last round" if is_pareto(exp) else "highest-validation-J round",
              "budget": {"steps": exp.train.steps, "report_every": exp.train.report_every, "batch_size": exp.train.batch_size, "lr": exp.train.lr,
                         "seed": exp.train.seed, "data_hash": data_hash,
-                        "train_images": inputs.prepared.manifest["splits"]["train"]["images"],
+                        "train_images": inputs.prepared.info.images("train"),
                         "pretrained_path": str(inputs.pretrained_path)},
              "paper_emotion_mse": PAPER_EMOTION_MSE, "tune_experiment": grid.experiment_path}
     out = RunFolder(run_dir).ablation_dir

@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 import secrets
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator
@@ -126,6 +126,38 @@ def read_manifest(dataset_dir: Path | str) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{dataset_dir}: no {MANIFEST}; run `epd-ray data prepare` first")
     return json.loads(path.read_text())
+
+
+@dataclass(frozen=True)
+class DatasetManifest:
+    """`dataset.json`, typed: what training, evaluation and the caches read of a prepared data set. `raw` is
+    the file's whole content (also the intake account, the warnings, the data config, the inputs'
+    fingerprint), which `write_dataset` writes and `PreparedData.manifest` keeps as it is."""
+
+    image_size: int
+    identities: tuple[str, ...]  # identity index -> name
+    emotions: tuple[str, ...]  # emotion index -> name
+    num_images: int
+    splits: dict[str, dict[str, Any]]  # split -> {"images": n, "per_identity_emotion": {"i/e": n}}
+    shards: dict[str, list[str]]  # split -> shard files, relative to the data set's folder
+    content_hash: str
+    source: str = "synthetic"
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> DatasetManifest:
+        return cls(image_size=int(raw["image_size"]), identities=tuple(raw["identities"]),
+                   emotions=tuple(raw["emotions"]), num_images=int(raw["num_images"]), splits=raw["splits"],
+                   shards=raw["shards"], content_hash=raw["content_hash"], source=raw.get("source", "synthetic"),
+                   raw=raw)
+
+    @classmethod
+    def load(cls, dataset_dir: Path | str) -> DatasetManifest:
+        return cls.from_dict(read_manifest(dataset_dir))
+
+    def images(self, split: str) -> int:
+        """How many faces `split` holds."""
+        return int(self.splits[split]["images"])
 
 
 # --------------------------------------------------------------------------------------------------

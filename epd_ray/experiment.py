@@ -129,12 +129,11 @@ def data_and_networks(exp: ExperimentConfig, *, runtime: RayRuntime, prepared_di
         prepared = PreparedData(Path(prepared_dir), read_manifest(Path(prepared_dir)), reused=True)
     else:
         prepared = cached_dataset(exp.data, cache_dir, echo=lambda line: echo(f"data: {line}"))
-    m = prepared.manifest
-    echo(f"data: {'reusing' if prepared.reused else 'prepared'} {m['num_images']} images "
-         f"({len(m['identities'])} identities x {len(m['emotions'])} emotions, {m['image_size']} px) "
-         f"-> {prepared.path}")
+    m = prepared.info
+    echo(f"data: {'reusing' if prepared.reused else 'prepared'} {m.num_images} images "
+         f"({len(m.identities)} identities x {len(m.emotions)} emotions, {m.image_size} px) -> {prepared.path}")
     echo(f"ray: dashboard {runtime.dashboard_url or '(not available)'}; storage {storage_path}")
-    check_batch_fits("train.batch_size", exp.train.batch_size, m["splits"]["train"]["images"], exp.train.num_workers)
+    check_batch_fits("train.batch_size", exp.train.batch_size, m.images("train"), exp.train.num_workers)
     train_data = materialized_split(prepared.path, "train")
     pretrained_path = pretrain_networks(exp, prepared, train_data=train_data, cache_dir=cache_dir, runtime=runtime,
                                         storage_path=storage_path, strict=strict, echo=echo)
@@ -278,8 +277,8 @@ def write_best(best_dir: Path, exp: ExperimentConfig, outcome: SearchOutcome, pr
         "beats_baselines": metrics["verdict"]["beats_baselines"],
         "verdict": metrics["verdict"],
         "test_metrics": metrics["methods"][GENERATOR_METHOD],
-        "data": {"content_hash": prepared.manifest["content_hash"], "path": str(prepared.path),
-                 "image_size": prepared.manifest["image_size"], "identities": len(prepared.manifest["identities"])},
+        "data": {"content_hash": prepared.info.content_hash, "path": str(prepared.path),
+                 "image_size": prepared.info.image_size, "identities": len(prepared.info.identities)},
         "config": exp.to_dict(),
         "versions": package_versions(),
     }

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from epd_ray.artifacts import MANIFEST, atomic_folder, read_manifest  # noqa: F401 (read_manifest: re-exported)
+from epd_ray.artifacts import MANIFEST, DatasetManifest, atomic_folder, read_manifest  # noqa: F401 (read_manifest: re-exported)
 
 SPLITS = ("train", "val", "test")
 
@@ -163,8 +163,7 @@ def _counts(identity: np.ndarray, emotion: np.ndarray) -> dict[str, int]:
 
 
 def shard_paths(dataset_dir: Path, split: str) -> list[str]:
-    manifest = read_manifest(dataset_dir)
-    return [str(Path(dataset_dir) / rel) for rel in manifest["shards"][split]]
+    return [str(Path(dataset_dir) / rel) for rel in DatasetManifest.load(dataset_dir).shards[split]]
 
 
 def pixels_from_bytes(column, image_size: int) -> np.ndarray:
@@ -175,11 +174,11 @@ def pixels_from_bytes(column, image_size: int) -> np.ndarray:
 
 def load_split(dataset_dir: Path, split: str) -> FaceArrays:
     """A whole split in memory (evaluation, the real-pair pool, baselines): small enough by design."""
-    manifest = read_manifest(dataset_dir)
+    manifest = DatasetManifest.load(dataset_dir)
     table = pa.concat_tables([pq.read_table(p, columns=["pixels", "identity", "emotion"])
                               for p in shard_paths(dataset_dir, split)])
     return FaceArrays(
-        pixels=pixels_from_bytes(table.column("pixels").to_pylist(), manifest["image_size"]),
+        pixels=pixels_from_bytes(table.column("pixels").to_pylist(), manifest.image_size),
         identity=table.column("identity").to_numpy().astype(np.int64),
         emotion=table.column("emotion").to_numpy().astype(np.int64),
     )

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from epd_ray.artifacts import PretrainedCache, default_cache_dir
+from epd_ray.artifacts import DatasetManifest, PretrainedCache, default_cache_dir
 from epd_ray.checkpoints import CheckpointError, build_from_record, load_checkpoint, require_network
 from epd_ray.config import EvaluationConfig
 from epd_ray.core.baselines import gaussian_blur, k_same_pixel, no_change, pixelate
@@ -159,7 +159,7 @@ def run_evaluation(methods: dict[str, Method | KSameMethod], *, dataset_dir: Pat
     every judge of `evaluate.judges`. `metrics["main_judge"]` names the one whose J the search maximised."""
     device = device or torch.device("cpu")
     faces = load_split(dataset_dir, split)
-    source = read_manifest(dataset_dir).get("source", "synthetic")
+    source = DatasetManifest.load(dataset_dir).source
     main = main_judge(cfg.judge, source)
     judges = load_judges(pretrained_path, device)
     kw = dict(batch_size=cfg.batch_size, device=device, precision=precision)
@@ -168,7 +168,7 @@ def run_evaluation(methods: dict[str, Method | KSameMethod], *, dataset_dir: Pat
     train = load_split(dataset_dir, "train")
     chosen = gallery_subset(train.identity, cfg.gallery_per_identity)
     gallery_faces = FaceArrays(train.pixels[chosen], train.identity[chosen], train.emotion[chosen])
-    num_identities = len(read_manifest(dataset_dir)["identities"])
+    num_identities = len(DatasetManifest.load(dataset_dir).identities)
     recogniser = FaceRecogniser() if uses_recogniser(main, source) else None
     if recogniser is not None:
         rec_orig, found_orig = recogniser.embed(faces.pixels)

@@ -24,6 +24,7 @@ import ray
 import ray.train.torch
 import torch
 
+from epd_ray.artifacts import DatasetManifest
 from epd_ray.checkpoints import build_from_record, load_checkpoint, network_record
 from epd_ray.config import EvaluationConfig, ExperimentConfig, LossConfig, TrainConfig
 from epd_ray.core.losses import LossWeights, discriminator_loss, generator_loss
@@ -31,7 +32,7 @@ from epd_ray.core.networks import build_network
 from epd_ray.core.precision import autocast
 from epd_ray.core.metrics import compute_metrics
 from epd_ray.core.scoring import class_probabilities, deidentify_pixels, ssim_values
-from epd_ray.data.shards import load_split, read_manifest
+from epd_ray.data.shards import load_split
 from epd_ray.evaluate.judges import FaceRecogniser, Gallery, gallery_subset, main_judge, recogniser_metrics
 from epd_ray.train.worker import RealPairPool, ShardBatches, WorkerSetup, prepare_images, report, restore, setup_worker
 
@@ -60,18 +61,18 @@ class GanInputs:
     @classmethod
     def put(cls, dataset_dir: Path, pretrained_path: Path, evaluation: EvaluationConfig | None = None) -> "GanInputs":
         evaluation = evaluation or EvaluationConfig()
-        manifest = read_manifest(dataset_dir)
+        manifest = DatasetManifest.load(dataset_dir)
         train, val = load_split(dataset_dir, "train"), load_split(dataset_dir, "val")
-        judge = main_judge(evaluation.judge, manifest.get("source", "synthetic"))
+        judge = main_judge(evaluation.judge, manifest.source)
         gallery = val_recognised = None
         if judge == "recogniser":
             recogniser = FaceRecogniser()
             chosen = gallery_subset(train.identity, evaluation.gallery_per_identity)
             gallery = Gallery(recogniser.embed(train.pixels[chosen])[0], train.identity[chosen],
-                              len(manifest["identities"]))
+                              len(manifest.identities))
             val_recognised = recogniser.embed(val.pixels)
         return cls(pretrained=ray.put(load_checkpoint(Path(pretrained_path))["networks"]), train_faces=ray.put(train),
-                   val_faces=ray.put(val), image_size=manifest["image_size"], judge=judge,
+                   val_faces=ray.put(val), image_size=manifest.image_size, judge=judge,
                    recogniser_gallery=gallery, val_recognised=val_recognised)
 
 
