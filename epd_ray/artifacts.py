@@ -5,7 +5,8 @@
   the data's content and the networks' own settings (`pretrained_key`, `PretrainedCache`);
 * the run folder of `epd-ray tune`/`train`: `config.yaml`, the `experiment.json` marker, `best/` with the
   model card, `report/`, `pareto.json`, `ablation/` (`RunFolder`, `RunMarker`);
-* the exported model folder's file names live with its loader in `deploy/export.py`.
+* the exported model folder: `generator.pt`, its spec `generator.json` (`ModelSpec`), `model_card.json`
+  (its checks on loading live with the loader in `deploy/export.py`).
 
 Writes go through `atomic_file`/`atomic_write_text`/`atomic_write_json` (a temporary sibling, fsync,
 `os.replace`) and `atomic_folder` (a staging folder that replaces the old one only once complete; the old one
@@ -270,3 +271,44 @@ class RunFolder:
 
     def write_pareto(self, metrics: list[str], front: list[dict[str, Any]]) -> None:
         atomic_write_json(self.pareto_path, {"metrics": list(metrics), "split": "val", "trials": front})
+
+
+# --------------------------------------------------------------------------------------------------
+# the exported model folder
+# --------------------------------------------------------------------------------------------------
+
+MODEL_FORMAT = "epd-ray-generator"
+MODEL_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """`generator.json` of a model folder: the config that rebuilds the generator, its weights file and that
+    file's SHA-256 (a swapped or changed weights file is refused before it is read)."""
+
+    config: dict[str, Any]
+    sha256: str | None
+    weights: str = "generator.pt"
+    parameters: int | None = None
+    input: str | None = None
+    format: str = MODEL_FORMAT
+    version: int = MODEL_VERSION
+    kind: str = "generator"
+    FILE = "generator.json"
+    WEIGHTS = "generator.pt"
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> ModelSpec | None:
+        """The spec, or None when `raw` is not an epd-ray generator spec."""
+        if not isinstance(raw, dict) or raw.get("format") != MODEL_FORMAT or raw.get("kind") != "generator" \
+                or not isinstance(raw.get("config"), dict) or not isinstance(raw.get("weights"), str):
+            return None
+        return cls(config=raw["config"], sha256=raw.get("sha256"), weights=raw["weights"],
+                   parameters=raw.get("parameters"), input=raw.get("input"), version=raw.get("version", MODEL_VERSION))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": self.format, "version": self.version, "kind": self.kind, "config": self.config,
+                "weights": self.weights, "sha256": self.sha256, "parameters": self.parameters, "input": self.input}
+
+    def save(self, folder: Path) -> None:
+        atomic_write_json(Path(folder) / self.FILE, self.to_dict(), newline=True)

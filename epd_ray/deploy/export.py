@@ -23,15 +23,12 @@ from typing import Any
 
 import torch
 
-from epd_ray.artifacts import RunFolder, atomic_folder
+from epd_ray.artifacts import ModelSpec, RunFolder, atomic_folder
 from epd_ray.checkpoints import CheckpointError, build_from_record, load_checkpoint, require_network, save_checkpoint
 from epd_ray.core.networks import UNetGenerator, count_parameters
 from epd_ray.provenance import package_versions
 
-MODEL_FORMAT = "epd-ray-generator"
-MODEL_VERSION = 1
-WEIGHTS_FILE = "generator.pt"
-SPEC_FILE = "generator.json"
+WEIGHTS_FILE, SPEC_FILE = ModelSpec.WEIGHTS, ModelSpec.FILE
 CARD_FILE = RunFolder.CARD  # a run's model card, copied along
 
 
@@ -80,18 +77,11 @@ def export_model(source: Path, out: Path) -> Path:
         state = {k: v.detach().cpu().clone() for k, v in generator.state_dict().items()}
         save_checkpoint(staging / WEIGHTS_FILE, {"networks": {"generator": {
             "kind": "generator", "config": config, "state_dict": state}}})
-        spec = {
-            "format": MODEL_FORMAT,
-            "version": MODEL_VERSION,
-            "kind": "generator",
-            "config": config,
-            "weights": WEIGHTS_FILE,
-            "sha256": sha256_file(staging / WEIGHTS_FILE),
-            "parameters": count_parameters(generator),
-            "input": "RGB face crop, float NCHW in [-1, 1] "
-                     f"({config['image_size']}x{config['image_size']} px); output the same",
-        }
-        (staging / SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n")
+        spec = ModelSpec(config=config, weights=WEIGHTS_FILE, sha256=sha256_file(staging / WEIGHTS_FILE),
+                         parameters=count_parameters(generator),
+                         input="RGB face crop, float NCHW in [-1, 1] "
+                               f"({config['image_size']}x{config['image_size']} px); output the same")
+        spec.save(staging)
         if card_path is not None:
             shutil.copyfile(card_path, staging / CARD_FILE)
         else:
@@ -103,7 +93,7 @@ def export_model(source: Path, out: Path) -> Path:
                 "versions": package_versions(),
             }
             (staging / CARD_FILE).write_text(json.dumps(card, indent=2, default=str) + "\n")
-        (staging / "README.md").write_text(_readme(config, spec["parameters"]))
+        (staging / "README.md").write_text(_readme(config, spec.parameters))
     return out
 
 
@@ -138,21 +128,20 @@ def load_model(model: Path, device: torch.device | str = "cpu") -> UNetGenerator
             raise FileNotFoundError(f"{model}: not a model folder ({SPEC_FILE} missing; make one with "
                                     "`epd-ray export RUN_DIR --out MODEL_DIR`)")
         try:
-            spec = json.loads(spec_path.read_text())
+            spec = ModelSpec.from_dict(json.loads(spec_path.read_text()))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CheckpointError(f"{spec_path}: unreadable model spec ({exc})") from None
-        if not isinstance(spec, dict) or spec.get("format") != MODEL_FORMAT or spec.get("kind") != "generator" \
-                or not isinstance(spec.get("config"), dict) or not isinstance(spec.get("weights"), str):
+        if spec is None:
             raise CheckpointError(f"{spec_path}: not an epd-ray generator spec")
-        weights = model / Path(spec["weights"]).name  # never follow a path out of the folder
+        weights = model / Path(spec.weights).name  # never follow a path out of the folder
         if not weights.is_file():
             raise CheckpointError(f"{weights}: weights file missing")
-        if sha256_file(weights) != spec.get("sha256"):
+        if sha256_file(weights) != spec.sha256:
             raise CheckpointError(f"{weights}: SHA-256 does not match {SPEC_FILE}; the file was changed or "
                                   "replaced, refusing to load it")
         payload = load_checkpoint(weights)
         record = payload["networks"].get("generator")
-        if record is None or record.get("kind") != "generator" or record.get("config") != spec["config"]:
+        if record is None or record.get("kind") != "generator" or record.get("config") != spec.config:
             raise CheckpointError(f"{weights}: network does not match {SPEC_FILE}")
         generator = build_from_record(record, weights)
     if not isinstance(generator, UNetGenerator):
