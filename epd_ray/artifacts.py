@@ -107,6 +107,7 @@ def atomic_folder(path: Path | str) -> Iterator[Path]:
         except BaseException:
             if old is not None:
                 os.replace(old / path.name, path)
+                old.rmdir()
             raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
