@@ -13,9 +13,9 @@ measured from outside, as (wall of an N-epoch fit - wall of a 1-epoch fit) / (N 
 1-epoch fit is the fixed cost (worker start-up, model load, shutdown). The controller-side report times
 (a `ray.train.UserCallback`, passed through gan_trainer's `callbacks`) are printed beside it as a check.
 
-Plain side: `gan_loop`'s body without Ray (same networks, losses, precision, channels_last, torch threads,
-real-pair pool, per-epoch validation scoring with the independent evaluators, checkpoint written to disk),
-iterating the same split held in memory. Steady epoch: the mean of epochs 2..N; start-up: building and
+Plain side: the same loop (`epd_ray.train.gan.GanRun`: networks, losses, precision, channels_last, real-pair
+pool, per-round validation scoring under the main judge) with this process's torch threads, iterating the
+same split held in memory (`ShardBatches.in_memory`), each round's checkpoint written to disk. Steady epoch: the mean of epochs 2..N; start-up: building and
 loading the networks plus the first epoch's excess.
 """
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import shutil
 import statistics
 import sys
@@ -33,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 if __package__ in (None, ""):
@@ -42,12 +40,11 @@ if __package__ in (None, ""):
 import ray.train  # noqa: E402
 
 from benchmarks import machine  # noqa: E402
-from epd_ray.checkpoints import build_from_record, load_checkpoint, save_checkpoint  # noqa: E402
+from epd_ray.checkpoints import save_checkpoint  # noqa: E402
 from epd_ray.config import ExperimentConfig, load_config  # noqa: E402
 from epd_ray.core.precision import resolve_precision, threads_for  # noqa: E402
-from epd_ray.data.shards import load_split  # noqa: E402
-from epd_ray.train.gan import GanSteps, build_gan, ema_decay, frozen, trial_params, validation_metrics  # noqa: E402
-from epd_ray.train.worker import CHECKPOINT_FILE, RealPairPool, WorkerSetup, prepare_images, seed_everything  # noqa: E402
+from epd_ray.train.gan import GanInputs, GanRun, trial_params  # noqa: E402
+from epd_ray.train.worker import CHECKPOINT_FILE, ShardBatches, WorkerSetup, seed_everything  # noqa: E402
 
 # Pretraining that only has to produce networks of the right shape, fast.
 TINY_PRETRAINING = {"verifiers.steps": 1, "model.warm_start_steps": 1}
@@ -96,10 +93,9 @@ class PlainRun:
 
 def plain_gan(exp: ExperimentConfig, *, dataset_dir: Path, pretrained_path: Path, image_size: int, epochs: int,
               params: dict[str, float] | None = None) -> PlainRun:
-    """`epd_ray.train.gan.gan_loop` for one worker, without Ray: same work per batch and per epoch."""
+    """`epd_ray.train.gan.GanRun`, the loop every Ray Train worker runs, for one worker in this process: the
+    split held in memory instead of a Ray Data shard, rounds of one pass, each checkpoint written to disk."""
     started = time.perf_counter()
-    config = {"experiment": exp.to_dict(), "params": params or {}}
-    weights, mu = trial_params(config)
     device = torch.device("cuda" if exp.train.use_gpu and torch.cuda.is_available() else "cpu")
     threads_before = torch.get_num_threads()
     threads = threads_for(exp.train.cpus_per_worker)
@@ -107,58 +103,34 @@ def plain_gan(exp: ExperimentConfig, *, dataset_dir: Path, pretrained_path: Path
         torch.set_num_threads(threads)
     seed_everything(exp.train.seed)
     setup = WorkerSetup(0, 1, device, resolve_precision(exp.train.precision, device), exp.train.channels_last)
+    checkpoint_dir = Path(tempfile.mkdtemp(prefix="epd-plain-"))
     try:
-        generator, discriminator = build_gan(exp, image_size)
-        pretrained = load_checkpoint(Path(pretrained_path))["networks"]
-        identity_verifier = frozen(build_from_record(pretrained["identity_verifier"]), setup)
-        emotion_verifier = frozen(build_from_record(pretrained["emotion_verifier"]), setup)
-        opt_g = torch.optim.Adam(generator.parameters(), lr=exp.train.lr, betas=(exp.train.beta1, exp.train.beta2))
-        opt_d = torch.optim.Adam(discriminator.parameters(), lr=exp.train.lr, betas=(exp.train.beta1, exp.train.beta2))
-        if "generator" in pretrained:
-            generator.load_state_dict(pretrained["generator"]["state_dict"])
-        for module in (generator, discriminator):
-            module.to(setup.device)
-            if setup.channels_last:
-                module.to(memory_format=torch.channels_last)
-        train = load_split(dataset_dir, "train")
-        pool = RealPairPool(train, exp.model.real_pair, seed=exp.train.seed)
-        val = load_split(dataset_dir, "val")
-        identity_evaluator = frozen(build_from_record(pretrained["identity_evaluator"]), setup)
-        emotion_evaluator = frozen(build_from_record(pretrained["emotion_evaluator"]), setup)
-        run = PlainRun(ready_s=time.perf_counter() - started, threads=threads, precision=setup.precision)
-        batch_size = exp.train.batch_size
-        run.steps_per_epoch = len(train) // batch_size
-        checkpoint_dir = Path(tempfile.mkdtemp(prefix="epd-plain-"))
-        decay = ema_decay(exp.train.ema_half_life_steps)
-        steps = GanSteps(generator, discriminator, identity_verifier, emotion_verifier, opt_g, opt_d, weights, setup,
-                         ema_decay=decay)
+        inputs = GanInputs.put(dataset_dir, pretrained_path, exp.evaluation, put=lambda value: value)
+        per_pass = len(inputs.train_faces) // exp.train.batch_size
+        exp = ExperimentConfig.model_validate({**exp.to_dict(), "train": {
+            **exp.train.model_dump(), "steps": epochs * per_pass, "report_every": per_pass}})
+        weights, mu = trial_params({"experiment": exp.to_dict(), "params": params or {}})
+        gan = GanRun(exp, weights, mu, setup, inputs)
+        run = PlainRun(ready_s=time.perf_counter() - started, threads=threads, precision=setup.precision,
+                       steps_per_epoch=per_pass)
+        mark = time.perf_counter()
 
-        for epoch in range(epochs):
-            epoch_start = time.perf_counter()
-            generator.train()
-            discriminator.train()
-            order = np.random.default_rng(exp.train.seed * 1000 + epoch).permutation(len(train))
-            for start in range(0, run.steps_per_epoch * batch_size, batch_size):
-                idx = order[start:start + batch_size]
-                identity = torch.from_numpy(train.identity[idx]).to(setup.device)
-                emotion = torch.from_numpy(train.emotion[idx]).to(setup.device)
-                x = prepare_images(torch.from_numpy(train.pixels[idx]), setup)
-                y_real = prepare_images(pool.sample(identity, emotion), setup)
-                steps.step(x, y_real, identity, emotion)
-            losses = steps.round_losses()
-            run.train_s.append(time.perf_counter() - epoch_start)
+        def trained(_round: int) -> None:
+            run.train_s.append(time.perf_counter() - mark)
 
-            metrics: dict[str, Any] = {"epoch": epoch + 1, **losses,
-                                       "diverged": not all(math.isfinite(v) for v in losses.values())}
-            metrics.update(validation_metrics(steps.published_generator, val, identity_evaluator, emotion_evaluator, mu=mu, exp=exp,
-                                              setup=setup))
-            payload = steps.checkpoint_payload(epoch, (epoch + 1) * run.steps_per_epoch, mu, exp, metrics)
-            save_checkpoint(checkpoint_dir / CHECKPOINT_FILE, payload)
+        def report(metrics: dict[str, Any], payload: dict[str, Any] | None) -> None:
+            nonlocal mark
+            if payload is not None:
+                save_checkpoint(checkpoint_dir / CHECKPOINT_FILE, payload)
             run.last_metrics = metrics
-            run.epochs_s.append(time.perf_counter() - epoch_start)
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+            run.epochs_s.append(time.perf_counter() - mark)
+            mark = time.perf_counter()
+
+        batches = ShardBatches.in_memory(setup, exp.train.batch_size, inputs.train_faces)
+        gan.train(batches.forever(seed=exp.train.seed * 1000), start_round=0, report=report, trained=trained)
         return run
     finally:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
         torch.set_num_threads(threads_before)
 
 

@@ -83,9 +83,9 @@ def main(argv: list[str] | None = None) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="epd-bench-search-"))
     cache_dir = args.cache_dir
     if cache_dir is None and args.full:
-        from epd_ray.experiment import default_cache_dir
+        from epd_ray.artifacts import default_cache_dir
 
-        cache_dir = default_cache_dir(exp)
+        cache_dir = default_cache_dir(exp.cache_dir)
     started = time.perf_counter()
 
     print("search: trials per hour and time to the first result of the Ray Tune search (epd_ray.tune.search.run_search)")

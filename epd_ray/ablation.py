@@ -22,7 +22,6 @@ RUN_DIR/ablation/ (metrics.json, per_image.parquet, samples.npz), written whole 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -33,6 +32,7 @@ from typing import Any
 
 import ray.tune
 
+from epd_ray.artifacts import RunFolder, atomic_folder
 from epd_ray.checkpoints import build_from_record, load_checkpoint
 from epd_ray.config import SEARCHED_KEYS, ExperimentConfig, validate_section
 from epd_ray.evaluate.evaluate import generator_method, run_evaluation, summary_lines, write_evaluation
@@ -62,7 +62,7 @@ class AblationRun:
 
 def read_tuned_run(run_dir: Path) -> tuple[ExperimentConfig, dict[str, Any]]:
     """The run's resolved config and model card, refused before anything starts when unusable."""
-    card_path = run_dir / "best" / "model_card.json"
+    card_path = RunFolder(run_dir).card_path
     if not card_path.is_file():
         raise FileNotFoundError(f"{run_dir}: no best/model_card.json here; ablate the folder of an `epd-ray tune` run")
     try:
@@ -102,14 +102,14 @@ def run_ablation(run_dir: Path, *, address: str | None = None, echo=print) -> Ab
     storage = resolve_storage(exp.ray, run_dir / "ray")
     inputs = data_and_networks(exp, runtime=runtime, storage_path=storage, echo=echo,
                                prepared_dir=recorded if (recorded / "dataset.json").is_file() else None)
-    data_hash = inputs.prepared.manifest["content_hash"]
+    data_hash = inputs.prepared.info.content_hash
     if data_hash != card["data"]["content_hash"]:
         raise AblationError(f"{inputs.prepared.path}: data content {data_hash} is not the run's "
                             f"({card['data']['content_hash']}); the ablation must train on the same faces")
 
     variants = variant_params(card["params"])
     echo(f"ablation: {', '.join(variants)}; {budget(exp.train)} each on "
-         f"{inputs.prepared.manifest['splits']['train']['images']} training images, seed {exp.train.seed}")
+         f"{inputs.prepared.info.images('train')} training images, seed {exp.train.seed}")
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(train_variant, variants=variants, experiment=exp.to_dict(),
                                  train_data=inputs.train_data, storage_path=storage,
@@ -149,16 +149,12 @@ def run_ablation(run_dir: Path, *, address: str | None = None, echo=print) -> Ab
              "judged_at": "last round" if is_pareto(exp) else "highest-validation-J round",
              "budget": {"steps": exp.train.steps, "report_every": exp.train.report_every, "batch_size": exp.train.batch_size, "lr": exp.train.lr,
                         "seed": exp.train.seed, "data_hash": data_hash,
-                        "train_images": inputs.prepared.manifest["splits"]["train"]["images"],
+                        "train_images": inputs.prepared.info.images("train"),
                         "pretrained_path": str(inputs.pretrained_path)},
              "paper_emotion_mse": PAPER_EMOTION_MSE, "tune_experiment": grid.experiment_path}
-    out = run_dir / ABLATION_DIR
-    staging = run_dir / f".{ABLATION_DIR}.tmp{os.getpid()}"
-    try:
+    out = RunFolder(run_dir).ablation_dir
+    with atomic_folder(out) as staging:
         write_evaluation(staging, evaluation, extra)
-        os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     echo(f"\ntest split, independent evaluators (mu={evaluation.metrics['mu']:.3f}):")
     for line in summary_lines(evaluation.metrics):
         echo(line)

@@ -9,14 +9,13 @@ sits below training and deployment: a deployed model needs nothing else.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from epd_ray.artifacts import atomic_file
 from epd_ray.core.networks import build_network
 
 FORMAT = 1
@@ -42,16 +41,8 @@ def build_from_record(record: dict[str, Any], path: Path | str = "checkpoint") -
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     """Write atomically: a crash mid-write leaves the previous file, never half of a new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         torch.save({"format": FORMAT, **payload}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -73,8 +64,14 @@ def _is_network_table(networks: Any) -> bool:
         isinstance(record, dict) and {"kind", "config", "state_dict"} <= set(record) for record in networks.values())
 
 
+def require_network(payload: dict[str, Any], name: str, path: Path | str) -> dict[str, Any]:
+    """The record of network `name` in a loaded checkpoint; CheckpointError naming the file and what it holds
+    when it has none."""
+    networks = payload.get("networks") or {}
+    if name not in networks:
+        raise CheckpointError(f"{path}: holds no network {name!r} (has {', '.join(networks) or 'none'})")
+    return networks[name]
+
+
 def load_network(path: Path, name: str) -> nn.Module:
-    payload = load_checkpoint(path)
-    if name not in payload["networks"]:
-        raise CheckpointError(f"{path}: holds no network {name!r} (has {', '.join(payload['networks'])})")
-    return build_from_record(payload["networks"][name], path)
+    return build_from_record(require_network(load_checkpoint(path), name, path), path)

@@ -32,7 +32,7 @@ class _Strict(BaseModel):
 
 
 class DataConfig(_Strict):
-    """Where the faces come from and how they are prepared (DESIGN section 3)."""
+    """Where the faces come from and how they are prepared (`data/sources.py`, `data/prepare.py`)."""
 
     source: Literal["synthetic", "folder", "manifest", "rafd", "fer2013"] = "synthetic"
     path: str | None = Field(None, description="folder (folder, rafd), CSV/Parquet manifest or FER2013 CSV")
@@ -121,7 +121,7 @@ class VerifiersConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    """Generator and discriminator shape (DESIGN section 4)."""
+    """Generator and discriminator shape (the paper's section III)."""
 
     ngf: int = Field(16, ge=4, le=128)
     ndf: int = Field(16, ge=4, le=128)
@@ -135,7 +135,7 @@ class ModelConfig(_Strict):
 
 
 class LossConfig(_Strict):
-    """Loss weights of equation 11 and the hinge margin of equation 9 (DESIGN section 5)."""
+    """Loss weights of equation 11 and the hinge margin of equation 9 (the paper's equations 1-12)."""
 
     lambda1: float = Field(1.0, ge=0, le=1)
     lambda2: float = Field(1.0, ge=0, le=1)
@@ -203,7 +203,7 @@ _SEARCH_BOUNDS = {"lambda1": (0, 1), "lambda2": (0, 1), "lambda3": (0, 1), "phi"
 
 
 class SearchConfig(_Strict):
-    """Ray Tune search over the loss weights and the operating threshold mu (DESIGN section 7)."""
+    """Ray Tune search over the loss weights and the operating threshold mu (`tune/search.py`)."""
 
     objective: Literal["composite", "pareto"] = Field(
         "composite", description="composite: maximise J, ASHA stops weak trials early; pareto: maximise privacy "

@@ -26,6 +26,7 @@ from typing import Any
 
 import pyarrow.fs
 
+from epd_ray.artifacts import RunFolder, RunMarker, atomic_write_text, default_cache_dir
 from epd_ray.checkpoints import build_from_record, load_checkpoint, save_checkpoint
 from epd_ray.config import ExperimentConfig, load_config, write_resolved
 from epd_ray.data.prepare import PreparedData, cached_dataset
@@ -34,16 +35,16 @@ from epd_ray.data.stream import materialized_split
 from epd_ray.evaluate.evaluate import (GENERATOR_METHOD, Evaluation, baseline_methods, generator_method,
                                        method_settings, run_evaluation, summary_lines, verdict_line,
                                        write_evaluation)
-from epd_ray.evaluate.report import ALL_BASELINES, REPORT_DIR, build_report
+from epd_ray.evaluate.report import ALL_BASELINES, build_report
 from epd_ray.provenance import package_versions
 from epd_ray.runtime import RayRuntime, resolve_storage, start_ray, storage_filesystem
 from epd_ray.train.gan import GanInputs
 from epd_ray.train.run import PretrainingError, check_batch_fits, pretrain_networks
 from epd_ray.tune.search import OBJECTIVE, PARETO_METRICS, SearchOutcome, is_pareto, run_search
 
-MARKER = "experiment.json"
+MARKER = RunFolder.MARKER
 TUNE, TRAIN = "epd-ray tune", "epd-ray train"  # the commands that make a run folder
-PARETO_FILE = "pareto.json"
+PARETO_FILE = RunFolder.PARETO
 
 
 class OutputError(ValueError):
@@ -67,14 +68,10 @@ def default_output(exp: ExperimentConfig) -> Path:
     return Path("runs") / f"{exp.name}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
-def default_cache_dir(exp: ExperimentConfig) -> Path:
-    return Path(exp.cache_dir).expanduser() if exp.cache_dir else Path.home() / ".cache" / "epd-ray"
-
-
 def resume_command(output: Path, address: str | None) -> str:
     """The command that continues the run in `output`: `epd-ray train` or `tune`, whichever started it."""
-    marker = output / MARKER
-    kind = json.loads(marker.read_text()).get("kind", TUNE) if marker.is_file() else TUNE
+    run = RunFolder(output)
+    kind = run.read_marker(TUNE).kind if run.has_marker() else TUNE
     return f"{kind} --resume {output}" + (f" --address {address}" if address else "")
 
 
@@ -84,9 +81,9 @@ def check_output(output: Path, exp: ExperimentConfig) -> None:
         return
     if not output.is_dir():
         raise OutputError(f"{output}: exists and is not a folder")
-    marker = output / MARKER
-    if marker.is_file():
-        held = json.loads(marker.read_text()).get("config_digest")
+    run = RunFolder(output)
+    if run.has_marker():
+        held = run.read_marker(TUNE).config_digest
         if held != exp.digest():
             raise OutputError(f"{output}: holds another experiment (config {held}, this one {exp.digest()}); "
                               "choose a new --output")
@@ -99,7 +96,7 @@ def check_output(output: Path, exp: ExperimentConfig) -> None:
 
 
 def finished(output: Path) -> bool:
-    return (output / "best" / "model_card.json").is_file()
+    return RunFolder(output).finished()
 
 
 def check_inputs(exp: ExperimentConfig, prepared_dir: Path | None) -> None:
@@ -127,17 +124,16 @@ def data_and_networks(exp: ExperimentConfig, *, runtime: RayRuntime, prepared_di
     """Prepared data (given, or the cached synthetic/source set), the train split read once into the object
     store, and the pretrained verifiers/evaluators (cached by content hash; with `strict`, PretrainingError
     when one is not clearly above chance)."""
-    cache_dir = default_cache_dir(exp)
+    cache_dir = default_cache_dir(exp.cache_dir)
     if prepared_dir is not None:
         prepared = PreparedData(Path(prepared_dir), read_manifest(Path(prepared_dir)), reused=True)
     else:
         prepared = cached_dataset(exp.data, cache_dir, echo=lambda line: echo(f"data: {line}"))
-    m = prepared.manifest
-    echo(f"data: {'reusing' if prepared.reused else 'prepared'} {m['num_images']} images "
-         f"({len(m['identities'])} identities x {len(m['emotions'])} emotions, {m['image_size']} px) "
-         f"-> {prepared.path}")
+    m = prepared.info
+    echo(f"data: {'reusing' if prepared.reused else 'prepared'} {m.num_images} images "
+         f"({len(m.identities)} identities x {len(m.emotions)} emotions, {m.image_size} px) -> {prepared.path}")
     echo(f"ray: dashboard {runtime.dashboard_url or '(not available)'}; storage {storage_path}")
-    check_batch_fits("train.batch_size", exp.train.batch_size, m["splits"]["train"]["images"], exp.train.num_workers)
+    check_batch_fits("train.batch_size", exp.train.batch_size, m.images("train"), exp.train.num_workers)
     train_data = materialized_split(prepared.path, "train")
     pretrained_path = pretrain_networks(exp, prepared, train_data=train_data, cache_dir=cache_dir, runtime=runtime,
                                         storage_path=storage_path, strict=strict, echo=echo)
@@ -149,7 +145,7 @@ def run_pretrain(exp: ExperimentConfig, *, prepared_dir: Path | None = None, str
     """`epd-ray pretrain`: the verifiers, evaluators and warm start into the cache that `tune` reuses."""
     check_inputs(exp, prepared_dir)
     runtime = start_ray(exp.ray)
-    storage = resolve_storage(exp.ray, default_cache_dir(exp) / "ray")
+    storage = resolve_storage(exp.ray, default_cache_dir(exp.cache_dir) / "ray")
     return data_and_networks(exp, runtime=runtime, prepared_dir=prepared_dir, storage_path=storage, strict=strict,
                              echo=echo).pretrained_path
 
@@ -166,12 +162,11 @@ def run_tune(exp: ExperimentConfig, output: Path, *, prepared_dir: Path | None =
     runtime = start_ray(exp.ray)
     storage = resolve_storage(exp.ray, output / "ray")
     output.mkdir(parents=True, exist_ok=True)
-    write_resolved(exp, output / "config.yaml")
-    (output / MARKER).write_text(json.dumps({"kind": TRAIN if fixed else TUNE, "config_digest": exp.digest(),
-                                             "data": str(Path(prepared_dir).resolve()) if prepared_dir else None,
-                                             "params": fixed,
-                                             "started": datetime.now().isoformat(timespec="seconds")}))
-    echo(f"config: {output / 'config.yaml'}")
+    run = RunFolder(output)
+    write_resolved(exp, run.config_path)
+    run.write_marker(RunMarker.new(TRAIN if fixed else TUNE, exp.digest(),
+                                   str(Path(prepared_dir).resolve()) if prepared_dir else None, fixed))
+    echo(f"config: {run.config_path}")
     try:
         return _interruptible(output, exp, lambda: _search_and_report(exp, output, prepared_dir, runtime, storage,
                                                                       started, resume=False, fixed=fixed,
@@ -185,18 +180,19 @@ def resume_tune(output: Path, *, address: str | None = None, echo=print) -> Tune
     """Continue a run folder's experiment where it stopped, with the config and data it started with."""
     started = time.time()
     output = Path(output).resolve()
-    marker = output / MARKER
-    if not marker.is_file():
+    run = RunFolder(output)
+    if not run.has_marker():
         raise OutputError(f"{output}: not an epd-ray run folder (no {MARKER}); nothing to resume")
-    if finished(output):
-        raise OutputError(f"{output}: this experiment finished already; its best model is in {output / 'best'}")
-    exp = load_config(output / "config.yaml", {"ray.address": address} if address else None)
-    recorded, fixed = (json.loads(marker.read_text()).get(key) for key in ("data", "params"))
+    if run.finished():
+        raise OutputError(f"{output}: this experiment finished already; its best model is in {run.best_dir}")
+    exp = load_config(run.config_path, {"ray.address": address} if address else None)
+    marker = run.read_marker(TUNE)
+    recorded, fixed = marker.data, marker.params
     prepared_dir = Path(recorded) if recorded else None
     check_inputs(exp, prepared_dir)
     runtime = start_ray(exp.ray)
     storage = resolve_storage(exp.ray, output / "ray")
-    echo(f"resuming: {output} (config {output / 'config.yaml'})")
+    echo(f"resuming: {output} (config {run.config_path})")
     return _interruptible(output, exp, lambda: _search_and_report(exp, output, prepared_dir, runtime, storage,
                                                                   started, resume=True, fixed=fixed, strict=False,
                                                                   echo=echo))
@@ -221,7 +217,7 @@ def _search_and_report(exp: ExperimentConfig, output: Path, prepared_dir: Path |
     echo(f"{'train' if fixed else 'search'}: done in {outcome.wall_seconds:.0f} s; best trial {outcome.best.trial_id} "
          f"J={outcome.best.metrics['objective']:.3f} (validation)")
 
-    best_dir = output / "best"
+    best_dir = RunFolder(output).best_dir
     checkpoint = fetch_checkpoint(storage, outcome.best.checkpoint, best_dir / "checkpoint.pt")
     evaluation = evaluate_best(exp, outcome, checkpoint, prepared, pretrained_path)
     report_path = write_report(output, exp, outcome, evaluation)
@@ -281,12 +277,12 @@ def write_best(best_dir: Path, exp: ExperimentConfig, outcome: SearchOutcome, pr
         "beats_baselines": metrics["verdict"]["beats_baselines"],
         "verdict": metrics["verdict"],
         "test_metrics": metrics["methods"][GENERATOR_METHOD],
-        "data": {"content_hash": prepared.manifest["content_hash"], "path": str(prepared.path),
-                 "image_size": prepared.manifest["image_size"], "identities": len(prepared.manifest["identities"])},
+        "data": {"content_hash": prepared.info.content_hash, "path": str(prepared.path),
+                 "image_size": prepared.info.image_size, "identities": len(prepared.info.identities)},
         "config": exp.to_dict(),
         "versions": package_versions(),
     }
-    (best_dir / "model_card.json").write_text(json.dumps(card, indent=2))
+    atomic_write_text(best_dir / RunFolder.CARD, json.dumps(card, indent=2))
 
 
 def pareto_entries(outcome: SearchOutcome) -> list[dict[str, Any]]:
@@ -299,16 +295,16 @@ def pareto_entries(outcome: SearchOutcome) -> list[dict[str, Any]]:
 def write_report(output: Path, exp: ExperimentConfig, outcome: SearchOutcome, evaluation: Evaluation) -> Path:
     """report/ (metrics.json with the trials, per_image.parquet, samples, report.md and its figures), drawn by
     the same code as `epd-ray report`; in pareto mode also pareto.json, the front with its checkpoints."""
-    extra = {"model": str(output / "best" / "generator.pt"), "params": outcome.best.params,
+    run = RunFolder(output)
+    extra = {"model": str(run.best_dir / "generator.pt"), "params": outcome.best.params,
              "best_trial": outcome.best.trial_id, "search_objective": exp.search.objective,
              "trials": [asdict(t) for t in outcome.trials],
              **method_settings(exp.evaluation, evaluation.metrics["methods"])}
     if is_pareto(exp):
         front = pareto_entries(outcome)
         extra["pareto_front"] = front
-        (output / PARETO_FILE).write_text(json.dumps(
-            {"metrics": list(PARETO_METRICS), "split": "val", "trials": front}, indent=2, default=str))
-    write_evaluation(output / REPORT_DIR, evaluation, extra)
+        run.write_pareto(list(PARETO_METRICS), front)
+    write_evaluation(run.report_dir, evaluation, extra)
     return build_report(output, echo=lambda *_: None)
 
 

@@ -41,7 +41,6 @@ TRAIN_POLL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN
 @dataclass(frozen=True)
 class RayRuntime:
     dashboard_url: str | None
-    started_here: bool
 
     @property
     def total_cpus(self) -> float:
@@ -72,7 +71,7 @@ def _free_port(host: str, preferred: int) -> int:
 def start_ray(cfg: RayConfig, *, trial_drivers: int = 64, quiet: bool = True) -> RayRuntime:
     if ray.is_initialized():
         ctx = ray.get_runtime_context()
-        return RayRuntime(dashboard_url=getattr(ctx, "dashboard_url", None), started_here=False)
+        return RayRuntime(dashboard_url=getattr(ctx, "dashboard_url", None))
     logging.getLogger("ray").setLevel(logging.WARNING if quiet else logging.INFO)
     ray.data.DataContext.get_current().enable_progress_bars = not quiet
     if cfg.address:  # token auth for joining is set up by the CLI, before Ray is imported
@@ -81,7 +80,7 @@ def start_ray(cfg: RayConfig, *, trial_drivers: int = 64, quiet: bool = True) ->
             os.environ["RAY_API_SERVER_ADDRESS"] = env["RAY_API_SERVER_ADDRESS"] = api_address
         info = ray.init(address=cfg.address, log_to_driver=not quiet, runtime_env={"env_vars": env},
                         logging_level=logging.WARNING if quiet else logging.INFO)
-        return RayRuntime(dashboard_url=_url(info.dashboard_url), started_here=False)
+        return RayRuntime(dashboard_url=_url(info.dashboard_url))
     api_host = "127.0.0.1" if cfg.dashboard_host in ("0.0.0.0", "::") else cfg.dashboard_host
     port = _free_port(api_host, cfg.dashboard_port)
     api_address = f"http://{api_host}:{port}"
@@ -98,7 +97,7 @@ def start_ray(cfg: RayConfig, *, trial_drivers: int = 64, quiet: bool = True) ->
         configure_logging=True,
         logging_level=logging.WARNING if quiet else logging.INFO,
     )
-    return RayRuntime(dashboard_url=_url(info.dashboard_url), started_here=True)
+    return RayRuntime(dashboard_url=_url(info.dashboard_url))
 
 
 def _cluster_api_server(address: str) -> str | None:

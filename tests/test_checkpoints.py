@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-import epd_ray.checkpoints as checkpoints
+import epd_ray.artifacts as artifacts
 from epd_ray.checkpoints import (
     FORMAT,
     CheckpointError,
@@ -294,7 +294,7 @@ def test_save_replaces_the_file_atomically(tmp_path, monkeypatch):
         seen.append((src, dst, load_checkpoint(src)["version"], load_checkpoint(dst)["version"]))
         real_replace(src, dst)
 
-    monkeypatch.setattr(checkpoints.os, "replace", spy)
+    monkeypatch.setattr(artifacts.os, "replace", spy)  # save_checkpoint writes through artifacts.atomic_file
     save_checkpoint(path, {"networks": {}, "version": 2})
     assert len(seen) == 1
     src, dst, new_version, old_version = seen[0]

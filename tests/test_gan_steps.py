@@ -102,3 +102,43 @@ def test_augmentation_mirrors_and_shifts_faces_without_changing_their_content_ot
     shifted = augment_pixels(faces, flip=False, max_shift=2, rng=np.random.default_rng(2))
     assert shifted.shape == faces.shape and not np.array_equal(shifted, faces)
     assert np.array_equal(augment_pixels(faces, flip=False, max_shift=0, rng=np.random.default_rng(3)), faces)
+
+
+def test_the_gan_loop_runs_in_process_rounds_reports_and_resumes(tmp_path):
+    """GanRun, the loop every Ray Train worker runs, without Ray: a split in memory, a report hook; a run
+    restored from its last payload goes on with the next round and the optimisers' state."""
+    from epd_ray.checkpoints import network_record, save_checkpoint
+    from epd_ray.config import load_config
+    from epd_ray.core.networks import build_network
+    from epd_ray.data.prepare import prepare_dataset
+    from epd_ray.train.gan import GanInputs, GanRun, trial_params
+    from epd_ray.train.pretrain import network_specs
+    from epd_ray.train.worker import ShardBatches
+
+    exp = load_config("smoke", {"data.num_identities": 4, "data.variations": 3, "train.batch_size": 8,
+                                "train.steps": 4, "train.report_every": 2})
+    data = prepare_dataset(exp.data, tmp_path / "data", echo=lambda *_: None).info
+    specs = network_specs(exp.verifiers, exp.model, len(data.identities), data.image_size, len(data.emotions))
+    save_checkpoint(tmp_path / "pretrained.pt", {"networks": {  # untrained: the loop's shape is what counts
+        name: network_record(name, build_network(name, **spec["args"])) for name, spec in specs.items()}})
+    inputs = GanInputs.put(tmp_path / "data", tmp_path / "pretrained.pt", exp.evaluation, put=lambda value: value)
+    setup = WorkerSetup(0, 1, torch.device("cpu"), "fp32", channels_last=False)
+    weights, mu = trial_params({"experiment": exp.to_dict()})
+    reports = []
+
+    def train(start_round, payload=None, rounds_seen=None):
+        run = GanRun(exp, weights, mu, setup, inputs, payload=payload)
+        batches = ShardBatches.in_memory(setup, exp.train.batch_size, inputs.train_faces).forever(seed=0)
+        run.train(batches, start_round=start_round, report=lambda m, p: reports.append((m, p)),
+                  trained=rounds_seen.append if rounds_seen is not None else None)
+
+    seen: list[int] = []
+    train(0, rounds_seen=seen)
+    assert [m["round"] for m, _ in reports] == [1, 2] and [m["step"] for m, _ in reports] == [2, 4] and seen == [0, 1]
+    metrics, payload = reports[-1]
+    assert 0.0 <= metrics["objective"] <= 1.0 and payload["round"] == 1 and payload["step"] == 4
+    exp = exp.model_copy(update={"train": exp.train.model_copy(update={"steps": 6})})  # `train` reads it
+    reports.clear()
+    train(2, payload=payload)
+    assert [(m["round"], m["first_round"], m["step"]) for m, _ in reports] == [(3, 3, 6)]
+    assert int(reports[0][1]["optimizers"]["generator"]["state"][0]["step"]) == 6  # went on from 4 steps

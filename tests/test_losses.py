@@ -1,4 +1,4 @@
-"""EPD-Net losses (DESIGN section 5) against values worked out by hand."""
+"""EPD-Net losses (the paper's equations 1-12) against values worked out by hand."""
 
 import dataclasses
 import math

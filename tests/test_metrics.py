@@ -1,4 +1,4 @@
-"""DESIGN section 6 metrics on fixed probabilities, with values worked out by hand."""
+"""The metrics of core/metrics.py (the paper's section IV) on fixed probabilities, with values worked out by hand."""
 
 import math
 

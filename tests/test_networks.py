@@ -1,4 +1,4 @@
-"""Shapes, structure and runtime contracts of the EPD-Net networks (DESIGN section 4)."""
+"""Shapes, structure and runtime contracts of the EPD-Net networks (the paper's section III)."""
 
 import json
 

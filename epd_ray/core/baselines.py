@@ -1,4 +1,4 @@
-"""Classical de-identification baselines, measured exactly like EPD-Net (DESIGN section 6).
+"""Classical de-identification baselines, measured exactly like EPD-Net (`core/metrics.py`).
 
 Same tensor convention as the networks: float NCHW images in [-1, 1] in, same shape, dtype and range
 out. Every baseline is `fn(x, **params) -> x'`; k-Same-Pixel also needs the probes' identities and a
@@ -74,7 +74,7 @@ def k_same_pixel(
     """k-Same-Pixel: replace each face with the pixel mean of its k nearest gallery faces of OTHER identities.
 
     Nearest = L2 distance in pixel space. Faces of the probe's own identity are excluded, so the output
-    never averages in the person it hides (the DESIGN's variant; the original k-Same clusters the probe
+    never averages in the person it hides (this package's variant; the original k-Same clusters the probe
     set itself). If fewer than k other-identity faces exist, all of them are used. Probes are processed
     in chunks of `chunk` to bound the (chunk x gallery) distance matrix.
     """

@@ -1,4 +1,4 @@
-"""EPD-Net losses, exactly DESIGN section 5 (the paper's equations 1-12).
+"""EPD-Net losses, exactly the paper's equations 1-12.
 
 Images are in [-1, 1] (network convention) and are mapped to [0, 1] for SSIM. Every loss is computed in
 float32 even inside a bf16 autocast region: logits are upcast before BCE / softmax / cross-entropy, and

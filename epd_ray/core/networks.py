@@ -1,4 +1,4 @@
-"""The networks of EPD-Net (DESIGN section 4) and the independent evaluators.
+"""The networks of EPD-Net (the paper's section III) and the independent evaluators.
 
 Conventions: every network takes float NCHW RGB images in [-1, 1] (see `images.py`). Networks that
 work on grey faces (mini-Xception, the emotion evaluator) convert RGB to grey themselves, so callers never
@@ -97,7 +97,7 @@ class NoiseDropout(nn.Module):
 
 
 class UNetGenerator(nn.Module):
-    """pix2pix U-Net generator G(x, z) (DESIGN section 4).
+    """pix2pix U-Net generator G(x, z) (the paper's section III).
 
     log2(image_size) stride-2 4x4 downsamplings take the image to 1x1 (8 at 256 px, 5 at 32 px); widths
     ngf * (1, 2, 4, 8, 8, ...) capped at 8 * ngf. As in pix2pix: encoder blocks are LeakyReLU(0.2)-Conv-Norm

@@ -1,4 +1,4 @@
-"""One image file to one training-size RGB face, or a reason why not (DESIGN section 3).
+"""One image file to one training-size RGB face, or a reason why not.
 
 Every way a file can be unusable has a named reason, so `prepare` can list it in `rejects.csv` instead
 of dropping it silently: empty, undecodable, truncated, too large to decode safely (a decompression

@@ -24,6 +24,7 @@ from typing import Callable, Iterable
 import numpy as np
 from PIL import Image
 
+from epd_ray.artifacts import DatasetManifest
 from epd_ray.config import DataConfig, stable_hash
 from epd_ray.core.synthetic import make_synthetic_faces
 from epd_ray.data import sources
@@ -40,8 +41,12 @@ NO_IDENTITY = -1  # FER2013 rows: an emotion label and no person
 @dataclass(frozen=True)
 class PreparedData:
     path: Path
-    manifest: dict
+    manifest: dict  # dataset.json as written; `info` reads it typed
     reused: bool
+
+    @property
+    def info(self) -> DatasetManifest:
+        return DatasetManifest.from_dict(self.manifest)
 
 
 @dataclass
@@ -221,7 +226,7 @@ def rafd_head_crop(image: Image.Image, detector: Detector) -> Image.Image:
 
 def assign_splits(identity: np.ndarray, emotion: np.ndarray, fixed: list[str | None], data: DataConfig,
                   identity_names: list[str], classes: tuple[str, ...]) -> tuple[np.ndarray, list[str]]:
-    """Per-identity closed-set splits (DESIGN section 3); a source's own split (FER2013 Usage) is kept.
+    """Per-identity closed-set splits (every person in every split); a source's own split (FER2013 Usage) is kept.
 
     Returns the split of every image and a warning for each class too thin to appear in every split.
     """

@@ -1,4 +1,4 @@
-"""Parquet shards of labelled faces, and `dataset.json` that describes them (DESIGN section 3).
+"""Parquet shards of labelled faces, and `dataset.json` that describes them.
 
 A row holds the encoded image (so the original can be recovered) and the raw `pixels` at the training
 size, so training never decodes an image twice. This module is plain pyarrow: the Ray Data stream in
@@ -10,9 +10,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +18,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from epd_ray.artifacts import MANIFEST, DatasetManifest, atomic_folder, read_manifest  # noqa: F401 (read_manifest: re-exported)
+
 SPLITS = ("train", "val", "test")
-MANIFEST = "dataset.json"
 
 SCHEMA = pa.schema([
     ("image", pa.binary()),
@@ -118,10 +116,7 @@ def write_dataset(out_dir: Path, *, pixels: np.ndarray, identity: np.ndarray, id
 
     An interrupted run therefore leaves nothing that looks finished at `out_dir`.
     """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir) as tmp:
         (tmp / "shards").mkdir()
         files: dict[str, list[str]] = {}
         for name in SPLITS:
@@ -159,12 +154,6 @@ def write_dataset(out_dir: Path, *, pixels: np.ndarray, identity: np.ndarray, id
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 
@@ -173,16 +162,8 @@ def _counts(identity: np.ndarray, emotion: np.ndarray) -> dict[str, int]:
     return {f"{i}/{e}": int(c) for (i, e), c in zip(pairs, n)}
 
 
-def read_manifest(dataset_dir: Path) -> dict:
-    path = Path(dataset_dir) / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"{dataset_dir}: no {MANIFEST}; run `epd-ray data prepare` first")
-    return json.loads(path.read_text())
-
-
 def shard_paths(dataset_dir: Path, split: str) -> list[str]:
-    manifest = read_manifest(dataset_dir)
-    return [str(Path(dataset_dir) / rel) for rel in manifest["shards"][split]]
+    return [str(Path(dataset_dir) / rel) for rel in DatasetManifest.load(dataset_dir).shards[split]]
 
 
 def pixels_from_bytes(column, image_size: int) -> np.ndarray:
@@ -193,11 +174,11 @@ def pixels_from_bytes(column, image_size: int) -> np.ndarray:
 
 def load_split(dataset_dir: Path, split: str) -> FaceArrays:
     """A whole split in memory (evaluation, the real-pair pool, baselines): small enough by design."""
-    manifest = read_manifest(dataset_dir)
+    manifest = DatasetManifest.load(dataset_dir)
     table = pa.concat_tables([pq.read_table(p, columns=["pixels", "identity", "emotion"])
                               for p in shard_paths(dataset_dir, split)])
     return FaceArrays(
-        pixels=pixels_from_bytes(table.column("pixels").to_pylist(), manifest["image_size"]),
+        pixels=pixels_from_bytes(table.column("pixels").to_pylist(), manifest.image_size),
         identity=table.column("identity").to_numpy().astype(np.int64),
         emotion=table.column("emotion").to_numpy().astype(np.int64),
     )

@@ -1,4 +1,4 @@
-"""Where labelled faces come from: one generator of `Item`s per source format (DESIGN section 3).
+"""Where labelled faces come from: one generator of `Item`s per source format.
 
 A source only says which files (or CSV rows) exist and what their labels claim; it never decodes an
 image. Decoding, cropping, conversion and every reject reason live in `decode.py`, and the bookkeeping
@@ -37,11 +37,8 @@ EMOTION_ALIASES = {
     "contempt": CONTEMPT, "contemptuous": CONTEMPT,
 }
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 RAFD_NAME = re.compile(r"^Rafd(?P<angle>\d{3})_(?P<subject>\d+)_(?P<group>[A-Za-z]+)_(?P<gender>[A-Za-z]+)_"
                        r"(?P<emotion>[A-Za-z]+)_(?P<gaze>[A-Za-z]+)$")
-RAFD_ANGLES = ("000", "045", "090", "135", "180")
-RAFD_GAZES = ("frontal", "left", "right")
 FER_SPLITS = {"Training": "train", "PublicTest": "val", "PrivateTest": "test"}
 FER_SIZE = 48
 

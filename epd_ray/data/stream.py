@@ -22,7 +22,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import ray.data
 
-from epd_ray.data.shards import pixels_from_bytes, read_manifest, shard_paths
+from epd_ray.artifacts import DatasetManifest
+from epd_ray.data.shards import pixels_from_bytes, shard_paths
 from epd_ray.runtime import alive_nodes
 
 DATA_TASK_CPUS = 0.25
@@ -70,7 +71,7 @@ def split_stream(dataset_dir: Path, split: str = "train", *, via_driver: bool = 
     `via_driver`: the driver reads the shards and puts the tables into the object store (the files may be
     on its disk only) instead of Ray Data's read tasks reading them wherever they run.
     """
-    image_size = read_manifest(dataset_dir)["image_size"]
+    image_size = DatasetManifest.load(dataset_dir).image_size
     paths, columns = shard_paths(dataset_dir, split), ["pixels", "identity", "emotion"]
     if via_driver:
         ds = ray.data.from_arrow([pq.read_table(path, columns=columns) for path in paths])

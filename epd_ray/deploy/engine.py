@@ -73,7 +73,6 @@ class FaceEngine:
         self.batch_size = int(batch_size)
         self.noise = noise  # False: no dropout noise at all (deterministic generator)
         self.size = int(generator.config["image_size"])
-        self.calls = 0
 
     @torch.no_grad()
     def __call__(self, crops: np.ndarray, seeds: Sequence[int]) -> np.ndarray:
@@ -89,7 +88,6 @@ class FaceEngine:
             with noise, autocast(self.device, self.precision):
                 y = self.generator(x)
             out.append(to_uint8(y.float()))
-            self.calls += 1
         return np.concatenate(out)
 
 

@@ -17,23 +17,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from epd_ray.checkpoints import CheckpointError, build_from_record, load_checkpoint, save_checkpoint
+from epd_ray.artifacts import ModelSpec, RunFolder, atomic_folder
+from epd_ray.checkpoints import CheckpointError, build_from_record, load_checkpoint, require_network, save_checkpoint
 from epd_ray.core.networks import UNetGenerator, count_parameters
 from epd_ray.provenance import package_versions
 
-MODEL_FORMAT = "epd-ray-generator"
-MODEL_VERSION = 1
-WEIGHTS_FILE = "generator.pt"
-SPEC_FILE = "generator.json"
-CARD_FILE = "model_card.json"
+WEIGHTS_FILE, SPEC_FILE = ModelSpec.WEIGHTS, ModelSpec.FILE
+CARD_FILE = RunFolder.CARD  # a run's model card, copied along
 
 
 class DeployError(ValueError):
@@ -56,7 +52,7 @@ def resolve_source(source: Path) -> tuple[Path, Path | None]:
         return source, card if card.is_file() else None
     if not source.is_dir():
         raise FileNotFoundError(f"{source}: no such run folder or checkpoint file")
-    for folder in (source / "best", source):
+    for folder in (RunFolder(source).best_dir, source):
         for name in ("generator.pt", "checkpoint.pt"):
             if (folder / name).is_file():
                 card = folder / CARD_FILE
@@ -71,33 +67,21 @@ def export_model(source: Path, out: Path) -> Path:
         raise DeployError(f"{out}: already exists and is not an empty folder; export needs a new folder")
     checkpoint_path, card_path = resolve_source(source)
     payload = load_checkpoint(checkpoint_path)
-    if "generator" not in payload["networks"]:
-        raise CheckpointError(f"{checkpoint_path}: holds no network 'generator' "
-                              f"(has {', '.join(payload['networks']) or 'none'})")
-    record = payload["networks"]["generator"]
+    record = require_network(payload, "generator", checkpoint_path)
     if record.get("kind") != "generator":
         raise CheckpointError(f"{checkpoint_path}: network 'generator' is of kind {record.get('kind')!r}")
     generator = build_from_record(record, checkpoint_path)  # proves the record rebuilds before writing
     config = dict(generator.config)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as staging:  # an empty `out` (checked above) is replaced
         state = {k: v.detach().cpu().clone() for k, v in generator.state_dict().items()}
         save_checkpoint(staging / WEIGHTS_FILE, {"networks": {"generator": {
             "kind": "generator", "config": config, "state_dict": state}}})
-        spec = {
-            "format": MODEL_FORMAT,
-            "version": MODEL_VERSION,
-            "kind": "generator",
-            "config": config,
-            "weights": WEIGHTS_FILE,
-            "sha256": sha256_file(staging / WEIGHTS_FILE),
-            "parameters": count_parameters(generator),
-            "input": "RGB face crop, float NCHW in [-1, 1] "
-                     f"({config['image_size']}x{config['image_size']} px); output the same",
-        }
-        (staging / SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n")
+        spec = ModelSpec(config=config, weights=WEIGHTS_FILE, sha256=sha256_file(staging / WEIGHTS_FILE),
+                         parameters=count_parameters(generator),
+                         input="RGB face crop, float NCHW in [-1, 1] "
+                               f"({config['image_size']}x{config['image_size']} px); output the same")
+        spec.save(staging)
         if card_path is not None:
             shutil.copyfile(card_path, staging / CARD_FILE)
         else:
@@ -109,13 +93,7 @@ def export_model(source: Path, out: Path) -> Path:
                 "versions": package_versions(),
             }
             (staging / CARD_FILE).write_text(json.dumps(card, indent=2, default=str) + "\n")
-        (staging / "README.md").write_text(_readme(config, spec["parameters"]))
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        (staging / "README.md").write_text(_readme(config, spec.parameters))
     return out
 
 
@@ -141,10 +119,7 @@ def load_model(model: Path, device: torch.device | str = "cpu") -> UNetGenerator
     """
     model = Path(model)
     if model.is_file():  # a checkpoint file (RUN/best/generator.pt or a trial checkpoint)
-        payload = load_checkpoint(model)
-        if "generator" not in payload["networks"]:
-            raise CheckpointError(f"{model}: holds no network 'generator'")
-        generator = build_from_record(payload["networks"]["generator"], model)
+        generator = build_from_record(require_network(load_checkpoint(model), "generator", model), model)
     else:
         spec_path = model / SPEC_FILE
         if not model.is_dir():
@@ -153,21 +128,20 @@ def load_model(model: Path, device: torch.device | str = "cpu") -> UNetGenerator
             raise FileNotFoundError(f"{model}: not a model folder ({SPEC_FILE} missing; make one with "
                                     "`epd-ray export RUN_DIR --out MODEL_DIR`)")
         try:
-            spec = json.loads(spec_path.read_text())
+            spec = ModelSpec.from_dict(json.loads(spec_path.read_text()))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CheckpointError(f"{spec_path}: unreadable model spec ({exc})") from None
-        if not isinstance(spec, dict) or spec.get("format") != MODEL_FORMAT or spec.get("kind") != "generator" \
-                or not isinstance(spec.get("config"), dict) or not isinstance(spec.get("weights"), str):
+        if spec is None:
             raise CheckpointError(f"{spec_path}: not an epd-ray generator spec")
-        weights = model / Path(spec["weights"]).name  # never follow a path out of the folder
+        weights = model / Path(spec.weights).name  # never follow a path out of the folder
         if not weights.is_file():
             raise CheckpointError(f"{weights}: weights file missing")
-        if sha256_file(weights) != spec.get("sha256"):
+        if sha256_file(weights) != spec.sha256:
             raise CheckpointError(f"{weights}: SHA-256 does not match {SPEC_FILE}; the file was changed or "
                                   "replaced, refusing to load it")
         payload = load_checkpoint(weights)
         record = payload["networks"].get("generator")
-        if record is None or record.get("kind") != "generator" or record.get("config") != spec["config"]:
+        if record is None or record.get("kind") != "generator" or record.get("config") != spec.config:
             raise CheckpointError(f"{weights}: network does not match {SPEC_FILE}")
         generator = build_from_record(record, weights)
     if not isinstance(generator, UNetGenerator):

@@ -14,17 +14,15 @@ import os
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import cv2
 import imageio_ffmpeg
 import numpy as np
 
 from epd_ray.deploy.batching import Batcher, Job
+from epd_ray.deploy.context import Context
 from epd_ray.deploy.faces import IoUTracker, blur_face, blur_image, face_region, seed_for
-
-if TYPE_CHECKING:
-    from epd_ray.deploy.deidentify import Context
 
 DEFAULT_FPS = 25.0
 WEBM = {"video": ["-c:v", "libvpx-vp9", "-b:v", "0", "-row-mt", "1"], "audio": ["-c:a", "libopus"]}
@@ -83,7 +81,7 @@ class Encoder:
         self.log.close()
 
 
-def process_video(src: Path, dst: Path, rel: str, ctx: "Context") -> dict[str, Any]:
+def process_video(src: Path, dst: Path, rel: str, ctx: Context) -> dict[str, Any]:
     """Write the de-identified video to dst; returns per-file counts (frames, faces found, replaced, covered
     by tracking alone, blurred past max_faces, tracks, no-face frames)."""
     cap = cv2.VideoCapture(str(src))

@@ -5,7 +5,7 @@ images are also judged by the training verifiers V, S, for comparison with the p
 those flatter the generator). Every method is measured at the same mu.
 
 `run_evaluation` de-identifies the split once per method and returns three things: the JSON-ready metrics
-(DESIGN section 6, per judge, plus a mu sweep for the evaluators), one row per probe per method (the
+(`core/metrics.py`: the paper's section IV, per judge, plus a mu sweep for the evaluators), one row per probe per method (the
 per-image table), and the de-identified pixels of a few sample probes (for the report's grid; never the
 originals, which a report on real data must not leak). Plain PyTorch: no Ray.
 """
@@ -24,7 +24,8 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from epd_ray.checkpoints import CheckpointError, build_from_record, load_checkpoint
+from epd_ray.artifacts import DatasetManifest, PretrainedCache, default_cache_dir
+from epd_ray.checkpoints import CheckpointError, build_from_record, load_checkpoint, require_network
 from epd_ray.config import EvaluationConfig
 from epd_ray.core.baselines import gaussian_blur, k_same_pixel, no_change, pixelate
 from epd_ray.core.images import to_tensor, to_uint8
@@ -158,7 +159,7 @@ def run_evaluation(methods: dict[str, Method | KSameMethod], *, dataset_dir: Pat
     every judge of `evaluate.judges`. `metrics["main_judge"]` names the one whose J the search maximised."""
     device = device or torch.device("cpu")
     faces = load_split(dataset_dir, split)
-    source = read_manifest(dataset_dir).get("source", "synthetic")
+    source = DatasetManifest.load(dataset_dir).source
     main = main_judge(cfg.judge, source)
     judges = load_judges(pretrained_path, device)
     kw = dict(batch_size=cfg.batch_size, device=device, precision=precision)
@@ -167,7 +168,7 @@ def run_evaluation(methods: dict[str, Method | KSameMethod], *, dataset_dir: Pat
     train = load_split(dataset_dir, "train")
     chosen = gallery_subset(train.identity, cfg.gallery_per_identity)
     gallery_faces = FaceArrays(train.pixels[chosen], train.identity[chosen], train.emotion[chosen])
-    num_identities = len(read_manifest(dataset_dir)["identities"])
+    num_identities = len(DatasetManifest.load(dataset_dir).identities)
     recogniser = FaceRecogniser() if uses_recogniser(main, source) else None
     if recogniser is not None:
         rec_orig, found_orig = recogniser.embed(faces.pixels)
@@ -324,17 +325,7 @@ def find_pretrained(card: dict[str, Any]) -> Path | None:
     config, data = card.get("config") or {}, card.get("data") or {}
     if not data.get("content_hash"):
         return None
-    cache = Path(config["cache_dir"]).expanduser() if config.get("cache_dir") else Path.home() / ".cache" / "epd-ray"
-    found = sorted((cache / "pretrained").glob(f"{data['content_hash']}-*/pretrained.pt"))
-    if len(found) > 1:  # several verifier settings for this data: the one of this run's config
-        from epd_ray.config import ExperimentConfig
-        from epd_ray.data.prepare import PreparedData
-        from epd_ray.train.run import pretrained_key  # imports Ray: only in this ambiguous case
-
-        exp = ExperimentConfig.model_validate(config)
-        key = pretrained_key(exp, PreparedData(Path(data.get("path", ".")), {"content_hash": data["content_hash"]}, True))
-        found = [p for p in found if p.parent.name == key]
-    return found[0] if len(found) == 1 else None
+    return PretrainedCache(default_cache_dir(config.get("cache_dir"))).find(config, data["content_hash"])
 
 
 def resolve_setup(model: Path | None, *, data: Path | None = None, pretrained: Path | None = None,
@@ -396,11 +387,8 @@ def evaluate_command(model: Path | None, out: Path, *, baselines: Sequence[str] 
     setup = resolve_setup(model, data=data, pretrained=pretrained, split=split, mu=mu, blur_sigma=blur_sigma,
                           pixelate_blocks=pixelate_blocks, judge=judge, need_generator=include_model)
     if include_model:
-        payload = load_checkpoint(setup.checkpoint)
-        if "generator" not in payload["networks"]:
-            raise CheckpointError(f"{setup.checkpoint}: holds no network 'generator' "
-                                  f"(has {', '.join(payload['networks']) or 'none'})")
-        generator = build_from_record(payload["networks"]["generator"], setup.checkpoint)
+        record = require_network(load_checkpoint(setup.checkpoint), "generator", setup.checkpoint)
+        generator = build_from_record(record, setup.checkpoint)
         methods[GENERATOR_METHOD] = generator_method(generator, seed=setup.seed)
     methods.update(baseline_methods(setup.cfg, list(baselines), dataset_dir=setup.dataset_dir, k=k))
     evaluation = run_evaluation(methods, dataset_dir=setup.dataset_dir, pretrained_path=setup.pretrained_path,

@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from epd_ray.artifacts import RunFolder, atomic_write_json, atomic_write_text
 from epd_ray.core.metrics import pareto_front
 from epd_ray.evaluate.evaluate import (GENERATOR_METHOD, METRICS_FILE, SAMPLES_FILE, SWEEP_JUDGE,
                                        evaluate_command)
@@ -34,7 +35,7 @@ JUDGE_NOTES = {
     "parrot": "an attacker who knows the tool: the main judge's embedding, gallery of de-identified train faces",
     "evaluators": "V_e, S_e: trained here from scratch, never in a loss",
     "verifiers": "V, S: the generator was trained against them (flattered)"}
-REPORT_DIR, REPORT_FILE, ABLATION_DIR = "report", "report.md", "ablation"
+REPORT_DIR, REPORT_FILE, ABLATION_DIR = RunFolder.REPORT, "report.md", RunFolder.ABLATION
 ALL_BASELINES = ("identity", "blur", "pixelate", "ksame")
 # What the ablation table shows of each variant's last round (validation split, evaluators), next to the
 # judged round: how far training moved each variant from the warm start, and where the ablated term shows.
@@ -413,7 +414,7 @@ def build_report(run_dir: Path, *, show_originals: bool = False, echo: Callable[
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: no such run folder")
     report_dir = run_dir / REPORT_DIR
-    is_run = (run_dir / "best").is_dir()
+    is_run = RunFolder(run_dir).best_dir.is_dir()
     source = report_dir if is_run or (report_dir / METRICS_FILE).is_file() else run_dir
     metrics_path = source / METRICS_FILE
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
@@ -429,7 +430,7 @@ def build_report(run_dir: Path, *, show_originals: bool = False, echo: Callable[
     trials = metrics.get("trials") or []
     if "trial_history" not in metrics and (run_dir / "ray" / "search").is_dir():
         metrics["trial_history"] = trial_history(run_dir / "ray" / "search")
-    metrics_path.write_text(json.dumps(metrics, indent=2, default=str))
+    atomic_write_json(metrics_path, metrics)
 
     report_dir.mkdir(parents=True, exist_ok=True)
     figures: dict[str, str] = {}
@@ -470,6 +471,6 @@ def build_report(run_dir: Path, *, show_originals: bool = False, echo: Callable[
     ablation_path = run_dir / ABLATION_DIR / METRICS_FILE
     ablation = json.loads(ablation_path.read_text()) if ablation_path.is_file() else None
     path = report_dir / REPORT_FILE
-    path.write_text(render_report(metrics, trials, title=title, notes=notes, figures=figures, sample_rows=rows,
+    atomic_write_text(path, render_report(metrics, trials, title=title, notes=notes, figures=figures, sample_rows=rows,
                                   ablation=ablation))
     return path

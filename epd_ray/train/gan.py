@@ -1,4 +1,4 @@
-"""EPD-Net GAN training as a Ray Train worker loop (DESIGN sections 4-6).
+"""EPD-Net GAN training as a Ray Train worker loop (the paper's sections III-IV).
 
 Per batch: one discriminator step on the real pair (x, y) against the fake pair (x, G(x, z)), then one
 generator step on L_G = lambda1 (L_adv + Phi L_ssim) + lambda2 L_contrastive + lambda3 L_CE through the
@@ -17,13 +17,14 @@ import copy
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import ray
 import ray.train.torch
 import torch
 
+from epd_ray.artifacts import DatasetManifest
 from epd_ray.checkpoints import build_from_record, load_checkpoint, network_record
 from epd_ray.config import EvaluationConfig, ExperimentConfig, LossConfig, TrainConfig
 from epd_ray.core.losses import LossWeights, discriminator_loss, generator_loss
@@ -31,7 +32,7 @@ from epd_ray.core.networks import build_network
 from epd_ray.core.precision import autocast
 from epd_ray.core.metrics import compute_metrics
 from epd_ray.core.scoring import class_probabilities, deidentify_pixels, ssim_values
-from epd_ray.data.shards import load_split, read_manifest
+from epd_ray.data.shards import load_split
 from epd_ray.evaluate.judges import FaceRecogniser, Gallery, gallery_subset, main_judge, recogniser_metrics
 from epd_ray.train.worker import RealPairPool, ShardBatches, WorkerSetup, prepare_images, report, restore, setup_worker
 
@@ -58,20 +59,22 @@ class GanInputs:
     val_recognised: tuple[np.ndarray, np.ndarray] | None = None  # originals (embeddings, face found), made once
 
     @classmethod
-    def put(cls, dataset_dir: Path, pretrained_path: Path, evaluation: EvaluationConfig | None = None) -> "GanInputs":
+    def put(cls, dataset_dir: Path, pretrained_path: Path, evaluation: EvaluationConfig | None = None, *,
+            put: Callable[[Any], Any] = ray.put) -> "GanInputs":
+        """The inputs of a run on `dataset_dir`; `put=lambda v: v` keeps the values themselves (in-process runs)."""
         evaluation = evaluation or EvaluationConfig()
-        manifest = read_manifest(dataset_dir)
+        manifest = DatasetManifest.load(dataset_dir)
         train, val = load_split(dataset_dir, "train"), load_split(dataset_dir, "val")
-        judge = main_judge(evaluation.judge, manifest.get("source", "synthetic"))
+        judge = main_judge(evaluation.judge, manifest.source)
         gallery = val_recognised = None
         if judge == "recogniser":
             recogniser = FaceRecogniser()
             chosen = gallery_subset(train.identity, evaluation.gallery_per_identity)
             gallery = Gallery(recogniser.embed(train.pixels[chosen])[0], train.identity[chosen],
-                              len(manifest["identities"]))
+                              len(manifest.identities))
             val_recognised = recogniser.embed(val.pixels)
-        return cls(pretrained=ray.put(load_checkpoint(Path(pretrained_path))["networks"]), train_faces=ray.put(train),
-                   val_faces=ray.put(val), image_size=manifest["image_size"], judge=judge,
+        return cls(pretrained=put(load_checkpoint(Path(pretrained_path))["networks"]), train_faces=put(train),
+                   val_faces=put(val), image_size=manifest.image_size, judge=judge,
                    recogniser_gallery=gallery, val_recognised=val_recognised)
 
 
@@ -235,80 +238,108 @@ def validation_metrics(generator: torch.nn.Module, val, identity_evaluator, emot
     return scalar_metrics(scores)
 
 
+class GanRun:
+    """One GAN training run, Ray-free: its networks built (from the warm start, or restored from `payload`),
+    the real-pair pool, rank 0's judges; `train` then runs round after round on a batch iterator and hands
+    each round's metrics and checkpoint payload to a report hook.
+
+    `gan_loop` runs it in a Ray Train worker (its shard's batches, `ray.get` to fetch the inputs, DDP's
+    `prepare_model`, `ray.train.report`); benchmarks/ray_overhead.py runs it in-process on a split held in
+    memory (`GanInputs.put(..., put=lambda v: v)`, `ShardBatches.in_memory`).
+    """
+
+    def __init__(self, exp: ExperimentConfig, weights: LossWeights, mu: float, setup: WorkerSetup,
+                 inputs: GanInputs, *, payload: dict[str, Any] | None = None,
+                 fetch: Callable[[Any], Any] = lambda value: value,
+                 prepare_model: Callable[[torch.nn.Module], torch.nn.Module] = lambda module: module):
+        self.exp, self.mu, self.setup, self.inputs = exp, mu, setup, inputs
+        generator, discriminator = build_gan(exp, inputs.image_size)
+        pretrained = fetch(inputs.pretrained)
+        identity_verifier = frozen(build_from_record(pretrained["identity_verifier"]), setup)
+        emotion_verifier = frozen(build_from_record(pretrained["emotion_verifier"]), setup)
+        betas = (exp.train.beta1, exp.train.beta2)
+        opt_g = torch.optim.Adam(generator.parameters(), lr=exp.train.lr, betas=betas)
+        opt_d = torch.optim.Adam(discriminator.parameters(), lr=exp.train.lr, betas=betas)
+        if payload is None and "generator" in pretrained:  # the shared warm start (see train/pretrain.py)
+            generator.load_state_dict(pretrained["generator"]["state_dict"])
+        if payload is not None:
+            networks = payload["networks"]
+            generator.load_state_dict(networks.get("generator_train", networks["generator"])["state_dict"])
+            discriminator.load_state_dict(payload["networks"]["discriminator"]["state_dict"])
+            opt_g.load_state_dict(payload["optimizers"]["generator"])
+            opt_d.load_state_dict(payload["optimizers"]["discriminator"])
+        for module in (generator, discriminator):
+            module.to(setup.device)
+            if setup.channels_last:
+                module.to(memory_format=torch.channels_last)
+        generator, discriminator = prepare_model(generator), prepare_model(discriminator)
+
+        self.pool = RealPairPool(fetch(inputs.train_faces), exp.model.real_pair, seed=exp.train.seed + setup.rank)
+        self.judges = None
+        if setup.rank == 0:
+            self.judges = (fetch(inputs.val_faces), frozen(build_from_record(pretrained["identity_evaluator"]), setup),
+                           frozen(build_from_record(pretrained["emotion_evaluator"]), setup),
+                           FaceRecogniser() if inputs.recogniser_gallery is not None else None)
+        self.steps = GanSteps(generator, discriminator, identity_verifier, emotion_verifier, opt_g, opt_d, weights,
+                              setup, ema_decay=ema_decay(exp.train.ema_half_life_steps))
+        if payload is not None and self.steps.generator_ema is not None:
+            self.steps.generator_ema.load_state_dict(payload["networks"]["generator"]["state_dict"])
+
+    def train(self, batches: Iterator[dict[str, torch.Tensor]], *, start_round: int,
+              report: Callable[[dict[str, Any], dict[str, Any] | None], None],
+              trained: Callable[[int], None] | None = None) -> None:
+        """Rounds `start_round`.. of the budget; after each, `report(metrics, payload)` (payload: rank 0's
+        checkpoint, else None). `trained(round)` is called when a round's batches are done, before scoring."""
+        exp, steps, setup = self.exp, self.steps, self.setup
+        jitter = {"flip": exp.train.flip, "max_shift": exp.train.max_shift}  # y is mirrored/shifted as x is
+        for round_ in range(start_round, rounds(exp.train)):
+            steps.generator.train()
+            steps.discriminator.train()
+            step = min(exp.train.steps, (round_ + 1) * exp.train.report_every)
+            for _ in range(step - round_ * exp.train.report_every):
+                batch = next(batches)
+                y_real = prepare_images(self.pool.sample(batch["identity"], batch["emotion"], **jitter), setup)
+                steps.step(batch["x"], y_real, batch["identity"], batch["emotion"])
+
+            losses = steps.round_losses()
+            if trained is not None:
+                trained(round_)
+            diverged = not all(math.isfinite(v) for v in losses.values())
+            metrics: dict[str, Any] = {"round": round_ + 1, "first_round": start_round + 1, "step": step, **losses,
+                                       "diverged": diverged, "stop_reason": "non-finite loss" if diverged else ""}
+            if diverged:
+                metrics.update(PENALTY)
+                report(metrics, None)
+                return
+            payload = None
+            if self.judges is not None:
+                val, identity_evaluator, emotion_evaluator, recogniser = self.judges
+                metrics.update(validation_metrics(steps.published_generator, val, identity_evaluator,
+                                                  emotion_evaluator, mu=self.mu, exp=exp, setup=setup,
+                                                  inputs=self.inputs, recogniser=recogniser))
+                payload = steps.checkpoint_payload(round_, step, self.mu, exp, metrics)
+            report(metrics, payload)
+
+
 def gan_loop(config: dict[str, Any]) -> None:
+    """The Ray Train worker loop of a trial (and of `epd-ray train`): a `GanRun` on this worker's shard."""
     exp = ExperimentConfig.model_validate(config["experiment"])
     weights, mu = trial_params(config)
     setup = setup_worker(exp.train.cpus_per_worker, exp.train.precision, exp.train.channels_last, exp.train.seed)
     inputs: GanInputs = config["inputs"]
-
-    generator, discriminator = build_gan(exp, inputs.image_size)
-    pretrained = ray.get(inputs.pretrained)
-    identity_verifier = frozen(build_from_record(pretrained["identity_verifier"]), setup)
-    emotion_verifier = frozen(build_from_record(pretrained["emotion_verifier"]), setup)
-
-    opt_g = torch.optim.Adam(generator.parameters(), lr=exp.train.lr, betas=(exp.train.beta1, exp.train.beta2))
-    opt_d = torch.optim.Adam(discriminator.parameters(), lr=exp.train.lr, betas=(exp.train.beta1, exp.train.beta2))
     payload, start_round = restore()
-    last_round = rounds(exp.train)
-    if payload is not None and start_round >= last_round:
+    if payload is not None and start_round >= rounds(exp.train):
         # Resumed after its last round (the search's driver stopped before it recorded the end): its final
         # result and checkpoint once more, so that the resumed search sees the trial as it finished.
         report(setup, {**payload["metrics"], "replayed": True}, payload)
         return
-    if payload is None and "generator" in pretrained:  # the shared warm start (see train/pretrain.py)
-        generator.load_state_dict(pretrained["generator"]["state_dict"])
-    if payload is not None:
-        networks = payload["networks"]
-        generator.load_state_dict(networks.get("generator_train", networks["generator"])["state_dict"])
-        discriminator.load_state_dict(payload["networks"]["discriminator"]["state_dict"])
-        opt_g.load_state_dict(payload["optimizers"]["generator"])
-        opt_d.load_state_dict(payload["optimizers"]["discriminator"])
-    for module in (generator, discriminator):
-        module.to(setup.device)
-        if setup.channels_last:
-            module.to(memory_format=torch.channels_last)
-    generator = ray.train.torch.prepare_model(generator)
-    discriminator = ray.train.torch.prepare_model(discriminator)
-
-    pool = RealPairPool(ray.get(inputs.train_faces), exp.model.real_pair, seed=exp.train.seed + setup.rank)
-    jitter = {"flip": exp.train.flip, "max_shift": exp.train.max_shift}  # y is mirrored/shifted as x is
-    if setup.rank == 0:
-        val = ray.get(inputs.val_faces)
-        identity_evaluator = frozen(build_from_record(pretrained["identity_evaluator"]), setup)
-        emotion_evaluator = frozen(build_from_record(pretrained["emotion_evaluator"]), setup)
-        recogniser = FaceRecogniser() if inputs.recogniser_gallery is not None else None
-
-    steps = GanSteps(generator, discriminator, identity_verifier, emotion_verifier, opt_g, opt_d, weights, setup,
-                     ema_decay=ema_decay(exp.train.ema_half_life_steps))
-    if payload is not None and steps.generator_ema is not None:
-        steps.generator_ema.load_state_dict(payload["networks"]["generator"]["state_dict"])
+    run = GanRun(exp, weights, mu, setup, inputs, payload=payload, fetch=ray.get,
+                 prepare_model=ray.train.torch.prepare_model)
     shard = ShardBatches(setup, exp.train.batch_size,
                          keep=exp.train.keep_shard and not (exp.train.flip or exp.train.max_shift))
     # A resumed run draws other passes than the first run did from where it stopped.
-    batches = shard.forever(seed=exp.train.seed * 1000 + 100 * start_round)
-    for round_ in range(start_round, last_round):
-        generator.train()
-        discriminator.train()
-        step = min(exp.train.steps, (round_ + 1) * exp.train.report_every)
-        for _ in range(step - round_ * exp.train.report_every):
-            batch = next(batches)
-            y_real = prepare_images(pool.sample(batch["identity"], batch["emotion"], **jitter), setup)
-            steps.step(batch["x"], y_real, batch["identity"], batch["emotion"])
-
-        losses = steps.round_losses()
-        diverged = not all(math.isfinite(v) for v in losses.values())
-        metrics: dict[str, Any] = {"round": round_ + 1, "first_round": start_round + 1, "step": step, **losses,
-                                   "diverged": diverged, "stop_reason": "non-finite loss" if diverged else ""}
-        if diverged:
-            metrics.update(PENALTY)
-            report(setup, metrics, None)
-            return
-        payload = None
-        if setup.rank == 0:
-            metrics.update(validation_metrics(steps.published_generator, val, identity_evaluator, emotion_evaluator,
-                                              mu=mu, exp=exp, setup=setup, inputs=inputs, recogniser=recogniser))
-            payload = steps.checkpoint_payload(round_, step, mu, exp, metrics)
-        report(setup, metrics, payload)
+    run.train(shard.forever(seed=exp.train.seed * 1000 + 100 * start_round), start_round=start_round,
+              report=lambda metrics, payload: report(setup, metrics, payload))
 
 
 def scalar_metrics(scores: dict[str, Any]) -> dict[str, float]:

@@ -9,7 +9,6 @@ goes into the cache.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -18,18 +17,17 @@ import ray.data
 import ray.train
 from ray.train.torch import TorchTrainer
 
+from epd_ray.artifacts import PRETRAINED_FILE, DatasetManifest, SCORES_FILE, PretrainedCache, atomic_folder, pretrained_key
 from epd_ray.checkpoints import load_checkpoint
-from epd_ray.config import ConfigError, ExperimentConfig, stable_hash
+from epd_ray.config import ConfigError, ExperimentConfig
 from epd_ray.data.prepare import PreparedData
-from epd_ray.data.shards import load_split, read_manifest
+from epd_ray.data.shards import load_split
 from epd_ray.data.stream import materialized_split
 from epd_ray.runtime import DATA_RESERVE_CPUS, RayRuntime, sigint_guard
 from epd_ray.train.pretrain import pretrain_loop
 from epd_ray.train.progress import ProgressFeed
 from epd_ray.train.worker import CHECKPOINT_FILE
 
-PRETRAINED_FILE = "pretrained.pt"
-SCORES_FILE = "val_score.json"
 # The warm start's reconstruction SSIM below which GAN training starts from visibly blurred faces (the quick
 # preset's reaches ~0.97; its emotion evaluator then still reads ~98% of the reconstructed expressions).
 WARM_START_MIN_SSIM = 0.8
@@ -88,17 +86,6 @@ def progress_line(item: dict) -> str:
             f"{item['elapsed_s']:.0f} s, ~{item['left_s']:.0f} s left")
 
 
-def pretrained_key(exp: ExperimentConfig, prepared: PreparedData) -> str:
-    """Pretrained networks depend on the data's content and their own settings only: every trial shares them."""
-    model = exp.model.model_dump(mode="json", include={"ngf", "norm", "dropout", "warm_start_steps",
-                                                       "warm_start_lr"})
-    verifiers = exp.verifiers.model_dump(mode="json")
-    if verifiers.pop("emotion_data", None):  # its content, not where it lies
-        verifiers["emotion_data_hash"] = emotion_data(exp, prepared).manifest["content_hash"]
-    settings = {"verifiers": verifiers, "generator": model}
-    return f"{prepared.manifest['content_hash']}-{stable_hash(settings)}"
-
-
 def emotion_data(exp: ExperimentConfig, prepared: PreparedData) -> PreparedData:
     """The data set the emotion networks learn from: `verifiers.emotion_data` when set, else the faces.
 
@@ -107,15 +94,14 @@ def emotion_data(exp: ExperimentConfig, prepared: PreparedData) -> PreparedData:
     if not exp.verifiers.emotion_data:
         return prepared
     path = Path(exp.verifiers.emotion_data)
-    manifest = read_manifest(path)
-    if manifest["image_size"] != prepared.manifest["image_size"]:
-        raise ConfigError(f"verifiers.emotion_data: {path} holds {manifest['image_size']} px images, the faces are "
-                          f"{prepared.manifest['image_size']} px; prepare it with --size "
-                          f"{prepared.manifest['image_size']}")
-    if manifest["emotions"] != prepared.manifest["emotions"]:
-        raise ConfigError(f"verifiers.emotion_data: {path} has emotion classes {manifest['emotions']}, the faces "
-                          f"{prepared.manifest['emotions']}")
-    return PreparedData(path, manifest, reused=True)
+    emotions, faces = DatasetManifest.load(path), prepared.info
+    if emotions.image_size != faces.image_size:
+        raise ConfigError(f"verifiers.emotion_data: {path} holds {emotions.image_size} px images, the faces are "
+                          f"{faces.image_size} px; prepare it with --size {faces.image_size}")
+    if emotions.emotions != faces.emotions:
+        raise ConfigError(f"verifiers.emotion_data: {path} has emotion classes {list(emotions.emotions)}, the faces "
+                          f"{list(faces.emotions)}")
+    return PreparedData(path, emotions.raw, reused=True)
 
 
 def pretrain_networks(exp: ExperimentConfig, prepared: PreparedData, *, train_data: ray.data.Dataset,
@@ -123,31 +109,31 @@ def pretrain_networks(exp: ExperimentConfig, prepared: PreparedData, *, train_da
                        echo=print) -> Path:
     """The pretrained networks' file in the cache, trained now unless cached; with `strict`, PretrainingError
     for a network not clearly above chance (fresh ones are then not cached)."""
-    key = pretrained_key(exp, prepared)
-    out = Path(cache_dir) / "pretrained" / key
+    faces = prepared.info
+    key = pretrained_key(exp, faces.content_hash)
+    cache = PretrainedCache(Path(cache_dir))
+    out = cache.entry(key)
     emotions = emotion_data(exp, prepared)
-    classes = {"identity_verifier": len(prepared.manifest["identities"]),
-               "identity_evaluator": len(prepared.manifest["identities"]),
-               "emotion_verifier": len(emotions.manifest["emotions"]),
-               "emotion_evaluator": len(emotions.manifest["emotions"])}
+    classes = {"identity_verifier": len(faces.identities), "identity_evaluator": len(faces.identities),
+               "emotion_verifier": len(emotions.info.emotions), "emotion_evaluator": len(emotions.info.emotions)}
     if (out / PRETRAINED_FILE).is_file():
         echo(f"pretrained networks: reusing {out}")
-        judge_pretrained(json.loads((out / SCORES_FILE).read_text()), classes, exp, strict=strict, echo=echo)
+        judge_pretrained(cache.scores(key), classes, exp, strict=strict, echo=echo)
         return out / PRETRAINED_FILE
     workers = exp.train.num_workers
     for data in {prepared.path: prepared, emotions.path: emotions}.values():
-        check_batch_fits("verifiers.batch_size", exp.verifiers.batch_size, data.manifest["splits"]["train"]["images"],
+        check_batch_fits("verifiers.batch_size", exp.verifiers.batch_size, data.info.images("train"),
                          workers)
     cpus = max(exp.train.cpus_per_worker, (runtime.total_cpus - DATA_RESERVE_CPUS) / workers)
     echo(f"pretraining V (VGG-16), S (mini-Xception), evaluators V_e, S_e (ResNet-18 shape)"
          f"{' and the generator warm start' if exp.model.warm_start_steps else ''} on "
-         f"{prepared.manifest['splits']['train']['images']} images ({workers} worker(s)), "
+         f"{faces.images('train')} images ({workers} worker(s)), "
          f"{exp.verifiers.steps} steps each" + (f", warm start {exp.model.warm_start_steps}"
                                                if exp.model.warm_start_steps else ""))
     # Each training set's val split goes through the object store: workers may be on other nodes.
     datasets, val_faces = {"train": train_data}, {"train": ray.put(load_split(prepared.path, "val"))}
     if emotions is not prepared:
-        echo(f"emotion networks learn from {emotions.path} ({emotions.manifest['splits']['train']['images']} images)")
+        echo(f"emotion networks learn from {emotions.path} ({emotions.info.images('train')} images)")
         datasets["emotion_train"] = materialized_split(emotions.path, "train")
         val_faces["emotion_train"] = ray.put(load_split(emotions.path, "val"))
     with ProgressFeed(lambda item: echo(progress_line(item))) as feed:
@@ -155,9 +141,8 @@ def pretrain_networks(exp: ExperimentConfig, prepared: PreparedData, *, train_da
             pretrain_loop,
             train_loop_config={"verifiers": exp.verifiers.model_dump(mode="json"),
                                "model": exp.model.model_dump(mode="json"), "val_faces": val_faces,
-                               "num_identities": len(prepared.manifest["identities"]),
-                               "num_emotions": len(prepared.manifest["emotions"]),
-                               "image_size": prepared.manifest["image_size"], "progress": feed.queue,
+                               "num_identities": len(faces.identities), "num_emotions": len(faces.emotions),
+                               "image_size": faces.image_size, "progress": feed.queue,
                                "cpus_per_worker": cpus, "precision": exp.train.precision,
                                "channels_last": exp.train.channels_last, "keep_shard": exp.train.keep_shard},
             scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=exp.train.use_gpu,
@@ -168,20 +153,12 @@ def pretrain_networks(exp: ExperimentConfig, prepared: PreparedData, *, train_da
         )
         with sigint_guard():
             result = trainer.fit()
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    try:
+    with atomic_folder(out) as tmp:  # nothing half-written, nothing untrusted (a raise here), in the cache
         with result.checkpoint.as_directory() as directory:
             shutil.copy(Path(directory) / CHECKPOINT_FILE, tmp / PRETRAINED_FILE)
         scores = load_checkpoint(tmp / PRETRAINED_FILE).get("val_score", {})
         (tmp / SCORES_FILE).write_text(json.dumps(scores, indent=2))
         judge_pretrained(scores, classes, exp, strict=strict, echo=echo)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written, nothing untrusted, in the cache
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
     echo(f"pretrained networks -> {out}")
     return out / PRETRAINED_FILE
 

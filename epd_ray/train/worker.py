@@ -79,6 +79,14 @@ class ShardBatches:
         self.setup, self.batch_size, self.dataset, self.keep = setup, batch_size, dataset, keep
         self.kept: dict[str, torch.Tensor] | None = None
 
+    @classmethod
+    def in_memory(cls, setup: WorkerSetup, batch_size: int, faces: FaceArrays) -> ShardBatches:
+        """Batches from a split held in memory, drawn as a kept shard's later passes are (no Ray Data)."""
+        batches = cls(setup, batch_size)
+        batches.kept = {"pixels": torch.from_numpy(faces.pixels), "identity": torch.from_numpy(faces.identity),
+                        "emotion": torch.from_numpy(faces.emotion)}
+        return batches
+
     def forever(self, seed: int) -> Iterator[dict[str, torch.Tensor]]:
         """Batches without end, pass after pass over the shard (pass n shuffled with `seed + n`): budgets are
         counted in optimiser steps, so a loop takes as many batches as its steps and a small set wraps around."""
@@ -153,7 +161,7 @@ def report(setup: WorkerSetup, metrics: dict[str, Any], payload: dict[str, Any] 
 
 
 class RealPairPool:
-    """Real faces for the discriminator's real pair (x, y) (DESIGN section 4).
+    """Real faces for the discriminator's real pair (x, y) (the paper's section III).
 
     With `other_identity_same_emotion`, y is a real face of another person with x's expression, which
     teaches D "a real face that keeps the expression", not "a copy of x". Held in memory once per worker.
