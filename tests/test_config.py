@@ -287,3 +287,29 @@ def test_override_of_one_search_bound_keeps_the_rest_of_the_space():
     cfg = load_config("quick", {"search.space.mu.low": 0.3})
     assert cfg.search.space["mu"] == Range(low=0.3, high=0.6)
     assert set(cfg.search.space) == {"lambda1", "lambda2", "lambda3", "phi", "alpha", "mu"}
+
+
+def test_time_budgets_read_as_seconds_minutes_or_hours():
+    from epd_ray.config import parse_duration
+
+    assert [parse_duration(t) for t in ("90", "90s", "15m", "1h", "1.5h", 30)] == [90, 90, 900, 3600, 5400, 30]
+    assert load_config("smoke", {"search.time_budget_s": "15m"}).search.time_budget_s == 900
+    with pytest.raises(ConfigError, match="search.time_budget_s.*not a duration"):
+        load_config("smoke", {"search.time_budget_s": "soon"})
+
+
+def test_pretraining_over_its_share_of_the_budget_is_warned_about_once_with_the_estimate():
+    from epd_ray.train.run import PretrainingEstimate
+
+    said: list[str] = []
+    exp = load_config("smoke")  # 4 x 250 verifier steps + 300 warm-start steps
+    estimate = PretrainingEstimate(exp, share_s=60.0, echo=said.append)
+    item = {"network": "identity_verifier", "task": "identity", "step": 25, "steps": 250, "loss": 1.0,
+            "val_score": 0.5, "elapsed_s": 5.0, "left_s": 45.0}
+    estimate(item)
+    estimate({**item, "step": 50, "elapsed_s": 10.0})
+    warnings = [line for line in said if line.startswith("warning:")]
+    assert len(warnings) == 1 and "~260 s" in warnings[0] and "(60 s)" in warnings[0]
+    quiet: list[str] = []
+    PretrainingEstimate(exp, share_s=None, echo=quiet.append)(item)
+    assert len(quiet) == 1 and not quiet[0].startswith("warning")

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,7 @@ class SearchOutcome:
     experiment_path: str
     wall_seconds: float
     front: list[TrialSummary]  # the Pareto-optimal trials (privacy against utility), in trial order
+    budget_note: str | None = None  # what a time budget cut, when it cut something
 
 
 def scaling_config(exp: ExperimentConfig) -> ray.train.ScalingConfig:
@@ -154,6 +155,11 @@ def run_trial(params: dict[str, float], *, experiment: dict, train_data: ray.dat
     trainer.fit()
 
 
+# Trials completed (all rounds, or stopped by ASHA) in this driver's search. Kept here, not on the callback:
+# Tune pickles its callbacks with the experiment and a restored search brings back its own copies.
+COMPLETED: set[str] = set()
+
+
 class ProgressLine(ray.tune.Callback):
     """One line per trial per round, instead of Tune's full tables.
 
@@ -191,6 +197,9 @@ class ProgressLine(ray.tune.Callback):
         return ""
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        # Tune calls this for trials that ran all their rounds or that ASHA stopped, not for those that a
+        # time budget ends (TuneController stops those without it): what is not in here was cut.
+        COMPLETED.add(trial.trial_id)
         self.echo(f"  trial {trial.trial_id} finished")
 
     def on_trial_recover(self, iteration, trials, trial, **info):
@@ -200,18 +209,21 @@ class ProgressLine(ray.tune.Callback):
         self.echo(f"  trial {trial.trial_id} FAILED: see {trial.local_path}")
 
 
-def tune_settings(exp: ExperimentConfig, concurrency: int) -> ray.tune.TuneConfig:
+def tune_settings(exp: ExperimentConfig, concurrency: int, time_budget_s: float | None = None) -> ray.tune.TuneConfig:
     """Composite: one metric, ASHA on it (counted in rounds, so a trial resumed from a checkpoint keeps its
     rung). Pareto: the two metrics go to OptunaSearch itself (Tune's own metric/mode take one metric only,
-    so they stay unset) and Tune's default FIFO scheduler runs every trial to the end."""
+    so they stay unset) and Tune's default FIFO scheduler runs every trial to the end. With `time_budget_s`,
+    Tune ends the search then: no new trials, running ones stopped (their reported rounds and checkpoints
+    stay)."""
     first = first_points(exp) or None
     if is_pareto(exp):
         return ray.tune.TuneConfig(
-            num_samples=exp.search.num_samples, max_concurrent_trials=concurrency,
+            num_samples=exp.search.num_samples, max_concurrent_trials=concurrency, time_budget_s=time_budget_s,
             search_alg=OptunaSearch(metric=list(PARETO_METRICS), mode=["max"] * len(PARETO_METRICS),
                                     points_to_evaluate=first, seed=exp.search.seed))
     return ray.tune.TuneConfig(
         metric=OBJECTIVE, mode="max", num_samples=exp.search.num_samples, max_concurrent_trials=concurrency,
+        time_budget_s=time_budget_s,
         search_alg=OptunaSearch(points_to_evaluate=first, seed=exp.search.seed),
         scheduler=ASHAScheduler(time_attr="round", max_t=rounds(exp.train),
                                 grace_period=min(exp.search.grace_period, rounds(exp.train)),
@@ -226,11 +238,13 @@ def fixed_params(exp: ExperimentConfig) -> dict[str, float]:
 
 def run_search(exp: ExperimentConfig, *, train_data: ray.data.Dataset, inputs: GanInputs, runtime: RayRuntime,
                storage_path: str, resume: bool = False, fixed: dict[str, float] | None = None,
-               echo=print) -> SearchOutcome:
+               time_budget_s: float | None = None, echo=print) -> SearchOutcome:
     """Run the search, or with `resume` continue the one saved under `storage_path` (a new one if none is).
 
     With `fixed` params there is no search: one trial trains that setting for every round (`epd-ray train`),
     through the same trainable, checkpoints, progress lines, resume and summary as a search's trials.
+    With `time_budget_s`, Tune ends a new search after that many seconds (a restored one keeps the budget it
+    was saved with); the best is picked among the rounds reported by then.
     """
     started = time.time()
     concurrency = 1 if fixed else concurrent_trials(exp, runtime)
@@ -251,25 +265,52 @@ def run_search(exp: ExperimentConfig, *, train_data: ray.data.Dataset, inputs: G
             stopping = ("no early stopping (pareto: privacy and utility)" if is_pareto(exp)
                         else f"ASHA grace {exp.search.grace_period}")
             echo(f"search: {exp.search.num_samples} trials, {concurrency} at a time, "
-                 f"{budget(exp.train)} each, {stopping}")
+                 f"{budget(exp.train)} each, {stopping}"
+                 + (f", ends within {time_budget_s:.0f} s" if time_budget_s else ""))
         tuner = ray.tune.Tuner(
             trainable,
             param_space=dict(fixed) if fixed else search_space(exp),
-            tune_config=ray.tune.TuneConfig(num_samples=1) if fixed else tune_settings(exp, concurrency),
+            tune_config=(ray.tune.TuneConfig(num_samples=1, time_budget_s=time_budget_s) if fixed
+                         else tune_settings(exp, concurrency, time_budget_s)),
             run_config=ray.tune.RunConfig(name=SEARCH_NAME, storage_path=storage_path, verbose=0,
                                           callbacks=[ProgressLine(exp.train)],
                                           failure_config=trial_retries(exp)),
         )
+    COMPLETED.clear()
+    searching = time.time()
     with sigint_guard():
         grid = tuner.fit()
     filesystem = storage_filesystem(storage_path)
     trials = [summarise(result, filesystem, last_round=is_pareto(exp)) for result in grid]
+    cut_short = bool(time_budget_s) and time.time() - searching >= time_budget_s
+    trials, note = budget_cuts(trials, 1 if fixed else exp.search.num_samples, rounds(exp.train), time_budget_s,
+                               cut_short)
     scored = [t for t in trials if t.checkpoint is not None]
     if not scored:
-        raise RuntimeError(f"no trial produced a checkpoint; see {grid.experiment_path}")
+        raise RuntimeError(f"no trial produced a checkpoint; see {grid.experiment_path}"
+                           + (f" ({note}: give a larger --time-budget)" if note else ""))
     front = pareto_trials(scored)
     best = max(front if is_pareto(exp) else scored, key=lambda t: t.metrics.get(OBJECTIVE, -math.inf))
-    return SearchOutcome(trials, best, grid.experiment_path, time.time() - started, front)
+    return SearchOutcome(trials, best, grid.experiment_path, time.time() - started, front, note)
+
+
+def budget_cuts(trials: list[TrialSummary], planned: int, max_rounds: int, time_budget_s: float | None,
+                cut_short: bool) -> tuple[list[TrialSummary], str | None]:
+    """Trials a time budget stopped marked 'budget', and a line saying what it cut (None if nothing).
+
+    Stopped: reported some rounds, not all, and neither finished nor stopped by ASHA (`COMPLETED`) nor
+    failed. Not started: the planned trials with no reported round (never created, or cut before one)."""
+    if not cut_short:
+        return trials, None
+    marked = [replace(t, status="budget") if (t.status == "ok" and 0 < t.rounds < max_rounds
+                                              and t.trial_id not in COMPLETED) else t for t in trials]
+    stopped = sum(t.status == "budget" for t in marked)
+    not_started = planned - sum(t.rounds > 0 or t.status == "error" for t in marked)
+    if not stopped and not not_started:
+        return marked, None
+    return marked, (f"time budget: the search ended after its {time_budget_s:.0f} s: {stopped} trial(s) stopped "
+                    f"early (status 'budget', judged at their reported rounds), {not_started} of {planned} "
+                    f"not started")
 
 
 def pareto_trials(trials: list[TrialSummary]) -> list[TrialSummary]:
