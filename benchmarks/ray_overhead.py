@@ -183,8 +183,12 @@ try:  # Train V2's own execution hooks: RunConfig passes callbacks that are not 
 except ImportError:  # another Ray: no phase breakdown
     ControllerCallback = WorkerGroupCallback = object
 
-PHASES = ("controller started", "worker group: starting", "worker group: started", "training started",
-          "worker group: shutting down", "worker group: shut down")
+# Train V2's hook -> the step of the run it marks, in order.
+HOOKS = {"after_controller_start": "controller started", "before_worker_group_start": "worker group: starting",
+         "after_worker_group_start": "worker group: started", "after_worker_group_training_start": "training started",
+         "before_worker_group_shutdown": "worker group: shutting down",
+         "after_worker_group_shutdown": "worker group: shut down"}
+PHASES = tuple(HOOKS.values())
 
 
 class PhaseTimes(ControllerCallback, WorkerGroupCallback):
@@ -198,23 +202,15 @@ class PhaseTimes(ControllerCallback, WorkerGroupCallback):
         with open(self.path, "a") as f:
             f.write(f"{time.time():.6f}\t{phase}\n")
 
-    def after_controller_start(self, train_run_context):
-        self._mark(PHASES[0])
 
-    def before_worker_group_start(self, worker_group_context):
-        self._mark(PHASES[1])
+def _marker(phase: str):
+    def hook(self, *_args, **_kwargs) -> None:
+        self._mark(phase)
+    return hook
 
-    def after_worker_group_start(self, worker_group):
-        self._mark(PHASES[2])
 
-    def after_worker_group_training_start(self, worker_group):
-        self._mark(PHASES[3])
-
-    def before_worker_group_shutdown(self, worker_group):
-        self._mark(PHASES[4])
-
-    def after_worker_group_shutdown(self, worker_group_context):
-        self._mark(PHASES[5])
+for _hook, _phase in HOOKS.items():
+    setattr(PhaseTimes, _hook, _marker(_phase))
 
 
 def phase_lines(started: float, wall: float, phases: list[tuple[float, str]], reports: list[float]) -> list[str]:

@@ -171,4 +171,4 @@ def test_a_time_budget_ends_the_search_early_and_still_leaves_a_best_model_and_r
     assert (out / "best" / "model_card.json").is_file() and (out / "report" / "metrics.json").is_file()
     trials = json.loads((out / "report" / "metrics.json").read_text())["trials"]
     assert all(t["rounds"] < 20 for t in trials)  # no trial ran all its rounds
-    assert wall < 40 + 60  # the budget, and the start and the evaluation that are not in it on a busy machine
+    assert wall < 40 + 120  # the budget, plus a first round past it and the evaluation on a busy machine

@@ -313,3 +313,21 @@ def test_pretraining_over_its_share_of_the_budget_is_warned_about_once_with_the_
     quiet: list[str] = []
     PretrainingEstimate(exp, share_s=None, echo=quiet.append)(item)
     assert len(quiet) == 1 and not quiet[0].startswith("warning")
+
+
+def test_a_budget_that_ended_the_search_marks_the_cut_trials_and_counts_those_never_started():
+    from epd_ray.tune import search
+    from epd_ray.tune.search import TrialSummary, budget_cuts
+
+    def trial(tid, rounds, status="ok"):
+        return TrialSummary(tid, {}, rounds, {"objective": 0.1} if rounds else {}, "c" if rounds else None, status)
+
+    trials = [trial("done", 8), trial("asha", 4), trial("cut", 3), trial("failed", 2, "error"), trial("late", 0)]
+    search.COMPLETED.clear()
+    search.COMPLETED.update({"done", "asha"})
+    marked, note = budget_cuts(trials, planned=6, max_rounds=8, time_budget_s=30, searched=31)
+    assert [t.status for t in marked] == ["ok", "ok", "budget", "error", "ok"]
+    assert "1 trial(s) stopped early" in note and "2 of 6 not started" in note
+    assert budget_cuts(trials, planned=6, max_rounds=8, time_budget_s=30, searched=20) == (trials, None)
+    assert budget_cuts(trials, planned=6, max_rounds=8, time_budget_s=None, searched=99) == (trials, None)
+    search.COMPLETED.clear()

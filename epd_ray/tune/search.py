@@ -38,6 +38,7 @@ from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
+from ray.tune.stopper import TimeoutStopper
 
 from epd_ray.config import SEARCHED_KEYS, ExperimentConfig, TrainConfig
 from epd_ray.core.metrics import pareto_front
@@ -155,6 +156,24 @@ def run_trial(params: dict[str, float], *, experiment: dict, train_data: ray.dat
     trainer.fit()
 
 
+class TimeBudget(TimeoutStopper):
+    """Tune's own time budget (the TimeoutStopper that `TuneConfig.time_budget_s` makes, same clock, same
+    saved state on restore), which ends the search only once some trial has reported a round: the round that
+    brings a checkpoint to judge. Without it a budget spent on a slow or busy machine before the first round
+    would end the search with no model at all."""
+
+    def __init__(self, timeout: float):
+        super().__init__(timeout)
+        self.reported = False
+
+    def __call__(self, trial_id, result):
+        self.reported = self.reported or OBJECTIVE in result
+        return False
+
+    def stop_all(self):
+        return super().stop_all() and self.reported
+
+
 # Trials completed (all rounds, or stopped by ASHA) in this driver's search. Kept here, not on the callback:
 # Tune pickles its callbacks with the experiment and a restored search brings back its own copies.
 COMPLETED: set[str] = set()
@@ -209,21 +228,18 @@ class ProgressLine(ray.tune.Callback):
         self.echo(f"  trial {trial.trial_id} FAILED: see {trial.local_path}")
 
 
-def tune_settings(exp: ExperimentConfig, concurrency: int, time_budget_s: float | None = None) -> ray.tune.TuneConfig:
+def tune_settings(exp: ExperimentConfig, concurrency: int) -> ray.tune.TuneConfig:
     """Composite: one metric, ASHA on it (counted in rounds, so a trial resumed from a checkpoint keeps its
     rung). Pareto: the two metrics go to OptunaSearch itself (Tune's own metric/mode take one metric only,
-    so they stay unset) and Tune's default FIFO scheduler runs every trial to the end. With `time_budget_s`,
-    Tune ends the search then: no new trials, running ones stopped (their reported rounds and checkpoints
-    stay)."""
+    so they stay unset) and Tune's default FIFO scheduler runs every trial to the end."""
     first = first_points(exp) or None
     if is_pareto(exp):
         return ray.tune.TuneConfig(
-            num_samples=exp.search.num_samples, max_concurrent_trials=concurrency, time_budget_s=time_budget_s,
+            num_samples=exp.search.num_samples, max_concurrent_trials=concurrency,
             search_alg=OptunaSearch(metric=list(PARETO_METRICS), mode=["max"] * len(PARETO_METRICS),
                                     points_to_evaluate=first, seed=exp.search.seed))
     return ray.tune.TuneConfig(
         metric=OBJECTIVE, mode="max", num_samples=exp.search.num_samples, max_concurrent_trials=concurrency,
-        time_budget_s=time_budget_s,
         search_alg=OptunaSearch(points_to_evaluate=first, seed=exp.search.seed),
         scheduler=ASHAScheduler(time_attr="round", max_t=rounds(exp.train),
                                 grace_period=min(exp.search.grace_period, rounds(exp.train)),
@@ -243,8 +259,9 @@ def run_search(exp: ExperimentConfig, *, train_data: ray.data.Dataset, inputs: G
 
     With `fixed` params there is no search: one trial trains that setting for every round (`epd-ray train`),
     through the same trainable, checkpoints, progress lines, resume and summary as a search's trials.
-    With `time_budget_s`, Tune ends a new search after that many seconds (a restored one keeps the budget it
-    was saved with); the best is picked among the rounds reported by then.
+    With `time_budget_s`, Tune ends a new search after that many seconds, or at the first reported round if
+    none came by then (`TimeBudget`; a restored search keeps the budget left when it was saved): no trial
+    starts after it, running ones stop, and the best is picked among the rounds reported by then.
     """
     started = time.time()
     concurrency = 1 if fixed else concurrent_trials(exp, runtime)
@@ -270,9 +287,9 @@ def run_search(exp: ExperimentConfig, *, train_data: ray.data.Dataset, inputs: G
         tuner = ray.tune.Tuner(
             trainable,
             param_space=dict(fixed) if fixed else search_space(exp),
-            tune_config=(ray.tune.TuneConfig(num_samples=1, time_budget_s=time_budget_s) if fixed
-                         else tune_settings(exp, concurrency, time_budget_s)),
+            tune_config=ray.tune.TuneConfig(num_samples=1) if fixed else tune_settings(exp, concurrency),
             run_config=ray.tune.RunConfig(name=SEARCH_NAME, storage_path=storage_path, verbose=0,
+                                          stop=TimeBudget(time_budget_s) if time_budget_s else None,
                                           callbacks=[ProgressLine(exp.train)],
                                           failure_config=trial_retries(exp)),
         )
@@ -282,9 +299,9 @@ def run_search(exp: ExperimentConfig, *, train_data: ray.data.Dataset, inputs: G
         grid = tuner.fit()
     filesystem = storage_filesystem(storage_path)
     trials = [summarise(result, filesystem, last_round=is_pareto(exp)) for result in grid]
-    cut_short = bool(time_budget_s) and time.time() - searching >= time_budget_s
+    searched = time.time() - searching
     trials, note = budget_cuts(trials, 1 if fixed else exp.search.num_samples, rounds(exp.train), time_budget_s,
-                               cut_short)
+                               searched)
     scored = [t for t in trials if t.checkpoint is not None]
     if not scored:
         raise RuntimeError(f"no trial produced a checkpoint; see {grid.experiment_path}"
@@ -295,12 +312,12 @@ def run_search(exp: ExperimentConfig, *, train_data: ray.data.Dataset, inputs: G
 
 
 def budget_cuts(trials: list[TrialSummary], planned: int, max_rounds: int, time_budget_s: float | None,
-                cut_short: bool) -> tuple[list[TrialSummary], str | None]:
+                searched: float) -> tuple[list[TrialSummary], str | None]:
     """Trials a time budget stopped marked 'budget', and a line saying what it cut (None if nothing).
 
     Stopped: reported some rounds, not all, and neither finished nor stopped by ASHA (`COMPLETED`) nor
     failed. Not started: the planned trials with no reported round (never created, or cut before one)."""
-    if not cut_short:
+    if not time_budget_s or searched < time_budget_s:
         return trials, None
     marked = [replace(t, status="budget") if (t.status == "ok" and 0 < t.rounds < max_rounds
                                               and t.trial_id not in COMPLETED) else t for t in trials]
@@ -308,7 +325,8 @@ def budget_cuts(trials: list[TrialSummary], planned: int, max_rounds: int, time_
     not_started = planned - sum(t.rounds > 0 or t.status == "error" for t in marked)
     if not stopped and not not_started:
         return marked, None
-    return marked, (f"time budget: the search ended after its {time_budget_s:.0f} s: {stopped} trial(s) stopped "
+    return marked, (f"time budget: the search ended after {searched:.0f} s (its budget {time_budget_s:.0f} s; "
+                    f"it waits past it for a first reported round): {stopped} trial(s) stopped "
                     f"early (status 'budget', judged at their reported rounds), {not_started} of {planned} "
                     f"not started")
 
