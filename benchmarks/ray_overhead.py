@@ -150,8 +150,9 @@ def plain_gan(exp: ExperimentConfig, *, dataset_dir: Path, pretrained_path: Path
 
             metrics: dict[str, Any] = {"epoch": epoch + 1, **losses,
                                        "diverged": not all(math.isfinite(v) for v in losses.values())}
+            # No recogniser: the benchmark's faces are synthetic, judged by the evaluators (inputs unused then).
             metrics.update(validation_metrics(steps.published_generator, val, identity_evaluator, emotion_evaluator, mu=mu, exp=exp,
-                                              setup=setup))
+                                              setup=setup, inputs=None))
             payload = steps.checkpoint_payload(epoch, (epoch + 1) * run.steps_per_epoch, mu, exp, metrics)
             save_checkpoint(checkpoint_dir / CHECKPOINT_FILE, payload)
             run.last_metrics = metrics
