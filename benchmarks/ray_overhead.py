@@ -11,7 +11,12 @@ networks from `epd_ray.train.run.pretrain_networks` at tiny settings (1 verifier
 speed does not depend on how well they were trained). Nothing is added to the package: the steady epoch is
 measured from outside, as (wall of an N-epoch fit - wall of a 1-epoch fit) / (N - 1); what is left of the
 1-epoch fit is the fixed cost (worker start-up, model load, shutdown). The controller-side report times
-(a `ray.train.UserCallback`, passed through gan_trainer's `callbacks`) are printed beside it as a check.
+(a `ray.train.UserCallback`, passed through gan_trainer's `callbacks`) are printed beside it as a check,
+and so are the times of the run's start and stop steps (`PhaseTimes`, on Train V2's controller and worker
+group hooks, which RunConfig passes callbacks other than UserCallbacks on to): controller start, worker
+group start (placement group, worker processes, their imports, the torch process group), training start,
+first report (model load, the first Ray Data pass, a round), shutdown. Start-up + shutdown per trial is
+fit start to training start plus last report to fit end.
 
 Plain side: `gan_loop`'s body without Ray (same networks, losses, precision, channels_last, torch threads,
 real-pair pool, per-epoch validation scoring with the independent evaluators, checkpoint written to disk),
