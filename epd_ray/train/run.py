@@ -23,7 +23,7 @@ from epd_ray.config import ConfigError, ExperimentConfig, stable_hash
 from epd_ray.data.prepare import PreparedData
 from epd_ray.data.shards import load_split, read_manifest
 from epd_ray.data.stream import materialized_split
-from epd_ray.runtime import DATA_RESERVE_CPUS, RayRuntime, sigint_guard
+from epd_ray.runtime import DATA_RESERVE_CPUS, RayRuntime, data_config, sigint_guard
 from epd_ray.train.pretrain import pretrain_loop
 from epd_ray.train.progress import ProgressFeed
 from epd_ray.train.worker import CHECKPOINT_FILE
@@ -186,7 +186,7 @@ def pretrain_networks(exp: ExperimentConfig, prepared: PreparedData, *, train_da
                                                    resources_per_worker=None if exp.train.use_gpu else {"CPU": cpus}),
             run_config=ray.train.RunConfig(name=f"pretrain-{key}", storage_path=storage_path,
                                            failure_config=ray.train.FailureConfig(max_failures=exp.train.max_failures)),
-            datasets=datasets,
+            datasets=datasets, dataset_config=data_config(workers),
         )
         with sigint_guard():
             result = trainer.fit()
