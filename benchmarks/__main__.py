@@ -1,6 +1,7 @@
 """Run the benchmarks one after the other, each in its own process (each starts its own Ray, if any).
 
-    python -m benchmarks                         # all, default (quick / reduced) settings: about 7 min on 2 cores
+    python -m benchmarks                         # all, default (quick / reduced) settings: about 10 min on 2 cores
+    python -m benchmarks --bf16                  # bf16 rounds too on a CPU that emulates bf16 (AVX2-only): longer
     python -m benchmarks train_step search       # some of them
     python -m benchmarks --full                  # train_step --full and search --full (the quick preset): long
 
@@ -26,6 +27,7 @@ BENCHMARKS = {
     "ingest": "images per second into a training loop: the Ray Data stream against a DataLoader over PNG files",
 }
 HAS_FULL = {"train_step", "search"}
+HAS_BF16 = {"train_step", "deidentify"}  # bf16 rounds, skipped where bf16 is emulated unless --bf16
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("names", nargs="*", metavar="NAME",
                         help=f"benchmarks to run (default all): {', '.join(BENCHMARKS)}")
     parser.add_argument("--full", action="store_true", help="pass --full to the benchmarks that have it")
+    parser.add_argument("--bf16", action="store_true",
+                        help="bf16 rounds even where bf16 is emulated (no AVX512-BF16/AMX): skipped there by default")
     args = parser.parse_args(argv)
     unknown = [n for n in args.names if n not in BENCHMARKS]
     if unknown:
@@ -41,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     done: list[tuple[str, int, float]] = []
     for name in names:
-        command = [sys.executable, "-m", f"benchmarks.{name}"] + (["--full"] if args.full and name in HAS_FULL else [])
+        command = ([sys.executable, "-m", f"benchmarks.{name}"] + (["--full"] if args.full and name in HAS_FULL else [])
+                   + (["--bf16"] if args.bf16 and name in HAS_BF16 else []))
         print(f"\n{'=' * 100}\n{name}: {BENCHMARKS[name]}\n$ {' '.join(command[1:])}\n{'=' * 100}", flush=True)
         started = time.perf_counter()
         code = subprocess.run(command, cwd=ROOT, env=env, check=False).returncode

@@ -33,7 +33,7 @@ from epd_ray.deploy.video import Encoder
 from epd_ray.faces import DETECTORS, make_detector
 
 from benchmarks.detector_recall import CANVAS, paste_face, photos
-from benchmarks.machine import describe
+from benchmarks.machine import describe, runnable_precisions
 
 BATCH = {64: 16, 128: 8, 256: 2}
 
@@ -120,6 +120,8 @@ def main() -> None:
     parser.add_argument("--video-frames", type=int, default=32)
     parser.add_argument("--video-size", type=int, default=128, help="model size for the video run")
     parser.add_argument("--devices", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    parser.add_argument("--bf16", dest="force_bf16", action="store_true",
+                        help="bf16 even on a CPU that emulates it (skipped there by default)")
     args = parser.parse_args()
 
     print(describe(with_peaks=False))
@@ -130,7 +132,10 @@ def main() -> None:
         for size in args.sizes:
             cells = {}
             params = 0
-            for precision in args.precisions:
+            precisions, skipped = runnable_precisions(args.precisions, device, args.force_bf16)
+            if skipped and size == args.sizes[0]:
+                print(f"  {skipped}")
+            for precision in precisions:
                 fps, params = faces_per_second(size, device, precision, args.budget, BATCH.get(size, 8))
                 cells[precision] = f"{fps:9.1f}"
             print(f"{device:>7} {size:>5} {params:>11,} {BATCH.get(size, 8):>5} "

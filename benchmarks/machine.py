@@ -89,6 +89,27 @@ def bf16_support() -> str:
     return "none (emulated)"
 
 
+def bf16_native(device: str | torch.device = "cpu") -> bool:
+    """Whether bf16 has hardware behind it on `device`: any CUDA GPU torch can use bf16 on, or a CPU with
+    AVX512-BF16 or AMX. Elsewhere (AVX2-only CPUs) torch emulates it, several times slower than fp32."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return not bf16_support().startswith("none")
+
+
+def runnable_precisions(requested: list[str], device: str | torch.device, force_bf16: bool) -> tuple[list[str], str]:
+    """`requested` less bf16 where it is emulated (unless `force_bf16`), and a line saying what was skipped.
+
+    Emulated bf16 measures the emulation, not the hardware, and costs most of a benchmark's time on a 2-core
+    CPU; `--bf16` measures it anyway."""
+    if "bf16" not in requested or force_bf16 or bf16_native(device):
+        return list(requested), ""
+    kept = [p for p in requested if p != "bf16"]
+    return kept, (f"bf16 skipped: {device} has no bf16 hardware ({cpu_model()}: bf16 {bf16_support()}), so bf16 "
+                  "would only measure torch's emulation; --bf16 runs it anyway")
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -140,10 +161,13 @@ def describe(device: str | torch.device | None = None, with_peaks: bool = True) 
         load_line() + ": other work on the cores lowers every figure; ratios measured in one run hold up best",
     ]
     if with_peaks:
-        measured = peaks(str(dev))
+        native = bf16_native(dev)
+        measured = peaks(str(dev), ("fp32", "bf16") if native else ("fp32",))
         lines.append(f"measured matmul peak on {dev}: " + ", ".join(
             f"{p} {flops / 1e9:,.0f} GFLOP/s" for p, flops in measured.items())
-            + f" (bf16 / fp32 = {measured['bf16'] / measured['fp32']:.2f})")
+            + (f" (bf16 / fp32 = {measured['bf16'] / measured['fp32']:.2f})" if native else
+               " (bf16 not measured: emulated here, ~15 s for a figure of no use; "
+               "python -m benchmarks.machine measures it)"))
     return "\n".join(lines)
 
 
@@ -157,6 +181,10 @@ def fmt_flops(flops: float) -> str:
 
 def main() -> None:
     print_machine()
+    if not bf16_native(default_device()):
+        bf16 = matmul_peak(str(default_device()), "bf16")
+        print(f"emulated bf16 matmul: {bf16 / 1e9:,.1f} GFLOP/s "
+              f"(bf16 / fp32 = {bf16 / matmul_peak(str(default_device()), 'fp32'):.2f})")
 
 
 if __name__ == "__main__":

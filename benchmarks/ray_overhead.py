@@ -11,7 +11,12 @@ networks from `epd_ray.train.run.pretrain_networks` at tiny settings (1 verifier
 speed does not depend on how well they were trained). Nothing is added to the package: the steady epoch is
 measured from outside, as (wall of an N-epoch fit - wall of a 1-epoch fit) / (N - 1); what is left of the
 1-epoch fit is the fixed cost (worker start-up, model load, shutdown). The controller-side report times
-(a `ray.train.UserCallback`, passed through gan_trainer's `callbacks`) are printed beside it as a check.
+(a `ray.train.UserCallback`, passed through gan_trainer's `callbacks`) are printed beside it as a check,
+and so are the times of the run's start and stop steps (`PhaseTimes`, on Train V2's controller and worker
+group hooks, which RunConfig passes callbacks other than UserCallbacks on to): controller start, worker
+group start (placement group, worker processes, their imports, the torch process group), training start,
+first report (model load, the first Ray Data pass, a round), shutdown. Start-up + shutdown per trial is
+fit start to training start plus last report to fit end.
 
 Plain side: the same loop (`epd_ray.train.gan.GanRun`: networks, losses, precision, channels_last, real-pair
 pool, per-round validation scoring under the main judge) with this process's torch threads, iterating the
@@ -150,6 +155,50 @@ class ReportTimes(ray.train.UserCallback):
             f.write(f"{time.time():.6f} {metrics[0].get('epoch', -1) if metrics else -1}\n")
 
 
+try:  # Train V2's own execution hooks: RunConfig passes callbacks that are not UserCallbacks on to them
+    from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
+except ImportError:  # another Ray: no phase breakdown
+    ControllerCallback = WorkerGroupCallback = object
+
+# Train V2's hook -> the step of the run it marks, in order.
+HOOKS = {"after_controller_start": "controller started", "before_worker_group_start": "worker group: starting",
+         "after_worker_group_start": "worker group: started", "after_worker_group_training_start": "training started",
+         "before_worker_group_shutdown": "worker group: shutting down",
+         "after_worker_group_shutdown": "worker group: shut down"}
+PHASES = tuple(HOOKS.values())
+
+
+class PhaseTimes(ControllerCallback, WorkerGroupCallback):
+    """Appends `time.time() phase` at each start/stop step of a Train run (controller actor, same host):
+    where the fixed seconds of a run go. Measurement only: nothing of it is in the package."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def _mark(self, phase: str) -> None:
+        with open(self.path, "a") as f:
+            f.write(f"{time.time():.6f}\t{phase}\n")
+
+
+def _marker(phase: str):
+    def hook(self, *_args, **_kwargs) -> None:
+        self._mark(phase)
+    return hook
+
+
+for _hook, _phase in HOOKS.items():
+    setattr(PhaseTimes, _hook, _marker(_phase))
+
+
+def phase_lines(started: float, wall: float, phases: list[tuple[float, str]], reports: list[float]) -> list[str]:
+    """Seconds between the run's steps: fit start, the controller's and worker group's steps, the first and
+    last reports, fit end (what is missing, e.g. with another Ray, is left out)."""
+    marks = sorted([(started, "fit() called"), *phases, (started + wall, "fit() returned")]
+                   + ([(reports[0], "first report"), (reports[-1], "last report")] if reports else []))
+    return [f"  {b_name:<28} +{b - a:6.2f} s  (after {a_name})"
+            for (a, a_name), (b, b_name) in zip(marks, marks[1:])]
+
+
 @dataclass
 class RayFit:
     epochs: int
@@ -157,6 +206,15 @@ class RayFit:
     started: float
     report_times: list[float]
     last_metrics: dict[str, Any]
+    phases: list[tuple[float, str]] = field(default_factory=list)
+
+    @property
+    def fixed_s(self) -> float:
+        """Start-up (fit start to the training function's start) + shutdown (last report to fit end)."""
+        marks = dict((name, t) for t, name in self.phases)
+        if PHASES[3] not in marks or not self.report_times:
+            return float("nan")
+        return (marks[PHASES[3]] - self.started) + (self.started + self.wall_s - self.report_times[-1])
 
     @property
     def intervals(self) -> list[float]:
@@ -173,7 +231,7 @@ def ray_fit(exp: ExperimentConfig, *, epochs: int, train_images: int, train_data
     run_exp = ExperimentConfig.model_validate({**exp.to_dict(), "train": {
         **exp.train.model_dump(), "steps": epochs * per_pass, "report_every": per_pass}})
     trainer = gan_trainer(run_exp, {}, train_data=train_data, inputs=inputs, name=name, storage_path=str(storage),
-                          callbacks=[ReportTimes(str(times_file))])
+                          callbacks=[ReportTimes(str(times_file)), PhaseTimes(str(storage / f"{name}.phases"))])
     started = time.time()
     result = trainer.fit()
     wall = time.time() - started
@@ -181,7 +239,10 @@ def ray_fit(exp: ExperimentConfig, *, epochs: int, train_images: int, train_data
         raise RuntimeError(f"the Ray fit {name} failed: {result.error}")
     lines = times_file.read_text().split() if times_file.exists() else []
     stamps = [float(t) for t in lines[0::2]]
-    return RayFit(epochs, wall, started, stamps, dict(result.metrics or {}))
+    phases_file = storage / f"{name}.phases"
+    phases = ([(float(t), phase) for t, phase in (line.split("\t", 1) for line in phases_file.read_text().splitlines())]
+              if phases_file.exists() else [])
+    return RayFit(epochs, wall, started, stamps, dict(result.metrics or {}), phases)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -303,6 +364,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nRay, controller-side report times ({args.epochs}-epoch fit): fit start to first report "
           f"{first_report:.1f} s, report-to-report median {interval:.2f} s "
           f"({', '.join(f'{t:.2f}' for t in many.intervals)}), last report to fit end {after_last:.1f} s")
+    print(f"\nwhere a Train run's fixed seconds go ({args.epochs}-epoch fit; training started = the workers' "
+          f"training function called, after worker processes, imports, torch process group and dataset shards):")
+    for line in phase_lines(many.started, many.wall_s, many.phases, many.report_times):
+        print(line)
+    print(f"start-up + shutdown per trial (fit start to training start, plus last report to fit end): "
+          f"{many.fixed_s:.1f} s ({args.epochs}-epoch fit), {one.fixed_s:.1f} s (1-epoch fit); target <= 5 s; "
+          f"plain PyTorch start-up {plain.startup_s:.1f} s")
     print(f"Ray's extra time per epoch: {ray_epoch - plain.steady_epoch_s:+.2f} s by the wall difference, "
           f"{interval - plain.steady_epoch_s:+.2f} s by the report times (the two fits' fixed costs differ by "
           f"a second or so between runs, which the difference divides by N - 1 = {args.epochs - 1})")

@@ -1,6 +1,7 @@
 """One EPD-Net G+D update against a plain PyTorch pix2pix update, at the same size, batch and precision.
 
     python -m benchmarks.train_step                          # --quick: 64/128/256 px, batch 4, about 3 min on 2 cores
+    python -m benchmarks.train_step --bf16                   # bf16 rounds too where bf16 is emulated (slow)
     python -m benchmarks.train_step --full                   # batch 8, more steps (longer)
     python -m benchmarks.train_step --sizes 128 --batch 8 --precisions bf16
 
@@ -538,7 +539,11 @@ def main(argv: list[str] | None = None) -> None:
     mode.add_argument("--full", dest="full", action="store_true", help="batch 8, >= 10 timed rounds, 20 s each")
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--batch", type=int, default=None, help="default 4 (--quick) or 8 (--full)")
-    parser.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
+    parser.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"],
+                        help="default both; bf16 only with bf16 hardware (AVX512-BF16, AMX, a GPU) or --bf16")
+    parser.add_argument("--bf16", dest="force_bf16", action="store_true",
+                        help="run the bf16 rounds even where bf16 is emulated (no AVX512-BF16/AMX): skipped "
+                             "there by default, they take most of the time and measure only the emulation")
     parser.add_argument("--ngf", type=int, default=64)
     parser.add_argument("--ndf", type=int, default=64)
     parser.add_argument("--verifier-width", type=float, default=1.0, help="VGG-16 width of V (paper: 1.0)")
@@ -555,6 +560,7 @@ def main(argv: list[str] | None = None) -> None:
     args.budget = args.budget if args.budget is not None else (20.0 if args.full else 2.0)
     args.max_rounds = 200
     device = torch.device(args.device)
+    args.precisions, skipped = machine.runnable_precisions(args.precisions, device, args.force_bf16)
 
     started = time.perf_counter()
     print("train_step: one EPD-Net G+D update (V, S frozen in the loss) against a plain PyTorch pix2pix update")
@@ -563,6 +569,10 @@ def main(argv: list[str] | None = None) -> None:
           f"{'channels_last' if args.channels_last else 'NCHW'}, at least {args.min_rounds} timed rounds "
           f"after 2 untimed")
     machine.print_machine(device)
+    if skipped:
+        print(skipped, flush=True)
+    if not args.precisions:
+        return
     results: list[Measured] = []
     flops_known: dict[tuple[int, str], int] = {}
     for size in args.sizes:

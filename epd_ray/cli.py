@@ -58,6 +58,9 @@ SetOption = Annotated[list[str], typer.Option("--set", help="override a config k
 StrictOption = Annotated[bool, typer.Option(
     "--strict", help="stop after pretraining (exit 2, nothing kept) if a verifier or evaluator is not clearly above "
                      "chance or the warm start reconstructs poorly")]
+TimeBudgetOption = Annotated[Optional[str], typer.Option(
+    "--time-budget", metavar="DURATION", help="end in about this wall time (90s, 15m, 1h or seconds), pretraining, "
+                                              "search and report included; sets search.time_budget_s")]
 ResumeOption = Annotated[Optional[Path], typer.Option(
     "--resume", metavar="OUTPUT", help="continue the stopped run in this folder (its config and data)")]
 
@@ -65,19 +68,19 @@ ResumeOption = Annotated[Optional[Path], typer.Option(
 @app.command()
 def tune(config: ConfigOption = None, output: OutputOption = None, address: AddressOption = None,
          data: DataOption = None, set_: SetOption = [], resume: ResumeOption = None,
-         strict: StrictOption = False) -> None:
+         strict: StrictOption = False, time_budget: TimeBudgetOption = None) -> None:
     """Search EPD-Net's loss weights with Ray Tune; save the best model and a report."""
-    _experiment(config, output, address, data, set_, resume, strict, search=True)
+    _experiment(config, output, address, data, set_, resume, strict, time_budget, search=True)
 
 
 @app.command()
 def train(config: ConfigOption = None, output: OutputOption = None, address: AddressOption = None,
           data: DataOption = None, set_: SetOption = [], resume: ResumeOption = None,
-          strict: StrictOption = False) -> None:
+          strict: StrictOption = False, time_budget: TimeBudgetOption = None) -> None:
     """Train EPD-Net with one setting, no search: the config's loss.* weights and evaluation.mu (default the
     paper's; change them with --set loss.lambda2=0.5 --set evaluation.mu=0.2). Saves the best round's model
     and a report, as `tune` does."""
-    _experiment(config, output, address, data, set_, resume, strict, search=False)
+    _experiment(config, output, address, data, set_, resume, strict, time_budget, search=False)
 
 
 def _preset_for(data: Optional[Path]) -> str:
@@ -97,15 +100,18 @@ def _preset_for(data: Optional[Path]) -> str:
 
 
 def _experiment(config: Optional[str], output: Optional[Path], address: Optional[str], data: Optional[Path],
-                set_: list[str], resume: Optional[Path], strict: bool, *, search: bool) -> None:
+                set_: list[str], resume: Optional[Path], strict: bool, time_budget: Optional[str], *,
+                search: bool) -> None:
     overrides = parse_overrides(set_)
-    if resume is not None and (config or output or data or set_ or strict):
+    if resume is not None and (config or output or data or set_ or strict or time_budget):
         fail("--resume OUTPUT takes the run's own config and data: give only --address with it")
     if address:
         # Ray reads its auth mode when it is imported: joining a token-authenticated cluster (the default
         # since Ray 2.59) needs it set before that, not at ray.init.
         os.environ.setdefault("RAY_AUTH_MODE", "token")
         overrides["ray.address"] = address
+    if time_budget is not None:
+        overrides["search.time_budget_s"] = time_budget  # '15m' etc.: the config parses it
     from epd_ray.experiment import OutputError, TuneInterrupted, default_output, resume_tune, run_tune
     from epd_ray.train.run import PretrainingError
     from epd_ray.tune.search import fixed_params

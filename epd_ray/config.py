@@ -197,6 +197,29 @@ class Range(_Strict):
         return self
 
 
+# A time budget's shares (`search.time_budget_s`): pretraining is warned about when its estimate passes
+# PRETRAIN_SHARE of the budget, and the evaluation and report keep EVALUATION_RESERVE of it (at least
+# EVALUATION_RESERVE_MIN_S seconds) after the search.
+PRETRAIN_SHARE = 0.4
+EVALUATION_RESERVE, EVALUATION_RESERVE_MIN_S = 0.1, 15.0
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(text: str | float | int) -> float:
+    """Seconds in '90', '90s', '15m', '1.5h' (or a number); ValueError naming the accepted forms."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    value = str(text).strip().lower()
+    unit = _DURATION_UNITS.get(value[-1:]) if value else None
+    try:
+        seconds = float(value[:-1] if unit else value) * (unit or 1)
+    except ValueError:
+        raise ValueError(f"{text!r}: not a duration; give seconds (90, 90s), minutes (15m) or hours (1h)") from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"{text!r}: a duration must be a finite number of seconds >= 0")
+    return seconds
+
+
 SEARCHED_KEYS = ("lambda1", "lambda2", "lambda3", "phi", "alpha", "mu")
 _SEARCH_BOUNDS = {"lambda1": (0, 1), "lambda2": (0, 1), "lambda3": (0, 1), "phi": (0, 1), "alpha": (1e-9, SQRT2),
                   "mu": (1e-9, SQRT2)}
@@ -215,6 +238,10 @@ class SearchConfig(_Strict):
                                                    "a trial")
     reduction_factor: int = Field(2, ge=2)
     paper_point_first: bool = True
+    time_budget_s: float = Field(0, ge=0, description="wall-clock seconds for the whole command (also '90s', "
+                                 "'15m', '1h'); 0: none. Pretraining is warned about past "
+                                 f"{PRETRAIN_SHARE:.0%} of it, evaluation keeps a reserve, and the search ends "
+                                 "in what is left (Tune's time_budget_s), keeping the best reported round")
     space: dict[str, Range] = Field(default_factory=lambda: {
         "lambda1": Range(low=0.3, high=1.0),
         "lambda2": Range(low=0.3, high=1.0),
@@ -226,6 +253,11 @@ class SearchConfig(_Strict):
         # de-identified ones fail. (A floor of 0.25 cut off that point: D, S and J all rose below it.)
         "mu": Range(low=0.05, high=0.6),
     })
+
+    @field_validator("time_budget_s", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> Any:
+        return parse_duration(v) if isinstance(v, str) else v
 
     @field_validator("space")
     @classmethod

@@ -28,7 +28,8 @@ import pyarrow.fs
 
 from epd_ray.artifacts import RunFolder, RunMarker, atomic_write_text, default_cache_dir
 from epd_ray.checkpoints import build_from_record, load_checkpoint, save_checkpoint
-from epd_ray.config import ExperimentConfig, load_config, write_resolved
+from epd_ray.config import (EVALUATION_RESERVE, EVALUATION_RESERVE_MIN_S, PRETRAIN_SHARE, ExperimentConfig,
+                            load_config, write_resolved)
 from epd_ray.data.prepare import PreparedData, cached_dataset
 from epd_ray.data.shards import read_manifest
 from epd_ray.data.stream import materialized_split
@@ -120,7 +121,7 @@ class Stages:
 
 
 def data_and_networks(exp: ExperimentConfig, *, runtime: RayRuntime, prepared_dir: Path | None, storage_path: str,
-                      strict: bool = False, echo=print) -> Stages:
+                      strict: bool = False, pretrain_share_s: float | None = None, echo=print) -> Stages:
     """Prepared data (given, or the cached synthetic/source set), the train split read once into the object
     store, and the pretrained verifiers/evaluators (cached by content hash; with `strict`, PretrainingError
     when one is not clearly above chance)."""
@@ -136,7 +137,8 @@ def data_and_networks(exp: ExperimentConfig, *, runtime: RayRuntime, prepared_di
     check_batch_fits("train.batch_size", exp.train.batch_size, m.images("train"), exp.train.num_workers)
     train_data = materialized_split(prepared.path, "train")
     pretrained_path = pretrain_networks(exp, prepared, train_data=train_data, cache_dir=cache_dir, runtime=runtime,
-                                        storage_path=storage_path, strict=strict, echo=echo)
+                                        storage_path=storage_path, strict=strict, time_share_s=pretrain_share_s,
+                                        echo=echo)
     return Stages(prepared, runtime, train_data, pretrained_path)
 
 
@@ -209,11 +211,13 @@ def _interruptible(output: Path, exp: ExperimentConfig, run):
 def _search_and_report(exp: ExperimentConfig, output: Path, prepared_dir: Path | None, runtime: RayRuntime,
                        storage: str, started: float, *, resume: bool, fixed: dict[str, float] | None,
                        strict: bool, echo) -> TuneRun:
+    budget = exp.search.time_budget_s or None
     stages = data_and_networks(exp, runtime=runtime, prepared_dir=prepared_dir, storage_path=storage, strict=strict,
-                               echo=echo)
+                               pretrain_share_s=budget and budget * PRETRAIN_SHARE, echo=echo)
     prepared, pretrained_path = stages.prepared, stages.pretrained_path
     outcome = run_search(exp, train_data=stages.train_data, inputs=GanInputs.put(prepared.path, pretrained_path, exp.evaluation),
-                         runtime=runtime, storage_path=storage, resume=resume, fixed=fixed, echo=echo)
+                         runtime=runtime, storage_path=storage, resume=resume, fixed=fixed,
+                         time_budget_s=budget and search_time_budget(budget, time.time() - started, echo), echo=echo)
     echo(f"{'train' if fixed else 'search'}: done in {outcome.wall_seconds:.0f} s; best trial {outcome.best.trial_id} "
          f"J={outcome.best.metrics['objective']:.3f} (validation)")
 
@@ -228,6 +232,20 @@ def _search_and_report(exp: ExperimentConfig, output: Path, prepared_dir: Path |
     if not evaluation.metrics["verdict"]["beats_baselines"]:  # the last line a user reads says so again
         echo(verdict_line(evaluation.metrics["verdict"]))
     return TuneRun(output, best_dir, report_path.parent, runtime.dashboard_url, wall)
+
+
+def search_time_budget(budget: float, spent: float, echo=print) -> float:
+    """The search's share of a whole-command time budget: what is left after `spent` seconds, less the
+    evaluation's reserve; at least that reserve, so that a budget spent already still trains a round or so."""
+    reserve = max(EVALUATION_RESERVE * budget, EVALUATION_RESERVE_MIN_S)
+    left = budget - spent - reserve
+    if left < reserve:
+        echo(f"time budget: {spent:.0f} s of {budget:.0f} s spent before the search; it gets {reserve:.0f} s anyway "
+             "(the run will end late)")
+        return reserve
+    echo(f"time budget: {spent:.0f} s of {budget:.0f} s spent before the search; it gets {left:.0f} s, "
+         f"{reserve:.0f} s are kept for the evaluation and report")
+    return left
 
 
 def fetch_checkpoint(storage: str, path: str, dest: Path) -> Path:
@@ -320,6 +338,8 @@ def echo_summary(exp: ExperimentConfig, outcome: SearchOutcome, metrics: dict[st
                *(f"{t.params.get(k, float('nan')):.3f}" for k in keys),
                *(f"{m.get(k, float('nan')):.3f}" for k in columns)]
         echo("  " + " ".join(f"{c:>9}" for c in row))
+    if outcome.budget_note:
+        echo(outcome.budget_note)
     echo(f"\ntest split, every judge (mu={metrics['mu']:.3f} for the paper's figures):")
     for line in summary_lines(metrics):
         echo(line)

@@ -27,6 +27,7 @@ from urllib.parse import urlparse
 import pyarrow.fs
 import ray
 import ray.data
+import ray.train
 
 from epd_ray.config import ConfigError, RayConfig
 
@@ -55,6 +56,14 @@ class RayRuntime:
         if ray.cluster_resources().get(TRIAL_DRIVER, 0) >= 1:
             return {TRIAL_DRIVER: 1}
         return {"CPU": 0.01}
+
+
+def data_config(workers: int) -> ray.train.DataConfig:
+    """How a Train run hands its datasets to its workers: split among several, whole to a single one.
+
+    One worker gets the dataset itself (`ds.iterator()`) instead of a streaming split of one part: the same
+    rows, without the split's coordinator actor, whose start and stop are part of every trial's fixed cost."""
+    return ray.train.DataConfig(datasets_to_split="all" if workers > 1 else [])
 
 
 def _free_port(host: str, preferred: int) -> int:

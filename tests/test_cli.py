@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -155,3 +156,26 @@ def test_train_fits_one_setting_for_every_round_and_saves_it_as_tune_does(ray_ru
     assert metrics["mu"] == pytest.approx(0.2)
     assert [t["rounds"] for t in metrics["trials"]] == [3]  # every round: no ASHA
     assert json.loads((out / "experiment.json").read_text())["kind"] == "epd-ray train"
+
+
+def test_a_time_budget_ends_the_search_early_and_still_leaves_a_best_model_and_report(ray_runtime, tiny_tune_args,
+                                                                                       tmp_path):
+    """`--time-budget`: Tune's time budget (TimeBudget) ends a search that could not finish in it (8 trials of 200
+    rounds, one at a time); the best reported round still becomes best/ and report/, and the summary says
+    what the budget cut."""
+    import ray
+
+    out = tmp_path / "out"  # 200 rounds a trial: none can finish within the budget, however idle the machine
+    started = time.monotonic()
+    run = _epd_ray(*tiny_tune_args, "--address", ray.get_runtime_context().gcs_address, "--output", str(out),
+                   "--time-budget", "40s", "--set", "search.num_samples=8", "--set", "search.max_concurrent=1",
+                   "--set", "train.steps=600", "--set", "search.grace_period=200", cwd=tmp_path)
+    wall = time.monotonic() - started
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "time budget: " in run.stdout and "spent before the search" in run.stdout
+    note = next(line for line in run.stdout.splitlines() if line.startswith("time budget: the search ended"))
+    assert "not started" in note and not note.endswith(" 0 of 8 not started")
+    assert (out / "best" / "model_card.json").is_file() and (out / "report" / "metrics.json").is_file()
+    trials = json.loads((out / "report" / "metrics.json").read_text())["trials"]
+    assert all(t["rounds"] < 200 for t in trials) and any(t["status"] == "budget" for t in trials)
+    assert wall < 40 + 120  # the budget, plus a first round past it and the evaluation on a busy machine

@@ -297,3 +297,47 @@ def test_a_real_face_set_gets_the_real_faces_preset_by_default():
         assert default_preset(source) == "faces"
     faces = load_config("faces")
     assert faces.evaluation.judge == "auto"  # the pretrained recogniser judges real faces
+
+
+def test_time_budgets_read_as_seconds_minutes_or_hours():
+    from epd_ray.config import parse_duration
+
+    assert [parse_duration(t) for t in ("90", "90s", "15m", "1h", "1.5h", 30)] == [90, 90, 900, 3600, 5400, 30]
+    assert load_config("smoke", {"search.time_budget_s": "15m"}).search.time_budget_s == 900
+    with pytest.raises(ConfigError, match="search.time_budget_s.*not a duration"):
+        load_config("smoke", {"search.time_budget_s": "soon"})
+
+
+def test_pretraining_over_its_share_of_the_budget_is_warned_about_once_with_the_estimate():
+    from epd_ray.train.run import PretrainingEstimate
+
+    said: list[str] = []
+    exp = load_config("smoke")  # 4 x 250 verifier steps + 300 warm-start steps
+    estimate = PretrainingEstimate(exp, share_s=60.0, echo=said.append)
+    item = {"network": "identity_verifier", "task": "identity", "step": 25, "steps": 250, "loss": 1.0,
+            "val_score": 0.5, "elapsed_s": 5.0, "left_s": 45.0}
+    estimate(item)
+    estimate({**item, "step": 50, "elapsed_s": 10.0})
+    warnings = [line for line in said if line.startswith("warning:")]
+    assert len(warnings) == 1 and "~260 s" in warnings[0] and "(60 s)" in warnings[0]
+    quiet: list[str] = []
+    PretrainingEstimate(exp, share_s=None, echo=quiet.append)(item)
+    assert len(quiet) == 1 and not quiet[0].startswith("warning")
+
+
+def test_a_budget_that_ended_the_search_marks_the_cut_trials_and_counts_those_never_started():
+    from epd_ray.tune import search
+    from epd_ray.tune.search import TrialSummary, budget_cuts
+
+    def trial(tid, rounds, status="ok"):
+        return TrialSummary(tid, {}, rounds, {"objective": 0.1} if rounds else {}, "c" if rounds else None, status)
+
+    trials = [trial("done", 8), trial("asha", 4), trial("cut", 3), trial("failed", 2, "error"), trial("late", 0)]
+    search.COMPLETED.clear()
+    search.COMPLETED.update({"done", "asha"})
+    marked, note = budget_cuts(trials, planned=6, max_rounds=8, time_budget_s=30, searched=31)
+    assert [t.status for t in marked] == ["ok", "ok", "budget", "error", "ok"]
+    assert "1 trial(s) stopped early" in note and "2 of 6 not started" in note
+    assert budget_cuts(trials, planned=6, max_rounds=8, time_budget_s=30, searched=20) == (trials, None)
+    assert budget_cuts(trials, planned=6, max_rounds=8, time_budget_s=None, searched=99) == (trials, None)
+    search.COMPLETED.clear()

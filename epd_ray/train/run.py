@@ -23,7 +23,7 @@ from epd_ray.config import ConfigError, ExperimentConfig
 from epd_ray.data.prepare import PreparedData
 from epd_ray.data.shards import load_split
 from epd_ray.data.stream import materialized_split
-from epd_ray.runtime import DATA_RESERVE_CPUS, RayRuntime, sigint_guard
+from epd_ray.runtime import DATA_RESERVE_CPUS, RayRuntime, data_config, sigint_guard
 from epd_ray.train.pretrain import pretrain_loop
 from epd_ray.train.progress import ProgressFeed
 from epd_ray.train.worker import CHECKPOINT_FILE
@@ -104,11 +104,33 @@ def emotion_data(exp: ExperimentConfig, prepared: PreparedData) -> PreparedData:
     return PreparedData(path, emotions.raw, reused=True)
 
 
+class PretrainingEstimate:
+    """Progress lines through to `echo`, and once, at the first, a warning when the estimated pretraining time
+    passes `share_s` (the pretraining share of a time budget): the first network's seconds per step times
+    every network's steps (a rough figure: the networks differ in cost)."""
+
+    def __init__(self, exp: ExperimentConfig, share_s: float | None, echo):
+        self.total_steps = 4 * exp.verifiers.steps + exp.model.warm_start_steps
+        self.share_s, self.echo, self.warned = share_s, echo, share_s is None
+
+    def __call__(self, item: dict) -> None:
+        self.echo(progress_line(item))
+        if self.warned or not item["step"]:
+            return
+        self.warned = True
+        estimate = item["elapsed_s"] / item["step"] * self.total_steps
+        if estimate > self.share_s:
+            self.echo(f"warning: pretraining will take ~{estimate:.0f} s, more than its share ({self.share_s:.0f} s) "
+                      f"of the time budget; the search gets what is left. Pretrain once beforehand with `epd-ray "
+                      f"pretrain` (cached, then reused), or lower verifiers.steps / model.warm_start_steps")
+
+
 def pretrain_networks(exp: ExperimentConfig, prepared: PreparedData, *, train_data: ray.data.Dataset,
                        cache_dir: Path, runtime: RayRuntime, storage_path: str, strict: bool = False,
-                       echo=print) -> Path:
+                       time_share_s: float | None = None, echo=print) -> Path:
     """The pretrained networks' file in the cache, trained now unless cached; with `strict`, PretrainingError
-    for a network not clearly above chance (fresh ones are then not cached)."""
+    for a network not clearly above chance (fresh ones are then not cached). With `time_share_s`, a warning
+    when pretraining is estimated to take longer."""
     faces = prepared.info
     key = pretrained_key(exp, faces.content_hash)
     cache = PretrainedCache(Path(cache_dir))
@@ -136,7 +158,7 @@ def pretrain_networks(exp: ExperimentConfig, prepared: PreparedData, *, train_da
         echo(f"emotion networks learn from {emotions.path} ({emotions.info.images('train')} images)")
         datasets["emotion_train"] = materialized_split(emotions.path, "train")
         val_faces["emotion_train"] = ray.put(load_split(emotions.path, "val"))
-    with ProgressFeed(lambda item: echo(progress_line(item))) as feed:
+    with ProgressFeed(PretrainingEstimate(exp, time_share_s, echo)) as feed:
         trainer = TorchTrainer(
             pretrain_loop,
             train_loop_config={"verifiers": exp.verifiers.model_dump(mode="json"),
@@ -149,7 +171,7 @@ def pretrain_networks(exp: ExperimentConfig, prepared: PreparedData, *, train_da
                                                    resources_per_worker=None if exp.train.use_gpu else {"CPU": cpus}),
             run_config=ray.train.RunConfig(name=f"pretrain-{key}", storage_path=storage_path,
                                            failure_config=ray.train.FailureConfig(max_failures=exp.train.max_failures)),
-            datasets=datasets,
+            datasets=datasets, dataset_config=data_config(workers),
         )
         with sigint_guard():
             result = trainer.fit()

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +38,12 @@ from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
+from ray.tune.stopper import TimeoutStopper
 
 from epd_ray.config import SEARCHED_KEYS, ExperimentConfig, TrainConfig
 from epd_ray.core.metrics import pareto_front
 from epd_ray.data.stream import augmented
-from epd_ray.runtime import DATA_RESERVE_CPUS, RayRuntime, sigint_guard, storage_filesystem
+from epd_ray.runtime import DATA_RESERVE_CPUS, RayRuntime, data_config, sigint_guard, storage_filesystem
 from epd_ray.train.gan import GanInputs, gan_loop, rounds
 from epd_ray.train.worker import CHECKPOINT_FILE
 
@@ -69,6 +70,7 @@ class SearchOutcome:
     experiment_path: str
     wall_seconds: float
     front: list[TrialSummary]  # the Pareto-optimal trials (privacy against utility), in trial order
+    budget_note: str | None = None  # what a time budget cut, when it cut something
 
 
 def scaling_config(exp: ExperimentConfig) -> ray.train.ScalingConfig:
@@ -128,6 +130,7 @@ def gan_trainer(exp: ExperimentConfig, params: dict[str, float], *, train_data: 
                 max_failures=exp.train.max_failures if max_failures is None else max_failures),
         ),
         datasets={"train": augmented(train_data, flip=exp.train.flip, max_shift=exp.train.max_shift)},
+        dataset_config=data_config(exp.train.num_workers),
     )
 
 
@@ -152,6 +155,29 @@ def run_trial(params: dict[str, float], *, experiment: dict, train_data: ray.dat
     trainer = gan_trainer(exp, params, train_data=train_data, inputs=inputs, name=f"train-{trial_id}",
                           storage_path=storage_path, callbacks=[TuneReportCallback()], max_failures=0)
     trainer.fit()
+
+
+class TimeBudget(TimeoutStopper):
+    """Tune's own time budget (the TimeoutStopper that `TuneConfig.time_budget_s` makes, same clock, same
+    saved state on restore), which ends the search only once some trial has reported a round: the round that
+    brings a checkpoint to judge. Without it a budget spent on a slow or busy machine before the first round
+    would end the search with no model at all."""
+
+    def __init__(self, timeout: float):
+        super().__init__(timeout)
+        self.reported = False
+
+    def __call__(self, trial_id, result):
+        self.reported = self.reported or OBJECTIVE in result
+        return False
+
+    def stop_all(self):
+        return super().stop_all() and self.reported
+
+
+# Trials completed (all rounds, or stopped by ASHA) in this driver's search. Kept here, not on the callback:
+# Tune pickles its callbacks with the experiment and a restored search brings back its own copies.
+COMPLETED: set[str] = set()
 
 
 class ProgressLine(ray.tune.Callback):
@@ -191,6 +217,9 @@ class ProgressLine(ray.tune.Callback):
         return ""
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        # Tune calls this for trials that ran all their rounds or that ASHA stopped, not for those that a
+        # time budget ends (TuneController stops those without it): what is not in here was cut.
+        COMPLETED.add(trial.trial_id)
         self.echo(f"  trial {trial.trial_id} finished")
 
     def on_trial_recover(self, iteration, trials, trial, **info):
@@ -226,11 +255,14 @@ def fixed_params(exp: ExperimentConfig) -> dict[str, float]:
 
 def run_search(exp: ExperimentConfig, *, train_data: ray.data.Dataset, inputs: GanInputs, runtime: RayRuntime,
                storage_path: str, resume: bool = False, fixed: dict[str, float] | None = None,
-               echo=print) -> SearchOutcome:
+               time_budget_s: float | None = None, echo=print) -> SearchOutcome:
     """Run the search, or with `resume` continue the one saved under `storage_path` (a new one if none is).
 
     With `fixed` params there is no search: one trial trains that setting for every round (`epd-ray train`),
     through the same trainable, checkpoints, progress lines, resume and summary as a search's trials.
+    With `time_budget_s`, Tune ends a new search after that many seconds, or at the first reported round if
+    none came by then (`TimeBudget`; a restored search keeps the budget left when it was saved): no trial
+    starts after it, running ones stop, and the best is picked among the rounds reported by then.
     """
     started = time.time()
     concurrency = 1 if fixed else concurrent_trials(exp, runtime)
@@ -251,25 +283,53 @@ def run_search(exp: ExperimentConfig, *, train_data: ray.data.Dataset, inputs: G
             stopping = ("no early stopping (pareto: privacy and utility)" if is_pareto(exp)
                         else f"ASHA grace {exp.search.grace_period}")
             echo(f"search: {exp.search.num_samples} trials, {concurrency} at a time, "
-                 f"{budget(exp.train)} each, {stopping}")
+                 f"{budget(exp.train)} each, {stopping}"
+                 + (f", ends within {time_budget_s:.0f} s" if time_budget_s else ""))
         tuner = ray.tune.Tuner(
             trainable,
             param_space=dict(fixed) if fixed else search_space(exp),
             tune_config=ray.tune.TuneConfig(num_samples=1) if fixed else tune_settings(exp, concurrency),
             run_config=ray.tune.RunConfig(name=SEARCH_NAME, storage_path=storage_path, verbose=0,
+                                          stop=TimeBudget(time_budget_s) if time_budget_s else None,
                                           callbacks=[ProgressLine(exp.train)],
                                           failure_config=trial_retries(exp)),
         )
+    COMPLETED.clear()
+    searching = time.time()
     with sigint_guard():
         grid = tuner.fit()
     filesystem = storage_filesystem(storage_path)
     trials = [summarise(result, filesystem, last_round=is_pareto(exp)) for result in grid]
+    searched = time.time() - searching
+    trials, note = budget_cuts(trials, 1 if fixed else exp.search.num_samples, rounds(exp.train), time_budget_s,
+                               searched)
     scored = [t for t in trials if t.checkpoint is not None]
     if not scored:
-        raise RuntimeError(f"no trial produced a checkpoint; see {grid.experiment_path}")
+        raise RuntimeError(f"no trial produced a checkpoint; see {grid.experiment_path}"
+                           + (f" ({note}: give a larger --time-budget)" if note else ""))
     front = pareto_trials(scored)
     best = max(front if is_pareto(exp) else scored, key=lambda t: t.metrics.get(OBJECTIVE, -math.inf))
-    return SearchOutcome(trials, best, grid.experiment_path, time.time() - started, front)
+    return SearchOutcome(trials, best, grid.experiment_path, time.time() - started, front, note)
+
+
+def budget_cuts(trials: list[TrialSummary], planned: int, max_rounds: int, time_budget_s: float | None,
+                searched: float) -> tuple[list[TrialSummary], str | None]:
+    """Trials a time budget stopped marked 'budget', and a line saying what it cut (None if nothing).
+
+    Stopped: reported some rounds, not all, and neither finished nor stopped by ASHA (`COMPLETED`) nor
+    failed. Not started: the planned trials with no reported round (never created, or cut before one)."""
+    if not time_budget_s or searched < time_budget_s:
+        return trials, None
+    marked = [replace(t, status="budget") if (t.status == "ok" and 0 < t.rounds < max_rounds
+                                              and t.trial_id not in COMPLETED) else t for t in trials]
+    stopped = sum(t.status == "budget" for t in marked)
+    not_started = planned - sum(t.rounds > 0 or t.status == "error" for t in marked)
+    if not stopped and not not_started:
+        return marked, None
+    return marked, (f"time budget: the search ended after {searched:.0f} s (its budget {time_budget_s:.0f} s; "
+                    f"it waits past it for a first reported round): {stopped} trial(s) stopped "
+                    f"early (status 'budget', judged at their reported rounds), {not_started} of {planned} "
+                    f"not started")
 
 
 def pareto_trials(trials: list[TrialSummary]) -> list[TrialSummary]:
