@@ -103,19 +103,19 @@ def test_evaluate_each_baseline(world, baseline, name):
 
 
 def test_evaluate_with_the_recogniser_as_main_judge(world):
-    """The pretrained recogniser judges (and its embedding feeds the parrot); doing nothing still scores 0,
-    blurring keeps some privacy under every judge."""
+    """The pretrained recogniser judges (and its embedding feeds the parrot); doing nothing scores 0 under
+    every judge. (That blurring costs it the person: tests/test_judges.py, on a real face.)"""
     out = world["root"] / "recogniser"
-    result = invoke("evaluate", "--baseline", "identity", "--baseline", "blur", *common(world), "--out", out,
-                    "--judge", "recogniser", "--blur-sigma", "4")
+    result = invoke("evaluate", "--baseline", "identity", *common(world), "--out", out, "--judge", "recogniser")
     assert result.exit_code == 0, result.output
-    metrics = check_outputs(out, {"no_change", "blur"}, world["test_images"],
+    metrics = check_outputs(out, {"no_change"}, world["test_images"],
                             judges=("evaluators", "verifiers", "recogniser", "parrot"))
-    assert metrics["main_judge"] == "recogniser" and metrics["methods"]["blur"]["parrot"]["embedding"] == "recogniser"
-    for judged in metrics["methods"]["no_change"].values():
-        assert judged["privacy"] == 0.0 and judged["objective"] == 0.0
-    rec = metrics["methods"]["blur"]["recogniser"]
-    assert rec["reidentified_original"] > 0.5 and rec["privacy"] > 0.0
+    judged = metrics["methods"]["no_change"]
+    assert metrics["main_judge"] == "recogniser" and judged["parrot"]["embedding"] == "recogniser"
+    for name in ("evaluators", "verifiers", "recogniser", "parrot"):
+        assert judged[name]["privacy"] == 0.0 and judged[name]["objective"] == 0.0, name
+    rec = judged["recogniser"]
+    assert rec["reidentified"] == rec["reidentified_original"] > 0.5  # dlib tells the synthetic people apart
     assert {"verified", "verified_original", "face_found", "face_found_original"} <= set(rec)
     assert "recogniser" in result.output and "r1 recogn" in result.output
 

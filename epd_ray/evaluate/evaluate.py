@@ -178,8 +178,10 @@ def run_evaluation(methods: dict[str, Method | KSameMethod], *, dataset_dir: Pat
     embed: Callable[[np.ndarray], np.ndarray] = (
         (lambda pixels: recogniser.embed(pixels)[0]) if main == "recogniser"
         else (lambda pixels: class_logits(evaluator, pixels, **kw).numpy()))
-    plain_gallery = Gallery(embed(gallery_faces.pixels), gallery_faces.identity, num_identities)
-    main_orig = rec_orig if main == "recogniser" else embed(faces.pixels)
+    if main == "recogniser":
+        plain_gallery, main_orig = rec_gallery, rec_orig
+    else:
+        plain_gallery, main_orig = Gallery(embed(gallery_faces.pixels), gallery_faces.identity, num_identities), embed(faces.pixels)
     emo_orig = originals["evaluators"][1]
     index = sample_indices(faces.identity, samples)
     results: dict[str, Any] = {}

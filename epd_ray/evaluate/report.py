@@ -56,17 +56,10 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
-def method_table(metrics: dict[str, Any], judge: str) -> list[str]:
-    header = ["method"] + [title for _, title in COLUMNS] + [f"CMC miss r{k}" for k in range(1, 6)]
-    rows = [[method] + [_cell(judged[judge][key]) for key, _ in COLUMNS]
-            + [_cell(v) for v in judged[judge]["cmc_misclassification"]]
-            for method, judged in metrics["methods"].items()]
-    return _table(header, rows)
-
-
-def judge_table(metrics: dict[str, Any], judge: str) -> list[str]:
-    header = ["method"] + [title for _, title in JUDGE_COLUMNS] + [f"CMC miss r{k}" for k in range(1, 6)]
-    rows = [[method] + [_cell(judged[judge][key]) for key, _ in JUDGE_COLUMNS]
+def method_table(metrics: dict[str, Any], judge: str, columns: list[tuple[str, str]] = COLUMNS) -> list[str]:
+    """One row per method under `judge`: `columns` (the paper's by default, or JUDGE_COLUMNS), then CMC."""
+    header = ["method"] + [title for _, title in columns] + [f"CMC miss r{k}" for k in range(1, 6)]
+    rows = [[method] + [_cell(judged[judge][key]) for key, _ in columns]
             + [_cell(v) for v in judged[judge]["cmc_misclassification"]]
             for method, judged in metrics["methods"].items()]
     return _table(header, rows)
@@ -210,7 +203,7 @@ def render_report(metrics: dict[str, Any], trials: list[dict[str, Any]], *, titl
     lines += verdict_text(metrics.get("verdict"))
     if main in judges_present(metrics):
         lines += [f"## Main judge: {main} (the search maximised J under it)", "", JUDGE_NOTES[main] + ".", ""]
-        lines += judge_table(metrics, main) + [""]
+        lines += method_table(metrics, main, JUDGE_COLUMNS) + [""]
         lines += ["## Every judge side by side", "",
                   "; ".join(f"{j}: {JUDGE_NOTES[j]}" for j in judges_present(metrics)) + ".", ""]
         lines += reidentification_table(metrics) + [""]
