@@ -340,6 +340,7 @@ def _fer_csv(path: Path, rows_per_emotion: int = 6) -> Path:
     return path
 
 
+@pytest.mark.slow  # 37 s: kept out of CI so the suite stays under 10 minutes (intake and FER2013 have unit tests)
 def test_a_broken_folder_trains_on_the_rest_with_emotion_networks_from_fer2013(ray_runtime, tiny_experiment,
                                                                                 tmp_path):
     """Real formats all the way into Ray Train: pretraining (S and S_e on FER2013) and a GAN epoch with
