@@ -159,7 +159,8 @@ def run_evaluation(methods: dict[str, Method | KSameMethod], *, dataset_dir: Pat
     every judge of `evaluate.judges`. `metrics["main_judge"]` names the one whose J the search maximised."""
     device = device or torch.device("cpu")
     faces = load_split(dataset_dir, split)
-    source = DatasetManifest.load(dataset_dir).source
+    manifest = DatasetManifest.load(dataset_dir)
+    source = manifest.source
     main = main_judge(cfg.judge, source)
     judges = load_judges(pretrained_path, device)
     kw = dict(batch_size=cfg.batch_size, device=device, precision=precision)
@@ -168,7 +169,7 @@ def run_evaluation(methods: dict[str, Method | KSameMethod], *, dataset_dir: Pat
     train = load_split(dataset_dir, "train")
     chosen = gallery_subset(train.identity, cfg.gallery_per_identity)
     gallery_faces = FaceArrays(train.pixels[chosen], train.identity[chosen], train.emotion[chosen])
-    num_identities = len(DatasetManifest.load(dataset_dir).identities)
+    num_identities = len(manifest.identities)
     recogniser = FaceRecogniser() if uses_recogniser(main, source) else None
     if recogniser is not None:
         rec_orig, found_orig = recogniser.embed(faces.pixels)
