@@ -167,6 +167,9 @@ class DatasetManifest:
 # --------------------------------------------------------------------------------------------------
 
 
+PRETRAINING_VERSION = 2  # bump when pretraining's code changes what a network learns (2: strong augmentation)
+
+
 def pretrained_key(exp: ExperimentConfig, content_hash: str) -> str:
     """Pretrained networks depend on the data's content and their own settings only: every trial shares them.
 
@@ -178,7 +181,7 @@ def pretrained_key(exp: ExperimentConfig, content_hash: str) -> str:
     verifiers = exp.verifiers.model_dump(mode="json")
     if verifiers.pop("emotion_data", None):
         verifiers["emotion_data_hash"] = read_manifest(Path(exp.verifiers.emotion_data))["content_hash"]
-    settings = {"verifiers": verifiers, "generator": model}
+    settings = {"verifiers": verifiers, "generator": model, "version": PRETRAINING_VERSION}
     return f"{content_hash}-{stable_hash(settings)}"
 
 

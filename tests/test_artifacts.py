@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from epd_ray.artifacts import (PRETRAINED_FILE, PretrainedCache, RunFolder, RunMarker, atomic_folder, atomic_write_json,
+from epd_ray.artifacts import (PRETRAINED_FILE, PRETRAINING_VERSION, PretrainedCache, RunFolder, RunMarker, atomic_folder, atomic_write_json,
                                default_cache_dir, pretrained_key)
 from epd_ray.checkpoints import CheckpointError, require_network
 from epd_ray.config import ExperimentConfig, stable_hash
@@ -41,13 +41,16 @@ def test_require_network_names_the_file_and_what_it_holds():
         require_network({"networks": {"identity_verifier": {}}}, "generator", "f.pt")
 
 
-def test_pretrained_key_is_the_rule_main_used(tmp_path):
+def test_pretrained_key_follows_the_settings_and_the_pretraining_version(tmp_path):
+    """Networks pretrained by older code (another PRETRAINING_VERSION) are never reused for new settings."""
     exp = ExperimentConfig()
     model = exp.model.model_dump(mode="json", include={"ngf", "norm", "dropout", "warm_start_steps",
                                                        "warm_start_lr"})
     verifiers = exp.verifiers.model_dump(mode="json")
     verifiers.pop("emotion_data")
-    assert pretrained_key(exp, "abc") == f"abc-{stable_hash({'verifiers': verifiers, 'generator': model})}"
+    settings = {"verifiers": verifiers, "generator": model, "version": PRETRAINING_VERSION}
+    assert pretrained_key(exp, "abc") == f"abc-{stable_hash(settings)}"
+    assert pretrained_key(exp, "abc") != f"abc-{stable_hash({**settings, 'version': PRETRAINING_VERSION - 1})}"
     assert default_cache_dir(str(tmp_path)) == tmp_path
 
 

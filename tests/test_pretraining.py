@@ -10,6 +10,9 @@ import pytest
 import torch
 
 from epd_ray.config import load_config
+from epd_ray.core.images import to_tensor
+from epd_ray.core.synthetic import make_synthetic_faces
+from epd_ray.train.pretrain import augment
 from epd_ray.train.run import check_pretrained, clearly_above_chance
 from epd_ray.train.worker import ShardBatches, WorkerSetup
 
@@ -28,6 +31,20 @@ def test_a_step_budget_takes_the_same_number_of_full_batches_at_any_data_size(ro
     per_pass = rows // 8
     first, second = (torch.cat([b["identity"] for b in batches[k * per_pass:(k + 1) * per_pass]]) for k in (0, 1))
     assert len(set(first.tolist())) == per_pass * 8 and not torch.equal(first, second)
+
+
+def test_classifier_augmentation_moves_every_face_differently_but_keeps_the_face():
+    """Each face of a batch gets its own draw (mirror, pose, blur, noise), stays a valid image, and stays far
+    closer to its own original (or its mirror image) than to another face: what its label names is still in it."""
+    torch.manual_seed(0)
+    faces = to_tensor(make_synthetic_faces(3, 1, 32, seed=0).pixels[:16])
+    out = augment(faces)
+    assert out.shape == faces.shape and out.min() >= -1 and out.max() <= 1
+    change = (out - faces).flatten(1).abs().mean(1)
+    assert bool((change > 0.01).all()) and change.std() > 0.005  # each face moved, by its own amount
+    own = torch.minimum((out - faces).flatten(1).norm(dim=1), (out - faces.flip(3)).flatten(1).norm(dim=1))
+    other = (out - faces.roll(1, 0)).flatten(1).norm(dim=1)
+    assert bool((own < other).float().mean() >= 0.8)
 
 
 def test_a_shard_too_small_for_one_batch_is_an_error_not_an_endless_loop():
