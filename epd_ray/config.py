@@ -179,6 +179,9 @@ class EvaluationConfig(_Strict):
                             "faces), evaluators = V_e/S_e trained here; auto: recogniser unless the data is synthetic")
     gallery_per_identity: int = Field(10, ge=1, description="train-split images per identity in the recogniser's "
                                                             "and the parrot attack's gallery")
+    val_probes: int = Field(600, ge=1, description="at most this many val-split faces (a fixed share of every "
+                                                   "identity) score each round of every trial: a round's judging "
+                                                   "cost stays bounded on large sets; the test split is judged whole")
     mu: float = Field(0.35, gt=0, le=SQRT2)
     ssim_weight: float = Field(0.25, ge=0, le=4)
     blur_sigma: float = Field(3.0, gt=0)
@@ -237,7 +240,9 @@ class SearchConfig(_Strict):
     grace_period: int = Field(2, ge=1, description="rounds (train.report_every steps each) before ASHA may stop "
                                                    "a trial")
     reduction_factor: int = Field(2, ge=2)
-    paper_point_first: bool = True
+    first_point: Literal["paper", "config", "none"] = Field(
+        "paper", description="the first trial's weights: the paper's (Phi 0.25, mu 0.35, the config's lambdas and "
+                             "alpha), the config's own loss weights and mu (a preset's measured point), or none")
     time_budget_s: float = Field(0, ge=0, description="wall-clock seconds for the whole command (also '90s', "
                                  "'15m', '1h'); 0: none. Pretraining is warned about past "
                                  f"{PRETRAIN_SHARE:.0%} of it, evaluation keeps a reserve, and the search ends "

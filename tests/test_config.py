@@ -341,3 +341,17 @@ def test_a_budget_that_ended_the_search_marks_the_cut_trials_and_counts_those_ne
     assert budget_cuts(trials, planned=6, max_rounds=8, time_budget_s=30, searched=20) == (trials, None)
     assert budget_cuts(trials, planned=6, max_rounds=8, time_budget_s=None, searched=99) == (trials, None)
     search.COMPLETED.clear()
+
+
+@pytest.mark.parametrize("first, expected", [("paper", {"phi": 0.25, "mu": 0.35, "alpha": 1.3}),
+                                             ("config", {"phi": 0.1, "mu": 0.2, "alpha": 1.3}), ("none", None)])
+def test_the_first_trial_is_the_papers_point_the_configs_own_or_none(first, expected):
+    from epd_ray.tune.search import first_points
+
+    exp = load_config("quick", {"search.first_point": first, "loss.phi": 0.1, "loss.alpha": 1.3,
+                                "evaluation.mu": 0.2})
+    points = first_points(exp)
+    if expected is None:
+        assert points == []
+    else:
+        assert [{k: points[0][k] for k in expected}] == [pytest.approx(expected)]

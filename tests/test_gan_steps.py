@@ -122,6 +122,10 @@ def test_the_gan_loop_runs_in_process_rounds_reports_and_resumes(tmp_path):
     save_checkpoint(tmp_path / "pretrained.pt", {"networks": {  # untrained: the loop's shape is what counts
         name: network_record(name, build_network(name, **spec["args"])) for name, spec in specs.items()}})
     inputs = GanInputs.put(tmp_path / "data", tmp_path / "pretrained.pt", exp.evaluation, put=lambda value: value)
+    capped = GanInputs.put(tmp_path / "data", tmp_path / "pretrained.pt",
+                           exp.evaluation.model_copy(update={"val_probes": 9}), put=lambda value: value).val_faces
+    assert len(inputs.val_faces) > 9 and len(capped) == 8  # 2 of each of the 4 people, every round the same
+    assert sorted(np.unique(capped.identity, return_counts=True)[1]) == [2, 2, 2, 2]
     setup = WorkerSetup(0, 1, torch.device("cpu"), "fp32", channels_last=False)
     weights, mu = trial_params({"experiment": exp.to_dict()})
     reports = []

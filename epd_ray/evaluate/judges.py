@@ -112,9 +112,9 @@ class Gallery:
         return -self.distances(embeddings)
 
 
-def gallery_subset(identity: np.ndarray, per_identity: int, seed: int = GALLERY_SEED) -> np.ndarray:
-    """Up to `per_identity` image indices of each identity (seeded), so the recogniser's cost stays
-    bounded on large sets while every person is in the gallery."""
+def per_identity_subset(identity: np.ndarray, per_identity: int, seed: int = GALLERY_SEED) -> np.ndarray:
+    """Up to `per_identity` image indices of each identity (seeded): the recogniser's gallery and the
+    validation probes, whose cost stays bounded on large sets while every person is in them."""
     rng = np.random.default_rng(seed)
     chosen = [rng.permutation(np.flatnonzero(identity == ident))[:per_identity] for ident in np.unique(identity)]
     return np.sort(np.concatenate(chosen)) if chosen else np.empty(0, np.int64)

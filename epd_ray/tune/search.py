@@ -97,10 +97,12 @@ def search_space(exp: ExperimentConfig) -> dict[str, Any]:
 
 
 def first_points(exp: ExperimentConfig) -> list[dict[str, float]]:
-    """The paper's setting (Phi = 0.25, mu = 0.35, the config's lambdas and alpha), clipped to the ranges."""
-    if not exp.search.paper_point_first:
+    """`search.first_point`: the paper's setting (Phi = 0.25, mu = 0.35, the config's lambdas and alpha) or the
+    config's loss weights and mu, clipped to the ranges; none."""
+    if exp.search.first_point == "none":
         return []
-    base = {**exp.loss.model_dump(), "mu": exp.evaluation.mu, **PAPER_POINT}
+    base = {**exp.loss.model_dump(), "mu": exp.evaluation.mu,
+            **(PAPER_POINT if exp.search.first_point == "paper" else {})}
     return [{key: min(max(base[key], rng.low), rng.high) for key, rng in exp.search.space.items()}]
 
 
