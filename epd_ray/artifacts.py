@@ -26,7 +26,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator
 
-from epd_ray.config import ExperimentConfig, stable_hash
+from epd_ray.config import ExperimentConfig, resolved_yaml, stable_hash
 
 MANIFEST = "dataset.json"
 PRETRAINED_FILE = "pretrained.pt"
@@ -259,6 +259,10 @@ class RunFolder:
         held = json.loads(self.marker_path.read_text())
         return RunMarker(kind=held.get("kind", default_kind), config_digest=held.get("config_digest"),
                          data=held.get("data"), params=held.get("params"), started=held.get("started"))
+
+    def write_config(self, exp: ExperimentConfig) -> None:
+        """Every run writes its options, resolved, whole or not at all."""
+        atomic_write_text(self.config_path, resolved_yaml(exp))
 
     def write_marker(self, marker: RunMarker) -> None:
         atomic_write_text(self.marker_path, json.dumps(asdict(marker)))

@@ -403,6 +403,6 @@ def validate_section(model: type[BaseModel], values: dict[str, Any], origin: str
         raise ConfigError(_format_validation_error(err, origin)) from None
 
 
-def write_resolved(config: ExperimentConfig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+def resolved_yaml(config: ExperimentConfig) -> str:
+    """The whole resolved config as YAML, every field, that `load_config` reads back to the same config."""
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -29,7 +29,7 @@ import pyarrow.fs
 from epd_ray.artifacts import RunFolder, RunMarker, atomic_write_text, default_cache_dir
 from epd_ray.checkpoints import build_from_record, load_checkpoint, save_checkpoint
 from epd_ray.config import (EVALUATION_RESERVE, EVALUATION_RESERVE_MIN_S, PRETRAIN_SHARE, ExperimentConfig,
-                            load_config, write_resolved)
+                            load_config)
 from epd_ray.data.prepare import PreparedData, cached_dataset
 from epd_ray.data.shards import read_manifest
 from epd_ray.data.stream import materialized_split
@@ -165,7 +165,7 @@ def run_tune(exp: ExperimentConfig, output: Path, *, prepared_dir: Path | None =
     storage = resolve_storage(exp.ray, output / "ray")
     output.mkdir(parents=True, exist_ok=True)
     run = RunFolder(output)
-    write_resolved(exp, run.config_path)
+    run.write_config(exp)
     run.write_marker(RunMarker.new(TRAIN if fixed else TUNE, exp.digest(),
                                    str(Path(prepared_dir).resolve()) if prepared_dir else None, fixed))
     echo(f"config: {run.config_path}")

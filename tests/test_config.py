@@ -19,7 +19,6 @@ from epd_ray.config import (
     load_config,
     preset_names,
     validate_section,
-    write_resolved,
 )
 
 TUNE_CONFIGS = Path(__file__).resolve().parents[1] / "tune_configs"
@@ -243,10 +242,13 @@ def test_validate_section_uses_the_same_messages():
 
 @pytest.mark.parametrize("preset", ["smoke", "quick", "paper"])
 def test_write_resolved_round_trips(tmp_path, preset):
+    from epd_ray.artifacts import RunFolder
+
     cfg = load_config(preset, {"data.splits": [0.8, 0.1, 0.1], "ray.address": "auto",
                                "search.space.mu": {"low": 0.3, "high": SQRT2}})
-    path = tmp_path / "run" / "nested" / "config.yaml"  # parents are created
-    write_resolved(cfg, path)
+    run = RunFolder(tmp_path / "run" / "nested")  # parents are created
+    run.write_config(cfg)
+    path = run.config_path
     assert path.is_file()
     again = load_config(path)
     assert again == cfg

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from epd_ray.artifacts import DatasetManifest, PretrainedCache, default_cache_dir
+from epd_ray.artifacts import DatasetManifest, PretrainedCache, atomic_file, atomic_write_text, default_cache_dir
 from epd_ray.checkpoints import CheckpointError, build_from_record, load_checkpoint, require_network
 from epd_ray.config import EvaluationConfig
 from epd_ray.core.baselines import gaussian_blur, k_same_pixel, no_change, pixelate
@@ -32,7 +32,7 @@ from epd_ray.core.images import to_tensor, to_uint8
 from epd_ray.core.metrics import DEFAULT_MU_GRID, compute_metrics, distance_to_all, mu_sweep
 from epd_ray.core.scoring import Method, class_logits, class_probabilities, deidentify_pixels, ssim_values
 from epd_ray.data.shards import SPLITS, FaceArrays, load_split, read_manifest
-from epd_ray.evaluate.judges import (FaceRecogniser, Gallery, gallery_subset, main_judge, parrot_metrics,
+from epd_ray.evaluate.judges import (FaceRecogniser, Gallery, per_identity_subset, main_judge, parrot_metrics,
                                      recogniser_metrics, uses_recogniser)
 
 JUDGES = {"evaluators": ("identity_evaluator", "emotion_evaluator"),
@@ -167,7 +167,7 @@ def run_evaluation(methods: dict[str, Method | KSameMethod], *, dataset_dir: Pat
     originals = {name: (class_probabilities(id_net, faces.pixels, **kw), class_probabilities(emo_net, faces.pixels, **kw))
                  for name, (id_net, emo_net) in judges.items()}
     train = load_split(dataset_dir, "train")
-    chosen = gallery_subset(train.identity, cfg.gallery_per_identity)
+    chosen = per_identity_subset(train.identity, cfg.gallery_per_identity)
     gallery_faces = FaceArrays(train.pixels[chosen], train.identity[chosen], train.emotion[chosen])
     num_identities = len(manifest.identities)
     recogniser = FaceRecogniser() if uses_recogniser(main, source) else None
@@ -289,14 +289,17 @@ def _unchanged_rank1(metrics: dict[str, Any], judge_name: str) -> float:
 
 
 def write_evaluation(out: Path, evaluation: Evaluation, extra: dict[str, Any] | None = None) -> dict[str, Path]:
-    """metrics.json (with `extra` merged in), per_image.parquet and samples.npz (de-identified pixels only)."""
+    """metrics.json (with `extra` merged in), per_image.parquet and samples.npz (de-identified pixels only).
+
+    Each file is whole or absent, and metrics.json, which readers look for, is written last."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     paths = {"metrics": out / METRICS_FILE, "per_image": out / PER_IMAGE_FILE, "samples": out / SAMPLES_FILE}
     evaluation.metrics.update(extra or {})
-    paths["metrics"].write_text(json.dumps(evaluation.metrics, indent=2, default=str))
-    pq.write_table(evaluation.per_image, paths["per_image"])
-    np.savez_compressed(paths["samples"], index=evaluation.sample_index, **evaluation.samples)
+    with atomic_file(paths["per_image"]) as tmp:
+        pq.write_table(evaluation.per_image, tmp)
+    with atomic_file(paths["samples"]) as tmp, open(tmp, "wb") as handle:  # a path would get ".npz" appended
+        np.savez_compressed(handle, index=evaluation.sample_index, **evaluation.samples)
+    atomic_write_text(paths["metrics"], json.dumps(evaluation.metrics, indent=2, default=str))
     return paths
 
 
