@@ -108,7 +108,9 @@ class VerifiersConfig(_Strict):
     batch_size: int = Field(32, ge=2)
     lr: float = Field(5e-4, gt=0, description="identity networks (VGG-16 needs a small one from scratch)")
     emotion_lr: float = Field(2e-3, gt=0, description="emotion networks (mini-Xception: 0.90 at 5e-4, 1.00 at 2e-3)")
-    augment: bool = True
+    augment: bool = Field(True, description="classifiers learn through random mirrors, rotations, scalings, shifts, "
+                                            "blur and noise (train.pretrain.augment): on small sets they read the "
+                                            "face, not the photograph")
     emotion_data: str | None = Field(None, description="a prepared emotion-labelled set (e.g. FER2013) that S "
                                                        "and S_e learn from instead of the face set's train split")
     seed: int = 1
