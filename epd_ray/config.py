@@ -321,12 +321,14 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
 
 
-# Keys that budgets in epochs used to have: a config that still names one is told which key took its place.
+# Keys older configs used (budgets in epochs, the paper-point switch): a config that still names one is told
+# which key took its place.
 REPLACED_KEYS = {
     "train.epochs": "train.steps (optimiser steps; train.report_every steps make a round)",
     "verifiers.epochs": "verifiers.steps (optimiser steps per network)",
     "model.warm_start_epochs": "model.warm_start_steps (optimiser steps)",
     "train.ema_half_life": "train.ema_half_life_steps (optimiser steps)",
+    "search.paper_point_first": "search.first_point (paper | config | none)",
 }
 
 

@@ -150,6 +150,8 @@ BAD_OVERRIDES = [
                  id="old-warm-start-epochs"),
     pytest.param({"train.ema_half_life": 1.0}, ["train.ema_half_life: replaced by train.ema_half_life_steps"],
                  id="old-ema-half-life"),
+    pytest.param({"search.paper_point_first": False}, ["search.paper_point_first: replaced by search.first_point"],
+                 id="old-paper-point-first"),
     pytest.param({"data.label_map": {"mad": "angri"}}, ["data.label_map", "'angri'", "angry"], id="label-map-class"),
 ]
 
