@@ -45,6 +45,10 @@ class FaceArrays:
     def __len__(self) -> int:
         return len(self.identity)
 
+    def take(self, indices: np.ndarray) -> "FaceArrays":
+        """The faces at `indices`, with their labels."""
+        return FaceArrays(self.pixels[indices], self.identity[indices], self.emotion[indices])
+
 
 def split_per_identity(identity: np.ndarray, emotion: np.ndarray, shares: tuple[float, float, float],
                        seed: int) -> np.ndarray:

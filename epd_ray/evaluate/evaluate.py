@@ -167,8 +167,7 @@ def run_evaluation(methods: dict[str, Method | KSameMethod], *, dataset_dir: Pat
     originals = {name: (class_probabilities(id_net, faces.pixels, **kw), class_probabilities(emo_net, faces.pixels, **kw))
                  for name, (id_net, emo_net) in judges.items()}
     train = load_split(dataset_dir, "train")
-    chosen = per_identity_subset(train.identity, cfg.gallery_per_identity)
-    gallery_faces = FaceArrays(train.pixels[chosen], train.identity[chosen], train.emotion[chosen])
+    gallery_faces = train.take(per_identity_subset(train.identity, cfg.gallery_per_identity))
     num_identities = len(manifest.identities)
     recogniser = FaceRecogniser() if uses_recogniser(main, source) else None
     if recogniser is not None:
@@ -219,7 +218,7 @@ def run_evaluation(methods: dict[str, Method | KSameMethod], *, dataset_dir: Pat
                             "embedding": main}
         tables.append(pa.table(columns))
     metrics = {"split": split, "images": len(faces), "mu": mu, "ssim_weight": cfg.ssim_weight, "methods": results,
-               "main_judge": main, "data_source": source, "gallery": {"split": "train", "images": len(chosen),
+               "main_judge": main, "data_source": source, "gallery": {"split": "train", "images": len(gallery_faces),
                                                                       "per_identity": cfg.gallery_per_identity},
                "mu_sweep_judge": SWEEP_JUDGE, "mu_sweep": sweeps, "sample_index": index.tolist(),
                "inputs": {"dataset_dir": str(dataset_dir), "pretrained_path": str(pretrained_path)}}

@@ -32,7 +32,7 @@ from epd_ray.core.networks import build_network
 from epd_ray.core.precision import autocast
 from epd_ray.core.metrics import compute_metrics
 from epd_ray.core.scoring import class_probabilities, deidentify_pixels, ssim_values
-from epd_ray.data.shards import FaceArrays, load_split
+from epd_ray.data.shards import load_split
 from epd_ray.evaluate.judges import FaceRecogniser, Gallery, per_identity_subset, main_judge, recogniser_metrics
 from epd_ray.train.worker import RealPairPool, ShardBatches, WorkerSetup, prepare_images, report, restore, setup_worker
 
@@ -66,15 +66,14 @@ class GanInputs:
         manifest = DatasetManifest.load(dataset_dir)
         train, val = load_split(dataset_dir, "train"), load_split(dataset_dir, "val")
         if len(val) > evaluation.val_probes:
-            kept = per_identity_subset(val.identity, max(1, evaluation.val_probes // len(np.unique(val.identity))))
-            val = FaceArrays(val.pixels[kept], val.identity[kept], val.emotion[kept])
+            val = val.take(per_identity_subset(val.identity,
+                                               max(1, evaluation.val_probes // len(np.unique(val.identity)))))
         judge = main_judge(evaluation.judge, manifest.source)
         gallery = val_recognised = None
         if judge == "recogniser":
             recogniser = FaceRecogniser()
-            chosen = per_identity_subset(train.identity, evaluation.gallery_per_identity)
-            gallery = Gallery(recogniser.embed(train.pixels[chosen])[0], train.identity[chosen],
-                              len(manifest.identities))
+            known = train.take(per_identity_subset(train.identity, evaluation.gallery_per_identity))
+            gallery = Gallery(recogniser.embed(known.pixels)[0], known.identity, len(manifest.identities))
             val_recognised = recogniser.embed(val.pixels)
         return cls(pretrained=put(load_checkpoint(Path(pretrained_path))["networks"]), train_faces=put(train),
                    val_faces=put(val), image_size=manifest.image_size, judge=judge,
