@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> None:
         cache_dir = default_cache_dir(exp.cache_dir)
     started = time.perf_counter()
 
-    print("search: trials per hour and time to the first result of the Ray Tune search (epd_ray.tune.search.run_search)")
+    print("search: trials per hour and time to the first result of the Ray Tune search "
+          "(epd_ray.tune.search.run_search)")
     if args.full:
         print(f"FULL: the {args.config} preset as `epd-ray tune` runs it")
     else:

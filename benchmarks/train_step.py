@@ -119,8 +119,10 @@ class UnetGenerator(nn.Module):
         for _ in range(num_downs - 5):
             unet_block = UnetSkipConnectionBlock(ngf * 8, ngf * 8, input_nc=None, submodule=unet_block,
                                                  norm_layer=norm_layer, use_dropout=use_dropout)
-        unet_block = UnetSkipConnectionBlock(ngf * 4, ngf * 8, input_nc=None, submodule=unet_block, norm_layer=norm_layer)
-        unet_block = UnetSkipConnectionBlock(ngf * 2, ngf * 4, input_nc=None, submodule=unet_block, norm_layer=norm_layer)
+        unet_block = UnetSkipConnectionBlock(ngf * 4, ngf * 8, input_nc=None, submodule=unet_block,
+                                             norm_layer=norm_layer)
+        unet_block = UnetSkipConnectionBlock(ngf * 2, ngf * 4, input_nc=None, submodule=unet_block,
+                                             norm_layer=norm_layer)
         unet_block = UnetSkipConnectionBlock(ngf, ngf * 2, input_nc=None, submodule=unet_block, norm_layer=norm_layer)
         self.model = UnetSkipConnectionBlock(output_nc, ngf, input_nc=input_nc, submodule=unet_block,
                                              outermost=True, norm_layer=norm_layer)
@@ -144,7 +146,8 @@ class NLayerDiscriminator(nn.Module):
                                    bias=use_bias),
                          norm_layer(ndf * nf_mult), nn.LeakyReLU(0.2, True)]
         nf_mult_prev, nf_mult = nf_mult, min(2**n_layers, 8)
-        sequence += [nn.Conv2d(ndf * nf_mult_prev, ndf * nf_mult, kernel_size=kw, stride=1, padding=padw, bias=use_bias),
+        sequence += [nn.Conv2d(ndf * nf_mult_prev, ndf * nf_mult, kernel_size=kw, stride=1, padding=padw,
+                               bias=use_bias),
                      norm_layer(ndf * nf_mult), nn.LeakyReLU(0.2, True)]
         sequence += [nn.Conv2d(ndf * nf_mult, 1, kernel_size=kw, stride=1, padding=padw)]
         self.model = nn.Sequential(*sequence)
@@ -469,7 +472,8 @@ def ms(seconds: float) -> str:
 
 
 def print_tables(results: list[Measured], args: argparse.Namespace) -> None:
-    print(f"\n1. time per step (ms, median of the timed rounds, +/- half the inter-quartile range), batch {args.batch}.")
+    print(f"\n1. time per step (ms, median of the timed rounds, +/- half the inter-quartile range), "
+          f"batch {args.batch}.")
     print("   Ratios are medians of per-round ratios (both steps ran in each round). G+D part: the EPD-Net step")
     print("   without V and S in L_G. Verifiers' share: (EPD-Net - G+D part) / EPD-Net; V+S alone: their forward +")
     print("   backward timed on their own, over the EPD-Net step.")

@@ -99,7 +99,7 @@ def run_ablation(run_dir: Path, *, address: str | None = None, echo=print) -> Ab
         exp = exp.model_copy(update={"ray": exp.ray.model_copy(update={"address": address})})
     recorded = Path((card.get("data") or {}).get("path", ""))
     runtime = start_ray(exp.ray)
-    storage = resolve_storage(exp.ray, run_dir / "ray")
+    storage = resolve_storage(exp.ray, RunFolder(run_dir).ray_dir)
     inputs = data_and_networks(exp, runtime=runtime, storage_path=storage, echo=echo,
                                prepared_dir=recorded if (recorded / "dataset.json").is_file() else None)
     data_hash = inputs.prepared.info.content_hash
@@ -147,7 +147,8 @@ def run_ablation(run_dir: Path, *, address: str | None = None, echo=print) -> Ab
                                 split="test", mu=variants["tuned"]["mu"], cfg=exp.evaluation)
     extra = {"run": str(run_dir), "variants": {name: runs[name] for name in variants},
              "judged_at": "last round" if is_pareto(exp) else "highest-validation-J round",
-             "budget": {"steps": exp.train.steps, "report_every": exp.train.report_every, "batch_size": exp.train.batch_size, "lr": exp.train.lr,
+             "budget": {"steps": exp.train.steps, "report_every": exp.train.report_every,
+                        "batch_size": exp.train.batch_size, "lr": exp.train.lr,
                         "seed": exp.train.seed, "data_hash": data_hash,
                         "train_images": inputs.prepared.info.images("train"),
                         "pretrained_path": str(inputs.pretrained_path)},

@@ -197,6 +197,11 @@ class PretrainedCache:
     def file(self, key: str) -> Path:
         return self.entry(key) / PRETRAINED_FILE
 
+    def unfinished(self, key: str) -> Path:
+        """Where the networks of an entry still in training wait, one checkpoint file each, so that a
+        restart trains only what is missing; removed once the entry is complete."""
+        return Path(self.root) / "pretrained" / f"{key}.unfinished"
+
     def scores(self, key: str) -> dict[str, float]:
         return json.loads((self.entry(key) / SCORES_FILE).read_text())
 
@@ -242,6 +247,8 @@ class RunFolder:
     REPORT = "report"
     PARETO = "pareto.json"
     ABLATION = "ablation"
+    RAY = "ray"  # Ray's storage when the config names none; Tune's experiment folder is SEARCH inside it
+    SEARCH = "search"
 
     marker_path = property(lambda self: self.path / self.MARKER)
     config_path = property(lambda self: self.path / self.CONFIG)
@@ -250,6 +257,8 @@ class RunFolder:
     report_dir = property(lambda self: self.path / self.REPORT)
     pareto_path = property(lambda self: self.path / self.PARETO)
     ablation_dir = property(lambda self: self.path / self.ABLATION)
+    ray_dir = property(lambda self: self.path / self.RAY)
+    search_dir = property(lambda self: self.path / self.RAY / self.SEARCH)
 
     def has_marker(self) -> bool:
         return self.marker_path.is_file()

@@ -53,8 +53,10 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for foreign or tampered files
         first_line = (str(exc).splitlines() or [""])[0][:200]
-        raise CheckpointError(f"{path}: not a loadable epd-ray checkpoint ({type(exc).__name__}: {first_line})") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT or not _is_network_table(payload.get("networks")):
+        raise CheckpointError(f"{path}: not a loadable epd-ray checkpoint "
+                              f"({type(exc).__name__}: {first_line})") from None
+    if (not isinstance(payload, dict) or payload.get("format") != FORMAT
+            or not _is_network_table(payload.get("networks"))):
         raise CheckpointError(f"{path}: not an epd-ray checkpoint (format {FORMAT} with a table of networks expected)")
     return payload
 

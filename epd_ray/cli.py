@@ -190,7 +190,8 @@ def pretrain(
 
 @app.command("export")
 def export(
-    source: Path = typer.Argument(..., metavar="RUN_DIR|CHECKPOINT", help="a run folder (uses RUN/best/), its best/ folder or a checkpoint file"),
+    source: Path = typer.Argument(..., metavar="RUN_DIR|CHECKPOINT",
+                                  help="a run folder (uses RUN/best/), its best/ folder or a checkpoint file"),
     out: Path = typer.Option(..., "--out", help="new model folder to write (must not exist or be empty)"),
 ) -> None:
     """Write a self-contained model folder: generator weights (tensors only), config, model card, README."""
@@ -260,7 +261,8 @@ def deidentify_command(
 @app.command("evaluate")
 def evaluate(
     model: Optional[Path] = typer.Option(None, "--model", metavar="RUN_DIR|CHECKPOINT",
-                                         help="a run folder (uses RUN/best/), its best/ folder or a generator checkpoint"),
+                                         help="a run folder (uses RUN/best/), its best/ folder "
+                                              "or a generator checkpoint"),
     baseline: list[str] = typer.Option([], "--baseline", help="evaluate this classical baseline instead of the model "
                                        "(identity | blur | pixelate | ksame; repeatable)"),
     data: Optional[Path] = typer.Option(None, "--data", help="prepared data set; default the run's (model card)"),
@@ -314,11 +316,13 @@ def ablate(
 
 @app.command("report")
 def report(
-    run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="an `epd-ray tune` run folder or an `epd-ray evaluate` output"),
+    run_dir: Path = typer.Argument(..., metavar="RUN_DIR",
+                                   help="an `epd-ray tune` run folder or an `epd-ray evaluate` output"),
     show_originals: bool = typer.Option(False, "--show-originals",
-                                        help="put the original faces in the sample grid (never on real data you protect)"),
+                                        help="put the original faces in the sample grid "
+                                             "(never on real data you protect)"),
 ) -> None:
-    """Markdown report with PNG figures in RUN_DIR/report/ (CMC, SSIM, emotion MSE, mu sweep, trials, Pareto, samples)."""
+    """Markdown report and figures in RUN_DIR/report/: CMC, SSIM, emotion MSE, mu sweep, trials, Pareto, samples."""
     from epd_ray.checkpoints import CheckpointError
     from epd_ray.evaluate.evaluate import EvaluationError
     from epd_ray.evaluate.report import build_report

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from epd_ray.artifacts import (PRETRAINED_FILE, PRETRAINING_VERSION, PretrainedCache, RunFolder, RunMarker, atomic_folder, atomic_write_json,
-                               default_cache_dir, pretrained_key)
+from epd_ray.artifacts import (PRETRAINED_FILE, PRETRAINING_VERSION, PretrainedCache, RunFolder, RunMarker,
+                               atomic_folder, atomic_write_json, default_cache_dir, pretrained_key)
 from epd_ray.checkpoints import CheckpointError, require_network
 from epd_ray.config import ExperimentConfig, stable_hash
 

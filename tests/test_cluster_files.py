@@ -32,7 +32,8 @@ RAY_SCHEMA = Path(ray.autoscaler.__file__).parent / "ray-schema.json"
 
 SHARED = "/mnt/epd"
 DASHBOARD_PORT = 8265
-IMAGE = re.compile(r"^rayproject/ray:(?P<version>\d+\.\d+\.\d+)-py(?P<py>\d)(?P<minor>\d+)(?P<accel>-gpu|-cpu|-cu\d+)?$")
+IMAGE = re.compile(r"^rayproject/ray:(?P<version>\d+\.\d+\.\d+)-py(?P<py>\d)(?P<minor>\d+)"
+                   r"(?P<accel>-gpu|-cpu|-cu\d+)?$")
 GPU_ACCEL = re.compile(r"^-(gpu|cu\d+)$")
 PAPER = load_config("paper")
 
@@ -179,7 +180,8 @@ def test_launcher_dashboard_stays_on_localhost(launcher):
 def test_launcher_turns_on_token_auth_everywhere(launcher):
     assert launcher["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token"
     assert "-e RAY_AUTH_MODE=token" in launcher["docker"]["run_options"]
-    starts = [c for c in launcher["head_start_ray_commands"] + launcher["worker_start_ray_commands"] if "ray start" in c]
+    starts = [c for c in launcher["head_start_ray_commands"] + launcher["worker_start_ray_commands"]
+              if "ray start" in c]
     assert len(starts) == 2 and all("RAY_AUTH_MODE=token ray start" in c for c in starts)
 
 

@@ -169,6 +169,17 @@ def test_load_split_concatenates_several_shards(tmp_path):
     assert sizes == [16, 16, 16, 8]
 
 
+def test_per_identity_takes_every_person_at_most_count_times_and_repeats_itself():
+    identity = np.array([0] * 7 + [1] * 2 + [2] * 5)
+    faces = shards.FaceArrays(np.arange(len(identity))[:, None, None, None].astype(np.uint8), identity,
+                              np.arange(len(identity)) % NUM_EMOTIONS)
+    chosen = faces.per_identity(3)
+    assert Counter(chosen.identity.tolist()) == {0: 3, 1: 2, 2: 3}
+    np.testing.assert_array_equal(chosen.identity, identity[chosen.pixels[:, 0, 0, 0]])  # labels travel along
+    np.testing.assert_array_equal(chosen.pixels, faces.per_identity(3).pixels)
+    assert not np.array_equal(chosen.pixels, faces.per_identity(3, seed=1).pixels)
+
+
 def test_read_manifest_of_an_unprepared_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="data prepare"):
         read_manifest(tmp_path)

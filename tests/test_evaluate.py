@@ -181,8 +181,10 @@ def test_report_files_numbers_and_no_originals(world, fake_run):
     big = [o.repeat(scale, 0).repeat(scale, 1) for o in originals]
     assert not any(np.array_equal(tile, b) for row in tiles for tile, b in zip(row, big))
 
+    written = (report_dir / "metrics.json").stat().st_mtime_ns
     result = invoke("report", fake_run, "--show-originals")
     assert result.exit_code == 0, result.output
+    assert (report_dir / "metrics.json").stat().st_mtime_ns == written  # complete now: read, never rewritten
     text = (report_dir / "report.md").read_text()
     assert f"Rows, top to bottom: {ORIGINAL_ROW}, epd-net, no_change, blur" in text
     tiles = grid_tiles(report_dir / "samples.png", len(rows) + 2, len(originals), 32 * scale)

@@ -80,7 +80,8 @@ def test_parrot_catches_a_consistent_stand_in_that_fools_the_plain_judge():
     deid_test = centres[stand_in] + rng.normal(size=test.shape) * 0.1
     plain = Gallery(train, identity, len(centres))
     parrot = Gallery(deid_train, identity, len(centres))
-    faces = dict(identity=identity, emotion_probs_orig=read_emotions(emotion), emotion_probs_deid=read_emotions(emotion),
+    faces = dict(identity=identity, emotion_probs_orig=read_emotions(emotion),
+                 emotion_probs_deid=read_emotions(emotion),
                  emotion=emotion, ssim=np.full(len(identity), 0.5), ssim_weight=0.25)
 
     plain_judged = judged_metrics(plain.scores(test), plain.scores(deid_test), faces["emotion_probs_orig"],
@@ -108,7 +109,8 @@ def test_one_face_for_everyone_hides_identity_but_loses_the_expression():
 
 def verdict_metrics(model_j: float) -> dict:
     methods = {"epd-net": model_j, "no_change": 0.0, "blur": 0.21, "pixelate": 0.05}
-    return {"main_judge": "recogniser", "methods": {name: {"recogniser": {"objective": j}} for name, j in methods.items()}}
+    return {"main_judge": "recogniser",
+            "methods": {name: {"recogniser": {"objective": j}} for name, j in methods.items()}}
 
 
 def test_verdict_says_when_the_model_is_no_better_than_a_baseline():
@@ -119,4 +121,5 @@ def test_verdict_says_when_the_model_is_no_better_than_a_baseline():
     assert line.startswith("warning:") and "blur 0.210" in line and "-0.010" in line and "\n" not in line
     ahead = baseline_verdict(verdict_metrics(0.5))
     assert ahead["beats_baselines"] is True and verdict_line(ahead).startswith("verdict:")
-    assert baseline_verdict({"main_judge": "recogniser", "methods": {"blur": {"recogniser": {"objective": 0.1}}}}) is None
+    assert baseline_verdict({"main_judge": "recogniser",
+                             "methods": {"blur": {"recogniser": {"objective": 0.1}}}}) is None

@@ -84,7 +84,8 @@ def test_a_local_storage_path_is_refused_on_several_nodes(cluster, epd_ray_cli, 
 def test_a_trial_spans_two_nodes_and_survives_losing_one(cluster, tiny_tune_args, epd_ray_cli, tmp_path):
     out, epochs_wanted = tmp_path / "out", 6  # enough left after the first for the node loss to land mid-run
     run = epd_ray_cli(*tiny_tune_args, "--address", cluster.address, "--output", str(out), "--set",
-                      "search.num_samples=1", "--set", f"train.steps={epochs_wanted * 3}", "--set", "train.num_workers=2",
+                      "search.num_samples=1", "--set", f"train.steps={epochs_wanted * 3}",
+                      "--set", "train.num_workers=2",
                       "--set", "train.cpus_per_worker=1", "--set", f"ray.storage_path={tmp_path / 'shared'}",
                       "--set", "ray.shared_storage=true")
     reported = int(EPOCH_LINE.search(run.wait_for(EPOCH_LINE.search, timeout=600)).group(2))

@@ -1,7 +1,8 @@
 """A search stopped part-way, through the command line as a user stops it: Ctrl-C, or the driver killed.
 
 Each test runs `epd-ray tune` in a subprocess on the tiny experiment (the session's data and pretrained
-networks reused, the session's Ray cluster joined), stops it once a trial has reported, and checks what `epd-ray tune --resume OUTPUT` needs:
+networks reused, the session's Ray cluster joined), stops it once a trial has reported, and checks what
+`epd-ray tune --resume OUTPUT` needs:
 the Tune state and each trial's Train checkpoints, then the resumed run itself.
 """
 

@@ -49,6 +49,13 @@ class FaceArrays:
         """The faces at `indices`, with their labels."""
         return FaceArrays(self.pixels[indices], self.identity[indices], self.emotion[indices])
 
+    def per_identity(self, count: int, seed: int = 0) -> "FaceArrays":
+        """Up to `count` faces of every identity (seeded), in their order here: the recogniser's gallery and
+        the validation probes, whose cost stays bounded on large sets while every person is in them."""
+        rng = np.random.default_rng(seed)
+        chosen = [rng.permutation(np.flatnonzero(self.identity == ident))[:count] for ident in np.unique(self.identity)]
+        return self.take(np.sort(np.concatenate(chosen)) if chosen else np.empty(0, np.int64))
+
 
 def split_per_identity(identity: np.ndarray, emotion: np.ndarray, shares: tuple[float, float, float],
                        seed: int) -> np.ndarray:

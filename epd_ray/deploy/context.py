@@ -117,7 +117,8 @@ class Summary:
     def as_dict(self) -> dict[str, Any]:
         return {"output": str(self.output), "files": self.files, "images": self.images, "videos": self.videos,
                 "frames": self.frames, "faces_found": self.faces_found, "faces_replaced": self.faces_replaced,
-                "faces_tracked": self.faces_tracked, "faces_blurred": self.faces_blurred, "written": self.written, "per_file": dict(self.per_file), "no_face": list(self.no_face),
+                "faces_tracked": self.faces_tracked, "faces_blurred": self.faces_blurred, "written": self.written,
+                "per_file": dict(self.per_file), "no_face": list(self.no_face),
                 "skipped": list(self.skipped), "failed": [list(f) for f in self.failed],
                 "unsupported": list(self.unsupported), "warnings": list(self.warnings)}
 

@@ -5,7 +5,8 @@ images are also judged by the training verifiers V, S, for comparison with the p
 those flatter the generator). Every method is measured at the same mu.
 
 `run_evaluation` de-identifies the split once per method and returns three things: the JSON-ready metrics
-(`core/metrics.py`: the paper's section IV, per judge, plus a mu sweep for the evaluators), one row per probe per method (the
+(`core/metrics.py`: the paper's section IV, per judge, plus a mu sweep for the evaluators),
+one row per probe per method (the
 per-image table), and the de-identified pixels of a few sample probes (for the report's grid; never the
 originals, which a report on real data must not leak). Plain PyTorch: no Ray.
 """
@@ -32,7 +33,7 @@ from epd_ray.core.images import to_tensor, to_uint8
 from epd_ray.core.metrics import DEFAULT_MU_GRID, compute_metrics, distance_to_all, mu_sweep
 from epd_ray.core.scoring import Method, class_logits, class_probabilities, deidentify_pixels, ssim_values
 from epd_ray.data.shards import SPLITS, FaceArrays, load_split, read_manifest
-from epd_ray.evaluate.judges import (FaceRecogniser, Gallery, per_identity_subset, main_judge, parrot_metrics,
+from epd_ray.evaluate.judges import (FaceRecogniser, Gallery, main_judge, parrot_metrics,
                                      recogniser_metrics, uses_recogniser)
 
 JUDGES = {"evaluators": ("identity_evaluator", "emotion_evaluator"),
@@ -164,15 +165,16 @@ def run_evaluation(methods: dict[str, Method | KSameMethod], *, dataset_dir: Pat
     main = main_judge(cfg.judge, source)
     judges = load_judges(pretrained_path, device)
     kw = dict(batch_size=cfg.batch_size, device=device, precision=precision)
-    originals = {name: (class_probabilities(id_net, faces.pixels, **kw), class_probabilities(emo_net, faces.pixels, **kw))
+    originals = {name: (class_probabilities(id_net, faces.pixels, **kw),
+                        class_probabilities(emo_net, faces.pixels, **kw))
                  for name, (id_net, emo_net) in judges.items()}
     train = load_split(dataset_dir, "train")
-    gallery_faces = train.take(per_identity_subset(train.identity, cfg.gallery_per_identity))
+    gallery_faces = train.per_identity(cfg.gallery_per_identity)
     num_identities = len(manifest.identities)
     recogniser = FaceRecogniser() if uses_recogniser(main, source) else None
     if recogniser is not None:
         rec_orig, found_orig = recogniser.embed(faces.pixels)
-        rec_gallery = Gallery(recogniser.embed(gallery_faces.pixels)[0], gallery_faces.identity, num_identities)
+        rec_gallery = Gallery.of(lambda pixels: recogniser.embed(pixels)[0], gallery_faces, num_identities)
     # The parrot takes the main judge's embedding: the recogniser's, or the evaluator's logits.
     evaluator = judges["evaluators"][0]
     embed: Callable[[np.ndarray], np.ndarray] = (
@@ -181,7 +183,7 @@ def run_evaluation(methods: dict[str, Method | KSameMethod], *, dataset_dir: Pat
     if main == "recogniser":
         plain_gallery, main_orig = rec_gallery, rec_orig
     else:
-        plain_gallery, main_orig = Gallery(embed(gallery_faces.pixels), gallery_faces.identity, num_identities), embed(faces.pixels)
+        plain_gallery, main_orig = Gallery.of(embed, gallery_faces, num_identities), embed(faces.pixels)
     emo_orig = originals["evaluators"][1]
     index = sample_indices(faces.identity, samples)
     results: dict[str, Any] = {}
@@ -276,7 +278,8 @@ def summary_lines(metrics: dict[str, Any]) -> list[str]:
              "  " + " ".join(f"{h:>10}" for h in header)]
     for name, judged in metrics["methods"].items():
         m = judged[main]
-        cells = [name[:10], *(f"{m[key]:.3f}" for key in ("objective", "privacy", "utility", "expression_kept", "ssim")),
+        cells = [name[:10],
+                 *(f"{m[key]:.3f}" for key in ("objective", "privacy", "utility", "expression_kept", "ssim")),
                  *(f"{judged[j]['reidentified']:.3f}" for j in judges)]
         lines.append("  " + " ".join(f"{c:>10}" for c in cells))
     line = verdict_line(metrics.get("verdict"))
@@ -380,10 +383,12 @@ def resolve_setup(model: Path | None, *, data: Path | None = None, pretrained: P
 def evaluate_command(model: Path | None, out: Path, *, baselines: Sequence[str] = (), data: Path | None = None,
                      pretrained: Path | None = None, split: str = "test", mu: float | None = None,
                      blur_sigma: float | None = None, pixelate_blocks: int | None = None, k: int = KSAME_K,
-                     judge: str | None = None, include_model: bool | None = None) -> tuple[Evaluation, dict[str, Path]]:
+                     judge: str | None = None, include_model: bool | None = None,
+                     extra: dict[str, Any] | None = None) -> tuple[Evaluation, dict[str, Path]]:
     """`epd-ray evaluate`: the model (without --baseline) or the given baselines; write the results to `out`.
 
-    `include_model=True` evaluates the model and the baselines together (what `epd-ray report` does).
+    `include_model=True` evaluates the model and the baselines together (what `epd-ray report` does);
+    `extra` is merged into metrics.json (what the report keeps of a search's record).
     """
     if k < 1:
         raise EvaluationError(f"--k {k}: must be >= 1")
@@ -399,5 +404,5 @@ def evaluate_command(model: Path | None, out: Path, *, baselines: Sequence[str] 
     evaluation = run_evaluation(methods, dataset_dir=setup.dataset_dir, pretrained_path=setup.pretrained_path,
                                 split=split, mu=setup.mu, cfg=setup.cfg)
     extra = {"model": str(setup.checkpoint) if setup.checkpoint else None,
-             "params": setup.card.get("params"), **method_settings(setup.cfg, methods, k)}
+             "params": setup.card.get("params"), **method_settings(setup.cfg, methods, k), **(extra or {})}
     return evaluation, write_evaluation(out, evaluation, extra)

@@ -27,11 +27,11 @@ import numpy as np
 from PIL import Image
 
 from epd_ray.core.metrics import judged_metrics
+from epd_ray.data.shards import FaceArrays
 
 MAIN_JUDGES = ("evaluators", "recogniser")
 RECOGNISER_THRESHOLD = 0.6  # dlib's: two faces closer than this are the same person
 CHIP_SIZE = 160  # faces are upsampled to this before landmarks and the 150 px aligned chip
-GALLERY_SEED = 0
 
 Embedder = Callable[[np.ndarray], np.ndarray]
 
@@ -98,6 +98,11 @@ class Gallery:
     identity: np.ndarray
     num_identities: int
 
+    @classmethod
+    def of(cls, embed: Embedder, faces: FaceArrays, num_identities: int) -> "Gallery":
+        """`faces` as the judge `embed` (pixels -> embeddings) sees them."""
+        return cls(embed(faces.pixels), faces.identity, num_identities)
+
     def distances(self, embeddings: np.ndarray) -> np.ndarray:
         """(N, M) distance of each probe to the nearest gallery face of each identity (inf: none known)."""
         pair = np.linalg.norm(embeddings[:, None, :].astype(np.float64)
@@ -110,14 +115,6 @@ class Gallery:
     def scores(self, embeddings: np.ndarray) -> np.ndarray:
         """Higher is "more like identity j": the negated nearest distance (-inf for an identity not in it)."""
         return -self.distances(embeddings)
-
-
-def per_identity_subset(identity: np.ndarray, per_identity: int, seed: int = GALLERY_SEED) -> np.ndarray:
-    """Up to `per_identity` image indices of each identity (seeded): the recogniser's gallery and the
-    validation probes, whose cost stays bounded on large sets while every person is in them."""
-    rng = np.random.default_rng(seed)
-    chosen = [rng.permutation(np.flatnonzero(identity == ident))[:per_identity] for ident in np.unique(identity)]
-    return np.sort(np.concatenate(chosen)) if chosen else np.empty(0, np.int64)
 
 
 def recogniser_metrics(recogniser_gallery: Gallery, embed_orig: np.ndarray, embed_deid: np.ndarray,

@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from epd_ray.artifacts import RunFolder, atomic_write_json, atomic_write_text
+from epd_ray.artifacts import RunFolder, atomic_write_text
 from epd_ray.core.metrics import pareto_front
 from epd_ray.evaluate.evaluate import (GENERATOR_METHOD, METRICS_FILE, SAMPLES_FILE, SWEEP_JUDGE,
                                        evaluate_command)
@@ -41,7 +41,7 @@ ALL_BASELINES = ("identity", "blur", "pixelate", "ksame")
 # judged round: how far training moved each variant from the warm start, and where the ablated term shows.
 LAST_EPOCH_COLUMNS = ("objective", "deid_rate", "switching_deid_rate", "emotion_preserved", "emotion_mse", "ssim")
 # What `epd-ray tune` records about its search in report/metrics.json, kept when the report re-evaluates.
-SEARCH_KEYS = ("trials", "best_trial", "search_objective", "pareto_front")
+SEARCH_KEYS = ("trials", "best_trial", "search_objective", "pareto_front", "trial_history")
 ORIGINAL_ROW, HIDDEN_METHODS = "original", ("no_change",)
 GRID_PAD, GRID_MIN_TILE = 4, 96
 FIGURES = {"cmc": "cmc.png", "ssim": "ssim.png", "mu_sweep": "mu_sweep.png", "trials": "trials.png",
@@ -117,7 +117,8 @@ def trials_table(trials: list[dict[str, Any]]) -> list[str]:
     rows = []
     for t in trials:
         m = t["metrics"]
-        rows.append([t["trial_id"], t["status"], str(t["rounds"])] + [f"{t['params'].get(k, float('nan')):.3f}" for k in keys]
+        rows.append([t["trial_id"], t["status"], str(t["rounds"])]
+                    + [f"{t['params'].get(k, float('nan')):.3f}" for k in keys]
                     + [_cell(m.get(k, float("nan"))) for k in ("objective", "deid_rate", "emotion_preserved", "ssim")])
     return _table(header, rows)
 
@@ -331,7 +332,8 @@ def plot_pareto(trials: list[dict[str, Any]], path: Path) -> None:
     ax.plot([p[0] for p in best], [p[1] for p in best], "o-", color="tab:red", label="Pareto front")
     for t, p in zip(trials, pts):
         ax.annotate(str(t["trial_id"])[-4:], p, fontsize=6)
-    ax.set(xlabel="privacy (main judge)", ylabel="utility (expression kept x SSIM^w)", title="privacy against utility (validation)")
+    ax.set(xlabel="privacy (main judge)", ylabel="utility (expression kept x SSIM^w)",
+           title="privacy against utility (validation)")
     ax.legend()
     _save(fig, path)
 
@@ -415,15 +417,14 @@ def build_report(run_dir: Path, *, show_originals: bool = False, echo: Callable[
         raise FileNotFoundError(f"{run_dir}: holds no {METRICS_FILE} (nor report/{METRICS_FILE} or best/); "
                                 "run `epd-ray evaluate --out DIR` or `epd-ray tune` first")
     if is_run and _needs_evaluation(metrics, source):
+        # A run folder without a full evaluation (stopped before it, or written by an older epd-ray): the one
+        # case in which metrics.json is written here, by the evaluation, keeping what the search recorded.
         echo(f"evaluating the best model and the baselines ({', '.join(ALL_BASELINES)}) on the test split")
         kept = {k: metrics[k] for k in SEARCH_KEYS if metrics and k in metrics}
         evaluation, _ = evaluate_command(run_dir, source, baselines=ALL_BASELINES, include_model=True,
-                                         mu=metrics.get("mu") if metrics else None)
-        metrics = {**evaluation.metrics, **kept}
+                                         mu=metrics.get("mu") if metrics else None, extra=kept)
+        metrics = evaluation.metrics
     trials = metrics.get("trials") or []
-    if "trial_history" not in metrics and (run_dir / "ray" / "search").is_dir():
-        metrics["trial_history"] = trial_history(run_dir / "ray" / "search")
-    atomic_write_json(metrics_path, metrics)
 
     report_dir.mkdir(parents=True, exist_ok=True)
     figures: dict[str, str] = {}
@@ -436,7 +437,9 @@ def build_report(run_dir: Path, *, show_originals: bool = False, echo: Callable[
     draw("ssim", plot_ssim, metrics)
     if metrics.get("mu_sweep"):
         draw("mu_sweep", plot_mu_sweep, metrics)
-    history = metrics.get("trial_history") or _history_from_trials(trials)
+    search_dir = RunFolder(run_dir).search_dir
+    history = (metrics.get("trial_history") or (trial_history(search_dir) if search_dir.is_dir() else None)
+               or _history_from_trials(trials))
     if history:
         draw("trials", plot_trials, history)
     if any("privacy" in t.get("metrics", {}) for t in trials):

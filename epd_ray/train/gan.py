@@ -33,7 +33,7 @@ from epd_ray.core.precision import autocast
 from epd_ray.core.metrics import compute_metrics
 from epd_ray.core.scoring import class_probabilities, deidentify_pixels, ssim_values
 from epd_ray.data.shards import load_split
-from epd_ray.evaluate.judges import FaceRecogniser, Gallery, per_identity_subset, main_judge, recogniser_metrics
+from epd_ray.evaluate.judges import FaceRecogniser, Gallery, main_judge, recogniser_metrics
 from epd_ray.train.worker import RealPairPool, ShardBatches, WorkerSetup, prepare_images, report, restore, setup_worker
 
 # What a diverged trial reports for every searched objective (J, or privacy and utility in pareto mode):
@@ -66,14 +66,13 @@ class GanInputs:
         manifest = DatasetManifest.load(dataset_dir)
         train, val = load_split(dataset_dir, "train"), load_split(dataset_dir, "val")
         if len(val) > evaluation.val_probes:
-            val = val.take(per_identity_subset(val.identity,
-                                               max(1, evaluation.val_probes // len(np.unique(val.identity)))))
+            val = val.per_identity(max(1, evaluation.val_probes // len(np.unique(val.identity))))
         judge = main_judge(evaluation.judge, manifest.source)
         gallery = val_recognised = None
         if judge == "recogniser":
             recogniser = FaceRecogniser()
-            known = train.take(per_identity_subset(train.identity, evaluation.gallery_per_identity))
-            gallery = Gallery(recogniser.embed(known.pixels)[0], known.identity, len(manifest.identities))
+            gallery = Gallery.of(lambda pixels: recogniser.embed(pixels)[0],
+                                 train.per_identity(evaluation.gallery_per_identity), len(manifest.identities))
             val_recognised = recogniser.embed(val.pixels)
         return cls(pretrained=put(load_checkpoint(Path(pretrained_path))["networks"]), train_faces=put(train),
                    val_faces=put(val), image_size=manifest.image_size, judge=judge,
@@ -193,7 +192,8 @@ class GanSteps:
         self.sums, self.steps = {}, 0
         return losses
 
-    def checkpoint_payload(self, round_: int, step: int, mu: float, exp: ExperimentConfig, metrics: dict) -> dict[str, Any]:
+    def checkpoint_payload(self, round_: int, step: int, mu: float, exp: ExperimentConfig,
+                           metrics: dict) -> dict[str, Any]:
         networks = {"generator": network_record("generator", self.published_generator),
                     "discriminator": network_record("discriminator", self.discriminator)}
         if self.generator_ema is not None:  # the raw weights, to resume training from
@@ -226,7 +226,8 @@ def validation_metrics(generator: torch.nn.Module, val, identity_evaluator, emot
         deid = deidentify_pixels(generator, val.pixels, **kw)
     finally:
         generator.train(was_training)
-    emotion = (class_probabilities(emotion_evaluator, val.pixels, **kw), class_probabilities(emotion_evaluator, deid, **kw))
+    emotion = (class_probabilities(emotion_evaluator, val.pixels, **kw),
+               class_probabilities(emotion_evaluator, deid, **kw))
     ssim = ssim_values(val.pixels, deid, exp.evaluation.batch_size)
     scores = compute_metrics(class_probabilities(identity_evaluator, val.pixels, **kw),
                              class_probabilities(identity_evaluator, deid, **kw), *emotion, val.identity, val.emotion,

@@ -51,7 +51,8 @@ def setup_worker(cpus_per_worker: float, precision: str, channels_last: bool, se
     if device.type == "cpu":
         torch.set_num_threads(threads_for(cpus_per_worker))
     seed_everything(seed + rank)
-    return WorkerSetup(rank, world, device, resolve_precision(precision, device), use_channels_last(channels_last, device))
+    return WorkerSetup(rank, world, device, resolve_precision(precision, device),
+                       use_channels_last(channels_last, device))
 
 
 def seed_everything(seed: int) -> None:

@@ -40,6 +40,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.stopper import TimeoutStopper
 
+from epd_ray.artifacts import RunFolder
 from epd_ray.config import SEARCHED_KEYS, ExperimentConfig, TrainConfig
 from epd_ray.core.metrics import pareto_front
 from epd_ray.data.stream import augmented
@@ -49,7 +50,7 @@ from epd_ray.train.worker import CHECKPOINT_FILE
 
 OBJECTIVE = "objective"
 PARETO_METRICS = ("privacy", "utility")
-SEARCH_NAME = "search"  # the Tune experiment's folder under the storage path
+SEARCH_NAME = RunFolder.SEARCH  # the Tune experiment's folder under the storage path
 PAPER_POINT = {"phi": 0.25, "mu": 0.35}
 
 
