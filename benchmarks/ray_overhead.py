@@ -20,8 +20,8 @@ fit start to training start plus last report to fit end.
 
 Plain side: the same loop (`epd_ray.train.gan.GanRun`: networks, losses, precision, channels_last, real-pair
 pool, per-round validation scoring under the main judge) with this process's torch threads, iterating the
-same split held in memory (`ShardBatches.in_memory`), each round's checkpoint written to disk. Steady epoch: the mean of epochs 2..N; start-up: building and
-loading the networks plus the first epoch's excess.
+same split held in memory (`ShardBatches.in_memory`), each round's checkpoint written to disk. Steady epoch: the
+mean of epochs 2..N; start-up: building and loading the networks plus the first epoch's excess.
 """
 
 from __future__ import annotations
@@ -279,8 +279,8 @@ def prepare(exp: ExperimentConfig, workdir: Path, cache_dir: Path | None = None,
     train_data = materialized_split(prepared.path, "train")
     stages["materialize train split"] = time.perf_counter() - t
     t = time.perf_counter()
-    pretrained = pretrain_networks(exp, prepared, train_data=train_data, cache_dir=cache_dir or workdir / "cache",
-                                   runtime=runtime, storage_path=str(workdir / "ray"), echo=echo)
+    pretrained = pretrain_networks(exp, prepared, cache_dir=cache_dir or workdir / "cache", runtime=runtime,
+                                   echo=echo)
     stages["pretraining"] = time.perf_counter() - t
     return Prepared(exp, prepared.path, prepared.manifest["image_size"],
                     prepared.manifest["splits"]["train"]["images"], train_data, pretrained, stages)
@@ -375,8 +375,10 @@ def main(argv: list[str] | None = None) -> None:
           f"{interval - plain.steady_epoch_s:+.2f} s by the report times (the two fits' fixed costs differ by "
           f"a second or so between runs, which the difference divides by N - 1 = {args.epochs - 1})")
     print(f"sanity, last epoch's losses (same seeds, different shuffles: close, not necessarily equal): L_G plain "
-          f"{plain.last_metrics.get('loss_total', float('nan')):.4f}, Ray {many.last_metrics.get('loss_total', float('nan')):.4f}; "
-          f"L_D plain {plain.last_metrics.get('loss_d', float('nan')):.4f}, Ray {many.last_metrics.get('loss_d', float('nan')):.4f}")
+          f"{plain.last_metrics.get('loss_total', float('nan')):.4f}, "
+          f"Ray {many.last_metrics.get('loss_total', float('nan')):.4f}; "
+          f"L_D plain {plain.last_metrics.get('loss_d', float('nan')):.4f}, "
+          f"Ray {many.last_metrics.get('loss_d', float('nan')):.4f}")
     print(f"{machine.load_line()} (1-min load at the end of the fits {load_end:.2f}); "
           f"benchmark wall time {time.perf_counter() - started:.0f} s")
 

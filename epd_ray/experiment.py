@@ -36,7 +36,7 @@ from epd_ray.data.stream import materialized_split
 from epd_ray.evaluate.evaluate import (GENERATOR_METHOD, Evaluation, baseline_methods, generator_method,
                                        method_settings, run_evaluation, summary_lines, verdict_line,
                                        write_evaluation)
-from epd_ray.evaluate.report import ALL_BASELINES, build_report
+from epd_ray.evaluate.report import ALL_BASELINES, build_report, trial_history
 from epd_ray.provenance import package_versions
 from epd_ray.runtime import RayRuntime, resolve_storage, start_ray, storage_filesystem
 from epd_ray.train.gan import GanInputs
@@ -120,8 +120,9 @@ class Stages:
     pretrained_path: Path
 
 
-def data_and_networks(exp: ExperimentConfig, *, runtime: RayRuntime, prepared_dir: Path | None, storage_path: str,
-                      strict: bool = False, pretrain_share_s: float | None = None, echo=print) -> Stages:
+def data_and_networks(exp: ExperimentConfig, *, runtime: RayRuntime, prepared_dir: Path | None,
+                      storage_path: str | None = None, strict: bool = False, pretrain_share_s: float | None = None,
+                      echo=print) -> Stages:
     """Prepared data (given, or the cached synthetic/source set), the train split read once into the object
     store, and the pretrained verifiers/evaluators (cached by content hash; with `strict`, PretrainingError
     when one is not clearly above chance)."""
@@ -133,12 +134,12 @@ def data_and_networks(exp: ExperimentConfig, *, runtime: RayRuntime, prepared_di
     m = prepared.info
     echo(f"data: {'reusing' if prepared.reused else 'prepared'} {m.num_images} images "
          f"({len(m.identities)} identities x {len(m.emotions)} emotions, {m.image_size} px) -> {prepared.path}")
-    echo(f"ray: dashboard {runtime.dashboard_url or '(not available)'}; storage {storage_path}")
+    echo(f"ray: dashboard {runtime.dashboard_url or '(not available)'}"
+         + (f"; storage {storage_path}" if storage_path else ""))
     check_batch_fits("train.batch_size", exp.train.batch_size, m.images("train"), exp.train.num_workers)
     train_data = materialized_split(prepared.path, "train")
-    pretrained_path = pretrain_networks(exp, prepared, train_data=train_data, cache_dir=cache_dir, runtime=runtime,
-                                        storage_path=storage_path, strict=strict, time_share_s=pretrain_share_s,
-                                        echo=echo)
+    pretrained_path = pretrain_networks(exp, prepared, cache_dir=cache_dir, runtime=runtime, strict=strict,
+                                        time_share_s=pretrain_share_s, echo=echo)
     return Stages(prepared, runtime, train_data, pretrained_path)
 
 
@@ -147,8 +148,7 @@ def run_pretrain(exp: ExperimentConfig, *, prepared_dir: Path | None = None, str
     """`epd-ray pretrain`: the verifiers, evaluators and warm start into the cache that `tune` reuses."""
     check_inputs(exp, prepared_dir)
     runtime = start_ray(exp.ray)
-    storage = resolve_storage(exp.ray, default_cache_dir(exp.cache_dir) / "ray")
-    return data_and_networks(exp, runtime=runtime, prepared_dir=prepared_dir, storage_path=storage, strict=strict,
+    return data_and_networks(exp, runtime=runtime, prepared_dir=prepared_dir, strict=strict,
                              echo=echo).pretrained_path
 
 
@@ -162,7 +162,7 @@ def run_tune(exp: ExperimentConfig, output: Path, *, prepared_dir: Path | None =
     check_inputs(exp, prepared_dir)
     check_output(output, exp)
     runtime = start_ray(exp.ray)
-    storage = resolve_storage(exp.ray, output / "ray")
+    storage = resolve_storage(exp.ray, RunFolder(output).ray_dir)
     output.mkdir(parents=True, exist_ok=True)
     run = RunFolder(output)
     run.write_config(exp)
@@ -193,7 +193,7 @@ def resume_tune(output: Path, *, address: str | None = None, echo=print) -> Tune
     prepared_dir = Path(recorded) if recorded else None
     check_inputs(exp, prepared_dir)
     runtime = start_ray(exp.ray)
-    storage = resolve_storage(exp.ray, output / "ray")
+    storage = resolve_storage(exp.ray, RunFolder(output).ray_dir)
     echo(f"resuming: {output} (config {run.config_path})")
     return _interruptible(output, exp, lambda: _search_and_report(exp, output, prepared_dir, runtime, storage,
                                                                   started, resume=True, fixed=fixed, strict=False,
@@ -215,7 +215,8 @@ def _search_and_report(exp: ExperimentConfig, output: Path, prepared_dir: Path |
     stages = data_and_networks(exp, runtime=runtime, prepared_dir=prepared_dir, storage_path=storage, strict=strict,
                                pretrain_share_s=budget and budget * PRETRAIN_SHARE, echo=echo)
     prepared, pretrained_path = stages.prepared, stages.pretrained_path
-    outcome = run_search(exp, train_data=stages.train_data, inputs=GanInputs.put(prepared.path, pretrained_path, exp.evaluation),
+    outcome = run_search(exp, train_data=stages.train_data,
+                         inputs=GanInputs.put(prepared.path, pretrained_path, exp.evaluation),
                          runtime=runtime, storage_path=storage, resume=resume, fixed=fixed,
                          time_budget_s=budget and search_time_budget(budget, time.time() - started, echo), echo=echo)
     echo(f"{'train' if fixed else 'search'}: done in {outcome.wall_seconds:.0f} s; best trial {outcome.best.trial_id} "
@@ -225,7 +226,8 @@ def _search_and_report(exp: ExperimentConfig, output: Path, prepared_dir: Path |
     checkpoint = fetch_checkpoint(storage, outcome.best.checkpoint, best_dir / "checkpoint.pt")
     evaluation = evaluate_best(exp, outcome, checkpoint, prepared, pretrained_path)
     report_path = write_report(output, exp, outcome, evaluation)
-    write_best(best_dir, exp, outcome, prepared, evaluation.metrics, searched=not fixed)  # last: its model card marks the run finished
+    # last: its model card marks the run finished
+    write_best(best_dir, exp, outcome, prepared, evaluation.metrics, searched=not fixed)
     echo_summary(exp, outcome, evaluation.metrics, echo)
     wall = time.time() - started
     echo(f"best model: {best_dir}\nreport: {report_path}\nwall time: {wall:.0f} s")
@@ -318,6 +320,8 @@ def write_report(output: Path, exp: ExperimentConfig, outcome: SearchOutcome, ev
              "best_trial": outcome.best.trial_id, "search_objective": exp.search.objective,
              "trials": [asdict(t) for t in outcome.trials],
              **method_settings(exp.evaluation, evaluation.metrics["methods"])}
+    if run.search_dir.is_dir():  # Ray's storage on this machine: every round of every trial, for the report
+        extra["trial_history"] = trial_history(run.search_dir)
     if is_pareto(exp):
         front = pareto_entries(outcome)
         extra["pareto_front"] = front

@@ -51,6 +51,12 @@ class RayRuntime:
     def total_gpus(self) -> float:
         return float(ray.cluster_resources().get("GPU", 0))
 
+    @property
+    def largest_node_cpus(self) -> float:
+        """The CPUs of the biggest live node: the most one task (one process) can hold."""
+        return max((float(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node.get("Alive")),
+                   default=1.0)
+
     def trial_resources(self) -> dict[str, float]:
         """What a Tune trial's driver holds: the custom resource where the cluster has it."""
         if ray.cluster_resources().get(TRIAL_DRIVER, 0) >= 1:

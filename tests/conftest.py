@@ -53,13 +53,11 @@ def tiny_data(tmp_path_factory, tiny_experiment):
 @pytest.fixture(scope="session")
 def tiny_pretraining(tmp_path_factory, ray_runtime, tiny_experiment, tiny_data) -> tuple[Path, list[tuple[float, str]]]:
     """The tiny experiment's pretrained networks, and what pretraining said (monotonic time, line)."""
-    from epd_ray.data.stream import materialized_split
     from epd_ray.train.run import pretrain_networks
 
     root = tmp_path_factory.mktemp("verifiers")
     said: list[tuple[float, str]] = []
-    path = pretrain_networks(tiny_experiment, tiny_data, train_data=materialized_split(tiny_data.path),
-                             cache_dir=root / "cache", runtime=ray_runtime, storage_path=str(root / "ray"),
+    path = pretrain_networks(tiny_experiment, tiny_data, cache_dir=root / "cache", runtime=ray_runtime,
                              echo=lambda line: said.append((time.monotonic(), line)))
     return path, said
 

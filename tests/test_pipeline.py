@@ -79,9 +79,8 @@ def test_networks_are_pretrained_once_and_reused(ray_runtime, tiny_experiment, t
     assert payload["networks"]["identity_verifier"]["kind"] == "identity_verifier"
     mtime = tiny_pretrained.stat().st_mtime_ns
     said = []
-    again = pretrain_networks(tiny_experiment, tiny_data, train_data=None,
-                               cache_dir=tiny_pretrained.parent.parent.parent, runtime=ray_runtime,
-                               storage_path="unused", echo=said.append)
+    again = pretrain_networks(tiny_experiment, tiny_data, cache_dir=tiny_pretrained.parent.parent.parent,
+                               runtime=ray_runtime, echo=said.append)
     assert again == tiny_pretrained and tiny_pretrained.stat().st_mtime_ns == mtime
     assert any("reusing" in line for line in said)
 

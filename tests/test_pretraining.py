@@ -107,3 +107,33 @@ def test_strict_stops_a_run_on_an_untrusted_network_and_leaves_nothing(tiny_tune
     assert "error: --strict:" in result.output and "generator (warm start)" in result.output
     assert "pretrained networks: reusing" in result.output and "search:" not in result.output
     assert not out.exists()
+
+
+def test_an_interrupted_pretraining_trains_only_the_networks_it_had_not_finished(ray_runtime, tiny_experiment,
+                                                                                 tiny_data, tiny_pretrained,
+                                                                                 tmp_path):
+    """Each network is kept as it finishes (PretrainedCache.unfinished); a new run of the same key keeps what
+    is there, trains the rest side by side, then leaves one complete cache entry and nothing unfinished."""
+    from epd_ray.artifacts import PretrainedCache, pretrained_key
+    from epd_ray.checkpoints import load_checkpoint, save_checkpoint
+    from epd_ray.train.run import pretrain_networks
+
+    done = load_checkpoint(tiny_pretrained)
+    cache = PretrainedCache(tmp_path / "cache")
+    unfinished = cache.unfinished(pretrained_key(tiny_experiment, tiny_data.info.content_hash))
+    kept = ("identity_evaluator", "emotion_evaluator")
+    for name in kept:
+        save_checkpoint(unfinished / f"{name}.pt", {"networks": {name: done["networks"][name]},
+                                                    "val_score": {name: done["val_score"][name]}})
+    (unfinished / "generator.pt").write_bytes(b"cut off mid-write")  # unreadable: trained again
+    said: list[str] = []
+    path = pretrain_networks(tiny_experiment, tiny_data, cache_dir=cache.root, runtime=ray_runtime, echo=said.append)
+    trained = {name for name in NETWORKS if any(re.match(rf"\s+{name}\s+step", line) for line in said)}
+    assert trained == set(NETWORKS) - set(kept)
+    assert any(f"kept from an interrupted run: {', '.join(kept)}" in line for line in said)
+    payload = load_checkpoint(path)
+    assert list(payload["networks"]) == list(done["networks"])  # the training order, whatever finished first
+    for name in kept:
+        for key, tensor in done["networks"][name]["state_dict"].items():
+            assert torch.equal(payload["networks"][name]["state_dict"][key], tensor)
+    assert not unfinished.exists()

@@ -1,16 +1,22 @@
-"""Pretraining as a Ray Train worker loop: the verifiers, the evaluators and the generator's warm start.
+"""Pretraining: the verifiers, the evaluators and the generator's warm start, each a Ray task.
 
-Every network trains from scratch on the train split, one after the other: the identity verifier V
-(VGG-16) and emotion verifier S (mini-Xception) that the GAN loss uses; the independent evaluators V_e and
-S_e (ResNet-18 shape, other seeds) that only ever measure; and, unless switched off, the generator's warm
-start, an autoencoder pass (L1 + SSIM reconstruction) from which every trial's GAN training begins. On a
-CPU budget of a few hundred GAN steps per trial, a generator starting from noise never learns to draw a
-face; starting from a reconstruction, the paper's losses only have to move identity away. After each
-network the loop reports a checkpoint holding every network finished so far, so a restart skips them.
+Every network trains from scratch on the train split: the identity verifier V (VGG-16) and emotion
+verifier S (mini-Xception) that the GAN loss uses; the independent evaluators V_e and S_e (ResNet-18
+shape, other seeds) that only ever measure; and, unless switched off, the generator's warm start, an
+autoencoder pass (L1 + SSIM reconstruction) from which every trial's GAN training begins. On a CPU budget
+of a few hundred GAN steps per trial, a generator starting from noise never learns to draw a face; starting
+from a reconstruction, the paper's losses only have to move identity away.
+
+The five networks are independent, so each is one Ray task (`pretrain_task`) and they train side by side
+as far as the machine or cluster holds them: on 2 cores two single-thread networks at a time do more
+work than one network on two threads (small convolutions scale poorly across threads), and on a GPU
+cluster each network takes a GPU. The task is a thin Ray edge around `train_network`, the Ray-free loop
+that tests and benchmarks call in-process; the driver (`train/run.py`) keeps each finished network, so a
+restart trains only what is missing.
 
 Budgets are optimiser steps (`verifiers.steps`, `model.warm_start_steps`), not epochs: a network takes
 that many batches, passing over a small set as often as it takes, so 150 and 8,000 images both get the
-updates they need. About ten times per network rank 0 sends the driver a progress item (step, loss,
+updates they need. About ten times per network the task sends the driver a progress item (step, loss,
 validation score, time) through `progress.send`.
 """
 
@@ -18,23 +24,24 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import ray
-import ray.train
-import ray.train.torch
 import torch
 import torch.nn.functional as F
+from ray.util.queue import Queue
 
-from epd_ray.checkpoints import build_from_record, network_record
+from epd_ray.checkpoints import network_record
 from epd_ray.config import ModelConfig, VerifiersConfig
 from epd_ray.core.baselines import gaussian_blur
 from epd_ray.core.labels import NUM_EMOTIONS
 from epd_ray.core.losses import ssim_loss, ssim_per_image
 from epd_ray.core.networks import build_network
-from epd_ray.core.precision import autocast
+from epd_ray.core.precision import autocast, resolve_precision, threads_for
+from epd_ray.data.shards import FaceArrays
 from epd_ray.train.progress import send
-from epd_ray.train.worker import ShardBatches, WorkerSetup, prepare_images, report, restore, setup_worker
+from epd_ray.train.worker import ShardBatches, WorkerSetup, prepare_images, use_channels_last
 
 PROGRESS_LINES = 10  # progress items (each with a validation pass) per network
 
@@ -121,62 +128,76 @@ def task_loss(model: torch.nn.Module, task: str, batch: dict[str, torch.Tensor],
         return F.cross_entropy(model(augment(batch["x"]) if augmented else batch["x"]), batch[task])
 
 
-def pretrain_loop(config: dict[str, Any]) -> None:
-    cfg = VerifiersConfig.model_validate(config["verifiers"])
-    model_cfg = ModelConfig.model_validate(config["model"])
-    setup = setup_worker(config["cpus_per_worker"], config["precision"], config["channels_last"], cfg.seed)
-    specs = network_specs(cfg, model_cfg, config["num_identities"], config["image_size"], config["num_emotions"])
+@dataclass(frozen=True)
+class PretrainInputs:
+    """What every pretraining task is given besides its faces: the settings that make the networks, and the
+    driver's progress feed."""
 
-    payload, _ = restore()
-    finished: dict[str, Any] = dict(payload["networks"]) if payload else {}
-    scores: dict[str, float] = dict(payload.get("val_score", {})) if payload else {}
+    verifiers: VerifiersConfig
+    model: ModelConfig
+    num_identities: int
+    num_emotions: int
+    image_size: int
+    precision: str = "auto"
+    channels_last: bool = True
+    progress: Queue | None = None
 
-    # The val split of each training set, by the name of its Ray dataset, put by the driver: rank 0 may run
-    # on a node that cannot open the driver's files. The emotion networks learn from a separate
-    # emotion-labelled set (FER2013) when one is given.
-    val = {source: ray.get(ref) for source, ref in config["val_faces"].items()} if setup.rank == 0 else {}
-    val_x = {source: prepare_images(faces.pixels, setup) for source, faces in val.items()}
+    def specs(self) -> dict[str, dict[str, Any]]:
+        return network_specs(self.verifiers, self.model, self.num_identities, self.image_size, self.num_emotions)
 
-    # Every network passes over the same rows (augmentation is in the loop): one Ray Data pass each, then memory.
-    shards = {source: ShardBatches(setup, cfg.batch_size, dataset=source, keep=config["keep_shard"])
-              for source in config["val_faces"]}
-    for name, spec in specs.items():
-        if name in finished:
-            build_from_record(finished[name])  # a corrupt record fails here, not later in the GAN
+
+def train_network(name: str, spec: dict[str, Any], train: FaceArrays, val: FaceArrays, setup: WorkerSetup, *,
+                  batch_size: int, augmented: bool,
+                  on_progress: Callable[[dict[str, Any]], None] = lambda item: None) -> tuple[torch.nn.Module, float]:
+    """Network `name` trained for `spec["steps"]` batches of `train` (one-cycle AdamW); returns it (in eval
+    mode) and its validation score on `val`, which `on_progress` also gets about ten times on the way."""
+    torch.manual_seed(spec["seed"])
+    model = build_network(name, **spec["args"]).to(setup.device)
+    if setup.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=1e-4)
+    total = spec["steps"]
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=spec["lr"], total_steps=total)
+    every = max(1, total // PROGRESS_LINES)
+    batches = ShardBatches.in_memory(setup, batch_size, train).forever(seed=spec["seed"] * 1000)
+    val_x = prepare_images(val.pixels, setup)
+    started, window, taken, score = time.monotonic(), torch.zeros((), device=setup.device), 0, math.nan
+    model.train()
+    for step in range(1, total + 1):
+        loss = task_loss(model, spec["task"], next(batches), setup, augmented)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        scheduler.step()
+        window += loss.detach()
+        taken += 1
+        if step % every and step < total:
             continue
-        torch.manual_seed(spec["seed"] + setup.rank)
-        model = build_network(name, **spec["args"]).to(setup.device)
-        if setup.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        model = ray.train.torch.prepare_model(model)
-        optimiser = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=1e-4)
-        source = "emotion_train" if spec["task"] == "emotion" and "emotion_train" in config["val_faces"] else "train"
-        total = spec["steps"]
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=spec["lr"], total_steps=total)
-        every = max(1, total // PROGRESS_LINES)
-        batches = shards[source].forever(seed=spec["seed"] * 1000)
-        started, window, taken = time.monotonic(), torch.zeros((), device=setup.device), 0
+        mean_loss = (window / taken).item()  # one host sync per progress line, not per step
+        window, taken = torch.zeros((), device=setup.device), 0
+        score = validation_score(model, spec["task"], val_x, val, setup)
         model.train()
-        for step in range(1, total + 1):
-            loss = task_loss(model, spec["task"], next(batches), setup, cfg.augment)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            scheduler.step()
-            window += loss.detach()
-            taken += 1
-            if step % every and step < total:
-                continue
-            mean_loss = (window / taken).item()  # one host sync per progress line, not per step
-            window, taken = torch.zeros((), device=setup.device), 0
-            if val:
-                scores[name] = validation_score(model, spec["task"], val_x[source], val[source], setup)
-                model.train()
-                elapsed = time.monotonic() - started
-                send(config.get("progress"), {"network": name, "task": spec["task"], "step": step, "steps": total,
-                                              "loss": mean_loss, "val_score": scores[name], "elapsed_s": elapsed,
-                                              "left_s": elapsed / step * (total - step)})
-        # One report per network, not per progress line: each report waits for the Train controller's poll.
-        finished[name] = network_record(name, model)
-        metrics = {"network": name, "steps": total, "loss": mean_loss, "val_score": scores.get(name, float("nan"))}
-        report(setup, metrics, {"networks": finished, "val_score": scores})
+        elapsed = time.monotonic() - started
+        on_progress({"network": name, "task": spec["task"], "step": step, "steps": total, "loss": mean_loss,
+                     "val_score": score, "elapsed_s": elapsed, "left_s": elapsed / step * (total - step)})
+    return model.eval(), score
+
+
+@ray.remote
+def pretrain_task(name: str, inputs: PretrainInputs, cpus: float, train: FaceArrays,
+                  val: FaceArrays) -> tuple[dict[str, Any], float]:
+    """Network `name` on the worker Ray gave this task (a GPU when it holds one, else `cpus` torch threads):
+    its checkpoint record and validation score.
+
+    The driver passes `train` and `val` as object refs, which Ray fetches before the task starts (tasks may
+    run on nodes that cannot open the driver's files). A task that called `ray.get` itself would hand its
+    CPUs back while it waits, and Ray would start more networks at once than the cores hold."""
+    device = torch.device("cuda") if ray.get_gpu_ids() else torch.device("cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(threads_for(cpus))
+    setup = WorkerSetup(0, 1, device, resolve_precision(inputs.precision, device),
+                        use_channels_last(inputs.channels_last, device))
+    model, score = train_network(name, inputs.specs()[name], train, val, setup,
+                                 batch_size=inputs.verifiers.batch_size, augmented=inputs.verifiers.augment,
+                                 on_progress=lambda item: send(inputs.progress, item))
+    return network_record(name, model), score

@@ -55,10 +55,13 @@ class ProgressFeed:
 
 
 def send(feed: Queue | None, item: dict[str, Any]) -> None:
-    """Worker side: put one progress item; a lost feed never stops training."""
+    """Worker side: put one progress item, without waiting for it to arrive; a lost feed never stops training.
+
+    `Queue.put_nowait` would `ray.get` the put, and a Ray task blocked in `ray.get` hands its CPUs back for
+    the wait: Ray then starts another task in them, and more networks train at once than the cores hold."""
     if feed is None:
         return
     try:
-        feed.put_nowait(item)
+        feed.actor.put_nowait.remote(item)
     except Exception:
         pass

@@ -1,4 +1,4 @@
-"""The driver of the pretraining stage: one Ray Train run, cached by what defines its networks.
+"""The driver of the pretraining stage: a Ray task per network, side by side, cached by what defines them.
 
 While it runs, a progress line per network about ten times over (`progress.ProgressFeed`); after it (or
 on reusing the cache), each network's validation score next to chance, and a warning for a network that
@@ -11,22 +11,19 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import ray
-import ray.data
-import ray.train
-from ray.train.torch import TorchTrainer
 
-from epd_ray.artifacts import PRETRAINED_FILE, DatasetManifest, SCORES_FILE, PretrainedCache, atomic_folder, pretrained_key
-from epd_ray.checkpoints import load_checkpoint
+from epd_ray.artifacts import (PRETRAINED_FILE, DatasetManifest, SCORES_FILE, PretrainedCache, atomic_folder,
+                               pretrained_key)
+from epd_ray.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from epd_ray.config import ConfigError, ExperimentConfig
 from epd_ray.data.prepare import PreparedData
 from epd_ray.data.shards import load_split
-from epd_ray.data.stream import materialized_split
-from epd_ray.runtime import DATA_RESERVE_CPUS, RayRuntime, data_config, sigint_guard
-from epd_ray.train.pretrain import pretrain_loop
+from epd_ray.runtime import DATA_RESERVE_CPUS, RayRuntime
+from epd_ray.train.pretrain import PretrainInputs, network_specs, pretrain_task
 from epd_ray.train.progress import ProgressFeed
-from epd_ray.train.worker import CHECKPOINT_FILE
 
 # The warm start's reconstruction SSIM below which GAN training starts from visibly blurred faces (the quick
 # preset's reaches ~0.97; its emotion evaluator then still reads ~98% of the reconstructed expressions).
@@ -50,7 +47,8 @@ def clearly_above_chance(classes: int) -> float:
     return chance + min(max(chance, 0.2), (1.0 - chance) / 2)
 
 
-def check_pretrained(scores: dict[str, float], classes: dict[str, int], exp: ExperimentConfig) -> tuple[list[str], list[str]]:
+def check_pretrained(scores: dict[str, float], classes: dict[str, int],
+                     exp: ExperimentConfig) -> tuple[list[str], list[str]]:
     """Each network's validation score next to chance (the warm start: its reconstruction SSIM), and a
     warning for each that is not clearly above chance (or reconstructs poorly). `classes`: per classifier."""
     lines, warnings = [], []
@@ -107,10 +105,11 @@ def emotion_data(exp: ExperimentConfig, prepared: PreparedData) -> PreparedData:
 class PretrainingEstimate:
     """Progress lines through to `echo`, and once, at the first, a warning when the estimated pretraining time
     passes `share_s` (the pretraining share of a time budget): the first network's seconds per step times
-    every network's steps (a rough figure: the networks differ in cost)."""
+    every network's steps, shared among the `lanes` networks that train at once (a rough figure: the
+    networks differ in cost)."""
 
-    def __init__(self, exp: ExperimentConfig, share_s: float | None, echo):
-        self.total_steps = 4 * exp.verifiers.steps + exp.model.warm_start_steps
+    def __init__(self, exp: ExperimentConfig, share_s: float | None, echo, lanes: int = 1):
+        self.total_steps = (4 * exp.verifiers.steps + exp.model.warm_start_steps) / lanes
         self.share_s, self.echo, self.warned = share_s, echo, share_s is None
 
     def __call__(self, item: dict) -> None:
@@ -125,9 +124,8 @@ class PretrainingEstimate:
                       f"pretrain` (cached, then reused), or lower verifiers.steps / model.warm_start_steps")
 
 
-def pretrain_networks(exp: ExperimentConfig, prepared: PreparedData, *, train_data: ray.data.Dataset,
-                       cache_dir: Path, runtime: RayRuntime, storage_path: str, strict: bool = False,
-                       time_share_s: float | None = None, echo=print) -> Path:
+def pretrain_networks(exp: ExperimentConfig, prepared: PreparedData, *, cache_dir: Path, runtime: RayRuntime,
+                      strict: bool = False, time_share_s: float | None = None, echo=print) -> Path:
     """The pretrained networks' file in the cache, trained now unless cached; with `strict`, PretrainingError
     for a network not clearly above chance (fresh ones are then not cached). With `time_share_s`, a warning
     when pretraining is estimated to take longer."""
@@ -142,47 +140,77 @@ def pretrain_networks(exp: ExperimentConfig, prepared: PreparedData, *, train_da
         echo(f"pretrained networks: reusing {out}")
         judge_pretrained(cache.scores(key), classes, exp, strict=strict, echo=echo)
         return out / PRETRAINED_FILE
-    workers = exp.train.num_workers
     for data in {prepared.path: prepared, emotions.path: emotions}.values():
-        check_batch_fits("verifiers.batch_size", exp.verifiers.batch_size, data.info.images("train"),
-                         workers)
-    cpus = max(exp.train.cpus_per_worker, (runtime.total_cpus - DATA_RESERVE_CPUS) / workers)
+        check_batch_fits("verifiers.batch_size", exp.verifiers.batch_size, data.info.images("train"), 1)
+    specs = network_specs(exp.verifiers, exp.model, len(faces.identities), faces.image_size, len(faces.emotions))
+    unfinished = cache.unfinished(key)
+    finished = finished_networks(unfinished, specs)
+    todo = [name for name in specs if name not in finished]
+    lanes, cpus = pretraining_lanes(exp, runtime, len(todo))
     echo(f"pretraining V (VGG-16), S (mini-Xception), evaluators V_e, S_e (ResNet-18 shape)"
          f"{' and the generator warm start' if exp.model.warm_start_steps else ''} on "
-         f"{faces.images('train')} images ({workers} worker(s)), "
-         f"{exp.verifiers.steps} steps each" + (f", warm start {exp.model.warm_start_steps}"
-                                               if exp.model.warm_start_steps else ""))
-    # Each training set's val split goes through the object store: workers may be on other nodes.
-    datasets, val_faces = {"train": train_data}, {"train": ray.put(load_split(prepared.path, "val"))}
+         f"{faces.images('train')} images, {exp.verifiers.steps} steps each"
+         + (f", warm start {exp.model.warm_start_steps}" if exp.model.warm_start_steps else "")
+         + f"; {lanes} at a time" + (f"; kept from an interrupted run: {', '.join(finished)}" if finished else ""))
+    # The splits go through the object store once (tasks may run on other nodes); the emotion networks
+    # learn from the emotion-labelled set when one is given.
     if emotions is not prepared:
         echo(f"emotion networks learn from {emotions.path} ({emotions.info.images('train')} images)")
-        datasets["emotion_train"] = materialized_split(emotions.path, "train")
-        val_faces["emotion_train"] = ray.put(load_split(emotions.path, "val"))
-    with ProgressFeed(PretrainingEstimate(exp, time_share_s, echo)) as feed:
-        trainer = TorchTrainer(
-            pretrain_loop,
-            train_loop_config={"verifiers": exp.verifiers.model_dump(mode="json"),
-                               "model": exp.model.model_dump(mode="json"), "val_faces": val_faces,
-                               "num_identities": len(faces.identities), "num_emotions": len(faces.emotions),
-                               "image_size": faces.image_size, "progress": feed.queue,
-                               "cpus_per_worker": cpus, "precision": exp.train.precision,
-                               "channels_last": exp.train.channels_last, "keep_shard": exp.train.keep_shard},
-            scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=exp.train.use_gpu,
-                                                   resources_per_worker=None if exp.train.use_gpu else {"CPU": cpus}),
-            run_config=ray.train.RunConfig(name=f"pretrain-{key}", storage_path=storage_path,
-                                           failure_config=ray.train.FailureConfig(max_failures=exp.train.max_failures)),
-            datasets=datasets, dataset_config=data_config(workers),
-        )
-        with sigint_guard():
-            result = trainer.fit()
+    splits = {data.path: (ray.put(load_split(data.path, "train")), ray.put(load_split(data.path, "val")))
+              for data in (prepared, emotions)}
+    with ProgressFeed(PretrainingEstimate(exp, time_share_s, echo, lanes)) as feed:
+        inputs = PretrainInputs(exp.verifiers, exp.model, len(faces.identities), len(faces.emotions),
+                                faces.image_size, exp.train.precision, exp.train.channels_last, feed.queue)
+        task = pretrain_task.options(num_cpus=cpus, num_gpus=1 if exp.train.use_gpu else 0,
+                                     max_retries=exp.train.max_failures)
+        running = {task.remote(name, inputs, cpus,
+                               *splits[(emotions if specs[name]["task"] == "emotion" else prepared).path]): name
+                   for name in todo}
+        try:
+            while running:
+                done, _ = ray.wait(list(running), num_returns=1)
+                name = running.pop(done[0])
+                record, score = ray.get(done[0])
+                save_checkpoint(unfinished / f"{name}.pt", {"networks": {name: record}, "val_score": {name: score}})
+                finished[name] = (record, score)
+        finally:  # an error or Ctrl-C: the other networks stop too, what finished stays for the next run
+            for ref in running:
+                ray.cancel(ref, force=True)
     with atomic_folder(out) as tmp:  # nothing half-written, nothing untrusted (a raise here), in the cache
-        with result.checkpoint.as_directory() as directory:
-            shutil.copy(Path(directory) / CHECKPOINT_FILE, tmp / PRETRAINED_FILE)
-        scores = load_checkpoint(tmp / PRETRAINED_FILE).get("val_score", {})
+        scores = {name: finished[name][1] for name in specs}
+        save_checkpoint(tmp / PRETRAINED_FILE, {"networks": {name: finished[name][0] for name in specs},
+                                                "val_score": scores})
         (tmp / SCORES_FILE).write_text(json.dumps(scores, indent=2))
         judge_pretrained(scores, classes, exp, strict=strict, echo=echo)
+    shutil.rmtree(unfinished, ignore_errors=True)
     echo(f"pretrained networks -> {out}")
     return out / PRETRAINED_FILE
+
+
+def finished_networks(unfinished: Path, specs: dict[str, Any]) -> dict[str, tuple[dict[str, Any], float]]:
+    """The networks an interrupted pretraining of the same key finished: (record, validation score) by name.
+    An unreadable file counts as not finished (it is trained again)."""
+    finished = {}
+    for name in specs:
+        try:
+            payload = load_checkpoint(unfinished / f"{name}.pt")
+            finished[name] = (payload["networks"][name], float(payload["val_score"][name]))
+        except (CheckpointError, KeyError):
+            continue
+    return finished
+
+
+def pretraining_lanes(exp: ExperimentConfig, runtime: RayRuntime, networks: int) -> tuple[int, float]:
+    """How many networks train at once and the CPUs each task holds: a GPU each with `train.use_gpu`; else the
+    cluster's CPUs (less a reserve for the driver's side) shared among the networks, at least
+    `train.cpus_per_worker` and at most one node's CPUs each."""
+    networks = max(1, networks)
+    if exp.train.use_gpu:
+        return max(1, min(networks, int(runtime.total_gpus))), 1.0
+    free = max(exp.train.cpus_per_worker, runtime.total_cpus - DATA_RESERVE_CPUS)
+    node = max(exp.train.cpus_per_worker, runtime.largest_node_cpus - DATA_RESERVE_CPUS)
+    cpus = min(max(exp.train.cpus_per_worker, free / networks), node)
+    return max(1, min(networks, int(free // cpus))), cpus
 
 
 def judge_pretrained(scores: dict[str, float], classes: dict[str, int], exp: ExperimentConfig, *, strict: bool,
