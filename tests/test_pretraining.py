@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 
+import epd_ray.data.shards as shards
 from epd_ray.config import load_config
 from epd_ray.core.images import to_tensor
 from epd_ray.core.synthetic import make_synthetic_faces
@@ -137,3 +138,20 @@ def test_an_interrupted_pretraining_trains_only_the_networks_it_had_not_finished
         for key, tensor in done["networks"][name]["state_dict"].items():
             assert torch.equal(payload["networks"][name]["state_dict"][key], tensor)
     assert not unfinished.exists()
+
+
+def test_train_network_runs_without_ray_on_faces_in_memory():
+    """The loop inside every pretraining task, called in-process as tests and benchmarks do: the step budget,
+    about ten progress items with a validation score each, and the network handed back ready to judge."""
+    from epd_ray.train.pretrain import network_specs, train_network
+
+    exp = load_config("smoke")
+    faces = make_synthetic_faces(3, 2, 32, seed=0)
+    arrays = shards.FaceArrays(faces.pixels, faces.identity, faces.emotion)
+    spec = {**network_specs(exp.verifiers, exp.model, 3, 32)["emotion_verifier"], "steps": 20}
+    items: list[dict] = []
+    model, score = train_network("emotion_verifier", spec, arrays, arrays,
+                                 WorkerSetup(0, 1, torch.device("cpu"), "fp32", False), batch_size=8,
+                                 augmented=True, on_progress=items.append)
+    assert [item["step"] for item in items] == list(range(2, 21, 2))
+    assert not model.training and 0.0 <= score <= 1.0 and score == items[-1]["val_score"]
