@@ -32,7 +32,7 @@ from typing import Any
 
 import ray.tune
 
-from epd_ray.artifacts import RunFolder, atomic_folder
+from epd_ray.artifacts import MANIFEST, RunFolder, atomic_folder
 from epd_ray.checkpoints import build_from_record, load_checkpoint
 from epd_ray.config import SEARCHED_KEYS, ExperimentConfig, validate_section
 from epd_ray.evaluate.evaluate import generator_method, run_evaluation, summary_lines, write_evaluation
@@ -101,7 +101,7 @@ def run_ablation(run_dir: Path, *, address: str | None = None, echo=print) -> Ab
     runtime = start_ray(exp.ray)
     storage = resolve_storage(exp.ray, RunFolder(run_dir).ray_dir)
     inputs = data_and_networks(exp, runtime=runtime, storage_path=storage, echo=echo,
-                               prepared_dir=recorded if (recorded / "dataset.json").is_file() else None)
+                               prepared_dir=recorded if (recorded / MANIFEST).is_file() else None)
     data_hash = inputs.prepared.info.content_hash
     if data_hash != card["data"]["content_hash"]:
         raise AblationError(f"{inputs.prepared.path}: data content {data_hash} is not the run's "

@@ -85,12 +85,13 @@ def train(config: ConfigOption = None, output: OutputOption = None, address: Add
 
 def _preset_for(data: Optional[Path]) -> str:
     """With no --config: `quick`, or the real-faces preset when --data holds real faces (said in one line)."""
+    from epd_ray.artifacts import MANIFEST
     from epd_ray.data.shards import read_manifest
 
     if data is None:
         return default_preset(None)
-    if not (data / "dataset.json").is_file():
-        raise FileNotFoundError(f"{data}: no prepared data set here (dataset.json missing); "
+    if not (data / MANIFEST).is_file():
+        raise FileNotFoundError(f"{data}: no prepared data set here ({MANIFEST} missing); "
                                 "run `epd-ray data prepare --out DIR` first")
     source = read_manifest(data).get("source", "synthetic")
     preset = default_preset(source)
