@@ -37,7 +37,7 @@ from benchmarks import machine  # noqa: E402
 from epd_ray.config import DataConfig, RayConfig  # noqa: E402
 from epd_ray.core.images import to_tensor  # noqa: E402
 from epd_ray.data.stream import augment_pixels  # noqa: E402
-from epd_ray.train.worker import ShardBatches, WorkerSetup  # noqa: E402
+from epd_ray.train.worker import DATASET, ShardBatches, WorkerSetup  # noqa: E402
 
 
 class PngFaces(torch.utils.data.Dataset):
@@ -94,7 +94,7 @@ def ray_epochs(train_data, *, batch_size: int, epochs: int, keep: bool, storage:
                                                              "out": str(out)},
                            scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
                            run_config=ray.train.RunConfig(name="ingest", storage_path=str(storage)),
-                           datasets={"train": train_data})
+                           datasets={DATASET: train_data})
     storage.mkdir(parents=True, exist_ok=True)
     result = trainer.fit()
     if result.error:

@@ -2,8 +2,8 @@
 
 Each test runs `epd-ray tune` in a subprocess on the tiny experiment (the session's data and pretrained
 networks reused, the session's Ray cluster joined), stops it once a trial has reported, and checks what
-`epd-ray tune --resume OUTPUT` needs:
-the Tune state and each trial's Train checkpoints, then the resumed run itself.
+`epd-ray tune --resume OUTPUT` needs: the Tune state and each trial's Train checkpoints, then the resumed
+run itself.
 """
 
 from __future__ import annotations

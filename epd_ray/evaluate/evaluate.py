@@ -5,10 +5,9 @@ images are also judged by the training verifiers V, S, for comparison with the p
 those flatter the generator). Every method is measured at the same mu.
 
 `run_evaluation` de-identifies the split once per method and returns three things: the JSON-ready metrics
-(`core/metrics.py`: the paper's section IV, per judge, plus a mu sweep for the evaluators),
-one row per probe per method (the
-per-image table), and the de-identified pixels of a few sample probes (for the report's grid; never the
-originals, which a report on real data must not leak). Plain PyTorch: no Ray.
+(`core/metrics.py`: the paper's section IV, per judge, plus a mu sweep for the evaluators), one row per
+probe per method (the per-image table), and the de-identified pixels of a few sample probes (for the
+report's grid; never the originals, which a report on real data must not leak). Plain PyTorch: no Ray.
 """
 
 from __future__ import annotations

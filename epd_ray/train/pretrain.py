@@ -130,20 +130,15 @@ def task_loss(model: torch.nn.Module, task: str, batch: dict[str, torch.Tensor],
 
 @dataclass(frozen=True)
 class PretrainInputs:
-    """What every pretraining task is given besides its faces: the settings that make the networks, and the
-    driver's progress feed."""
+    """What every pretraining task is given besides its faces: every network's spec (`network_specs`), how
+    batches are drawn, and the driver's progress feed."""
 
-    verifiers: VerifiersConfig
-    model: ModelConfig
-    num_identities: int
-    num_emotions: int
-    image_size: int
+    specs: dict[str, dict[str, Any]]
+    batch_size: int
+    augment: bool
     precision: str = "auto"
     channels_last: bool = True
     progress: Queue | None = None
-
-    def specs(self) -> dict[str, dict[str, Any]]:
-        return network_specs(self.verifiers, self.model, self.num_identities, self.image_size, self.num_emotions)
 
 
 def train_network(name: str, spec: dict[str, Any], train: FaceArrays, val: FaceArrays, setup: WorkerSetup, *,
@@ -197,7 +192,6 @@ def pretrain_task(name: str, inputs: PretrainInputs, cpus: float, train: FaceArr
         torch.set_num_threads(threads_for(cpus))
     setup = WorkerSetup(0, 1, device, resolve_precision(inputs.precision, device),
                         use_channels_last(inputs.channels_last, device))
-    model, score = train_network(name, inputs.specs()[name], train, val, setup,
-                                 batch_size=inputs.verifiers.batch_size, augmented=inputs.verifiers.augment,
-                                 on_progress=lambda item: send(inputs.progress, item))
+    model, score = train_network(name, inputs.specs[name], train, val, setup, batch_size=inputs.batch_size,
+                                 augmented=inputs.augment, on_progress=lambda item: send(inputs.progress, item))
     return network_record(name, model), score

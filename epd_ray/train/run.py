@@ -159,8 +159,8 @@ def pretrain_networks(exp: ExperimentConfig, prepared: PreparedData, *, cache_di
     splits = {data.path: (ray.put(load_split(data.path, "train")), ray.put(load_split(data.path, "val")))
               for data in (prepared, emotions)}
     with ProgressFeed(PretrainingEstimate(exp, time_share_s, echo, lanes)) as feed:
-        inputs = PretrainInputs(exp.verifiers, exp.model, len(faces.identities), len(faces.emotions),
-                                faces.image_size, exp.train.precision, exp.train.channels_last, feed.queue)
+        inputs = PretrainInputs(specs, exp.verifiers.batch_size, exp.verifiers.augment, exp.train.precision,
+                                exp.train.channels_last, feed.queue)
         task = pretrain_task.options(num_cpus=cpus, num_gpus=1 if exp.train.use_gpu else 0,
                                      max_retries=exp.train.max_failures)
         running = {task.remote(name, inputs, cpus,

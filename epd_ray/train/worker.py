@@ -61,6 +61,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+DATASET = "train"  # the name of the Train run's one dataset (`gan_trainer`'s datasets)
 KEEP_LIMIT_BYTES = 1 << 30  # a shard's pixels kept in worker memory at most (the paper preset's is ~0.6 GB)
 
 
@@ -76,8 +77,8 @@ class ShardBatches:
     `map_batches`). With several workers each keeps the rows of its own first pass.
     """
 
-    def __init__(self, setup: WorkerSetup, batch_size: int, *, dataset: str = "train", keep: bool = True):
-        self.setup, self.batch_size, self.dataset, self.keep = setup, batch_size, dataset, keep
+    def __init__(self, setup: WorkerSetup, batch_size: int, *, keep: bool = True):
+        self.setup, self.batch_size, self.keep = setup, batch_size, keep
         self.kept: dict[str, torch.Tensor] | None = None
 
     @classmethod
@@ -97,7 +98,7 @@ class ShardBatches:
                 empty = False
                 yield batch
             if empty:
-                raise RuntimeError(f"the {self.dataset!r} shard of this worker holds fewer than batch_size = "
+                raise RuntimeError(f"the {DATASET!r} shard of this worker holds fewer than batch_size = "
                                    f"{self.batch_size} rows: lower the batch size or use fewer workers")
 
     def epoch(self, seed: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -108,7 +109,7 @@ class ShardBatches:
             return
         parts: list[dict[str, torch.Tensor]] = []
         size = 0
-        shard = ray.train.get_dataset_shard(self.dataset)
+        shard = ray.train.get_dataset_shard(DATASET)
         for batch in shard.iter_torch_batches(batch_size=self.batch_size, local_shuffle_buffer_size=4 * self.batch_size,
                                               local_shuffle_seed=seed, drop_last=False):
             if self.keep:

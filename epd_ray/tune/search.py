@@ -46,7 +46,7 @@ from epd_ray.core.metrics import pareto_front
 from epd_ray.data.stream import augmented
 from epd_ray.runtime import DATA_RESERVE_CPUS, RayRuntime, data_config, sigint_guard, storage_filesystem
 from epd_ray.train.gan import GanInputs, gan_loop, rounds
-from epd_ray.train.worker import CHECKPOINT_FILE
+from epd_ray.train.worker import CHECKPOINT_FILE, DATASET
 
 OBJECTIVE = "objective"
 PARETO_METRICS = ("privacy", "utility")
@@ -132,7 +132,7 @@ def gan_trainer(exp: ExperimentConfig, params: dict[str, float], *, train_data: 
             failure_config=ray.train.FailureConfig(
                 max_failures=exp.train.max_failures if max_failures is None else max_failures),
         ),
-        datasets={"train": augmented(train_data, flip=exp.train.flip, max_shift=exp.train.max_shift)},
+        datasets={DATASET: augmented(train_data, flip=exp.train.flip, max_shift=exp.train.max_shift)},
         dataset_config=data_config(exp.train.num_workers),
     )
 
