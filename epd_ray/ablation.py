@@ -40,8 +40,8 @@ from epd_ray.evaluate.report import ABLATION_DIR, LAST_EPOCH_COLUMNS
 from epd_ray.experiment import data_and_networks, fetch_checkpoint
 from epd_ray.runtime import resolve_storage, start_ray, storage_filesystem
 from epd_ray.train.gan import GanInputs
-from epd_ray.tune.search import (ProgressLine, budget, concurrent_trials, is_pareto, run_trial, summarise,
-                                 trial_retries)
+from epd_ray.tune.search import (budget, concurrent_trials, is_pareto, run_trial, summarise, trial_resources,
+                                 trial_run_config)
 
 # variant -> what it changes in the tuned parameters
 VARIANTS: dict[str, dict[str, float]] = {"tuned": {}, "without_ssim": {"phi": 0.0}, "without_emotion": {"lambda3": 0.0}}
@@ -114,13 +114,11 @@ def run_ablation(run_dir: Path, *, address: str | None = None, echo=print) -> Ab
         ray.tune.with_parameters(train_variant, variants=variants, experiment=exp.to_dict(),
                                  train_data=inputs.train_data, storage_path=storage,
                                  inputs=GanInputs.put(inputs.prepared.path, inputs.pretrained_path, exp.evaluation)),
-        inputs.runtime.trial_resources())
+        trial_resources(exp, inputs.runtime))
     grid = ray.tune.Tuner(
         trainable, param_space={"variant": ray.tune.grid_search(list(variants))},
         tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrent_trials(exp, inputs.runtime, len(variants))),
-        run_config=ray.tune.RunConfig(name=f"ablation-{datetime.now():%Y%m%d-%H%M%S}",
-                                      storage_path=storage, verbose=0,
-                                      callbacks=[ProgressLine(exp.train)], failure_config=trial_retries(exp)),
+        run_config=trial_run_config(exp, f"ablation-{datetime.now():%Y%m%d-%H%M%S}", storage),
     ).fit()
 
     runs: dict[str, dict[str, Any]] = {}

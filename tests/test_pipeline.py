@@ -18,7 +18,7 @@ from epd_ray.data.stream import materialized_split
 from epd_ray.train.gan import GanInputs
 from epd_ray.train.run import pretrain_networks
 from epd_ray.train.worker import CHECKPOINT_FILE
-from epd_ray.tune.search import run_trial, gan_trainer
+from epd_ray.tune.search import gan_trainer, run_trial, trial_resources
 
 PARAMS = {"lambda1": 1.0, "lambda2": 0.8, "lambda3": 0.9, "phi": 0.25, "alpha": 1.0, "mu": 0.35}
 
@@ -149,7 +149,7 @@ def test_a_diverging_trial_stops_with_a_reason_and_a_finite_penalty(ray_runtime,
     trainable = ray.tune.with_resources(ray.tune.with_parameters(
         run_trial, experiment=exp.to_dict(), train_data=materialized_split(tiny_data.path),
         inputs=GanInputs.put(tiny_data.path, tiny_pretrained), storage_path=str(tmp_path / "ray")),
-        ray_runtime.trial_resources())
+        trial_resources(exp, ray_runtime))
     grid = ray.tune.Tuner(trainable, param_space=PARAMS,
                           run_config=ray.tune.RunConfig(name="nan", storage_path=str(tmp_path / "ray"),
                                                         verbose=0)).fit()

@@ -1,4 +1,5 @@
-"""EPD-Net GAN training as a Ray Train worker loop (the paper's sections III-IV).
+"""EPD-Net GAN training, in a Ray Train worker loop or in a Tune trial's own process (the paper's sections
+III-IV).
 
 Per batch: one discriminator step on the real pair (x, y) against the fake pair (x, G(x, z)), then one
 generator step on L_G = lambda1 (L_adv + Phi L_ssim) + lambda2 L_contrastive + lambda3 L_CE through the
@@ -21,6 +22,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import ray
+import ray.data
 import ray.train.torch
 import torch
 
@@ -34,7 +36,8 @@ from epd_ray.core.metrics import compute_metrics
 from epd_ray.core.scoring import class_probabilities, deidentify_pixels, ssim_values
 from epd_ray.data.shards import load_split
 from epd_ray.evaluate.judges import FaceRecogniser, Gallery, main_judge, recogniser_metrics
-from epd_ray.train.worker import RealPairPool, ShardBatches, WorkerSetup, prepare_images, report, restore, setup_worker
+from epd_ray.train.worker import (TRAIN_SESSION, TUNE_SESSION, RealPairPool, Session, ShardBatches, WorkerSetup,
+                                  prepare_images, setup_worker)
 
 # What a diverged trial reports for every searched objective (J, or privacy and utility in pareto mode):
 # finite (the searcher must never see NaN) and the worst possible.
@@ -325,24 +328,42 @@ class GanRun:
 
 
 def gan_loop(config: dict[str, Any]) -> None:
-    """The Ray Train worker loop of a trial (and of `epd-ray train`): a `GanRun` on this worker's shard."""
+    """The Ray Train worker loop (`tune.search.gan_trainer`, a run on several workers): a `GanRun` on this
+    worker's shard, under DDP."""
+    exp = ExperimentConfig.model_validate(config["experiment"])
+    setup = setup_worker(exp.train.cpus_per_worker, exp.train.precision, exp.train.channels_last, exp.train.seed)
+    fit_gan(config, setup, TRAIN_SESSION, prepare_model=ray.train.torch.prepare_model)
+
+
+def gan_in_trial(config: dict[str, Any], stream: ray.data.DataIterator) -> None:
+    """A one-worker run in the Tune trial's own process, which holds the worker's CPUs (or GPU): the same
+    `GanRun` on the trial's dataset, reporting to Tune, without a Train run's controller and worker group to
+    start and stop for every trial (measured 8-9 s a trial on 2 cores; benchmarks/ray_overhead.py)."""
+    exp = ExperimentConfig.model_validate(config["experiment"])
+    setup = setup_worker(exp.train.cpus_per_worker, exp.train.precision, exp.train.channels_last, exp.train.seed,
+                         train_worker=False)
+    fit_gan(config, setup, TUNE_SESSION, stream=stream)
+
+
+def fit_gan(config: dict[str, Any], setup: WorkerSetup, session: Session, *,
+            stream: ray.data.DataIterator | None = None,
+            prepare_model: Callable[[torch.nn.Module], torch.nn.Module] = lambda module: module) -> None:
+    """A run's rounds from its session's latest checkpoint (or the start) to the end of the budget."""
     exp = ExperimentConfig.model_validate(config["experiment"])
     weights, mu = trial_params(config)
-    setup = setup_worker(exp.train.cpus_per_worker, exp.train.precision, exp.train.channels_last, exp.train.seed)
     inputs: GanInputs = config["inputs"]
-    payload, start_round = restore()
+    payload, start_round = session.restore()
     if payload is not None and start_round >= rounds(exp.train):
         # Resumed after its last round (the search's driver stopped before it recorded the end): its final
         # result and checkpoint once more, so that the resumed search sees the trial as it finished.
-        report(setup, {**payload["metrics"], "replayed": True}, payload)
+        session.report(setup, {**payload["metrics"], "replayed": True}, payload)
         return
-    run = GanRun(exp, weights, mu, setup, inputs, payload=payload, fetch=ray.get,
-                 prepare_model=ray.train.torch.prepare_model)
-    shard = ShardBatches(setup, exp.train.batch_size,
+    run = GanRun(exp, weights, mu, setup, inputs, payload=payload, fetch=ray.get, prepare_model=prepare_model)
+    shard = ShardBatches(setup, exp.train.batch_size, stream=stream,
                          keep=exp.train.keep_shard and not (exp.train.flip or exp.train.max_shift))
     # A resumed run draws other passes than the first run did from where it stopped.
     run.train(shard.forever(seed=exp.train.seed * 1000 + 100 * start_round), start_round=start_round,
-              report=lambda metrics, payload: report(setup, metrics, payload))
+              report=lambda metrics, payload: session.report(setup, metrics, payload))
 
 
 def scalar_metrics(scores: dict[str, Any]) -> dict[str, float]:

@@ -1,22 +1,26 @@
-"""What every Ray Train worker loop of epd-ray does the same way.
+"""What every training process of epd-ray does the same way: a Ray Train worker, or a Tune trial that
+trains in its own process.
 
 Thread count, seeding, device and precision, iterating the Ray Data shard as float image batches, the
-real-pair pool, and reporting with a checkpoint written by rank 0 only (every rank must call
-`ray.train.report` the same number of times).
+real-pair pool, and reporting with a checkpoint written by rank 0 only (every rank must report the same
+number of times) to the session that runs it (`Session`: Ray Train's or Ray Tune's).
 """
 
 from __future__ import annotations
 
 import itertools
 import random
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
+import ray.data
 import ray.train
 import ray.train.torch
+import ray.tune
 import torch
 
 from epd_ray.checkpoints import load_checkpoint, save_checkpoint
@@ -44,10 +48,16 @@ def use_channels_last(requested: bool, device: torch.device) -> bool:
     return requested and device.type == "cuda"
 
 
-def setup_worker(cpus_per_worker: float, precision: str, channels_last: bool, seed: int) -> WorkerSetup:
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+def setup_worker(cpus_per_worker: float, precision: str, channels_last: bool, seed: int, *,
+                 train_worker: bool = True) -> WorkerSetup:
+    """A Ray Train worker's rank, world and device from Train; a trial's own process (`train_worker=False`)
+    is rank 0 of 1, on the GPU Tune gave it if it holds one."""
+    if train_worker:
+        ctx = ray.train.get_context()
+        rank, world, device = ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
+    else:
+        rank, world = 0, 1
+        device = torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(threads_for(cpus_per_worker))
     seed_everything(seed + rank)
@@ -69,7 +79,8 @@ class ShardBatches:
     """This worker's Ray Data shard, one pass per `epoch(seed)` (or pass after pass: `forever`), as float
     NCHW batches on its device.
 
-    The first epoch always streams from Ray Data (`ray.train.get_dataset_shard`). With `keep`, the rows of
+    The first epoch always streams from Ray Data: `stream` (a trial's own dataset iterator), by default
+    this Train worker's shard (`ray.train.get_dataset_shard`). With `keep`, the rows of
     that complete pass stay in worker memory (up to KEEP_LIMIT_BYTES) and later epochs draw their batches
     from them, fully reshuffled with the epoch's seed: every Ray Data pass pays a fixed start-up (~60 ms on
     2 cores, 4% of a quick-preset epoch) that buys nothing when a pass yields the same rows again. Leave
@@ -77,8 +88,9 @@ class ShardBatches:
     `map_batches`). With several workers each keeps the rows of its own first pass.
     """
 
-    def __init__(self, setup: WorkerSetup, batch_size: int, *, keep: bool = True):
-        self.setup, self.batch_size, self.keep = setup, batch_size, keep
+    def __init__(self, setup: WorkerSetup, batch_size: int, *, keep: bool = True,
+                 stream: ray.data.DataIterator | None = None):
+        self.setup, self.batch_size, self.keep, self.stream = setup, batch_size, keep, stream
         self.kept: dict[str, torch.Tensor] | None = None
 
     @classmethod
@@ -109,7 +121,7 @@ class ShardBatches:
             return
         parts: list[dict[str, torch.Tensor]] = []
         size = 0
-        shard = ray.train.get_dataset_shard(DATASET)
+        shard = self.stream or ray.train.get_dataset_shard(DATASET)
         for batch in shard.iter_torch_batches(batch_size=self.batch_size, local_shuffle_buffer_size=4 * self.batch_size,
                                               local_shuffle_seed=seed, drop_last=False):
             if self.keep:
@@ -136,30 +148,52 @@ def prepare_images(pixels: torch.Tensor | np.ndarray, setup: WorkerSetup) -> tor
     return x.contiguous(memory_format=torch.channels_last) if setup.channels_last else x
 
 
-def restore() -> tuple[dict[str, Any] | None, int]:
-    """The payload of the checkpoint Ray Train hands back after a failure or resume, and the next round."""
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return None, 0
-    with checkpoint.as_directory() as directory:
-        payload = load_checkpoint(Path(directory) / CHECKPOINT_FILE)
-    return payload, int(payload.get("round", -1)) + 1
+@dataclass(frozen=True)
+class Session:
+    """Where a training process finds the checkpoint it resumes from and hands each round's metrics and
+    checkpoint: Ray Train's session (a Train run's workers) or Ray Tune's (a trial training in its own process).
+    Both keep the checkpoint in the run's storage and give it back after a failure or resume."""
+
+    get_checkpoint: Callable[[], Any]  # a ray.train or ray.tune Checkpoint, or None
+    hand_over: Callable[[dict[str, Any], str | None], None]  # (metrics, the local checkpoint folder or None)
+
+    def restore(self) -> tuple[dict[str, Any] | None, int]:
+        """The payload of the checkpoint to resume from (None: a fresh start) and the next round."""
+        checkpoint = self.get_checkpoint()
+        if checkpoint is None:
+            return None, 0
+        with checkpoint.as_directory() as directory:
+            payload = load_checkpoint(Path(directory) / CHECKPOINT_FILE)
+        return payload, int(payload.get("round", -1)) + 1
+
+    def report(self, setup: WorkerSetup, metrics: dict[str, Any], payload: dict[str, Any] | None) -> None:
+        """Report on every rank; rank 0 alone writes and attaches the checkpoint."""
+        directory = None
+        if setup.rank == 0 and payload is not None:
+            directory = tempfile.mkdtemp(prefix="epd-checkpoint-")
+            save_checkpoint(Path(directory) / CHECKPOINT_FILE, payload)
+        self.hand_over(metrics, directory)
 
 
-def report(setup: WorkerSetup, metrics: dict[str, Any], payload: dict[str, Any] | None) -> None:
-    """Report on every rank; rank 0 alone writes and attaches the checkpoint.
+def _train_hand_over(metrics: dict[str, Any], directory: str | None) -> None:
+    # The upload to storage and the hand-over to the Train controller (which picks reports up at its poll) run in
+    # Ray Train's background thread (`CheckpointUploadMode.ASYNC`), so the next round starts as soon as the file
+    # is written locally; Ray deletes the local copy once it is uploaded, and keeps reports in order.
+    ray.train.report(metrics, checkpoint=directory and ray.train.Checkpoint.from_directory(directory),
+                     checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
 
-    The upload to storage and the hand-over to the Train controller (which picks reports up at its poll)
-    run in Ray Train's background thread (`CheckpointUploadMode.ASYNC`), so the next epoch starts as soon
-    as the checkpoint file is written locally; Ray deletes the local copy once it is uploaded, and keeps
-    reports in order.
-    """
-    checkpoint = None
-    if setup.rank == 0 and payload is not None:
-        directory = tempfile.mkdtemp(prefix="epd-checkpoint-")
-        save_checkpoint(Path(directory) / CHECKPOINT_FILE, payload)
-        checkpoint = ray.train.Checkpoint.from_directory(directory)
-    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
+
+def _tune_hand_over(metrics: dict[str, Any], directory: str | None) -> None:
+    # Tune copies the checkpoint to storage before `report` returns and leaves the local copy to its owner.
+    try:
+        ray.tune.report(metrics, checkpoint=directory and ray.tune.Checkpoint.from_directory(directory))
+    finally:
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+TRAIN_SESSION = Session(ray.train.get_checkpoint, _train_hand_over)
+TUNE_SESSION = Session(ray.tune.get_checkpoint, _tune_hand_over)
 
 
 class RealPairPool:

@@ -8,17 +8,23 @@ the ends of the front (high utility and low privacy, or the reverse), so every t
 counts at its last round (the result Optuna is told) and keeps its latest checkpoints. The best model is
 then the front's trial with the highest J.
 
-Each trial is a Tune function trainable that builds and fits its own Ray Train `TorchTrainer` (the Train V2
-pattern), with a stable Train run name from the trial id; Train reports reach Tune through
-`TuneReportCallback`, which also passes each checkpoint's path. The trial driver holds the custom
-`trial_driver` resource, not a CPU, so on a small machine every CPU goes to the Train workers and to the
-data tasks. All trials share the same prepared data and pretrained verifiers.
+Each trial is a Tune function trainable. A trial of one worker (`train.num_workers` 1, every CPU preset)
+trains in its own process, which holds that worker's CPUs or GPU, and reports to Tune with its checkpoints
+(`gan_in_trial`): a Ray Train run would add its controller and worker group, 8-9 s to start and stop per
+trial on 2 cores, for nothing a single process needs. A trial of several workers builds and fits its own
+Ray Train `TorchTrainer` (the Train V2 pattern), with a stable Train run name from the trial id; Train
+reports reach Tune through `TuneReportCallback`, which also passes each checkpoint's path. Its driver holds
+the custom `trial_driver` resource, not a CPU, so every CPU goes to the Train workers and to the data
+tasks. All trials share the same prepared data and pretrained verifiers.
 
-Faults: a trial whose Train run lost workers or nodes is retried by Tune (`train.max_failures` times), and
-its Train run, found by name, continues from its latest checkpoint. A search whose driver was stopped
+Faults: a failed trial is retried by Tune (`train.max_failures` times) from its latest checkpoint (a
+several-worker trial's Train run, found by name, continues from its own). A search whose driver was stopped
 resumes from the saved Tune state (`Tuner.restore`): finished trials are kept, unfinished and failed ones
 run again under their old trial id, and so continue from their latest checkpoint too. ASHA therefore counts
 rounds as the trial reports them, which survive such restarts, not Tune's training iterations, which start again from 1.
+A driver stopped with Ctrl-C saves that state as it ends; one killed outright leaves the state Tune last
+saved, which it does at least every second checkpoint of a trial (`kept_checkpoints` keeps two): a trial may
+then train its last round or two again, and one that had just finished may run its last rounds again.
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ from epd_ray.config import SEARCHED_KEYS, ExperimentConfig, TrainConfig
 from epd_ray.core.metrics import pareto_front
 from epd_ray.data.stream import augmented
 from epd_ray.runtime import DATA_RESERVE_CPUS, RayRuntime, data_config, sigint_guard, storage_filesystem
-from epd_ray.train.gan import GanInputs, gan_loop, rounds
+from epd_ray.train.gan import GanInputs, gan_in_trial, gan_loop, rounds
 from epd_ray.train.worker import CHECKPOINT_FILE, DATASET
 
 OBJECTIVE = "objective"
@@ -111,24 +117,42 @@ def is_pareto(exp: ExperimentConfig) -> bool:
     return exp.search.objective == "pareto"
 
 
+def kept_checkpoints(exp: ExperimentConfig, kind=ray.train.CheckpointConfig):
+    """The checkpoints a trial may be judged at, kept by its Train run (`kind` ray.train's) or by Tune (a
+    trial training in its own process: ray.tune's): the two best by J, or in pareto mode the two latest."""
+    if is_pareto(exp):
+        return kind(num_to_keep=2)
+    return kind(num_to_keep=2, checkpoint_score_attribute=OBJECTIVE, checkpoint_score_order="max")
+
+
+def trains_in_trial(exp: ExperimentConfig) -> bool:
+    """A trial of one worker trains in the trial's own process (see the module's docstring)."""
+    return exp.train.num_workers == 1
+
+
+def trial_resources(exp: ExperimentConfig, runtime: RayRuntime) -> dict[str, float]:
+    """What a trial's process holds: its one worker's CPUs (and GPU) when it trains itself, else only the
+    driver's token (`RayRuntime.trial_resources`), its Train run's workers holding the rest."""
+    if trains_in_trial(exp):
+        return {"CPU": exp.train.cpus_per_worker, **({"GPU": 1} if exp.train.use_gpu else {})}
+    return runtime.trial_resources()
+
+
 def gan_trainer(exp: ExperimentConfig, params: dict[str, float], *, train_data: ray.data.Dataset, inputs: GanInputs,
                 name: str, storage_path: str, callbacks: list | None = None,
                 max_failures: int | None = None) -> TorchTrainer:
-    """One GAN training run: what every trial fits (a search's, `epd-ray train`'s one, `epd-ray ablate`'s).
+    """A GAN training run on Ray Train: what a trial of several workers fits (a search's, `epd-ray train`'s
+    one, `epd-ray ablate`'s).
 
-    It keeps the checkpoints its trial may be judged at: the two best by J, or in pareto mode the two latest.
-    It restarts its workers from its latest checkpoint up to `max_failures` times (default
-    `train.max_failures`) after losing some.
+    It keeps the checkpoints its trial may be judged at (`kept_checkpoints`). It restarts its workers from its
+    latest checkpoint up to `max_failures` times (default `train.max_failures`) after losing some.
     """
-    kept = (ray.train.CheckpointConfig(num_to_keep=2) if is_pareto(exp) else
-            ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=OBJECTIVE,
-                                       checkpoint_score_order="max"))
     return TorchTrainer(
         gan_loop,
         train_loop_config={"experiment": exp.to_dict(), "params": params, "inputs": inputs},
         scaling_config=scaling_config(exp),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=storage_path, callbacks=callbacks, checkpoint_config=kept,
+            name=name, storage_path=storage_path, callbacks=callbacks, checkpoint_config=kept_checkpoints(exp),
             failure_config=ray.train.FailureConfig(
                 max_failures=exp.train.max_failures if max_failures is None else max_failures),
         ),
@@ -142,14 +166,23 @@ def budget(train: TrainConfig) -> str:
     return f"{train.steps} steps in {rounds(train)} rounds of {train.report_every}"
 
 
-def trial_retries(exp: ExperimentConfig) -> ray.tune.FailureConfig:
-    """Tune's retries of a failed trial, for every Tuner that runs `run_trial` (which leaves them to Tune)."""
-    return ray.tune.FailureConfig(max_failures=exp.train.max_failures)
+def trial_run_config(exp: ExperimentConfig, name: str, storage_path: str, *, stop=None) -> ray.tune.RunConfig:
+    """What every Tuner of `run_trial` runs with (the search's, the ablation's): the progress lines, the
+    checkpoints a trial training in its own process keeps (`kept_checkpoints`), and Tune's retries of a failed
+    trial (`train.max_failures`, which `run_trial` leaves to Tune)."""
+    return ray.tune.RunConfig(name=name, storage_path=storage_path, verbose=0, stop=stop,
+                              callbacks=[ProgressLine(exp.train)],
+                              checkpoint_config=kept_checkpoints(exp, ray.tune.CheckpointConfig),
+                              failure_config=ray.tune.FailureConfig(max_failures=exp.train.max_failures))
 
 
 def run_trial(params: dict[str, float], *, experiment: dict, train_data: ray.data.Dataset, inputs: GanInputs,
               storage_path: str) -> None:
     exp = ExperimentConfig.model_validate(experiment)
+    if trains_in_trial(exp):
+        gan_in_trial({"experiment": experiment, "params": params, "inputs": inputs},
+                     augmented(train_data, flip=exp.train.flip, max_shift=exp.train.max_shift).iterator())
+        return
     trial_id = ray.tune.get_context().get_trial_id()
     # No Train-level restarts inside a trial: when Tune stops a trial (ASHA, or at its last round) it ends the
     # trial's process, and a Train controller on its way down would take its workers' deaths for a failure,
@@ -272,7 +305,7 @@ def run_search(exp: ExperimentConfig, *, train_data: ray.data.Dataset, inputs: G
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(run_trial, experiment=exp.to_dict(), train_data=train_data, inputs=inputs,
                                  storage_path=storage_path),
-        runtime.trial_resources(),
+        trial_resources(exp, runtime),
     )
     saved = f"{storage_path}/{SEARCH_NAME}"
     if resume and ray.tune.Tuner.can_restore(saved):
@@ -292,10 +325,8 @@ def run_search(exp: ExperimentConfig, *, train_data: ray.data.Dataset, inputs: G
             trainable,
             param_space=dict(fixed) if fixed else search_space(exp),
             tune_config=ray.tune.TuneConfig(num_samples=1) if fixed else tune_settings(exp, concurrency),
-            run_config=ray.tune.RunConfig(name=SEARCH_NAME, storage_path=storage_path, verbose=0,
-                                          stop=TimeBudget(time_budget_s) if time_budget_s else None,
-                                          callbacks=[ProgressLine(exp.train)],
-                                          failure_config=trial_retries(exp)),
+            run_config=trial_run_config(exp, SEARCH_NAME, storage_path,
+                                        stop=TimeBudget(time_budget_s) if time_budget_s else None),
         )
     COMPLETED.clear()
     searching = time.time()
@@ -350,6 +381,9 @@ def summarise(result: ray.tune.Result, filesystem: pyarrow.fs.FileSystem, *, las
     status = "error" if result.error else "ok"
     if frame is None or OBJECTIVE not in frame or frame.empty:
         return TrialSummary(trial_id, params, 0, {}, None, status)
+    if "checkpoint_path" not in frame and "checkpoint_dir_name" in frame:  # kept by Tune: in the trial's folder
+        frame = frame.assign(checkpoint_path=[f"{result.path}/{name}" if isinstance(name, str) else None
+                                              for name in frame["checkpoint_dir_name"]])
     frame = frame.sort_values("round" if last_round else OBJECTIVE, ascending=False, kind="stable")
     row, checkpoint = frame.iloc[0], None
     if "checkpoint_path" in frame:
