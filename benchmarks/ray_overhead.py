@@ -5,7 +5,8 @@ in plain PyTorch, on the same data, in the same process run.
     python -m benchmarks.ray_overhead --epochs 8
     python -m benchmarks.ray_overhead --set data.image_size=64 --set train.batch_size=16
 
-Ray side: the real `epd_ray.tune.search.gan_trainer` (the TorchTrainer that every trial and `epd-ray train` fit)
+Ray side: the real `epd_ray.tune.search.gan_trainer` (the TorchTrainer that a trial of several workers fits;
+one-worker trials train in their own Tune process and skip this cost: benchmarks/search.py measures them)
 on a data set made by `epd_ray.data.prepare.prepare_dataset` and materialized with `materialized_split`, with
 networks from `epd_ray.train.run.pretrain_networks` at tiny settings (1 verifier epoch, 1 warm-start epoch:
 speed does not depend on how well they were trained). Nothing is added to the package: the steady epoch is

@@ -5,8 +5,9 @@
                                                  # plus its pretraining unless ~/.cache/epd-ray already holds it
     python -m benchmarks.search --set search.num_samples=6 --set train.steps=60
 
-The search is `epd_ray.tune.search.run_search` itself (Optuna TPE, ASHA, one TorchTrainer per trial) on data
-prepared by the package and materialized once; nothing is added to the package. Its per-trial progress lines
+The search is `epd_ray.tune.search.run_search` itself (Optuna TPE, ASHA, one-worker trials training in their
+own reused Tune processes) on data prepared by the package and materialized once; nothing is added to the
+package. Its per-trial progress lines
 (printed by the search's own ProgressLine callback) are time-stamped as they come out, which gives the time
 to the first reported result; trials and trial-epochs come from the search's outcome.
 

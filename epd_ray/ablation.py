@@ -117,7 +117,8 @@ def run_ablation(run_dir: Path, *, address: str | None = None, echo=print) -> Ab
         trial_resources(exp, inputs.runtime))
     grid = ray.tune.Tuner(
         trainable, param_space={"variant": ray.tune.grid_search(list(variants))},
-        tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrent_trials(exp, inputs.runtime, len(variants))),
+        tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrent_trials(exp, inputs.runtime, len(variants)),
+                                        reuse_actors=True),
         run_config=trial_run_config(exp, f"ablation-{datetime.now():%Y%m%d-%H%M%S}", storage),
     ).fit()
 
