@@ -30,6 +30,7 @@ then train its last round or two again, and one that had just finished may run i
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -169,7 +170,12 @@ def budget(train: TrainConfig) -> str:
 def trial_run_config(exp: ExperimentConfig, name: str, storage_path: str, *, stop=None) -> ray.tune.RunConfig:
     """What every Tuner of `run_trial` runs with (the search's, the ablation's): the progress lines, the
     checkpoints a trial training in its own process keeps (`kept_checkpoints`), and Tune's retries of a failed
-    trial (`train.max_failures`, which `run_trial` leaves to Tune)."""
+    trial (`train.max_failures`, which `run_trial` leaves to Tune).
+
+    Tune saves the search's state at least every `num_to_keep` checkpoints of a trial, so that a restored
+    search finds the checkpoints it kept; with rounds of a few seconds it then warns of "excessive" saves each
+    time. Those saves are what resuming needs, so the warning is turned off (a user's own setting wins)."""
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     return ray.tune.RunConfig(name=name, storage_path=storage_path, verbose=0, stop=stop,
                               callbacks=[ProgressLine(exp.train)],
                               checkpoint_config=kept_checkpoints(exp, ray.tune.CheckpointConfig),
