@@ -1,7 +1,7 @@
 """How fast the search runs: trials per hour and time to the first reported result of `epd-ray tune`'s search.
 
     python -m benchmarks.search                  # REDUCED by default (4 trials x 3 rounds, tiny pretraining): ~3 min
-    python -m benchmarks.search --full           # the quick preset as `epd-ray tune` runs it: ~8 min of search,
+    python -m benchmarks.search --full           # the quick preset as `epd-ray tune` runs it: ~6.5 min of search,
                                                  # plus its pretraining unless ~/.cache/epd-ray already holds it
     python -m benchmarks.search --set search.num_samples=6 --set train.steps=60
 
@@ -133,8 +133,10 @@ def main(argv: list[str] | None = None) -> None:
         loop = {"dataset_dir": prep.dataset_dir, "pretrained_path": prep.pretrained_path,
                 "image_size": prep.image_size, "epochs": 2}
         plain = plain_gan(exp, **loop)
-        with ProcessPoolExecutor(concurrency, mp_context=multiprocessing.get_context("spawn")) as pool:
-            side_by_side = [f.result() for f in [pool.submit(plain_gan, exp, **loop) for _ in range(concurrency)]]
+        side_by_side = [plain]
+        if concurrency > 1:
+            with ProcessPoolExecutor(concurrency, mp_context=multiprocessing.get_context("spawn")) as pool:
+                side_by_side = [f.result() for f in [pool.submit(plain_gan, exp, **loop) for _ in range(concurrency)]]
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)

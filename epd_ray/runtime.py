@@ -1,8 +1,9 @@
 """Start or join Ray, once per command.
 
 Local by default: a private temp dir (so a second Ray on the same host cannot be confused with ours), the
-dashboard on 127.0.0.1 with its URL printed, a custom `trial_driver` resource that Tune's per-trial driver
-holds instead of a CPU (on a 2-core machine a driver holding a CPU starves its own Train workers), and the
+dashboard on 127.0.0.1 with its URL printed, a custom `trial_driver` resource that the driver of a trial of
+several workers holds instead of a CPU (on a 2-core machine a driver holding a CPU starves its own Train
+workers; a one-worker trial trains in its own process and holds that worker's CPUs), and the
 state API address pinned for every worker (Train's placement-group cleaner needs it). With an address, join
 that cluster; token authentication, on by default since Ray 2.59, is then asked for explicitly.
 
@@ -57,8 +58,8 @@ class RayRuntime:
         return max((float(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node.get("Alive")),
                    default=1.0)
 
-    def trial_resources(self) -> dict[str, float]:
-        """What a Tune trial's driver holds: the custom resource where the cluster has it."""
+    def trial_driver_resources(self) -> dict[str, float]:
+        """What the driver of a trial of several workers holds: the custom resource where the cluster has it."""
         if ray.cluster_resources().get(TRIAL_DRIVER, 0) >= 1:
             return {TRIAL_DRIVER: 1}
         return {"CPU": 0.01}
@@ -84,6 +85,10 @@ def _free_port(host: str, preferred: int) -> int:
 
 
 def start_ray(cfg: RayConfig, *, trial_drivers: int = 64, quiet: bool = True) -> RayRuntime:
+    # Tune saves a search's state at least every `num_to_keep` checkpoints of a trial (tune.search.kept_checkpoints),
+    # which a restored search needs in order to find the checkpoints it kept; with rounds of a few seconds Tune
+    # warns of "excessive" saves each time. The driver's Tune reads this; a user's own setting wins.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if ray.is_initialized():
         ctx = ray.get_runtime_context()
         return RayRuntime(dashboard_url=getattr(ctx, "dashboard_url", None))

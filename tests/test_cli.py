@@ -104,6 +104,10 @@ def test_tune_smoke_end_to_end(tmp_path):
     generator = load_network(out / "best" / "generator.pt", "generator")
     assert generator.config["image_size"] == 32
     assert (out / "config.yaml").is_file()
+    # Each trial trained in its own process; Tune kept its two best rounds by J and its latest (smoke: up to 8).
+    trials = [d for d in (out / "ray" / "search").iterdir() if d.is_dir()]
+    assert trials and all(1 <= len(list(d.glob("checkpoint_*/checkpoint.pt"))) <= 3 for d in trials)
+    assert not list((out / "ray").glob("train-*"))  # no Ray Train run for one-worker trials
 
     metrics = json.loads((out / "report" / "metrics.json").read_text())
     assert metrics["split"] == "test"

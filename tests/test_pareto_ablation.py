@@ -1,4 +1,4 @@
-"""A tiny tune in pareto mode (real Ray Tune + Train, 2 trials x 2 rounds), then `epd-ray ablate` on it
+"""A tiny tune in pareto mode (real Ray Tune, 2 trials x 2 rounds), then `epd-ray ablate` on it
 (three real GAN runs) and `epd-ray report` with the ablation table."""
 
 from __future__ import annotations

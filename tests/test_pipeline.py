@@ -144,7 +144,7 @@ def test_gan_training_runs_ddp_across_two_workers_without_the_drivers_files(ray_
 
 def test_a_diverging_trial_stops_with_a_reason_and_a_finite_penalty(ray_runtime, tiny_experiment, tiny_data,
                                                                    tiny_pretrained, tmp_path):
-    """Through Tune, as the search sees it: the trial's Train run reports J = 0 and a reason, then stops."""
+    """Through Tune, as the search sees it: the trial reports J = 0 and a reason, then stops."""
     exp = tiny_experiment.model_copy(update={"train": tiny_experiment.train.model_copy(update={"lr": 1e30})})
     trainable = ray.tune.with_resources(ray.tune.with_parameters(
         run_trial, experiment=exp.to_dict(), train_data=materialized_split(tiny_data.path),

@@ -92,3 +92,26 @@ def test_a_search_killed_with_sigkill_resumes_keeping_finished_trials(session_ad
     trials = json.loads((out / "report" / "metrics.json").read_text())["trials"]
     assert len(trials) == 3 and all(t["status"] == "ok" for t in trials), trials
     assert json.loads((out / "best" / "model_card.json").read_text())["trial"] in {t["trial_id"] for t in trials}
+
+
+def test_a_restored_trials_reused_checkpoint_folders_are_judged_by_what_they_hold_now(tmp_path):
+    """A trial restored from an older checkpoint than it had reached numbers its folders from there again
+    (Tune's saved state lagged the killed driver): checkpoint_000001 held round 2 at J 0.9, then round 2 again
+    at J 0.3. The trial is judged at round 1 (J 0.5), whose folder still holds it, never at the stale J 0.9."""
+    import pandas as pd
+    import pyarrow.fs
+    import ray.tune
+
+    from epd_ray.tune.search import summarise
+
+    for name in ("checkpoint_000000", "checkpoint_000001"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "checkpoint.pt").write_bytes(b"weights")
+    frame = pd.DataFrame({"round": [1, 2, 2], "objective": [0.5, 0.9, 0.3], "trial_id": "t1",
+                          "checkpoint_dir_name": ["checkpoint_000000", "checkpoint_000001", "checkpoint_000001"]})
+    result = ray.tune.Result(metrics=frame.iloc[-1].to_dict(), checkpoint=None, error=None, path=str(tmp_path),
+                             metrics_dataframe=frame)
+    trial = summarise(result, pyarrow.fs.LocalFileSystem())
+    assert trial.metrics["objective"] == 0.5 and trial.metrics["round"] == 1
+    assert trial.checkpoint == f"{tmp_path}/checkpoint_000000/checkpoint.pt"
+    assert trial.rounds == 2

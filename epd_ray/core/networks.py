@@ -370,7 +370,7 @@ class EmotionVerifier(nn.Module):
 def _resnet_block(cin: int, cout: int, stride: int, downsample: nn.Module | None) -> nn.Module:
     """torchvision's ResNet BasicBlock. torchvision is imported where a network needs it, not with this
     module: importing it costs 1.3 s (it loads torch._dynamo), which every Ray process that unpickles a
-    training loop (each trial's Tune actor and Train controller) would pay without building any network."""
+    training loop (each trial's Tune process, each Train controller) would pay without building any network."""
     from torchvision.models.resnet import BasicBlock
 
     return BasicBlock(cin, cout, stride=stride, downsample=downsample)

@@ -1,13 +1,13 @@
-"""Ray Data stream of prepared shards into Ray Train workers.
+"""Ray Data stream of prepared shards into the GAN's training processes (Tune trials, Ray Train workers).
 
-`read_parquet` reads the raw `pixels` column of the shards (no image decode: it was decoded once, at
-prepare time). On a cluster of several nodes the driver reads the tables itself and hands them to Ray as
-blocks in its object store instead: read tasks placed on other nodes could not open files prepared on the
-driver's disk. `map_batches` turns them into uint8 arrays; each worker iterates
+`read_parquet` reads the raw `pixels` column of the shards (no image decode: it was decoded once, at prepare
+time). On a cluster of several nodes the driver reads the tables itself and hands them to Ray as blocks in its
+object store instead: read tasks placed on other nodes could not open files prepared on the driver's disk.
+`map_batches` turns them into uint8 arrays; a one-worker trial iterates the whole split, each Ray Train worker
 its part through `ray.train.get_dataset_shard(...)`. The driver materializes the result once, before any
-Train worker holds a CPU: every epoch and every trial then iterates blocks already in the object store
-(tens of thousands of images a second) instead of re-reading files, and on a small machine no data task
-can wait forever behind training workers that hold the CPUs.
+training process holds a CPU: every epoch and every trial then iterates blocks already in the object store
+(tens of thousands of images a second) instead of re-reading files, and on a small machine no data task can
+wait forever behind training workers that hold the CPUs.
 
 Augmentation (pix2pix's mirror and jitter) is a lazy `map_batches` on top of the materialized split, so
 it runs again, with new draws, on every pass: each epoch sees other flips and shifts of the same faces.
@@ -82,6 +82,6 @@ def split_stream(dataset_dir: Path, split: str = "train", *, via_driver: bool = 
 
 
 def materialized_split(dataset_dir: Path, split: str = "train") -> ray.data.MaterializedDataset:
-    """The split read once into Ray's object store, shared by every Train run of a command (read through the
+    """The split read once into Ray's object store, shared by every training run of a command (read through the
     driver when the cluster has more than one node)."""
     return split_stream(dataset_dir, split, via_driver=alive_nodes() > 1).materialize()

@@ -249,9 +249,10 @@ class GanRun:
     the real-pair pool, rank 0's judges; `train` then runs round after round on a batch iterator and hands
     each round's metrics and checkpoint payload to a report hook.
 
-    `gan_loop` runs it in a Ray Train worker (its shard's batches, `ray.get` to fetch the inputs, DDP's
-    `prepare_model`, `ray.train.report`); benchmarks/ray_overhead.py runs it in-process on a split held in
-    memory (`GanInputs.put(..., put=lambda v: v)`, `ShardBatches.in_memory`).
+    `fit_gan` runs it in a Tune trial's own process (`gan_in_trial`) or in each Ray Train worker (`gan_loop`,
+    with DDP's `prepare_model`), on the Ray Data batches, `ray.get` fetching the inputs, reporting to the
+    session's Tune or Train; benchmarks/ray_overhead.py runs it in-process on a split held in memory
+    (`GanInputs.put(..., put=lambda v: v)`, `ShardBatches.in_memory`).
     """
 
     def __init__(self, exp: ExperimentConfig, weights: LossWeights, mu: float, setup: WorkerSetup,
@@ -332,24 +333,22 @@ def gan_loop(config: dict[str, Any]) -> None:
     worker's shard, under DDP."""
     exp = ExperimentConfig.model_validate(config["experiment"])
     setup = setup_worker(exp.train.cpus_per_worker, exp.train.precision, exp.train.channels_last, exp.train.seed)
-    fit_gan(config, setup, TRAIN_SESSION, prepare_model=ray.train.torch.prepare_model)
+    fit_gan(exp, config, setup, TRAIN_SESSION, prepare_model=ray.train.torch.prepare_model)
 
 
-def gan_in_trial(config: dict[str, Any], stream: ray.data.DataIterator) -> None:
+def gan_in_trial(exp: ExperimentConfig, config: dict[str, Any], stream: ray.data.DataIterator) -> None:
     """A one-worker run in the Tune trial's own process, which holds the worker's CPUs (or GPU): the same
     `GanRun` on the trial's dataset, reporting to Tune, without a Train run's controller and worker group to
     start and stop for every trial (measured 8-9 s a trial on 2 cores; benchmarks/ray_overhead.py)."""
-    exp = ExperimentConfig.model_validate(config["experiment"])
     setup = setup_worker(exp.train.cpus_per_worker, exp.train.precision, exp.train.channels_last, exp.train.seed,
                          train_worker=False)
-    fit_gan(config, setup, TUNE_SESSION, stream=stream)
+    fit_gan(exp, config, setup, TUNE_SESSION, stream=stream)
 
 
-def fit_gan(config: dict[str, Any], setup: WorkerSetup, session: Session, *,
+def fit_gan(exp: ExperimentConfig, config: dict[str, Any], setup: WorkerSetup, session: Session, *,
             stream: ray.data.DataIterator | None = None,
             prepare_model: Callable[[torch.nn.Module], torch.nn.Module] = lambda module: module) -> None:
     """A run's rounds from its session's latest checkpoint (or the start) to the end of the budget."""
-    exp = ExperimentConfig.model_validate(config["experiment"])
     weights, mu = trial_params(config)
     inputs: GanInputs = config["inputs"]
     payload, start_round = session.restore()

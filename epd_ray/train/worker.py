@@ -121,7 +121,7 @@ class ShardBatches:
             return
         parts: list[dict[str, torch.Tensor]] = []
         size = 0
-        shard = self.stream or ray.train.get_dataset_shard(DATASET)
+        shard = self.stream if self.stream is not None else ray.train.get_dataset_shard(DATASET)
         for batch in shard.iter_torch_batches(batch_size=self.batch_size, local_shuffle_buffer_size=4 * self.batch_size,
                                               local_shuffle_seed=seed, drop_last=False):
             if self.keep:

@@ -30,7 +30,6 @@ then train its last round or two again, and one that had just finished may run i
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -120,7 +119,8 @@ def is_pareto(exp: ExperimentConfig) -> bool:
 
 def kept_checkpoints(exp: ExperimentConfig, kind=ray.train.CheckpointConfig):
     """The checkpoints a trial may be judged at, kept by its Train run (`kind` ray.train's) or by Tune (a
-    trial training in its own process: ray.tune's): the two best by J, or in pareto mode the two latest."""
+    trial training in its own process: ray.tune's): the two best by J, or in pareto mode the two latest (both
+    also keep the latest, to resume from)."""
     if is_pareto(exp):
         return kind(num_to_keep=2)
     return kind(num_to_keep=2, checkpoint_score_attribute=OBJECTIVE, checkpoint_score_order="max")
@@ -136,7 +136,7 @@ def trial_resources(exp: ExperimentConfig, runtime: RayRuntime) -> dict[str, flo
     driver's token (`RayRuntime.trial_resources`), its Train run's workers holding the rest."""
     if trains_in_trial(exp):
         return {"CPU": exp.train.cpus_per_worker, **({"GPU": 1} if exp.train.use_gpu else {})}
-    return runtime.trial_resources()
+    return runtime.trial_driver_resources()
 
 
 def gan_trainer(exp: ExperimentConfig, params: dict[str, float], *, train_data: ray.data.Dataset, inputs: GanInputs,
@@ -170,12 +170,7 @@ def budget(train: TrainConfig) -> str:
 def trial_run_config(exp: ExperimentConfig, name: str, storage_path: str, *, stop=None) -> ray.tune.RunConfig:
     """What every Tuner of `run_trial` runs with (the search's, the ablation's): the progress lines, the
     checkpoints a trial training in its own process keeps (`kept_checkpoints`), and Tune's retries of a failed
-    trial (`train.max_failures`, which `run_trial` leaves to Tune).
-
-    Tune saves the search's state at least every `num_to_keep` checkpoints of a trial, so that a restored
-    search finds the checkpoints it kept; with rounds of a few seconds it then warns of "excessive" saves each
-    time. Those saves are what resuming needs, so the warning is turned off (a user's own setting wins)."""
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    trial (`train.max_failures`, which `run_trial` leaves to Tune)."""
     return ray.tune.RunConfig(name=name, storage_path=storage_path, verbose=0, stop=stop,
                               callbacks=[ProgressLine(exp.train)],
                               checkpoint_config=kept_checkpoints(exp, ray.tune.CheckpointConfig),
@@ -186,14 +181,15 @@ def run_trial(params: dict[str, float], *, experiment: dict, train_data: ray.dat
               storage_path: str) -> None:
     exp = ExperimentConfig.model_validate(experiment)
     if trains_in_trial(exp):
-        gan_in_trial({"experiment": experiment, "params": params, "inputs": inputs},
+        gan_in_trial(exp, {"experiment": experiment, "params": params, "inputs": inputs},
                      augmented(train_data, flip=exp.train.flip, max_shift=exp.train.max_shift).iterator())
         return
     trial_id = ray.tune.get_context().get_trial_id()
     # No Train-level restarts inside a trial: when Tune stops a trial (ASHA, or at its last round) it ends the
-    # trial's process, and a Train controller on its way down would take its workers' deaths for a failure,
-    # start a new worker group and leave that group's placement group (CPUs, GPUs) held for good. Tune
-    # retries the failed trial instead (`train.max_failures` times), and the Train run resumes by name.
+    # trial's process (never reused for such trials: `tune_settings`), and a Train controller on its way down
+    # would take its workers' deaths for a failure, start a new worker group and leave that group's placement
+    # group (CPUs, GPUs) held for good. Tune retries the failed trial instead (`train.max_failures` times), and
+    # the Train run resumes by name.
     trainer = gan_trainer(exp, params, train_data=train_data, inputs=inputs, name=f"train-{trial_id}",
                           storage_path=storage_path, callbacks=[TuneReportCallback()], max_failures=0)
     trainer.fit()
@@ -274,18 +270,21 @@ class ProgressLine(ray.tune.Callback):
 def tune_settings(exp: ExperimentConfig, concurrency: int) -> ray.tune.TuneConfig:
     """Composite: one metric, ASHA on it (counted in rounds, so a trial resumed from a checkpoint keeps its
     rung). Pareto: the two metrics go to OptunaSearch itself (Tune's own metric/mode take one metric only,
-    so they stay unset) and Tune's default FIFO scheduler runs every trial to the end. Either way a trial
-    reuses a finished one's process: a new one costs ~2 s of start-up and imports on 2 cores
-    (benchmarks/search.py: 7.3 -> 5.2 s of fixed cost per trial)."""
+    so they stay unset) and Tune's default FIFO scheduler runs every trial to the end. Either way a one-worker
+    trial reuses a finished one's process: a new one costs ~2 s of start-up and imports on 2 cores
+    (benchmarks/search.py: 7.3 -> 5.2 s of fixed cost per trial). A trial of several workers must not: when
+    ASHA stops it, its process is still inside its Train run's `fit`, and a new trial given that process
+    would fail to start."""
     first = first_points(exp) or None
     if is_pareto(exp):
         return ray.tune.TuneConfig(
-            num_samples=exp.search.num_samples, max_concurrent_trials=concurrency, reuse_actors=True,
+            num_samples=exp.search.num_samples, max_concurrent_trials=concurrency,
+            reuse_actors=trains_in_trial(exp),
             search_alg=OptunaSearch(metric=list(PARETO_METRICS), mode=["max"] * len(PARETO_METRICS),
                                     points_to_evaluate=first, seed=exp.search.seed))
     return ray.tune.TuneConfig(
         metric=OBJECTIVE, mode="max", num_samples=exp.search.num_samples, max_concurrent_trials=concurrency,
-        reuse_actors=True,
+        reuse_actors=trains_in_trial(exp),
         search_alg=OptunaSearch(points_to_evaluate=first, seed=exp.search.seed),
         scheduler=ASHAScheduler(time_attr="round", max_t=rounds(exp.train),
                                 grace_period=min(exp.search.grace_period, rounds(exp.train)),
@@ -391,6 +390,10 @@ def summarise(result: ray.tune.Result, filesystem: pyarrow.fs.FileSystem, *, las
     if frame is None or OBJECTIVE not in frame or frame.empty:
         return TrialSummary(trial_id, params, 0, {}, None, status)
     if "checkpoint_path" not in frame and "checkpoint_dir_name" in frame:  # kept by Tune: in the trial's folder
+        # A trial restored from an older checkpoint than it had reached numbers its folders from there again:
+        # a folder holds what the last row naming it reported, and earlier rows naming it are stale.
+        named = frame["checkpoint_dir_name"].notna()
+        frame = frame[~(named & frame.duplicated("checkpoint_dir_name", keep="last"))]
         frame = frame.assign(checkpoint_path=[f"{result.path}/{name}" if isinstance(name, str) else None
                                               for name in frame["checkpoint_dir_name"]])
     frame = frame.sort_values("round" if last_round else OBJECTIVE, ascending=False, kind="stable")
