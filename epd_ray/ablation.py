@@ -40,8 +40,8 @@ from epd_ray.evaluate.report import ABLATION_DIR, LAST_EPOCH_COLUMNS
 from epd_ray.experiment import data_and_networks, fetch_checkpoint
 from epd_ray.runtime import resolve_storage, start_ray, storage_filesystem
 from epd_ray.train.gan import GanInputs
-from epd_ray.tune.search import (budget, concurrent_trials, is_pareto, run_trial, summarise, trial_resources,
-                                 trial_run_config)
+from epd_ray.tune.search import (budget, concurrent_trials, is_pareto, run_trial, summarise, trains_in_trial,
+                                 trial_resources, trial_run_config)
 
 # variant -> what it changes in the tuned parameters
 VARIANTS: dict[str, dict[str, float]] = {"tuned": {}, "without_ssim": {"phi": 0.0}, "without_emotion": {"lambda3": 0.0}}
@@ -118,7 +118,7 @@ def run_ablation(run_dir: Path, *, address: str | None = None, echo=print) -> Ab
     grid = ray.tune.Tuner(
         trainable, param_space={"variant": ray.tune.grid_search(list(variants))},
         tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrent_trials(exp, inputs.runtime, len(variants)),
-                                        reuse_actors=True),
+                                        reuse_actors=trains_in_trial(exp)),
         run_config=trial_run_config(exp, f"ablation-{datetime.now():%Y%m%d-%H%M%S}", storage),
     ).fit()
 

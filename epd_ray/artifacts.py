@@ -200,7 +200,7 @@ class PretrainedCache:
     def unfinished(self, key: str) -> Path:
         """Where the networks of an entry still in training wait, one checkpoint file each, so that a
         restart trains only what is missing; removed once the entry is complete."""
-        return Path(self.root) / "pretrained" / f"{key}.unfinished"
+        return self.entry(f"{key}.unfinished")
 
     def scores(self, key: str) -> dict[str, float]:
         return json.loads((self.entry(key) / SCORES_FILE).read_text())

@@ -116,16 +116,17 @@ class Stages:
 
     prepared: PreparedData
     runtime: RayRuntime
-    train_data: Any
+    train_data: Any  # the materialized train split (None: `epd-ray pretrain`, which trains no GAN)
     pretrained_path: Path
 
 
 def data_and_networks(exp: ExperimentConfig, *, runtime: RayRuntime, prepared_dir: Path | None,
                       storage_path: str | None = None, strict: bool = False, pretrain_share_s: float | None = None,
-                      echo=print) -> Stages:
-    """Prepared data (given, or the cached synthetic/source set), the train split read once into the object
-    store, and the pretrained verifiers/evaluators (cached by content hash; with `strict`, PretrainingError
-    when one is not clearly above chance)."""
+                      gan_data: bool = True, echo=print) -> Stages:
+    """Prepared data (given, or the cached synthetic/source set), the pretrained verifiers/evaluators (cached
+    by content hash; with `strict`, PretrainingError when one is not clearly above chance), and with `gan_data`
+    the train split read once into the object store for GAN training (after pretraining, which does not
+    stream it; None without)."""
     cache_dir = default_cache_dir(exp.cache_dir)
     if prepared_dir is not None:
         prepared = PreparedData(Path(prepared_dir), read_manifest(Path(prepared_dir)), reused=True)
@@ -137,9 +138,9 @@ def data_and_networks(exp: ExperimentConfig, *, runtime: RayRuntime, prepared_di
     echo(f"ray: dashboard {runtime.dashboard_url or '(not available)'}"
          + (f"; storage {storage_path}" if storage_path else ""))
     check_batch_fits("train.batch_size", exp.train.batch_size, m.images("train"), exp.train.num_workers)
-    train_data = materialized_split(prepared.path, "train")
     pretrained_path = pretrain_networks(exp, prepared, cache_dir=cache_dir, runtime=runtime, strict=strict,
                                         time_share_s=pretrain_share_s, echo=echo)
+    train_data = materialized_split(prepared.path, "train") if gan_data else None
     return Stages(prepared, runtime, train_data, pretrained_path)
 
 
@@ -148,7 +149,7 @@ def run_pretrain(exp: ExperimentConfig, *, prepared_dir: Path | None = None, str
     """`epd-ray pretrain`: the verifiers, evaluators and warm start into the cache that `tune` reuses."""
     check_inputs(exp, prepared_dir)
     runtime = start_ray(exp.ray)
-    return data_and_networks(exp, runtime=runtime, prepared_dir=prepared_dir, strict=strict,
+    return data_and_networks(exp, runtime=runtime, prepared_dir=prepared_dir, strict=strict, gan_data=False,
                              echo=echo).pretrained_path
 
 

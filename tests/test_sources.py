@@ -361,8 +361,7 @@ def test_a_broken_folder_trains_on_the_rest_with_emotion_networks_from_fer2013(r
                                                           "max_shift": 2})})
     train = materialized_split(faces.path)
     said: list[str] = []
-    pretrained = pretrain_networks(exp, faces, train_data=train, cache_dir=tmp_path / "cache", runtime=ray_runtime,
-                                   storage_path=str(tmp_path / "ray"), echo=said.append)
+    pretrained = pretrain_networks(exp, faces, cache_dir=tmp_path / "cache", runtime=ray_runtime, echo=said.append)
     assert any("emotion networks learn from" in line and str(fer.path) in line for line in said)
     result = gan_trainer(exp, {}, train_data=train, inputs=GanInputs.put(faces.path, pretrained), name="gan-folder",
                          storage_path=str(tmp_path / "ray")).fit()

@@ -38,10 +38,10 @@ from epd_ray.core.baselines import gaussian_blur
 from epd_ray.core.labels import NUM_EMOTIONS
 from epd_ray.core.losses import ssim_loss, ssim_per_image
 from epd_ray.core.networks import build_network
-from epd_ray.core.precision import autocast, resolve_precision, threads_for
+from epd_ray.core.precision import autocast
 from epd_ray.data.shards import FaceArrays
 from epd_ray.train.progress import send
-from epd_ray.train.worker import ShardBatches, WorkerSetup, prepare_images, use_channels_last
+from epd_ray.train.worker import ShardBatches, WorkerSetup, prepare_images, setup_worker
 
 PROGRESS_LINES = 10  # progress items (each with a validation pass) per network
 
@@ -136,9 +136,9 @@ class PretrainInputs:
     specs: dict[str, dict[str, Any]]
     batch_size: int
     augment: bool
-    precision: str = "auto"
-    channels_last: bool = True
-    progress: Queue | None = None
+    precision: str
+    channels_last: bool
+    progress: Queue | None
 
 
 def train_network(name: str, spec: dict[str, Any], train: FaceArrays, val: FaceArrays, setup: WorkerSetup, *,
@@ -187,11 +187,8 @@ def pretrain_task(name: str, inputs: PretrainInputs, cpus: float, train: FaceArr
     The driver passes `train` and `val` as object refs, which Ray fetches before the task starts (tasks may
     run on nodes that cannot open the driver's files). A task that called `ray.get` itself would hand its
     CPUs back while it waits, and Ray would start more networks at once than the cores hold."""
-    device = torch.device("cuda") if ray.get_gpu_ids() else torch.device("cpu")
-    if device.type == "cpu":
-        torch.set_num_threads(threads_for(cpus))
-    setup = WorkerSetup(0, 1, device, resolve_precision(inputs.precision, device),
-                        use_channels_last(inputs.channels_last, device))
-    model, score = train_network(name, inputs.specs[name], train, val, setup, batch_size=inputs.batch_size,
+    spec = inputs.specs[name]
+    setup = setup_worker(cpus, inputs.precision, inputs.channels_last, spec["seed"], train_worker=False)
+    model, score = train_network(name, spec, train, val, setup, batch_size=inputs.batch_size,
                                  augmented=inputs.augment, on_progress=lambda item: send(inputs.progress, item))
     return network_record(name, model), score

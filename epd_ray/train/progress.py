@@ -1,9 +1,8 @@
-"""Progress from a Ray Train worker loop to the driver's output while `trainer.fit()` blocks the driver.
+"""Progress from the pretraining tasks to the driver's output while the driver waits for them.
 
-epd-ray starts Ray with `log_to_driver` off (quiet), so a worker's prints never reach the terminal, and a
-`ray.train.report` per progress line would wait for the controller's poll each time. Instead rank 0 puts
-small dicts into a Ray queue (an actor that holds no CPU, so it never waits for the workers' cores) and a
-thread of the driver hands each to `echo` as it comes, on one node as on many.
+epd-ray starts Ray with `log_to_driver` off (quiet), so a task's prints never reach the terminal. Instead each
+task puts small dicts into a Ray queue (an actor that holds no CPU, so it never waits for the tasks' cores) and
+a thread of the driver hands each to `echo` as it comes, on one node as on many.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ POLL_S = 0.2
 
 
 class ProgressFeed:
-    """Driver side: `with ProgressFeed(echo) as feed:` pass `feed.queue` to the workers, then fit."""
+    """Driver side: `with ProgressFeed(echo) as feed:` pass `feed.queue` to the tasks, then wait for them."""
 
     def __init__(self, echo: Callable[[dict[str, Any]], None]):
         self.echo = echo

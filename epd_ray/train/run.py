@@ -156,8 +156,8 @@ def pretrain_networks(exp: ExperimentConfig, prepared: PreparedData, *, cache_di
     # learn from the emotion-labelled set when one is given.
     if emotions is not prepared:
         echo(f"emotion networks learn from {emotions.path} ({emotions.info.images('train')} images)")
-    splits = {data.path: (ray.put(load_split(data.path, "train")), ray.put(load_split(data.path, "val")))
-              for data in (prepared, emotions)}
+    splits = {path: (ray.put(load_split(path, "train")), ray.put(load_split(path, "val")))
+              for path in {prepared.path, emotions.path}}
     with ProgressFeed(PretrainingEstimate(exp, time_share_s, echo, lanes)) as feed:
         inputs = PretrainInputs(specs, exp.verifiers.batch_size, exp.verifiers.augment, exp.train.precision,
                                 exp.train.channels_last, feed.queue)

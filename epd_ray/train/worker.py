@@ -50,8 +50,8 @@ def use_channels_last(requested: bool, device: torch.device) -> bool:
 
 def setup_worker(cpus_per_worker: float, precision: str, channels_last: bool, seed: int, *,
                  train_worker: bool = True) -> WorkerSetup:
-    """A Ray Train worker's rank, world and device from Train; a trial's own process (`train_worker=False`)
-    is rank 0 of 1, on the GPU Tune gave it if it holds one."""
+    """A Ray Train worker's rank, world and device from Train; a process of its own (`train_worker=False`: a
+    one-worker trial, a pretraining task) is rank 0 of 1, on the GPU Ray gave it if it holds one."""
     if train_worker:
         ctx = ray.train.get_context()
         rank, world, device = ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()

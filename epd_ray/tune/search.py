@@ -133,7 +133,7 @@ def trains_in_trial(exp: ExperimentConfig) -> bool:
 
 def trial_resources(exp: ExperimentConfig, runtime: RayRuntime) -> dict[str, float]:
     """What a trial's process holds: its one worker's CPUs (and GPU) when it trains itself, else only the
-    driver's token (`RayRuntime.trial_resources`), its Train run's workers holding the rest."""
+    driver's token (`RayRuntime.trial_driver_resources`), its Train run's workers holding the rest."""
     if trains_in_trial(exp):
         return {"CPU": exp.train.cpus_per_worker, **({"GPU": 1} if exp.train.use_gpu else {})}
     return runtime.trial_driver_resources()
