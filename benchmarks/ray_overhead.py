@@ -50,7 +50,13 @@ from epd_ray.checkpoints import save_checkpoint  # noqa: E402
 from epd_ray.config import ExperimentConfig, load_config  # noqa: E402
 from epd_ray.core.precision import resolve_precision, threads_for  # noqa: E402
 from epd_ray.train.gan import GanInputs, GanRun, trial_params  # noqa: E402
-from epd_ray.train.worker import CHECKPOINT_FILE, ShardBatches, WorkerSetup, seed_everything  # noqa: E402
+from epd_ray.train.worker import (  # noqa: E402
+    CHECKPOINT_FILE,
+    ShardBatches,
+    WorkerSetup,
+    seed_everything,
+    use_channels_last,
+)
 
 # Pretraining that only has to produce networks of the right shape, fast.
 TINY_PRETRAINING = {"verifiers.steps": 1, "model.warm_start_steps": 1}
@@ -108,7 +114,8 @@ def plain_gan(exp: ExperimentConfig, *, dataset_dir: Path, pretrained_path: Path
     if device.type == "cpu":
         torch.set_num_threads(threads)
     seed_everything(exp.train.seed)
-    setup = WorkerSetup(0, 1, device, resolve_precision(exp.train.precision, device), exp.train.channels_last)
+    setup = WorkerSetup(0, 1, device, resolve_precision(exp.train.precision, device),
+                        use_channels_last(exp.train.channels_last, device, trains_1x1_convolutions=False))
     checkpoint_dir = Path(tempfile.mkdtemp(prefix="epd-plain-"))
     try:
         inputs = GanInputs.put(dataset_dir, pretrained_path, exp.evaluation, put=lambda value: value)

@@ -160,7 +160,8 @@ class TrainConfig(_Strict):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     precision: Literal["auto", "bf16", "fp32"] = "auto"
-    channels_last: bool = Field(True, description="channels-last memory format on GPUs (ignored on CPU)")
+    channels_last: bool = Field(True, description="channels-last memory format on GPUs; on CPU for the GAN only "
+                                "(pretraining keeps NCHW there: `train.worker.use_channels_last`)")
     keep_shard: bool = Field(True, description="keep each worker's shard in memory after the first Ray Data pass "
                                                "when no random augmentation needs a new pass over the data")
     flip: bool = Field(False, description="mirror faces at random (Ray Data map_batches, every pass anew)")

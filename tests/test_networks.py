@@ -247,24 +247,31 @@ def test_bf16_autocast_and_channels_last(kind):
     assert (low - ref).abs().max() <= 0.1 * ref.abs().max() + 0.05
 
 
-def test_cpu_training_avoids_the_channels_last_layout_that_crashes_onednn():
+def test_cpu_training_uses_channels_last_only_where_onednn_does_not_crash():
     """oneDNN's channels-last weight gradient of 1x1 convolutions crashes the process on CPU at some shapes
-    (mini-Xception at 64 px, a last batch of 15 in bf16): the workers keep CPU tensors contiguous. Run in a
-    subprocess so that a regression fails this test instead of killing the test run."""
+    (mini-Xception at 64 px, a last batch of 15 in bf16): pretraining keeps CPU tensors contiguous, while the
+    GAN step (only 4x4 convolutions trained, the verifiers frozen) runs channels-last, at those same shapes.
+    Run in a subprocess so that a regression fails this test instead of killing the test run."""
     import subprocess
     import sys
 
     from epd_ray.train.worker import use_channels_last
 
-    assert not use_channels_last(True, torch.device("cpu")) and use_channels_last(True, torch.device("cuda"))
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not use_channels_last(True, cpu, trains_1x1_convolutions=True)
+    assert use_channels_last(True, cpu, trains_1x1_convolutions=False)
+    assert use_channels_last(True, cuda, trains_1x1_convolutions=True)
+    assert not use_channels_last(False, cuda, trains_1x1_convolutions=False)
     script = """
 import torch
-from epd_ray.core.networks import build_network
+from epd_ray.core.losses import LossWeights
+from epd_ray.core.networks import build_network, EmotionVerifier, IdentityVerifier, PatchDiscriminator, UNetGenerator
 from epd_ray.core.precision import autocast
-from epd_ray.train.worker import use_channels_last
+from epd_ray.train.gan import GanSteps, frozen
+from epd_ray.train.worker import WorkerSetup, prepare_images, use_channels_last
 cpu = torch.device("cpu")
 net = build_network("emotion_verifier")
-layout = torch.channels_last if use_channels_last(True, cpu) else torch.contiguous_format
+layout = torch.channels_last if use_channels_last(True, cpu, trains_1x1_convolutions=True) else torch.contiguous_format
 net = net.to(memory_format=layout)
 optimiser = torch.optim.Adam(net.parameters(), 1e-3)
 for precision in ("bf16", "fp32"):
@@ -275,6 +282,19 @@ for precision in ("bf16", "fp32"):
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
+for precision in ("bf16", "fp32"):
+    setup = WorkerSetup(0, 1, cpu, precision, use_channels_last(True, cpu, trains_1x1_convolutions=False))
+    assert setup.channels_last
+    generator, discriminator = UNetGenerator(image_size=64, ngf=8), PatchDiscriminator(ndf=8)
+    for module in (generator, discriminator):
+        module.to(memory_format=torch.channels_last)
+    steps = GanSteps(generator, discriminator, frozen(IdentityVerifier(4, 64, 0.125), setup),
+                     frozen(EmotionVerifier(), setup), torch.optim.Adam(generator.parameters()),
+                     torch.optim.Adam(discriminator.parameters()), LossWeights(), setup)
+    for batch in (16, 15):
+        pixels = torch.randint(0, 256, (batch, 64, 64, 3), dtype=torch.uint8)
+        labels = torch.arange(batch) % 4
+        steps.step(prepare_images(pixels, setup), prepare_images(pixels.flip(0), setup), labels, labels % 7)
 print("trained")
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)

@@ -188,7 +188,8 @@ def pretrain_task(name: str, inputs: PretrainInputs, cpus: float, train: FaceArr
     run on nodes that cannot open the driver's files). A task that called `ray.get` itself would hand its
     CPUs back while it waits, and Ray would start more networks at once than the cores hold."""
     spec = inputs.specs[name]
-    setup = setup_worker(cpus, inputs.precision, inputs.channels_last, spec["seed"], train_worker=False)
+    setup = setup_worker(cpus, inputs.precision, inputs.channels_last, spec["seed"], train_worker=False,
+                         trains_1x1_convolutions=True)
     model, score = train_network(name, spec, train, val, setup, batch_size=inputs.batch_size,
                                  augmented=inputs.augment, on_progress=lambda item: send(inputs.progress, item))
     return network_record(name, model), score

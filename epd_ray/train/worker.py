@@ -41,15 +41,20 @@ class WorkerSetup:
     channels_last: bool
 
 
-def use_channels_last(requested: bool, device: torch.device) -> bool:
-    """Channels-last memory only on GPUs. On CPU, oneDNN's channels-last weight gradient of 1x1 convolutions
-    (mini-Xception's, the ResNet's shortcuts) crashes the process (SIGSEGV or heap corruption) at some
-    shapes: 64 and 128 px in fp32, or a last partial batch in bf16; and it gains nothing measurable there."""
-    return requested and device.type == "cuda"
+def use_channels_last(requested: bool, device: torch.device, *, trains_1x1_convolutions: bool) -> bool:
+    """Channels-last memory on GPUs, and on CPU wherever no 1x1 convolution's weights are trained.
+
+    On CPU, oneDNN's channels-last weight gradient of 1x1 convolutions (mini-Xception's, the ResNet's
+    shortcuts) crashes the process (SIGSEGV or heap corruption) at some shapes: 64 and 128 px in fp32, or a
+    last partial batch in bf16. Pretraining trains those weights, so it keeps NCHW there. The GAN trains only
+    4x4 convolutions (U-Net, PatchGAN) and passes gradients through the frozen verifiers' inputs, never their
+    weights; channels-last makes its step 13-15% faster on 2 CPU threads at 32 and 64 px
+    (`python -m benchmarks.train_step`) and 25% on the one thread of a quick-preset trial."""
+    return requested and (device.type == "cuda" or not trains_1x1_convolutions)
 
 
 def setup_worker(cpus_per_worker: float, precision: str, channels_last: bool, seed: int, *,
-                 train_worker: bool = True) -> WorkerSetup:
+                 train_worker: bool = True, trains_1x1_convolutions: bool = False) -> WorkerSetup:
     """A Ray Train worker's rank, world and device from Train; a process of its own (`train_worker=False`: a
     one-worker trial, a pretraining task) is rank 0 of 1, on the GPU Ray gave it if it holds one."""
     if train_worker:
@@ -62,7 +67,7 @@ def setup_worker(cpus_per_worker: float, precision: str, channels_last: bool, se
         torch.set_num_threads(threads_for(cpus_per_worker))
     seed_everything(seed + rank)
     return WorkerSetup(rank, world, device, resolve_precision(precision, device),
-                       use_channels_last(channels_last, device))
+                       use_channels_last(channels_last, device, trains_1x1_convolutions=trains_1x1_convolutions))
 
 
 def seed_everything(seed: int) -> None:
