@@ -1,7 +1,7 @@
 """How fast the search runs: trials per hour and time to the first reported result of `epd-ray tune`'s search.
 
     python -m benchmarks.search                  # REDUCED by default (4 trials x 3 rounds, tiny pretraining): ~3 min
-    python -m benchmarks.search --full           # the quick preset as `epd-ray tune` runs it: ~6.5 min of search,
+    python -m benchmarks.search --full           # the quick preset as `epd-ray tune` runs it: ~4.5 min of search,
                                                  # plus its pretraining unless ~/.cache/epd-ray already holds it
     python -m benchmarks.search --set search.num_samples=6 --set train.steps=60
 
