@@ -86,8 +86,9 @@ def test_pretraining_shows_progress_per_network_while_it_runs_then_the_verdict(t
         assert f"step {total}/{total}" in rows[-1][1] and "left" in rows[-1][1]
         assert ("val SSIM" if name == "generator" else "val acc") in rows[-1][1]
     verdict = next(t for t, line in said if line == "pretrained networks, validation split:")
-    # shown as the networks finish, not all at once when pretraining is over
-    assert progress["identity_verifier"][-1][0] < verdict - 0.5
+    # shown as the networks finish, not all at once when pretraining is over: the first network done was shown
+    # well before the verdict (at 2 steps a network the last ones end within a second of it, sooner under load)
+    assert min(rows[-1][0] for rows in progress.values()) < verdict - 0.2
     verdicts = lines[lines.index("pretrained networks, validation split:") + 1:]
     assert sum("validation accuracy" in line and "chance" in line and not line.startswith("warning")
                for line in verdicts) == 4 and any("reconstruction SSIM" in line for line in verdicts)
