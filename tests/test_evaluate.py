@@ -15,11 +15,12 @@ from typer.testing import CliRunner
 from epd_ray.checkpoints import network_record, save_checkpoint
 from epd_ray.cli import app
 from epd_ray.config import DataConfig
-from epd_ray.core.labels import NUM_EMOTIONS
+from epd_ray.core.labels import EMOTIONS, NUM_EMOTIONS
 from epd_ray.core.networks import build_network
+from epd_ray.core.synthetic import make_synthetic_faces
 from epd_ray.data.prepare import prepare_dataset
 from epd_ray.data.shards import load_split
-from epd_ray.evaluate.report import FIGURES, GRID_PAD, ORIGINAL_ROW
+from epd_ray.evaluate.report import FIGURES, GRID_PAD, ORIGINAL_ROW, reader_table
 
 JUDGE_KEYS = {"cmc_misclassification", "emotion_mse", "emotion_preserved", "ssim", "objective", "privacy", "utility",
               "expression_kept", "reidentified", "reidentified_original"}
@@ -233,3 +234,31 @@ def test_generator_noise_depends_on_its_seed_not_on_what_ran_before():
     assert torch.equal(first, again)
     assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is untouched
     assert not torch.equal(first, generator_method(generator, seed=4)(x))  # z is on: the seed matters
+
+
+def test_real_faces_are_also_read_by_the_pretrained_expression_reader(world, model_eval, tmp_path):
+    """A folder of face images is a real set to epd-ray: next to S_e, the FER-2013 reader reads every
+    method's faces, in metrics.json, per_image.parquet, the printed summary and the report. Doing nothing
+    changes none of its readings."""
+    faces = make_synthetic_faces(IDS, 3, 32, seed=5)
+    for i, (pixels, ident, emo) in enumerate(zip(faces.pixels, faces.identity, faces.emotion)):
+        folder = tmp_path / "faces" / f"p{ident}" / EMOTIONS[emo]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    data = prepare_dataset(DataConfig(source="folder", path=str(tmp_path / "faces"), image_size=32),
+                           tmp_path / "data").path
+    out = tmp_path / "eval"
+    result = invoke("evaluate", "--baseline", "identity", "--baseline", "blur", "--data", data,
+                    "--pretrained", world["pretrained"], "--out", out)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    for judged in metrics["methods"].values():
+        assert set(judged["reader"]) == {"read_original", "read", "expression_kept"}
+    unchanged = metrics["methods"]["no_change"]["reader"]
+    assert unchanged["read"] == unchanged["read_original"]
+    table = pq.read_table(out / "per_image.parquet").to_pandas()
+    same = table[table.method == "no_change"]
+    assert (same.reader_emotion_original == same.reader_emotion_deid).all()
+    assert "kept rdr" in result.output
+    assert "expression kept (reader)" in "\n".join(reader_table(metrics))
+    assert reader_table(json.loads((model_eval / "metrics.json").read_text())) == []  # synthetic: no reader

@@ -1,16 +1,20 @@
-"""The judges of `evaluate.judges`: a pretrained recogniser on a real face, the parrot attack, the verdict."""
+"""The judges: a pretrained recogniser and expression reader on a real face, the parrot attack, the verdict."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from epd_ray.core.baselines import gaussian_blur
 from epd_ray.core.images import to_tensor, to_uint8
+from epd_ray.core.labels import EMOTIONS as EMOTION_NAMES
 from epd_ray.core.metrics import judged_metrics
+from epd_ray.core.scoring import class_probabilities
 from epd_ray.core.synthetic import make_synthetic_faces
 from epd_ray.evaluate.evaluate import baseline_verdict, verdict_line
+from epd_ray.evaluate.expression_reader import ExpressionReader, reads_any
 from epd_ray.evaluate.judges import RECOGNISER_THRESHOLD, FaceRecogniser, Gallery, main_judge, parrot_metrics
 
 EMOTIONS = 7
@@ -123,3 +127,22 @@ def test_verdict_says_when_the_model_is_no_better_than_a_baseline():
     assert ahead["beats_baselines"] is True and verdict_line(ahead).startswith("verdict:")
     assert baseline_verdict({"main_judge": "recogniser",
                              "methods": {"blur": {"recogniser": {"objective": 0.1}}}}) is None
+
+
+def test_pretrained_expression_reader_reads_a_real_smile_in_the_data_sets_classes():
+    """The FER-2013 mini-Xception, ported from its Keras weights, reads the astronaut's smile as happy at
+    any size, and not when the face is upside down; a class it does not know gets probability 0, and its
+    columns follow the data set's own class order."""
+    smile = np.stack([astronaut_crop(150, 50, 140), astronaut_crop(152, 52, 140, mirror=True)])
+    kw = dict(batch_size=8, device=torch.device("cpu"))
+    reader = ExpressionReader(EMOTION_NAMES)
+    happy = EMOTION_NAMES.index("happy")
+    assert (class_probabilities(reader, smile, **kw)[:, happy] > 0.9).all()
+    larger = np.stack([np.array(Image.fromarray(face).resize((128, 128), Image.BICUBIC)) for face in smile])
+    assert (class_probabilities(reader, larger, **kw)[:, happy] > 0.9).all()
+    assert (class_probabilities(reader, smile[:, ::-1].copy(), **kw)[:, happy] < 0.5).all()
+    own = class_probabilities(ExpressionReader(["sad", "contemptuous", "happy"]), smile, **kw)
+    assert (own[:, 1] == 0).all() and (own.argmax(dim=1) == 2).all()
+    assert not reads_any(["contemptuous"])
+    with pytest.raises(ValueError, match="contemptuous"):
+        ExpressionReader(["contemptuous"])

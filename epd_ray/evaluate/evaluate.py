@@ -2,7 +2,9 @@
 
 Main figures come from the independent evaluators V_e, S_e, which no loss ever saw; the same de-identified
 images are also judged by the training verifiers V, S, for comparison with the paper (and to show how much
-those flatter the generator). Every method is measured at the same mu.
+those flatter the generator). Every method is measured at the same mu. On real faces, dlib's recogniser
+(`judges.py`) names the people and a pretrained expression reader (`expression_reader.py`) reads the
+expressions beside S_e: both were trained on thousands of other people, by no part of epd-ray.
 
 `run_evaluation` de-identifies the split once per method and returns three things: the JSON-ready metrics
 (`core/metrics.py`: the paper's section IV, per judge, plus a mu sweep for the evaluators), one row per
@@ -32,6 +34,7 @@ from epd_ray.core.images import to_tensor, to_uint8
 from epd_ray.core.metrics import DEFAULT_MU_GRID, compute_metrics, distance_to_all, mu_sweep
 from epd_ray.core.scoring import Method, class_logits, class_probabilities, deidentify_pixels, ssim_values
 from epd_ray.data.shards import SPLITS, FaceArrays, load_split, read_manifest
+from epd_ray.evaluate.expression_reader import ExpressionReader, reader_metrics, reads_any
 from epd_ray.evaluate.judges import (FaceRecogniser, Gallery, main_judge, parrot_metrics,
                                      recogniser_metrics, uses_recogniser)
 
@@ -184,6 +187,11 @@ def run_evaluation(methods: dict[str, Method | KSameMethod], *, dataset_dir: Pat
     else:
         plain_gallery, main_orig = Gallery.of(embed, gallery_faces, num_identities), embed(faces.pixels)
     emo_orig = originals["evaluators"][1]
+    # Real faces also get an expression reader trained on thousands of other people (S_e knows only these).
+    reader = (ExpressionReader(manifest.emotions).to(device)
+              if source != "synthetic" and reads_any(manifest.emotions) else None)
+    if reader is not None:
+        reader_orig = class_probabilities(reader, faces.pixels, **kw)
     index = sample_indices(faces.identity, samples)
     results: dict[str, Any] = {}
     sweeps: dict[str, Any] = {}
@@ -213,6 +221,11 @@ def run_evaluation(methods: dict[str, Method | KSameMethod], *, dataset_dir: Pat
             rec_deid, found_deid = recogniser.embed(deid)
             judged["recogniser"] = recogniser_metrics(rec_gallery, rec_orig, rec_deid, found_orig, found_deid, **shared)
             columns["recogniser_face_found"] = found_deid
+        if reader is not None:
+            reader_deid = class_probabilities(reader, deid, **kw)
+            judged["reader"] = reader_metrics(reader_orig, reader_deid, faces.emotion)
+            columns.update(reader_emotion_original=reader_orig.argmax(dim=1).numpy(),
+                           reader_emotion_deid=reader_deid.argmax(dim=1).numpy())
         main_deid = rec_deid if main == "recogniser" else embed(deid)
         parrot_gallery = Gallery(embed(_deidentify(method, gallery_faces, kw)), gallery_faces.identity, num_identities)
         judged["parrot"] = {**parrot_metrics(plain_gallery, parrot_gallery, main_orig, main_deid, **shared),
@@ -268,10 +281,13 @@ SUMMARY_JUDGES = ("evaluators", "verifiers", "recogniser", "parrot")
 
 def summary_lines(metrics: dict[str, Any]) -> list[str]:
     """Each method under the main judge (J, privacy, utility and their parts), then rank-1 re-identification
-    under every judge side by side, as the commands print them."""
+    under every judge side by side and, on real faces, expression kept as the pretrained reader reads it,
+    as the commands print them."""
     main = metrics.get("main_judge", "evaluators")
     judges = [j for j in SUMMARY_JUDGES if all(j in m for m in metrics["methods"].values())]
-    header = ["method", "J", "privacy", "utility", "kept", "SSIM", *(f"r1 {j[:6]}" for j in judges)]
+    reader = all("reader" in m for m in metrics["methods"].values())
+    header = ["method", "J", "privacy", "utility", "kept", "SSIM", *(f"r1 {j[:6]}" for j in judges),
+              *(["kept rdr"] if reader else [])]
     lines = [f"  main judge: {main}; r1: share named at rank 1 (unchanged faces: "
              + ", ".join(f"{j} {_unchanged_rank1(metrics, j):.2f}" for j in judges) + ")",
              "  " + " ".join(f"{h:>10}" for h in header)]
@@ -279,7 +295,8 @@ def summary_lines(metrics: dict[str, Any]) -> list[str]:
         m = judged[main]
         cells = [name[:10],
                  *(f"{m[key]:.3f}" for key in ("objective", "privacy", "utility", "expression_kept", "ssim")),
-                 *(f"{judged[j]['reidentified']:.3f}" for j in judges)]
+                 *(f"{judged[j]['reidentified']:.3f}" for j in judges),
+                 *([f"{judged['reader']['expression_kept']:.3f}"] if reader else [])]
         lines.append("  " + " ".join(f"{c:>10}" for c in cells))
     line = verdict_line(metrics.get("verdict"))
     return lines + ([line] if line else [])
