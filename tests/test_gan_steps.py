@@ -146,3 +146,55 @@ def test_the_gan_loop_runs_in_process_rounds_reports_and_resumes(tmp_path):
     train(2, payload=payload)
     assert [(m["round"], m["first_round"], m["step"]) for m, _ in reports] == [(3, 3, 6)]
     assert int(reports[0][1]["optimizers"]["generator"]["state"][0]["step"]) == 6  # went on from 4 steps
+
+
+def test_the_rounds_read_real_faces_expressions_with_the_pretrained_reader(tmp_path):
+    """On a real set (a folder of images) each round's J under the recogniser counts the expressions the
+    pretrained reader reads, as `evaluate` does; on the synthetic set there is no reader."""
+    from PIL import Image
+
+    from epd_ray.checkpoints import network_record, save_checkpoint
+    from epd_ray.config import load_config
+    from epd_ray.core.labels import EMOTIONS
+    from epd_ray.core.metrics import expression_kept
+    from epd_ray.core.networks import build_network
+    from epd_ray.core.scoring import class_probabilities, deidentify_pixels
+    from epd_ray.core.synthetic import make_synthetic_faces
+    from epd_ray.data.prepare import prepare_dataset
+    from epd_ray.evaluate.expression_reader import ExpressionReader
+    from epd_ray.train.gan import GanInputs, GanRun, trial_params, validation_metrics
+    from epd_ray.train.pretrain import network_specs
+
+    torch.manual_seed(0)
+    faces = make_synthetic_faces(4, 3, 32, seed=2)
+    for i, (pixels, ident, emo) in enumerate(zip(faces.pixels, faces.identity, faces.emotion)):
+        folder = tmp_path / "faces" / f"p{ident}" / EMOTIONS[emo]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    exp = load_config("smoke", {"data.source": "folder", "data.path": str(tmp_path / "faces"),
+                                "data.image_size": 32})
+    data = prepare_dataset(exp.data, tmp_path / "data", echo=lambda *_: None).info
+    specs = network_specs(exp.verifiers, exp.model, len(data.identities), data.image_size, len(data.emotions))
+    save_checkpoint(tmp_path / "pretrained.pt", {"networks": {
+        name: network_record(name, build_network(name, **spec["args"])) for name, spec in specs.items()}})
+    inputs = GanInputs.put(tmp_path / "data", tmp_path / "pretrained.pt", exp.evaluation, put=lambda value: value)
+    assert inputs.judge == "recogniser" and inputs.reader_classes == tuple(data.emotions)
+    setup = WorkerSetup(0, 1, torch.device("cpu"), "fp32", channels_last=False)
+    weights, mu = trial_params({"experiment": exp.to_dict()})
+    val, identity_evaluator, emotion_evaluator, recogniser, reader = GanRun(exp, weights, mu, setup, inputs).judges
+    assert isinstance(reader, ExpressionReader)
+    generator = build_network("generator", image_size=32, ngf=4)
+    generator.deterministic = True  # no noise z: the same faces twice
+    scores = validation_metrics(generator, val, identity_evaluator, emotion_evaluator, mu=mu, exp=exp, setup=setup,
+                                inputs=inputs, recogniser=recogniser, reader=reader)
+    kw = dict(batch_size=64, device=setup.device)
+    deid = deidentify_pixels(generator.eval(), val.pixels, **kw)
+    def kept(judge):
+        return expression_kept(class_probabilities(judge, deid, **kw), class_probabilities(judge, val.pixels, **kw),
+                               val.emotion)
+
+    assert scores["expression_kept"] == kept(reader) != kept(emotion_evaluator)
+    synthetic = load_config("smoke", {"data.num_identities": 4, "data.variations": 3})
+    prepare_dataset(synthetic.data, tmp_path / "synthetic", echo=lambda *_: None)
+    assert GanInputs.put(tmp_path / "synthetic", tmp_path / "pretrained.pt", synthetic.evaluation,
+                         put=lambda value: value).reader_classes is None
