@@ -178,9 +178,8 @@ class EvaluationConfig(_Strict):
     """How results are judged: the judges, the objective J and the baselines (see `evaluate.judges`)."""
 
     judge: Literal["auto", "evaluators", "recogniser"] = Field(
-        "auto", description="whose J the search maximises: recogniser = dlib's pretrained face recogniser with the "
-                            "pretrained FER-2013 expression reader (real faces), evaluators = V_e/S_e trained here; "
-                            "auto: recogniser unless the data is synthetic")
+        "auto", description="whose J the search maximises: recogniser = dlib's pretrained face recogniser (real "
+                            "faces), evaluators = V_e/S_e trained here; auto: recogniser unless the data is synthetic")
     gallery_per_identity: int = Field(10, ge=1, description="train-split images per identity in the recogniser's "
                                                             "and the parrot attack's gallery")
     val_probes: int = Field(600, ge=1, description="at most this many val-split faces (a fixed share of every "

@@ -237,8 +237,8 @@ def test_generator_noise_depends_on_its_seed_not_on_what_ran_before():
 
 
 def test_real_faces_are_also_read_by_the_pretrained_expression_reader(world, model_eval, tmp_path):
-    """A folder of face images is a real set to epd-ray: the FER-2013 reader reads every method's faces for
-    the recogniser, S_e for the evaluators, in metrics.json, per_image.parquet and the report. Doing nothing
+    """A folder of face images is a real set to epd-ray: next to S_e, the FER-2013 reader reads every
+    method's faces, in metrics.json, per_image.parquet, the printed summary and the report. Doing nothing
     changes none of its readings."""
     faces = make_synthetic_faces(IDS, 3, 32, seed=5)
     for i, (pixels, ident, emo) in enumerate(zip(faces.pixels, faces.identity, faces.emotion)):
@@ -259,7 +259,6 @@ def test_real_faces_are_also_read_by_the_pretrained_expression_reader(world, mod
     table = pq.read_table(out / "per_image.parquet").to_pandas()
     same = table[table.method == "no_change"]
     assert (same.reader_emotion_original == same.reader_emotion_deid).all()
-    rec = metrics["methods"]["blur"]["recogniser"]  # the recogniser reads expressions with the reader
-    assert rec["expression_kept"] == metrics["methods"]["blur"]["reader"]["expression_kept"]
+    assert "kept rdr" in result.output
     assert "expression kept (reader)" in "\n".join(reader_table(metrics))
     assert reader_table(json.loads((model_eval / "metrics.json").read_text())) == []  # synthetic: no reader

@@ -34,7 +34,7 @@ from epd_ray.core.images import to_tensor, to_uint8
 from epd_ray.core.metrics import DEFAULT_MU_GRID, compute_metrics, distance_to_all, mu_sweep
 from epd_ray.core.scoring import Method, class_logits, class_probabilities, deidentify_pixels, ssim_values
 from epd_ray.data.shards import SPLITS, FaceArrays, load_split, read_manifest
-from epd_ray.evaluate.expression_reader import ExpressionReader, reader_classes, reader_metrics
+from epd_ray.evaluate.expression_reader import ExpressionReader, reader_metrics, reads_any
 from epd_ray.evaluate.judges import (FaceRecogniser, Gallery, main_judge, parrot_metrics,
                                      recogniser_metrics, uses_recogniser)
 
@@ -186,10 +186,10 @@ def run_evaluation(methods: dict[str, Method | KSameMethod], *, dataset_dir: Pat
         plain_gallery, main_orig = rec_gallery, rec_orig
     else:
         plain_gallery, main_orig = Gallery.of(embed, gallery_faces, num_identities), embed(faces.pixels)
-    # The recogniser reads expressions with a pretrained reader too where it knows the data set's classes: S_e
-    # learnt them from these few people only. The parrot reads them as its main judge does.
-    classes = reader_classes(source, manifest.emotions)
-    reader = ExpressionReader(classes).to(device) if classes else None
+    emo_orig = originals["evaluators"][1]
+    # Real faces also get an expression reader trained on thousands of other people (S_e knows only these).
+    reader = (ExpressionReader(manifest.emotions).to(device)
+              if source != "synthetic" and reads_any(manifest.emotions) else None)
     if reader is not None:
         reader_orig = class_probabilities(reader, faces.pixels, **kw)
     index = sample_indices(faces.identity, samples)
@@ -204,11 +204,9 @@ def run_evaluation(methods: dict[str, Method | KSameMethod], *, dataset_dir: Pat
         columns: dict[str, Any] = {"method": [method_name] * len(faces), "index": np.arange(len(faces)),
                                    "identity": faces.identity, "emotion": faces.emotion, "ssim": ssim}
         results[method_name] = judged = {}
-        emo_deids = {}
         for judge_name, (id_net, emo_net) in judges.items():
             id_orig, emo_judge_orig = originals[judge_name]
             id_deid, emo_deid = (class_probabilities(id_net, deid, **kw), class_probabilities(emo_net, deid, **kw))
-            emo_deids[judge_name] = emo_deid
             judged[judge_name] = compute_metrics(
                 identity_probs_orig=id_orig, identity_probs_deid=id_deid, emotion_probs_orig=emo_judge_orig,
                 emotion_probs_deid=emo_deid, identity=faces.identity, emotion=faces.emotion,
@@ -216,25 +214,22 @@ def run_evaluation(methods: dict[str, Method | KSameMethod], *, dataset_dir: Pat
             columns.update(_per_image_columns(judge_name, id_orig, id_deid, emo_judge_orig, emo_deid, faces.identity))
             if judge_name == SWEEP_JUDGE:
                 sweeps[method_name] = mu_sweep(id_orig, id_deid, faces.identity, mu_grid)
-        s_e = dict(emotion_probs_orig=originals["evaluators"][1], emotion_probs_deid=emo_deids["evaluators"])
-        pretrained_read = s_e
+        emo_deid = class_probabilities(judges["evaluators"][1], deid, **kw)
+        shared = dict(identity=faces.identity, emotion_probs_orig=emo_orig, emotion_probs_deid=emo_deid,
+                      emotion=faces.emotion, ssim=ssim, ssim_weight=cfg.ssim_weight)
+        if recogniser is not None:
+            rec_deid, found_deid = recogniser.embed(deid)
+            judged["recogniser"] = recogniser_metrics(rec_gallery, rec_orig, rec_deid, found_orig, found_deid, **shared)
+            columns["recogniser_face_found"] = found_deid
         if reader is not None:
             reader_deid = class_probabilities(reader, deid, **kw)
-            pretrained_read = dict(emotion_probs_orig=reader_orig, emotion_probs_deid=reader_deid)
             judged["reader"] = reader_metrics(reader_orig, reader_deid, faces.emotion)
             columns.update(reader_emotion_original=reader_orig.argmax(dim=1).numpy(),
                            reader_emotion_deid=reader_deid.argmax(dim=1).numpy())
-        shared = dict(identity=faces.identity, emotion=faces.emotion, ssim=ssim, ssim_weight=cfg.ssim_weight)
-        if recogniser is not None:
-            rec_deid, found_deid = recogniser.embed(deid)
-            judged["recogniser"] = recogniser_metrics(rec_gallery, rec_orig, rec_deid, found_orig, found_deid,
-                                                      **pretrained_read, **shared)
-            columns["recogniser_face_found"] = found_deid
         main_deid = rec_deid if main == "recogniser" else embed(deid)
         parrot_gallery = Gallery(embed(_deidentify(method, gallery_faces, kw)), gallery_faces.identity, num_identities)
-        main_read = pretrained_read if main == "recogniser" else s_e
-        judged["parrot"] = {**parrot_metrics(plain_gallery, parrot_gallery, main_orig, main_deid, **main_read,
-                                             **shared), "embedding": main}
+        judged["parrot"] = {**parrot_metrics(plain_gallery, parrot_gallery, main_orig, main_deid, **shared),
+                            "embedding": main}
         tables.append(pa.table(columns))
     metrics = {"split": split, "images": len(faces), "mu": mu, "ssim_weight": cfg.ssim_weight, "methods": results,
                "main_judge": main, "data_source": source, "gallery": {"split": "train", "images": len(gallery_faces),
@@ -286,10 +281,13 @@ SUMMARY_JUDGES = ("evaluators", "verifiers", "recogniser", "parrot")
 
 def summary_lines(metrics: dict[str, Any]) -> list[str]:
     """Each method under the main judge (J, privacy, utility and their parts), then rank-1 re-identification
-    under every judge side by side, as the commands print them."""
+    under every judge side by side and, on real faces, expression kept as the pretrained reader reads it,
+    as the commands print them."""
     main = metrics.get("main_judge", "evaluators")
     judges = [j for j in SUMMARY_JUDGES if all(j in m for m in metrics["methods"].values())]
-    header = ["method", "J", "privacy", "utility", "kept", "SSIM", *(f"r1 {j[:6]}" for j in judges)]
+    reader = all("reader" in m for m in metrics["methods"].values())
+    header = ["method", "J", "privacy", "utility", "kept", "SSIM", *(f"r1 {j[:6]}" for j in judges),
+              *(["kept rdr"] if reader else [])]
     lines = [f"  main judge: {main}; r1: share named at rank 1 (unchanged faces: "
              + ", ".join(f"{j} {_unchanged_rank1(metrics, j):.2f}" for j in judges) + ")",
              "  " + " ".join(f"{h:>10}" for h in header)]
@@ -297,7 +295,8 @@ def summary_lines(metrics: dict[str, Any]) -> list[str]:
         m = judged[main]
         cells = [name[:10],
                  *(f"{m[key]:.3f}" for key in ("objective", "privacy", "utility", "expression_kept", "ssim")),
-                 *(f"{judged[j]['reidentified']:.3f}" for j in judges)]
+                 *(f"{judged[j]['reidentified']:.3f}" for j in judges),
+                 *([f"{judged['reader']['expression_kept']:.3f}"] if reader else [])]
         lines.append("  " + " ".join(f"{c:>10}" for c in cells))
     line = verdict_line(metrics.get("verdict"))
     return lines + ([line] if line else [])

@@ -87,13 +87,6 @@ def reads_any(emotions: Sequence[str]) -> bool:
     return any(name in EMOTIONS for name in emotions)
 
 
-def reader_classes(source: str, emotions: Sequence[str]) -> tuple[str, ...] | None:
-    """The classes the reader reads a data set in, or None where it does not judge it: on synthetic faces
-    (to it, drawings) or when it knows none of the classes. Where it judges, it reads the expressions for the
-    recogniser, in evaluations and in the search's rounds alike."""
-    return tuple(emotions) if source != "synthetic" and reads_any(emotions) else None
-
-
 class ExpressionReader(nn.Module):
     """Logits over a data set's emotion classes (its order), read by the FER-2013 mini-Xception.
 

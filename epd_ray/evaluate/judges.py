@@ -7,13 +7,10 @@ Four identity judges, side by side in every evaluation:
   `face_recognition_models` package, trained by nobody in epd-ray. It names a probe by the nearest image
   of each identity in a gallery: the train split's originals, as a face database holding earlier photos
   of the same people would. It runs on real faces only: to it, the built-in synthetic faces are no faces
-  (its detector finds none and its embeddings name no one reliably), so on synthetic data it is left out.
-  Its expressions are read by a pretrained reader (`expression_reader.py`) where that knows the data set's
-  classes, else by S_e;
+  (its detector finds none and its embeddings name no one reliably), so on synthetic data it is left out;
 - `parrot`: an attacker who knows the tool. It takes the main judge's embedding but fills the gallery with
   the *de-identified* train split (with its true labels), then names de-identified test faces. A generator
-  that maps each person to a consistent stand-in fools the plain judges and not this one. It reads
-  expressions as its main judge does.
+  that maps each person to a consistent stand-in fools the plain judges and not this one.
 
 Every judge scores against the unchanged images as its zero point (`core.metrics.judged_metrics`), so
 doing nothing scores privacy 0 and J 0 under each of them. Plain PyTorch, numpy and dlib: no Ray.

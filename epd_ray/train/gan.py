@@ -35,7 +35,6 @@ from epd_ray.core.precision import autocast
 from epd_ray.core.metrics import compute_metrics
 from epd_ray.core.scoring import class_probabilities, deidentify_pixels, ssim_values
 from epd_ray.data.shards import load_split
-from epd_ray.evaluate.expression_reader import ExpressionReader, reader_classes
 from epd_ray.evaluate.judges import FaceRecogniser, Gallery, main_judge, recogniser_metrics
 from epd_ray.train.worker import (TRAIN_SESSION, TUNE_SESSION, RealPairPool, Session, ShardBatches, WorkerSetup,
                                   prepare_images, setup_worker)
@@ -61,7 +60,6 @@ class GanInputs:
     judge: str = "evaluators"  # whose J rank 0 reports each round (see evaluate.judges.main_judge)
     recogniser_gallery: Gallery | None = None  # with the recogniser: its gallery and its view of the val
     val_recognised: tuple[np.ndarray, np.ndarray] | None = None  # originals (embeddings, face found), made once
-    reader_classes: tuple[str, ...] | None = None  # with the recogniser: the expression reader's classes, if it reads
 
     @classmethod
     def put(cls, dataset_dir: Path, pretrained_path: Path, evaluation: EvaluationConfig | None = None, *,
@@ -73,16 +71,15 @@ class GanInputs:
         if len(val) > evaluation.val_probes:
             val = val.per_identity(max(1, evaluation.val_probes // len(np.unique(val.identity))))
         judge = main_judge(evaluation.judge, manifest.source)
-        gallery = val_recognised = classes = None
+        gallery = val_recognised = None
         if judge == "recogniser":
-            classes = reader_classes(manifest.source, manifest.emotions)
             recogniser = FaceRecogniser()
             gallery = Gallery.of(lambda pixels: recogniser.embed(pixels)[0],
                                  train.per_identity(evaluation.gallery_per_identity), len(manifest.identities))
             val_recognised = recogniser.embed(val.pixels)
         return cls(pretrained=put(load_checkpoint(Path(pretrained_path))["networks"]), train_faces=put(train),
                    val_faces=put(val), image_size=manifest.image_size, judge=judge,
-                   recogniser_gallery=gallery, val_recognised=val_recognised, reader_classes=classes)
+                   recogniser_gallery=gallery, val_recognised=val_recognised)
 
 
 def build_gan(exp: ExperimentConfig, image_size: int) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -217,13 +214,11 @@ class GanSteps:
 
 def validation_metrics(generator: torch.nn.Module, val, identity_evaluator, emotion_evaluator, *, mu: float,
                        exp: ExperimentConfig, setup: WorkerSetup, inputs: GanInputs,
-                       recogniser: FaceRecogniser | None = None,
-                       reader: torch.nn.Module | None = None) -> dict[str, float]:
+                       recogniser: FaceRecogniser | None = None) -> dict[str, float]:
     """J and its factors on the validation split, under the main judge; the evaluators' figures always.
 
     With the recogniser as main judge its privacy, utility and J replace the evaluators' (kept as
-    `evaluators_objective`), its expressions read by the pretrained `reader` where there is one, as
-    `evaluate` reads them; the paper's D, S, G stay the evaluators'. The generator is scored as it is
+    `evaluators_objective`); the paper's D, S, G stay the evaluators'. The generator is scored as it is
     published (eval mode: batch norm on its running statistics, the dropout noise z still on), never in
     training mode, whose batch statistics would differ from what `evaluate` and `deidentify` see.
     """
@@ -243,8 +238,6 @@ def validation_metrics(generator: torch.nn.Module, val, identity_evaluator, emot
     if recogniser is not None:
         scores["evaluators_objective"] = scores["objective"]
         embedded, found = recogniser.embed(deid)
-        if reader is not None:
-            emotion = (class_probabilities(reader, val.pixels, **kw), class_probabilities(reader, deid, **kw))
         scores.update(recogniser_metrics(inputs.recogniser_gallery, inputs.val_recognised[0], embedded,
                                          inputs.val_recognised[1], found, val.identity, *emotion, val.emotion, ssim,
                                          exp.evaluation.ssim_weight))
@@ -293,8 +286,7 @@ class GanRun:
         if setup.rank == 0:
             self.judges = (fetch(inputs.val_faces), frozen(build_from_record(pretrained["identity_evaluator"]), setup),
                            frozen(build_from_record(pretrained["emotion_evaluator"]), setup),
-                           FaceRecogniser() if inputs.recogniser_gallery is not None else None,
-                           frozen(ExpressionReader(inputs.reader_classes), setup) if inputs.reader_classes else None)
+                           FaceRecogniser() if inputs.recogniser_gallery is not None else None)
         self.steps = GanSteps(generator, discriminator, identity_verifier, emotion_verifier, opt_g, opt_d, weights,
                               setup, ema_decay=ema_decay(exp.train.ema_half_life_steps))
         if payload is not None and self.steps.generator_ema is not None:
@@ -328,10 +320,10 @@ class GanRun:
                 return
             payload = None
             if self.judges is not None:
-                val, identity_evaluator, emotion_evaluator, recogniser, reader = self.judges
+                val, identity_evaluator, emotion_evaluator, recogniser = self.judges
                 metrics.update(validation_metrics(steps.published_generator, val, identity_evaluator,
                                                   emotion_evaluator, mu=self.mu, exp=exp, setup=setup,
-                                                  inputs=self.inputs, recogniser=recogniser, reader=reader))
+                                                  inputs=self.inputs, recogniser=recogniser))
                 payload = steps.checkpoint_payload(round_, step, self.mu, exp, metrics)
             report(metrics, payload)
 
