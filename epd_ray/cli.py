@@ -6,6 +6,7 @@ that holds something else) is one line on stderr and exit code 2, with nothing w
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Annotated, Optional
@@ -197,13 +198,17 @@ def export(
 ) -> None:
     """Write a self-contained model folder: generator weights (tensors only), config, model card, README."""
     from epd_ray.checkpoints import CheckpointError
-    from epd_ray.deploy.export import DeployError, export_model
+    from epd_ray.deploy.export import CARD_FILE, DeployError, export_model
+    from epd_ray.evaluate.evaluate import targets_line
 
     try:
         model_dir = export_model(source, out)
     except (*USER_ERRORS, CheckpointError, DeployError) as exc:
         fail(str(exc))
     typer.echo(f"exported generator to {model_dir} (use: epd-ray deidentify {model_dir} INPUT OUTPUT)")
+    targets = targets_line(json.loads((model_dir / CARD_FILE).read_text()).get("targets"))
+    if targets:  # whoever ships the model reads how it did on the test split
+        typer.echo(f"its test evaluation: {targets}")
 
 
 @app.command("deidentify")

@@ -186,6 +186,12 @@ class EvaluationConfig(_Strict):
                                                    "identity) score each round of every trial: a round's judging "
                                                    "cost stays bounded on large sets; the test split is judged whole")
     mu: float = Field(0.35, gt=0, le=SQRT2)
+    max_reidentified: float = Field(0.3, ge=0, le=1, description="privacy target: the largest share of "
+                                    "de-identified test faces that the main judge, or the parrot attack (an "
+                                    "attacker who knows the tool), may still name at rank 1")
+    min_expression_kept: float = Field(0.9, ge=0, le=1, description="expression target: the smallest share of "
+                                       "expressions read correctly in the original (by the main judge's emotion "
+                                       "reader) that must still be read correctly after de-identification")
     ssim_weight: float = Field(0.25, ge=0, le=4)
     blur_sigma: float = Field(3.0, gt=0)
     pixelate_blocks: int = Field(6, ge=1)

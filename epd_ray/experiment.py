@@ -34,7 +34,7 @@ from epd_ray.data.prepare import PreparedData, cached_dataset
 from epd_ray.data.shards import read_manifest
 from epd_ray.data.stream import materialized_split
 from epd_ray.evaluate.evaluate import (GENERATOR_METHOD, Evaluation, baseline_methods, generator_method,
-                                       method_settings, run_evaluation, summary_lines, verdict_line,
+                                       method_settings, run_evaluation, summary_lines, targets_line, verdict_line,
                                        write_evaluation)
 from epd_ray.evaluate.report import ALL_BASELINES, build_report, trial_history
 from epd_ray.provenance import package_versions
@@ -232,8 +232,12 @@ def _search_and_report(exp: ExperimentConfig, output: Path, prepared_dir: Path |
     echo_summary(exp, outcome, evaluation.metrics, echo)
     wall = time.time() - started
     echo(f"best model: {best_dir}\nreport: {report_path}\nwall time: {wall:.0f} s")
-    if not evaluation.metrics["verdict"]["beats_baselines"]:  # the last line a user reads says so again
+    # the last lines a user reads say again what falls short
+    if not evaluation.metrics["verdict"]["beats_baselines"]:
         echo(verdict_line(evaluation.metrics["verdict"]))
+    targets = evaluation.metrics["targets"]
+    if not (targets["privacy_met"] and targets["expression_met"]):
+        echo(targets_line(targets))
     return TuneRun(output, best_dir, report_path.parent, runtime.dashboard_url, wall)
 
 
@@ -297,6 +301,7 @@ def write_best(best_dir: Path, exp: ExperimentConfig, outcome: SearchOutcome, pr
         "main_judge": metrics["main_judge"],
         "beats_baselines": metrics["verdict"]["beats_baselines"],
         "verdict": metrics["verdict"],
+        "targets": metrics["targets"],
         "test_metrics": metrics["methods"][GENERATOR_METHOD],
         "data": {"content_hash": prepared.info.content_hash, "path": str(prepared.path),
                  "image_size": prepared.info.image_size, "identities": len(prepared.info.identities)},

@@ -127,8 +127,15 @@ def test_tune_smoke_end_to_end(tmp_path):
     assert card["beats_baselines"] == card["verdict"]["beats_baselines"] == metrics["verdict"]["beats_baselines"]
     said = "verdict: the model beats every baseline" if card["beats_baselines"] else "warning: the model does NOT beat"
     assert said in run.stdout
+    # So is whether it meets the targets (it need not, on a smoke run): a miss is among the last lines.
+    assert card["targets"] == metrics["targets"] and card["targets"]["judge"] == "evaluators"
+    met = card["targets"]["privacy_met"] and card["targets"]["expression_met"]
+    last_lines = run.stdout.split("wall time:")[-1]
+    assert ("targets: met:" in run.stdout) if met else ("warning: targets missed:" in last_lines)
+    exported = _epd_ray("export", str(out), "--out", str(tmp_path / "model"), cwd=tmp_path)
+    assert exported.returncode == 0 and "its test evaluation: " in exported.stdout  # whoever ships it is told
     report = (out / "report" / "report.md").read_text()
-    assert "independent evaluators" in report and "epd-net" in report
+    assert "independent evaluators" in report and "epd-net" in report and "targets" in report
     assert all((out / "report" / name).stat().st_size > 0 for name in FIGURES.values())
 
     # The same output again is refused (a new output reuses the cache: see the `epd-ray train` test).

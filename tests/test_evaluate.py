@@ -83,7 +83,13 @@ def check_outputs(out: Path, methods: set[str], n: int, judges=("evaluators", "v
 
 
 def test_evaluate_checkpoint_writes_metrics_and_per_image(world, model_eval):
-    check_outputs(model_eval, {"epd-net"}, world["test_images"])
+    metrics = check_outputs(model_eval, {"epd-net"}, world["test_images"])
+    # The targets are the model's own figures against the configured limits, whichever way they went.
+    targets, model = metrics["targets"], metrics["methods"]["epd-net"]
+    assert targets["reidentified"] == {"evaluators": model["evaluators"]["reidentified"],
+                                       "parrot": model["parrot"]["reidentified"]}
+    assert targets["expression_met"] == (model["evaluators"]["expression_kept"] >= targets["min_expression_kept"])
+    assert targets["reader_expression_kept"] is None  # synthetic faces: no pretrained reader
 
 
 @pytest.mark.parametrize("baseline, name", [("identity", "no_change"), ("blur", "blur"), ("pixelate", "pixelate"),

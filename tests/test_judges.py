@@ -13,7 +13,8 @@ from epd_ray.core.labels import EMOTIONS as EMOTION_NAMES
 from epd_ray.core.metrics import judged_metrics
 from epd_ray.core.scoring import class_probabilities
 from epd_ray.core.synthetic import make_synthetic_faces
-from epd_ray.evaluate.evaluate import baseline_verdict, verdict_line
+from epd_ray.config import EvaluationConfig
+from epd_ray.evaluate.evaluate import baseline_verdict, target_verdict, targets_line, verdict_line
 from epd_ray.evaluate.expression_reader import ExpressionReader, reads_any
 from epd_ray.evaluate.judges import RECOGNISER_THRESHOLD, FaceRecogniser, Gallery, main_judge, parrot_metrics
 
@@ -127,6 +128,33 @@ def test_verdict_says_when_the_model_is_no_better_than_a_baseline():
     assert ahead["beats_baselines"] is True and verdict_line(ahead).startswith("verdict:")
     assert baseline_verdict({"main_judge": "recogniser",
                              "methods": {"blur": {"recogniser": {"objective": 0.1}}}}) is None
+
+
+def targets_metrics(named: float, parrot: float, kept: float) -> dict:
+    model = {"recogniser": {"reidentified": named, "expression_kept": kept}, "parrot": {"reidentified": parrot},
+             "reader": {"expression_kept": 0.4}}
+    return {"main_judge": "recogniser", "methods": {"epd-net": model, "no_change": {}}}
+
+
+def test_targets_say_which_question_the_model_fails_even_when_it_beats_every_baseline():
+    """JAFFE's best model beat every baseline while it lost a third of the expressions, and an attacker who
+    knows the tool named 0.31 of the faces: the targets line says both, with the figures and what may help."""
+    cfg = EvaluationConfig()
+    jaffe = target_verdict(targets_metrics(0.104, 0.313, 0.641), cfg)
+    assert not jaffe["privacy_met"] and not jaffe["expression_met"]
+    line = targets_line(jaffe)
+    assert line.startswith("warning: targets missed:") and "\n" not in line
+    assert "recogniser 0.104" in line and "parrot attack 0.313" in line and "at most 0.30" in line
+    assert "expression kept 0.641 (pretrained reader 0.400)" in line and "--emotion-data" in line
+    assert "keep it private" in line and "identity survives" not in line  # the recogniser alone does not name them
+    assert "identity survives" in targets_line(target_verdict(targets_metrics(0.5, 0.6, 0.95), cfg))
+    expression_only = targets_line(target_verdict(targets_metrics(0.1, 0.2, 0.641), cfg))
+    assert "identity survives" not in expression_only and "expressions are lost" in expression_only
+    good = target_verdict(targets_metrics(0.1, 0.3, 0.95), cfg)
+    assert good["privacy_met"] and good["expression_met"] and targets_line(good).startswith("targets: met:")
+    stricter = target_verdict(targets_metrics(0.1, 0.3, 0.95), EvaluationConfig(max_reidentified=0.2))
+    assert not stricter["privacy_met"]
+    assert target_verdict({"main_judge": "recogniser", "methods": {"blur": {}}}, cfg) is None
 
 
 def test_pretrained_expression_reader_reads_a_real_smile_in_the_data_sets_classes():

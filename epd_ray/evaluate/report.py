@@ -21,7 +21,7 @@ from PIL import Image
 from epd_ray.artifacts import RunFolder, atomic_write_text
 from epd_ray.core.metrics import pareto_front
 from epd_ray.evaluate.evaluate import (GENERATOR_METHOD, METRICS_FILE, SAMPLES_FILE, SWEEP_JUDGE,
-                                       evaluate_command)
+                                       evaluate_command, targets_line)
 
 COLUMNS = [("objective", "J (evaluators)"), ("deid_rate", "D(mu)"), ("switching_deid_rate", "S(mu)"),
            ("genuine_acceptance", "G(mu)"), ("emotion_preserved", "E"), ("emotion_mse", "emotion MSE"),
@@ -217,6 +217,8 @@ def render_report(metrics: dict[str, Any], trials: list[dict[str, Any]], *, titl
               "de-identification; utility is the share of expressions read correctly in the original that are "
               f"still read correctly (by S_e), times SSIM^{metrics['ssim_weight']}. Doing nothing scores 0.", ""]
     lines += verdict_text(metrics.get("verdict"))
+    targets = targets_line(metrics.get("targets"))
+    lines += [f"**{targets}**", ""] if targets else []
     if main in judges_present(metrics):
         lines += [f"## Main judge: {main} (the search maximised J under it)", "", JUDGE_NOTES[main] + ".", ""]
         lines += method_table(metrics, main, JUDGE_COLUMNS) + [""]
