@@ -41,8 +41,12 @@ class DataConfig(_Strict):
     variations: int = Field(10, ge=3, le=1000, description="synthetic source: images per identity and emotion")
     rafd_angles: tuple[str, ...] = Field(("090",), description="rafd: camera angles kept (000 045 090 135 180)")
     rafd_gazes: tuple[str, ...] = Field(("frontal", "left", "right"), description="rafd: gazes kept")
-    rafd_detector: Literal["centerface", "haar"] = Field("centerface", description="rafd: face detector of the "
-                                                         "head crop")
+    face_crop: Literal["auto", "head", "square"] = Field(
+        "auto", description="how each face is cut from its image: head = the largest detected face grown to take "
+                            "in hair and chin, as `epd-ray deidentify` cuts faces (full frames; an image with no "
+                            "face found is rejected); square = the centred square (images that are face crops "
+                            "already); auto = head for rafd, square for the others")
+    face_detector: Literal["centerface", "haar"] = Field("centerface", description="face detector of the head crop")
     include_contempt: bool = Field(False, description="keep RaFD's eighth class, contemptuous")
     label_map: dict[str, str] = Field(default_factory=dict, description="the set's own emotion labels to class "
                                       "names (e.g. {mad: angry}), besides the built-in synonyms (anger, happiness...)")

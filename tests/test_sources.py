@@ -21,8 +21,8 @@ from PIL import Image
 
 from epd_ray.config import DataConfig
 from epd_ray.core.synthetic import make_synthetic_faces
-from epd_ray.data.decode import (DUPLICATE, EMPTY, MISSING, TOO_LARGE, TOO_SMALL, TRUNCATED, UNDECODABLE,
-                                 UNKNOWN_LABEL, UNLABELLED)
+from epd_ray.data.decode import (DUPLICATE, EMPTY, MISSING, NO_FACE, TOO_LARGE, TOO_SMALL, TRUNCATED,
+                                 UNDECODABLE, UNKNOWN_LABEL, UNLABELLED)
 from epd_ray.data.prepare import REJECTS_FILE, DataError, prepare_dataset
 from epd_ray.data.shards import load_split, read_manifest
 
@@ -56,7 +56,7 @@ def _folder_tree(root: Path) -> dict[str, int]:
 
 
 def _data(source: str, path: Path, **kw) -> DataConfig:
-    return DataConfig(source=source, path=str(path), image_size=SIZE, **kw)
+    return DataConfig(source=source, path=str(path), **{"image_size": SIZE, **kw})
 
 
 def _rejects(out: Path) -> dict[str, str]:
@@ -150,6 +150,39 @@ def test_rafd_source_keeps_chosen_angles_and_gazes_and_leaves_contempt_out(tmp_p
                                     include_contempt=True), tmp_path / "frontal")
     assert frontal.manifest["num_images"] == 3 * 2 * 2 + 3
     assert frontal.manifest["emotions"][-1] == "contemptuous"
+
+
+def test_photographs_in_a_folder_are_cut_to_the_head_when_asked(tmp_path):
+    """A folder of photographs (skimage's astronaut, a real face about a fifth of the frame wide) prepared
+    with `data.face_crop=head`: every face is cut out as `deidentify` cuts it, and fills the training image;
+    a photograph without a face is rejected by name. Taken as they are (the default for folders), the faces
+    are too small for the detector to find again at the training size."""
+    from skimage import data
+
+    from epd_ray.faces import make_detector
+
+    photo = data.astronaut()
+    for ident in range(3):
+        for e, emotion in enumerate(EMOTION_DIRS):
+            folder = tmp_path / "photos" / f"p{ident}" / emotion
+            folder.mkdir(parents=True)
+            for k in range(3):  # 18 different windows of the photograph, half of them mirrored
+                dy, dx = 10 * ident + 20 * k, 30 * e + 5 * k
+                window = photo[dy:dy + 420, dx:dx + 420]
+                (folder / f"{k}.png").write_bytes(_png(np.ascontiguousarray(window[:, ::-1] if k % 2 else window)))
+    (tmp_path / "photos" / "p0" / "happy" / "wall.png").write_bytes(_png(np.full((420, 420, 3), 128, np.uint8)))
+
+    head = prepare_dataset(_data("folder", tmp_path / "photos", image_size=64, face_crop="head"), tmp_path / "head")
+    assert head.manifest["num_images"] == 18
+    assert _rejects(head.path) == {"p0/happy/wall.png": NO_FACE}
+    detector = make_detector("centerface")
+    widths = [max((b.w for b in detector.detect(face)), default=0) for face in load_split(head.path, "train").pixels]
+    assert min(widths) >= 0.5 * 64  # the face, not the room around it
+
+    whole = prepare_dataset(_data("folder", tmp_path / "photos", image_size=64), tmp_path / "whole")
+    assert whole.manifest["num_images"] == 19  # the wall too: a folder is taken as face crops unless told
+    assert all(max((b.w for b in detector.detect(face)), default=0) < 0.3 * 64
+               for face in load_split(whole.path, "train").pixels)
 
 
 def test_fer2013_rows_become_an_emotion_only_set_split_by_usage(tmp_path):

@@ -26,8 +26,9 @@ DUPLICATE = "duplicate"
 UNLABELLED = "unlabelled"
 UNKNOWN_LABEL = "label outside the class list"
 MISSING = "missing file"
+NO_FACE = "no face found"
 REJECT_REASONS = (EMPTY, UNDECODABLE, TRUNCATED, TOO_LARGE, TOO_SMALL, DUPLICATE, UNLABELLED, UNKNOWN_LABEL,
-                  MISSING)
+                  MISSING, NO_FACE)
 
 
 class Rejected(Exception):

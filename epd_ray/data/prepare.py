@@ -29,8 +29,8 @@ from epd_ray.config import DataConfig, stable_hash
 from epd_ray.core.synthetic import make_synthetic_faces
 from epd_ray.data import sources
 from epd_ray.data.sources import DataError
-from epd_ray.data.decode import (DUPLICATE, MISSING, UNDECODABLE, UNKNOWN_LABEL, UNLABELLED, Face, Rejected,
-                                 decode_face, square_crop)
+from epd_ray.data.decode import (DUPLICATE, MISSING, NO_FACE, UNDECODABLE, UNKNOWN_LABEL, UNLABELLED, Face,
+                                 Rejected, decode_face, square_crop)
 from epd_ray.data.shards import MANIFEST, SPLITS, read_manifest, split_per_identity, write_dataset
 from epd_ray.faces import Detector, make_detector
 
@@ -153,9 +153,9 @@ def take_in(data: DataConfig, classes: tuple[str, ...], *, strict: bool) -> Inta
     """Judge every candidate once: accepted with its labels, or rejected with file and reason."""
     intake = Intake()
     first_of: dict[str, str] = {}  # content digest -> first file with those bytes
-    if data.source == "rafd":
-        detector = make_detector(data.rafd_detector, min_face=24)
-        crop = functools.partial(rafd_head_crop, detector=detector)
+    if data.face_crop == "head" or (data.face_crop == "auto" and data.source == "rafd"):
+        crop = functools.partial(head_crop, detector=make_detector(data.face_detector, min_face=24),
+                                 rafd_frame=data.source == "rafd")
     else:
         crop = square_crop
     for item in items_of(data, intake.skipped):
@@ -205,19 +205,24 @@ def judge_item(item: sources.Item, data: DataConfig, classes: tuple[str, ...], c
     return emotion, face, hashlib.sha256(raw).hexdigest()
 
 
-def rafd_head_crop(image: Image.Image, detector: Detector) -> Image.Image:
-    """The head in a RaFD full frame: the largest detected face (of side at least an eighth of the frame's)
-    grown by a margin to take in hair and chin, else (no detection) a fixed box where RaFD's frontal camera
-    puts the head (centred, upper half). The margin is on the box's width: Haar's boxes are square,
-    CenterFace's as wide and taller (forehead to chin)."""
+def head_crop(image: Image.Image, detector: Detector, rafd_frame: bool = False) -> Image.Image:
+    """The head in a full frame: the largest detected face (of side at least an eighth of the frame's) grown
+    by a margin to take in hair and chin, as `epd-ray deidentify` grows the faces it replaces (`--margin`
+    0.25 a side), so the generator trains on the framing it will be given. With no face found, a RaFD frame
+    falls back to a fixed box where RaFD's frontal camera puts the head (centred, upper half); any other
+    image is rejected. The margin is on the box's width: Haar's boxes are square, CenterFace's as wide and
+    taller (forehead to chin)."""
     width, height = image.size
     boxes = [b for b in detector.detect(np.asarray(image)) if b.w >= min(width, height) // 8]
     if boxes:
         box = max(boxes, key=lambda b: b.area)
         side = int(box.w * 1.5)
         cx, cy = box.x + box.w / 2, box.y + box.h / 2
-    else:
+    elif rafd_frame:
         side, cx, cy = int(min(width, 0.62 * width)), width / 2, 0.42 * height
+    else:
+        raise Rejected(NO_FACE, f"{type(detector).__name__} found none of side at least {min(width, height) // 8} "
+                                "px (data.face_crop=square takes the image as it is)")
     side = min(side, width, height)
     left = int(min(max(0, cx - side / 2), width - side))
     top = int(min(max(0, cy - side / 2), height - side))
