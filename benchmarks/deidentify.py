@@ -28,9 +28,9 @@ import torch
 from epd_ray.checkpoints import network_record, save_checkpoint
 from epd_ray.core.networks import UNetGenerator, count_parameters
 from epd_ray.deploy import DeidentifyOptions, FaceEngine, deidentify, export_model
-from epd_ray.deploy.faces import blur_face, face_region
+from epd_ray.deploy.faces import blur_face
 from epd_ray.deploy.video import Encoder
-from epd_ray.faces import DETECTORS, make_detector
+from epd_ray.faces import DETECTORS, face_region, make_detector
 
 from benchmarks.detector_recall import CANVAS, paste_face, photos
 from benchmarks.machine import describe, runnable_precisions
@@ -86,7 +86,7 @@ def blur_only_fps(frames: list[np.ndarray], tmp: Path) -> float:
     for frame in frames:
         frame = frame.copy()
         for box in detector.detect(frame):
-            blur_face(frame, face_region(box, 0.25))
+            blur_face(frame, face_region(box))
         encoder.write(frame)
     encoder.close()
     return len(frames) / (time.perf_counter() - start)

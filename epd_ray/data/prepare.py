@@ -32,7 +32,7 @@ from epd_ray.data.sources import DataError
 from epd_ray.data.decode import (DUPLICATE, MISSING, NO_FACE, UNDECODABLE, UNKNOWN_LABEL, UNLABELLED, Face,
                                  Rejected, decode_face, square_crop)
 from epd_ray.data.shards import MANIFEST, SPLITS, read_manifest, split_per_identity, write_dataset
-from epd_ray.faces import Detector, make_detector
+from epd_ray.faces import Detector, face_region, make_detector
 
 REJECTS_FILE = "rejects.csv"
 NO_IDENTITY = -1  # FER2013 rows: an emotion label and no person
@@ -206,18 +206,16 @@ def judge_item(item: sources.Item, data: DataConfig, classes: tuple[str, ...], c
 
 
 def head_crop(image: Image.Image, detector: Detector, rafd_frame: bool = False) -> Image.Image:
-    """The head in a full frame: the largest detected face (of side at least an eighth of the frame's) grown
-    by a margin to take in hair and chin, as `epd-ray deidentify` grows the faces it replaces (`--margin`
-    0.25 a side), so the generator trains on the framing it will be given. With no face found, a RaFD frame
-    falls back to a fixed box where RaFD's frontal camera puts the head (centred, upper half); any other
-    image is rejected. The margin is on the box's width: Haar's boxes are square, CenterFace's as wide and
-    taller (forehead to chin)."""
+    """The head in a full frame: the square `epd-ray deidentify` cuts around the largest detected face (of
+    side at least an eighth of the frame's; `faces.face_region`, hair and chin included), so the generator
+    trains on the framing it will be given; moved inside the frame where it would cross the border. With no
+    face found, a RaFD frame falls back to a fixed box where RaFD's frontal camera puts the head (centred,
+    upper half); any other image is rejected."""
     width, height = image.size
     boxes = [b for b in detector.detect(np.asarray(image)) if b.w >= min(width, height) // 8]
     if boxes:
         box = max(boxes, key=lambda b: b.area)
-        side = int(box.w * 1.5)
-        cx, cy = box.x + box.w / 2, box.y + box.h / 2
+        side, cx, cy = face_region(box).side, box.x + box.w / 2, box.y + box.h / 2
     elif rafd_frame:
         side, cx, cy = int(min(width, 0.62 * width)), width / 2, 0.42 * height
     else:

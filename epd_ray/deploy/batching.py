@@ -12,7 +12,8 @@ from typing import Callable
 import numpy as np
 
 from epd_ray.deploy.engine import FaceEngine
-from epd_ray.deploy.faces import Region, cut, face_mask, paste, resize
+from epd_ray.deploy.faces import cut, face_mask, paste, resize
+from epd_ray.faces import Region
 
 
 @dataclass

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from epd_ray.deploy.engine import FaceEngine
 from epd_ray.deploy.export import DeployError
-from epd_ray.faces import DETECTORS, Detector
+from epd_ray.faces import DETECTORS, FACE_MARGIN, Detector
 
 ON_NO_FACE = ("blur", "copy", "skip")
 
@@ -30,7 +30,7 @@ class DeidentifyOptions:
     detector_threshold: int = 5  # Haar minNeighbors: higher finds fewer faces and fewer false ones
     scale_factor: float = 1.1  # Haar image pyramid step
     cascade: Path | None = None  # a user-given OpenCV cascade XML instead of the bundled frontal-face one
-    margin: float = 0.25  # added around the detected box on each side, as a fraction of its side
+    margin: float = FACE_MARGIN  # added around the detected box on each side, as a fraction of its side
     on_no_face: str = "blur"  # blur | copy | skip for an image (video: the frame) with no face found
     detect_every: int = 1  # video: run the detector on every n-th frame, track faces in between
     track_hold: int = 10  # video: frames a track the detector misses stays covered (past its next detection pass)

@@ -31,9 +31,9 @@ from epd_ray.deploy.batching import Batcher, Job
 from epd_ray.deploy.context import ON_NO_FACE, Context, DeidentifyOptions, Summary
 from epd_ray.deploy.engine import FaceEngine
 from epd_ray.deploy.export import DeployError, load_model
-from epd_ray.deploy.faces import blur_face, blur_image, face_region, seed_for
+from epd_ray.deploy.faces import blur_face, blur_image, seed_for
 from epd_ray.deploy.video import process_video
-from epd_ray.faces import make_detector
+from epd_ray.faces import face_region, make_detector
 
 __all__ = ["ON_NO_FACE", "Context", "DeidentifyOptions", "Summary", "deidentify", "plan", "read_image", "write_image"]
 

@@ -13,29 +13,12 @@ import numpy as np
 
 from epd_ray.core.baselines import gaussian_blur
 from epd_ray.core.images import to_tensor, to_uint8
-from epd_ray.faces import Box
+from epd_ray.faces import Box, Region
 
 
 def seed_for(*parts: object) -> int:
     """A stable 31-bit seed from any printable parts (the same parts give the same seed in every run)."""
     return zlib.crc32(repr(parts).encode()) & 0x7FFFFFFF
-
-
-@dataclass(frozen=True)
-class Region:
-    """The square a face is cut from (may reach past the image border) and the face box inside it."""
-
-    x0: int
-    y0: int
-    side: int
-    box: Box
-
-
-def face_region(box: Box, margin: float) -> Region:
-    """A square centred on the box, `margin` of the box's larger side added on every side."""
-    side = max(8, int(round(max(box.w, box.h) * (1.0 + 2.0 * margin))))
-    cx, cy = box.x + box.w / 2.0, box.y + box.h / 2.0
-    return Region(int(round(cx - side / 2.0)), int(round(cy - side / 2.0)), side, box)
 
 
 def cut(image: np.ndarray, region: Region) -> np.ndarray:

@@ -22,7 +22,8 @@ import numpy as np
 
 from epd_ray.deploy.batching import Batcher, Job
 from epd_ray.deploy.context import Context
-from epd_ray.deploy.faces import IoUTracker, blur_face, blur_image, face_region, seed_for
+from epd_ray.deploy.faces import IoUTracker, blur_face, blur_image, seed_for
+from epd_ray.faces import face_region
 
 DEFAULT_FPS = 25.0
 WEBM = {"video": ["-c:v", "libvpx-vp9", "-b:v", "0", "-row-mt", "1"], "audio": ["-c:a", "libopus"]}

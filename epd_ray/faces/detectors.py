@@ -22,6 +22,9 @@ CENTERFACE = Path(__file__).with_name("centerface.onnx")
 CENTERFACE_SHA256 = "09189deaaf8646c5c51a68447e3c744ea1e211798155d4728c20507b9f5aefbc"
 DETECTORS = ("centerface", "haar")
 MIN_FACE = {"centerface": 16, "haar": 40}  # default smallest face side, px
+# Context around a detected face, a fraction of its larger side on every side: `deidentify` cuts faces so
+# and data preparation cuts heads so, so a generator trains on the framing it is given.
+FACE_MARGIN = 0.25
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,23 @@ class Box:
         ix, iy = int(round(dx)), int(round(dy))
         return Box(self.x + ix, self.y + iy, self.w, self.h, self.score,
                    tuple((px + ix, py + iy) for px, py in self.landmarks))
+
+
+@dataclass(frozen=True)
+class Region:
+    """The square a face is cut from (may reach past the image border) and the face box inside it."""
+
+    x0: int
+    y0: int
+    side: int
+    box: Box
+
+
+def face_region(box: Box, margin: float = FACE_MARGIN) -> Region:
+    """A square centred on the box, `margin` of the box's larger side added on every side."""
+    side = max(8, int(round(max(box.w, box.h) * (1.0 + 2.0 * margin))))
+    cx, cy = box.x + box.w / 2.0, box.y + box.h / 2.0
+    return Region(int(round(cx - side / 2.0)), int(round(cy - side / 2.0)), side, box)
 
 
 class Detector(Protocol):
