@@ -156,7 +156,8 @@ def test_photographs_in_a_folder_are_cut_to_the_head_when_asked(tmp_path):
     """A folder of photographs (skimage's astronaut, a real face about a fifth of the frame wide) prepared
     with `data.face_crop=head`: every face is cut out as `deidentify` cuts it, and fills the training image;
     a photograph without a face is rejected by name. Taken as they are (the default for folders), the faces
-    are too small for the detector to find again at the training size."""
+    are too small for the detector to find again at the training size, and preparation warns that these look
+    like photographs; face crops get no such warning."""
     from skimage import data
 
     from epd_ray.faces import make_detector
@@ -179,10 +180,23 @@ def test_photographs_in_a_folder_are_cut_to_the_head_when_asked(tmp_path):
     widths = [max((b.w for b in detector.detect(face)), default=0) for face in load_split(head.path, "train").pixels]
     assert min(widths) >= 0.4 * 64  # the face (half the side in width), not the room around it
 
-    whole = prepare_dataset(_data("folder", tmp_path / "photos", image_size=64), tmp_path / "whole")
+    said: list[str] = []
+    whole = prepare_dataset(_data("folder", tmp_path / "photos", image_size=64), tmp_path / "whole", echo=said.append)
     assert whole.manifest["num_images"] == 19  # the wall too: a folder is taken as face crops unless told
     assert all(max((b.w for b in detector.detect(face)), default=0) < 0.3 * 64
                for face in load_split(whole.path, "train").pixels)
+    warning = next(line for line in said if "look like photographs" in line)
+    assert "in 18 of 19 images measured" in warning and "data.face_crop=head" in warning
+    assert warning.removeprefix("warning: ") in whole.manifest["warnings"]
+    crops = tmp_path / "crops"  # the head crops written out as a folder of their own: faces fill them
+    head_train = load_split(head.path, "train")
+    for i, (face, ident) in enumerate(zip(head_train.pixels, head_train.identity)):
+        folder = crops / f"p{ident}" / EMOTION_DIRS[i % 2]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{i}.png").write_bytes(_png(face))
+    said.clear()
+    prepare_dataset(_data("folder", crops, image_size=64), tmp_path / "crops_prepared", echo=said.append)
+    assert not any("look like photographs" in line for line in said)
 
 
 def test_fer2013_rows_become_an_emotion_only_set_split_by_usage(tmp_path):

@@ -61,6 +61,7 @@ class Intake:
     rejects: list[tuple[str, str, str]] = field(default_factory=list)
     converted: Counter = field(default_factory=Counter)
     skipped: dict[str, int] = field(default_factory=dict)
+    face_widths: list[float | None] = field(default_factory=list)  # see `measured_square_crop`
 
     def summary(self) -> dict:
         return {"accepted": len(self.pixels), "rejected": dict(Counter(r for _, r, _ in self.rejects)),
@@ -125,6 +126,7 @@ def prepare_dataset(data: DataConfig, out: Path, *, strict: bool = False,
                         dtype=np.int64)
     emotion = np.array(intake.emotion, dtype=np.int64)
     split, warnings = assign_splits(identity, emotion, intake.split, data, identity_names, classes)
+    warnings += [line for line in [photographs_warning(intake.face_widths)] if line]
     for line in warnings:
         echo(f"warning: {line}")
     manifest = write_dataset(
@@ -157,7 +159,8 @@ def take_in(data: DataConfig, classes: tuple[str, ...], *, strict: bool) -> Inta
         crop = functools.partial(head_crop, detector=make_detector(data.face_detector, min_face=24),
                                  rafd_frame=data.source == "rafd")
     else:
-        crop = square_crop
+        crop = functools.partial(measured_square_crop, detector=make_detector(data.face_detector),
+                                 widths=intake.face_widths)
     for item in items_of(data, intake.skipped):
         try:
             emotion, face, digest = judge_item(item, data, classes, crop)
@@ -225,6 +228,35 @@ def head_crop(image: Image.Image, detector: Detector, rafd_frame: bool = False) 
     left = int(min(max(0, cx - side / 2), width - side))
     top = int(min(max(0, cy - side / 2), height - side))
     return image.crop((left, top, left + side, top + side))
+
+
+PHOTOGRAPH_SAMPLE = 32  # images taken whole whose faces are measured
+PHOTOGRAPH_FACE_WIDTH = 0.3  # a face narrower than this share of its image: a photograph, not a face crop
+PHOTOGRAPH_PROBE_SIDE = 320  # larger images are measured at this side: the cost stays the same for any camera
+
+
+def measured_square_crop(image: Image.Image, detector: Detector, widths: list[float | None]) -> Image.Image:
+    """The centred square, and for the first PHOTOGRAPH_SAMPLE images the width of the largest face found in
+    it as a share of its side (None: no face), appended to `widths` for `photographs_warning`."""
+    face = square_crop(image)
+    if len(widths) < PHOTOGRAPH_SAMPLE:
+        probe = face if face.size[0] <= PHOTOGRAPH_PROBE_SIDE else face.resize((PHOTOGRAPH_PROBE_SIDE,) * 2)
+        boxes = detector.detect(np.asarray(probe))
+        widths.append(max(b.w for b in boxes) / probe.size[0] if boxes else None)
+    return face
+
+
+def photographs_warning(widths: list[float | None]) -> str | None:
+    """A warning when images taken whole look like photographs of people rather than face crops: faces are
+    found in most of the sample and most of them are narrower than PHOTOGRAPH_FACE_WIDTH of the image. The
+    networks would then learn from a face a few pixels wide at the training size."""
+    found = [w for w in widths if w is not None]
+    small = sum(w < PHOTOGRAPH_FACE_WIDTH for w in found)
+    if len(found) * 2 <= len(widths) or small * 2 <= len(found):
+        return None
+    return (f"in {small} of {len(widths)} images measured the face is narrower than {PHOTOGRAPH_FACE_WIDTH:.0%} "
+            "of the image: these look like photographs, not face crops; --set data.face_crop=head cuts each "
+            "to the head, as `epd-ray deidentify` cuts faces")
 
 
 def assign_splits(identity: np.ndarray, emotion: np.ndarray, fixed: list[str | None], data: DataConfig,
