@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from epd_ray.core.labels import CONTEMPT, EMOTIONS
 
@@ -46,7 +46,9 @@ class DataConfig(_Strict):
                             "in hair and chin, as `epd-ray deidentify` cuts faces (full frames; an image with no "
                             "face found is rejected); square = the centred square (images that are face crops "
                             "already); auto = head for rafd, square for the others")
-    face_detector: Literal["centerface", "haar"] = Field("centerface", description="face detector of the head crop")
+    face_detector: Literal["centerface", "haar"] = Field(
+        "centerface", description="face detector of the head crop (rafd_detector, its old name, is read too)",
+        validation_alias=AliasChoices("face_detector", "rafd_detector"))
     include_contempt: bool = Field(False, description="keep RaFD's eighth class, contemptuous")
     label_map: dict[str, str] = Field(default_factory=dict, description="the set's own emotion labels to class "
                                       "names (e.g. {mad: angry}), besides the built-in synonyms (anger, happiness...)")

@@ -261,6 +261,18 @@ def test_write_resolved_round_trips(tmp_path, preset):
     assert set(written) == set(ExperimentConfig.model_fields)
 
 
+def test_a_run_written_before_rafd_detector_was_renamed_still_loads(tmp_path):
+    """A run folder's config.yaml (and `--set`) may still say data.rafd_detector: it is read as
+    data.face_detector, so `--resume` and `report` keep working on older runs."""
+    old = load_config("quick").to_dict()
+    del old["data"]["face_detector"]
+    old["data"]["rafd_detector"] = "haar"
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(old))
+    assert load_config(path).data.face_detector == "haar"
+    assert load_config("quick", {"data.rafd_detector": "haar"}).data.face_detector == "haar"
+
+
 def test_digest_is_stable_and_follows_every_value():
     a = load_config("quick")
     assert re.fullmatch(r"[0-9a-f]{16}", a.digest())
