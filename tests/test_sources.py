@@ -177,7 +177,8 @@ def test_photographs_in_a_folder_are_cut_to_the_head_when_asked(tmp_path):
     assert head.manifest["num_images"] == 18
     assert _rejects(head.path) == {"p0/happy/wall.png": NO_FACE}
     detector = make_detector("centerface")
-    widths = [max((b.w for b in detector.detect(face)), default=0) for face in load_split(head.path, "train").pixels]
+    head_train = load_split(head.path, "train")
+    widths = [max((b.w for b in detector.detect(face)), default=0) for face in head_train.pixels]
     assert min(widths) >= 0.4 * 64  # the face (half the side in width), not the room around it
 
     said: list[str] = []
@@ -189,7 +190,6 @@ def test_photographs_in_a_folder_are_cut_to_the_head_when_asked(tmp_path):
     assert "in 18 of 19 images measured" in warning and "data.face_crop=head" in warning
     assert warning.removeprefix("warning: ") in whole.manifest["warnings"]
     crops = tmp_path / "crops"  # the head crops written out as a folder of their own: faces fill them
-    head_train = load_split(head.path, "train")
     for i, (face, ident) in enumerate(zip(head_train.pixels, head_train.identity)):
         folder = crops / f"p{ident}" / EMOTION_DIRS[i % 2]
         folder.mkdir(parents=True, exist_ok=True)
