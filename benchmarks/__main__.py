@@ -25,6 +25,7 @@ BENCHMARKS = {
     "deidentify": "faces and video frames per second through a trained generator, per face detector",
     "detector_recall": "face detector recall, false positives and ms per megapixel: CenterFace against Haar",
     "ingest": "images per second into a training loop: the Ray Data stream against a DataLoader over PNG files",
+    "recogniser": "faces per second through dlib's recogniser: spread over the cores against one process",
 }
 HAS_FULL = {"train_step", "search"}
 HAS_BF16 = {"train_step", "deidentify"}  # bf16 rounds, skipped where bf16 is emulated unless --bf16

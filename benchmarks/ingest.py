@@ -149,14 +149,14 @@ def main(argv: list[str] | None = None) -> None:
               f"{'mirror + shift <= %d px' % max_shift if flip else 'off'}, {args.epochs} epochs per side "
               f"(prepare: {prepare_s:.1f} s)")
 
-        start_ray(RayConfig(num_cpus=machine.usable_cores(), dashboard_port=0))
+        start_ray(RayConfig(num_cpus=machine.usable_cpus(), dashboard_port=0))
         logging.getLogger("ray.data").setLevel(logging.WARNING)
         t = time.perf_counter()
         train_data = materialized_split(prepared.path, "train")
         materialize_s = time.perf_counter() - t
         ray_side = ray_epochs(augmented(train_data, flip=flip, max_shift=max_shift), batch_size=args.batch,
                               epochs=args.epochs, keep=not flip, storage=workdir / "ray")
-        workers = machine.usable_cores()
+        workers = machine.usable_cpus()
         loader_side = dataloader_epochs(files, np.array(labels), batch_size=args.batch, epochs=args.epochs,
                                         flip=flip, max_shift=max_shift, workers=workers)
     finally:

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from epd_ray.core.precision import usable_cpus
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -45,12 +47,6 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def usable_cores() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
 def gpu_name() -> str | None:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 
@@ -65,7 +61,7 @@ def load_average() -> tuple[float, float, float]:
 
 def load_line() -> str:
     one, five, fifteen = load_average()
-    return f"load average {one:.2f} / {five:.2f} / {fifteen:.2f} (1 / 5 / 15 min) on {usable_cores()} cores"
+    return f"load average {one:.2f} / {five:.2f} / {fifteen:.2f} (1 / 5 / 15 min) on {usable_cpus()} cores"
 
 
 def versions() -> dict[str, str]:
@@ -154,7 +150,7 @@ def describe(device: str | torch.device | None = None, with_peaks: bool = True) 
     v = versions()
     gpu = gpu_name()
     lines = [
-        f"machine: CPU {cpu_model()}, {usable_cores()} cores usable, torch threads {torch.get_num_threads()}, "
+        f"machine: CPU {cpu_model()}, {usable_cpus()} cores usable, torch threads {torch.get_num_threads()}, "
         f"bf16 hardware: {bf16_support()}; GPU: {gpu or 'none'}; "
         f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB memory",
         f"versions: torch {v['torch']}, ray {v['ray']}, torchvision {v['torchvision']}, python {v['python']}",

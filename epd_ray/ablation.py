@@ -143,7 +143,7 @@ def run_ablation(run_dir: Path, *, address: str | None = None, echo=print) -> Ab
     shutil.rmtree(fetched, ignore_errors=True)
 
     evaluation = run_evaluation(methods, dataset_dir=inputs.prepared.path, pretrained_path=inputs.pretrained_path,
-                                split="test", mu=variants["tuned"]["mu"], cfg=exp.evaluation)
+                                split="test", mu=variants["tuned"]["mu"], cfg=exp.evaluation, echo=echo)
     extra = {"run": str(run_dir), "variants": {name: runs[name] for name in variants},
              "judged_at": "last round" if is_pareto(exp) else "highest-validation-J round",
              "budget": {"steps": exp.train.steps, "report_every": exp.train.report_every,

@@ -293,7 +293,7 @@ def evaluate(
     try:
         evaluation, paths = evaluate_command(model, out, baselines=baseline, data=data, pretrained=pretrained,
                                              split=split, mu=mu, blur_sigma=blur_sigma,
-                                             pixelate_blocks=pixelate_blocks, k=k, judge=judge)
+                                             pixelate_blocks=pixelate_blocks, k=k, judge=judge, echo=typer.echo)
     except (*USER_ERRORS, CheckpointError, EvaluationError) as exc:
         fail(str(exc))
     m = evaluation.metrics

@@ -225,7 +225,7 @@ def _search_and_report(exp: ExperimentConfig, output: Path, prepared_dir: Path |
 
     best_dir = RunFolder(output).best_dir
     checkpoint = fetch_checkpoint(storage, outcome.best.checkpoint, best_dir / "checkpoint.pt")
-    evaluation = evaluate_best(exp, outcome, checkpoint, prepared, pretrained_path)
+    evaluation = evaluate_best(exp, outcome, checkpoint, prepared, pretrained_path, echo)
     report_path = write_report(output, exp, outcome, evaluation)
     # last: its model card marks the run finished
     write_best(best_dir, exp, outcome, prepared, evaluation.metrics, searched=not fixed)
@@ -264,14 +264,14 @@ def fetch_checkpoint(storage: str, path: str, dest: Path) -> Path:
 
 
 def evaluate_best(exp: ExperimentConfig, outcome: SearchOutcome, checkpoint: Path, prepared: PreparedData,
-                  pretrained_path: Path) -> Evaluation:
+                  pretrained_path: Path, echo=print) -> Evaluation:
     """The best model and every baseline (k-Same included) on the test split, as `epd-ray report` does."""
     generator = build_from_record(load_checkpoint(checkpoint)["networks"]["generator"], checkpoint)
     methods = {GENERATOR_METHOD: generator_method(generator, seed=exp.train.seed),
                **baseline_methods(exp.evaluation, ALL_BASELINES, dataset_dir=prepared.path)}
     mu = float(outcome.best.params.get("mu", exp.evaluation.mu))
     return run_evaluation(methods, dataset_dir=prepared.path, pretrained_path=pretrained_path, split="test", mu=mu,
-                          cfg=exp.evaluation)
+                          cfg=exp.evaluation, echo=echo)
 
 
 def chosen_by(exp: ExperimentConfig, searched: bool) -> str:

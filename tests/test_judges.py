@@ -16,7 +16,8 @@ from epd_ray.core.synthetic import make_synthetic_faces
 from epd_ray.config import EvaluationConfig
 from epd_ray.evaluate.evaluate import baseline_verdict, target_verdict, targets_line, verdict_line
 from epd_ray.evaluate.expression_reader import ExpressionReader, reads_any
-from epd_ray.evaluate.judges import RECOGNISER_THRESHOLD, FaceRecogniser, Gallery, main_judge, parrot_metrics
+from epd_ray.evaluate.judges import (PARALLEL_MIN_FACES, RECOGNISER_THRESHOLD, FaceRecogniser, Gallery, main_judge,
+                                    parrot_metrics)
 
 EMOTIONS = 7
 
@@ -52,6 +53,23 @@ def test_recogniser_names_a_real_person_and_loses_her_when_blurred(recogniser):
     blurred = to_uint8(gaussian_blur(to_tensor(probe), sigma=8.0))
     blurred_embedded, blurred_found = recogniser.embed(blurred)
     assert not blurred_found[0] and gallery.distances(blurred_embedded)[0].argmin() != 0
+
+
+def test_recogniser_spread_over_processes_embeds_as_one_process_does(recogniser):
+    """A test split of thousands of faces takes dlib many minutes on one core: the driver's recogniser
+    spreads a large batch over worker processes. The embeddings are the same as in one process, in order;
+    a batch seen before is not embedded again, and changing what it returned changes nothing it keeps."""
+    faces = make_synthetic_faces(8, 8, 64, seed=3).pixels[:PARALLEL_MIN_FACES]
+    alone = recogniser.embed(faces)
+    with FaceRecogniser(processes=2) as spread:
+        embedded, found = spread.embed(faces)
+        assert spread._pool is not None  # the batch did go to the workers
+        np.testing.assert_allclose(embedded, alone[0], atol=1e-5)
+        np.testing.assert_array_equal(found, alone[1])
+        embedded[:] = 0
+        again, _ = spread.embed(faces)
+    np.testing.assert_allclose(again, alone[0], atol=1e-5)
+    assert spread._pool is None  # closed with the block
 
 
 def test_recogniser_on_synthetic_faces_is_not_the_default_judge():

@@ -7,10 +7,16 @@ CPUs without it, bf16 is emulated and slower than fp32, so `auto` only picks it 
 from __future__ import annotations
 
 import contextlib
+import os
 from functools import lru_cache
 from pathlib import Path
 
 import torch
+
+
+def usable_cpus() -> int:
+    """The cores this process may run on (a container's or taskset's share, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @lru_cache(maxsize=1)

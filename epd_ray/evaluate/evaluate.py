@@ -14,7 +14,9 @@ report's grid; never the originals, which a report on real data must not leak). 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -32,6 +34,7 @@ from epd_ray.config import EvaluationConfig
 from epd_ray.core.baselines import gaussian_blur, k_same_pixel, no_change, pixelate
 from epd_ray.core.images import to_tensor, to_uint8
 from epd_ray.core.metrics import DEFAULT_MU_GRID, compute_metrics, distance_to_all, mu_sweep
+from epd_ray.core.precision import usable_cpus
 from epd_ray.core.scoring import Method, class_logits, class_probabilities, deidentify_pixels, ssim_values
 from epd_ray.data.shards import SPLITS, FaceArrays, load_split, read_manifest
 from epd_ray.evaluate.expression_reader import ExpressionReader, reader_metrics, reads_any
@@ -157,9 +160,11 @@ def _deidentify(method: Method | KSameMethod, faces: FaceArrays, kw: dict[str, A
 
 def run_evaluation(methods: dict[str, Method | KSameMethod], *, dataset_dir: Path, pretrained_path: Path, split: str,
                    mu: float, cfg: EvaluationConfig, device: torch.device | None = None, precision: str = "fp32",
-                   mu_grid: Sequence[float] = DEFAULT_MU_GRID, samples: int = SAMPLES) -> Evaluation:
+                   mu_grid: Sequence[float] = DEFAULT_MU_GRID, samples: int = SAMPLES,
+                   echo: Callable[[str], None] | None = None) -> Evaluation:
     """De-identify `split` once per method (and the parrot's gallery, from the train split); judge with
-    every judge of `evaluate.judges`. `metrics["main_judge"]` names the one whose J the search maximised."""
+    every judge of `evaluate.judges`. `metrics["main_judge"]` names the one whose J the search maximised.
+    `echo` gets a line per method judged: on a large split each takes minutes."""
     device = device or torch.device("cpu")
     faces = load_split(dataset_dir, split)
     manifest = DatasetManifest.load(dataset_dir)
@@ -173,64 +178,74 @@ def run_evaluation(methods: dict[str, Method | KSameMethod], *, dataset_dir: Pat
     train = load_split(dataset_dir, "train")
     gallery_faces = train.per_identity(cfg.gallery_per_identity)
     num_identities = len(manifest.identities)
-    recogniser = FaceRecogniser() if uses_recogniser(main, source) else None
-    if recogniser is not None:
-        rec_orig, found_orig = recogniser.embed(faces.pixels)
-        rec_gallery = Gallery.of(lambda pixels: recogniser.embed(pixels)[0], gallery_faces, num_identities)
-    # The parrot takes the main judge's embedding: the recogniser's, or the evaluator's logits.
-    evaluator = judges["evaluators"][0]
-    embed: Callable[[np.ndarray], np.ndarray] = (
-        (lambda pixels: recogniser.embed(pixels)[0]) if main == "recogniser"
-        else (lambda pixels: class_logits(evaluator, pixels, **kw).numpy()))
-    if main == "recogniser":
-        plain_gallery, main_orig = rec_gallery, rec_orig
-    else:
-        plain_gallery, main_orig = Gallery.of(embed, gallery_faces, num_identities), embed(faces.pixels)
-    emo_orig = originals["evaluators"][1]
-    # Real faces also get an expression reader trained on thousands of other people (S_e knows only these).
-    reader = (ExpressionReader(manifest.emotions).to(device)
-              if source != "synthetic" and reads_any(manifest.emotions) else None)
-    if reader is not None:
-        reader_orig = class_probabilities(reader, faces.pixels, **kw)
-    index = sample_indices(faces.identity, samples)
-    results: dict[str, Any] = {}
-    sweeps: dict[str, Any] = {}
-    tables: list[pa.Table] = []
-    sample_pixels: dict[str, np.ndarray] = {}
-    for method_name, method in methods.items():
-        deid = _deidentify(method, faces, kw)
-        sample_pixels[method_name] = deid[index]
-        ssim = ssim_values(faces.pixels, deid, cfg.batch_size).numpy().astype(np.float64)
-        columns: dict[str, Any] = {"method": [method_name] * len(faces), "index": np.arange(len(faces)),
-                                   "identity": faces.identity, "emotion": faces.emotion, "ssim": ssim}
-        results[method_name] = judged = {}
-        for judge_name, (id_net, emo_net) in judges.items():
-            id_orig, emo_judge_orig = originals[judge_name]
-            id_deid, emo_deid = (class_probabilities(id_net, deid, **kw), class_probabilities(emo_net, deid, **kw))
-            judged[judge_name] = compute_metrics(
-                identity_probs_orig=id_orig, identity_probs_deid=id_deid, emotion_probs_orig=emo_judge_orig,
-                emotion_probs_deid=emo_deid, identity=faces.identity, emotion=faces.emotion,
-                ssim_per_image=ssim, mu=mu, ssim_weight=cfg.ssim_weight)
-            columns.update(_per_image_columns(judge_name, id_orig, id_deid, emo_judge_orig, emo_deid, faces.identity))
-            if judge_name == SWEEP_JUDGE:
-                sweeps[method_name] = mu_sweep(id_orig, id_deid, faces.identity, mu_grid)
-        emo_deid = class_probabilities(judges["evaluators"][1], deid, **kw)
-        shared = dict(identity=faces.identity, emotion_probs_orig=emo_orig, emotion_probs_deid=emo_deid,
-                      emotion=faces.emotion, ssim=ssim, ssim_weight=cfg.ssim_weight)
+    # the driver's evaluation has the machine to itself: dlib spreads over its cores
+    recognising = (FaceRecogniser(processes=usable_cpus()) if uses_recogniser(main, source)
+                   else contextlib.nullcontext())
+    with recognising as recogniser:
         if recogniser is not None:
-            rec_deid, found_deid = recogniser.embed(deid)
-            judged["recogniser"] = recogniser_metrics(rec_gallery, rec_orig, rec_deid, found_orig, found_deid, **shared)
-            columns["recogniser_face_found"] = found_deid
+            rec_orig, found_orig = recogniser.embed(faces.pixels)
+            rec_gallery = Gallery.of(lambda pixels: recogniser.embed(pixels)[0], gallery_faces, num_identities)
+        # The parrot takes the main judge's embedding: the recogniser's, or the evaluator's logits.
+        evaluator = judges["evaluators"][0]
+        embed: Callable[[np.ndarray], np.ndarray] = (
+            (lambda pixels: recogniser.embed(pixels)[0]) if main == "recogniser"
+            else (lambda pixels: class_logits(evaluator, pixels, **kw).numpy()))
+        if main == "recogniser":
+            plain_gallery, main_orig = rec_gallery, rec_orig
+        else:
+            plain_gallery, main_orig = Gallery.of(embed, gallery_faces, num_identities), embed(faces.pixels)
+        emo_orig = originals["evaluators"][1]
+        # Real faces also get an expression reader trained on thousands of other people (S_e knows only these).
+        reader = (ExpressionReader(manifest.emotions).to(device)
+                  if source != "synthetic" and reads_any(manifest.emotions) else None)
         if reader is not None:
-            reader_deid = class_probabilities(reader, deid, **kw)
-            judged["reader"] = reader_metrics(reader_orig, reader_deid, faces.emotion)
-            columns.update(reader_emotion_original=reader_orig.argmax(dim=1).numpy(),
-                           reader_emotion_deid=reader_deid.argmax(dim=1).numpy())
-        main_deid = rec_deid if main == "recogniser" else embed(deid)
-        parrot_gallery = Gallery(embed(_deidentify(method, gallery_faces, kw)), gallery_faces.identity, num_identities)
-        judged["parrot"] = {**parrot_metrics(plain_gallery, parrot_gallery, main_orig, main_deid, **shared),
-                            "embedding": main}
-        tables.append(pa.table(columns))
+            reader_orig = class_probabilities(reader, faces.pixels, **kw)
+        index = sample_indices(faces.identity, samples)
+        results: dict[str, Any] = {}
+        sweeps: dict[str, Any] = {}
+        tables: list[pa.Table] = []
+        sample_pixels: dict[str, np.ndarray] = {}
+        for number, (method_name, method) in enumerate(methods.items(), 1):
+            started = time.time()
+            deid = _deidentify(method, faces, kw)
+            sample_pixels[method_name] = deid[index]
+            ssim = ssim_values(faces.pixels, deid, cfg.batch_size).numpy().astype(np.float64)
+            columns: dict[str, Any] = {"method": [method_name] * len(faces), "index": np.arange(len(faces)),
+                                       "identity": faces.identity, "emotion": faces.emotion, "ssim": ssim}
+            results[method_name] = judged = {}
+            for judge_name, (id_net, emo_net) in judges.items():
+                id_orig, emo_judge_orig = originals[judge_name]
+                id_deid, emo_deid = (class_probabilities(id_net, deid, **kw), class_probabilities(emo_net, deid, **kw))
+                judged[judge_name] = compute_metrics(
+                    identity_probs_orig=id_orig, identity_probs_deid=id_deid, emotion_probs_orig=emo_judge_orig,
+                    emotion_probs_deid=emo_deid, identity=faces.identity, emotion=faces.emotion,
+                    ssim_per_image=ssim, mu=mu, ssim_weight=cfg.ssim_weight)
+                columns.update(_per_image_columns(judge_name, id_orig, id_deid, emo_judge_orig, emo_deid,
+                                                  faces.identity))
+                if judge_name == SWEEP_JUDGE:
+                    sweeps[method_name] = mu_sweep(id_orig, id_deid, faces.identity, mu_grid)
+            emo_deid = class_probabilities(judges["evaluators"][1], deid, **kw)
+            shared = dict(identity=faces.identity, emotion_probs_orig=emo_orig, emotion_probs_deid=emo_deid,
+                          emotion=faces.emotion, ssim=ssim, ssim_weight=cfg.ssim_weight)
+            if recogniser is not None:
+                rec_deid, found_deid = recogniser.embed(deid)
+                judged["recogniser"] = recogniser_metrics(rec_gallery, rec_orig, rec_deid, found_orig, found_deid,
+                                                          **shared)
+                columns["recogniser_face_found"] = found_deid
+            if reader is not None:
+                reader_deid = class_probabilities(reader, deid, **kw)
+                judged["reader"] = reader_metrics(reader_orig, reader_deid, faces.emotion)
+                columns.update(reader_emotion_original=reader_orig.argmax(dim=1).numpy(),
+                               reader_emotion_deid=reader_deid.argmax(dim=1).numpy())
+            main_deid = rec_deid if main == "recogniser" else embed(deid)
+            parrot_gallery = Gallery(embed(_deidentify(method, gallery_faces, kw)), gallery_faces.identity,
+                                     num_identities)
+            judged["parrot"] = {**parrot_metrics(plain_gallery, parrot_gallery, main_orig, main_deid, **shared),
+                                "embedding": main}
+            tables.append(pa.table(columns))
+            if echo is not None:
+                echo(f"{split} evaluation: {method_name} judged ({number}/{len(methods)}, {len(faces)} faces) "
+                     f"in {time.time() - started:.0f} s")
     metrics = {"split": split, "images": len(faces), "mu": mu, "ssim_weight": cfg.ssim_weight, "methods": results,
                "main_judge": main, "data_source": source, "gallery": {"split": "train", "images": len(gallery_faces),
                                                                       "per_identity": cfg.gallery_per_identity},
@@ -450,7 +465,8 @@ def evaluate_command(model: Path | None, out: Path, *, baselines: Sequence[str] 
                      pretrained: Path | None = None, split: str = "test", mu: float | None = None,
                      blur_sigma: float | None = None, pixelate_blocks: int | None = None, k: int = KSAME_K,
                      judge: str | None = None, include_model: bool | None = None,
-                     extra: dict[str, Any] | None = None) -> tuple[Evaluation, dict[str, Path]]:
+                     extra: dict[str, Any] | None = None,
+                     echo: Callable[[str], None] | None = None) -> tuple[Evaluation, dict[str, Path]]:
     """`epd-ray evaluate`: the model (without --baseline) or the given baselines; write the results to `out`.
 
     `include_model=True` evaluates the model and the baselines together (what `epd-ray report` does);
@@ -468,7 +484,7 @@ def evaluate_command(model: Path | None, out: Path, *, baselines: Sequence[str] 
         methods[GENERATOR_METHOD] = generator_method(generator, seed=setup.seed)
     methods.update(baseline_methods(setup.cfg, list(baselines), dataset_dir=setup.dataset_dir, k=k))
     evaluation = run_evaluation(methods, dataset_dir=setup.dataset_dir, pretrained_path=setup.pretrained_path,
-                                split=split, mu=setup.mu, cfg=setup.cfg)
+                                split=split, mu=setup.mu, cfg=setup.cfg, echo=echo)
     extra = {"model": str(setup.checkpoint) if setup.checkpoint else None,
              "params": setup.card.get("params"), **method_settings(setup.cfg, methods, k), **(extra or {})}
     return evaluation, write_evaluation(out, evaluation, extra)

@@ -440,7 +440,7 @@ def build_report(run_dir: Path, *, show_originals: bool = False, echo: Callable[
         echo(f"evaluating the best model and the baselines ({', '.join(ALL_BASELINES)}) on the test split")
         kept = {k: metrics[k] for k in SEARCH_KEYS if metrics and k in metrics}
         evaluation, _ = evaluate_command(run_dir, source, baselines=ALL_BASELINES, include_model=True,
-                                         mu=metrics.get("mu") if metrics else None, extra=kept)
+                                         mu=metrics.get("mu") if metrics else None, extra=kept, echo=echo)
         metrics = evaluation.metrics
     trials = metrics.get("trials") or []
 

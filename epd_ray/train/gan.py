@@ -31,7 +31,7 @@ from epd_ray.checkpoints import build_from_record, load_checkpoint, network_reco
 from epd_ray.config import EvaluationConfig, ExperimentConfig, LossConfig, TrainConfig
 from epd_ray.core.losses import LossWeights, discriminator_loss, generator_loss
 from epd_ray.core.networks import build_network
-from epd_ray.core.precision import autocast
+from epd_ray.core.precision import autocast, usable_cpus
 from epd_ray.core.metrics import compute_metrics
 from epd_ray.core.scoring import class_probabilities, deidentify_pixels, ssim_values
 from epd_ray.data.shards import load_split
@@ -73,10 +73,10 @@ class GanInputs:
         judge = main_judge(evaluation.judge, manifest.source)
         gallery = val_recognised = None
         if judge == "recogniser":
-            recogniser = FaceRecogniser()
-            gallery = Gallery.of(lambda pixels: recogniser.embed(pixels)[0],
-                                 train.per_identity(evaluation.gallery_per_identity), len(manifest.identities))
-            val_recognised = recogniser.embed(val.pixels)
+            with FaceRecogniser(processes=usable_cpus()) as recogniser:  # before the trials take the cores
+                gallery = Gallery.of(lambda pixels: recogniser.embed(pixels)[0],
+                                     train.per_identity(evaluation.gallery_per_identity), len(manifest.identities))
+                val_recognised = recogniser.embed(val.pixels)
         return cls(pretrained=put(load_checkpoint(Path(pretrained_path))["networks"]), train_faces=put(train),
                    val_faces=put(val), image_size=manifest.image_size, judge=judge,
                    recogniser_gallery=gallery, val_recognised=val_recognised)
