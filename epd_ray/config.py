@@ -188,9 +188,11 @@ class EvaluationConfig(_Strict):
                             "faces), evaluators = V_e/S_e trained here; auto: recogniser unless the data is synthetic")
     gallery_per_identity: int = Field(10, ge=1, description="train-split images per identity in the recogniser's "
                                                             "and the parrot attack's gallery")
-    val_probes: int = Field(600, ge=1, description="at most this many val-split faces (a fixed share of every "
+    val_probes: int = Field(200, ge=1, description="at most this many val-split faces (a fixed share of every "
                                                    "identity) score each round of every trial: a round's judging "
-                                                   "cost stays bounded on large sets; the test split is judged whole")
+                                                   "cost stays bounded on large sets (the recogniser takes about "
+                                                   "0.1 s a face of a core the trial shares); the test split is "
+                                                   "judged whole")
     mu: float = Field(0.35, gt=0, le=SQRT2)
     max_reidentified: float = Field(0.3, ge=0, le=1, description="privacy target: the largest share of "
                                     "de-identified test faces that the main judge, or the parrot attack (an "
