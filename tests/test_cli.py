@@ -120,7 +120,7 @@ def test_tune_smoke_end_to_end(tmp_path):
     # With no change at all, the evaluators still recognise people: no privacy can be claimed, by any judge.
     unchanged = metrics["methods"]["no_change"]["evaluators"]
     assert unchanged["ssim"] == pytest.approx(1.0) and unchanged["emotion_mse"] == pytest.approx(0.0)
-    assert set(metrics["methods"]["no_change"]) == {"evaluators", "verifiers", "parrot"}
+    assert set(metrics["methods"]["no_change"]) == {"evaluators", "verifiers", "parrot", "denoised"}
     assert all(j["privacy"] == 0.0 and j["objective"] == 0.0 for j in metrics["methods"]["no_change"].values())
     # Whether the model beats the baselines is said on the card and in the output, whichever way it went.
     assert card["main_judge"] == metrics["main_judge"] == "evaluators"

@@ -67,14 +67,15 @@ def model_eval(world):
     return out
 
 
-def check_outputs(out: Path, methods: set[str], n: int, judges=("evaluators", "verifiers", "parrot")) -> dict:
+def check_outputs(out: Path, methods: set[str], n: int,
+                  judges=("evaluators", "verifiers", "parrot", "denoised")) -> dict:
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["methods"]) == methods and metrics["images"] == n
     for judged in metrics["methods"].values():
         assert set(judged) == set(judges)
         for name, m in judged.items():
             assert JUDGE_KEYS <= set(m) and len(m["cmc_misclassification"]) == 5 and m["num_probes"] == n
-            assert PAPER_KEYS <= set(m) or name in ("parrot", "recogniser")
+            assert PAPER_KEYS <= set(m) or name in ("parrot", "denoised", "recogniser")
     assert set(metrics["mu_sweep"]) == methods
     table = pq.read_table(out / "per_image.parquet")
     assert table.num_rows == n * len(methods) and PER_IMAGE_COLUMNS <= set(table.column_names)
@@ -87,7 +88,8 @@ def test_evaluate_checkpoint_writes_metrics_and_per_image(world, model_eval):
     # The targets are the model's own figures against the configured limits, whichever way they went.
     targets, model = metrics["targets"], metrics["methods"]["epd-net"]
     assert targets["reidentified"] == {"evaluators": model["evaluators"]["reidentified"],
-                                       "parrot": model["parrot"]["reidentified"]}
+                                       "parrot": model["parrot"]["reidentified"],
+                                       "denoised": model["denoised"]["reidentified"]}
     assert targets["expression_met"] == (model["evaluators"]["expression_kept"] >= targets["min_expression_kept"])
     assert targets["reader_expression_kept"] is None  # synthetic faces: no pretrained reader
 
@@ -116,10 +118,10 @@ def test_evaluate_with_the_recogniser_as_main_judge(world):
     result = invoke("evaluate", "--baseline", "identity", *common(world), "--out", out, "--judge", "recogniser")
     assert result.exit_code == 0, result.output
     metrics = check_outputs(out, {"no_change"}, world["test_images"],
-                            judges=("evaluators", "verifiers", "recogniser", "parrot"))
+                            judges=("evaluators", "verifiers", "recogniser", "parrot", "denoised"))
     judged = metrics["methods"]["no_change"]
-    assert metrics["main_judge"] == "recogniser" and judged["parrot"]["embedding"] == "recogniser"
-    for name in ("evaluators", "verifiers", "recogniser", "parrot"):
+    assert metrics["main_judge"] == "recogniser" == judged["parrot"]["embedding"] == judged["denoised"]["embedding"]
+    for name in ("evaluators", "verifiers", "recogniser", "parrot", "denoised"):
         assert judged[name]["privacy"] == 0.0 and judged[name]["objective"] == 0.0, name
     rec = judged["recogniser"]
     assert rec["reidentified"] == rec["reidentified_original"] > 0.5  # dlib tells the synthetic people apart

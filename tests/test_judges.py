@@ -16,8 +16,8 @@ from epd_ray.core.synthetic import make_synthetic_faces
 from epd_ray.config import EvaluationConfig
 from epd_ray.evaluate.evaluate import baseline_verdict, target_verdict, targets_line, verdict_line
 from epd_ray.evaluate.expression_reader import ExpressionReader, reads_any
-from epd_ray.evaluate.judges import (PARALLEL_MIN_FACES, RECOGNISER_THRESHOLD, FaceRecogniser, Gallery, main_judge,
-                                    parrot_metrics)
+from epd_ray.evaluate.judges import (PARALLEL_MIN_FACES, RECOGNISER_THRESHOLD, FaceRecogniser, Gallery, attack_metrics,
+                                    denoise, main_judge)
 
 EMOTIONS = 7
 
@@ -38,7 +38,8 @@ def astronaut_crop(x0: int, y0: int, side: int, mirror: bool = False) -> np.ndar
 def test_recogniser_names_a_real_person_and_loses_her_when_blurred(recogniser):
     """Gallery: three crops of the astronaut (identity 0) among synthetic people (1-6); probe: another
     crop, mirrored. The pretrained recogniser names her, verifies her at its own threshold and finds her
-    face; blurred at sigma 8 it finds no face and no longer names her."""
+    face; blurred at sigma 8 it finds no face and no longer names her; speckled, it no longer names her
+    either, but a median filter undoes that."""
     astronaut = np.stack([astronaut_crop(150, 50, 140), astronaut_crop(155, 55, 132), astronaut_crop(145, 45, 150)])
     others = make_synthetic_faces(6, 3, 64, seed=0)
     embedded, found = recogniser.embed(np.concatenate([astronaut, others.pixels[:30]]))
@@ -53,6 +54,16 @@ def test_recogniser_names_a_real_person_and_loses_her_when_blurred(recogniser):
     blurred = to_uint8(gaussian_blur(to_tensor(probe), sigma=8.0))
     blurred_embedded, blurred_found = recogniser.embed(blurred)
     assert not blurred_found[0] and gallery.distances(blurred_embedded)[0].argmin() != 0
+
+    # Speckle (5% of the pixels black or white) throws the recogniser off her; the denoising attacker's
+    # median filter gives her back.
+    speckled = probe.copy()
+    rng = np.random.default_rng(0)
+    hit = rng.random(speckled.shape[:3]) < 0.05
+    speckled[hit] = rng.choice([0, 255], size=(int(hit.sum()), 1))
+    assert gallery.distances(recogniser.embed(speckled)[0])[0].argmin() != 0
+    cleaned = gallery.distances(recogniser.embed(denoise(speckled))[0])[0]
+    assert cleaned.argmin() == 0 and cleaned[0] < RECOGNISER_THRESHOLD
 
 
 def test_recogniser_spread_over_processes_embeds_as_one_process_does(recogniser):
@@ -110,9 +121,9 @@ def test_parrot_catches_a_consistent_stand_in_that_fools_the_plain_judge():
     plain_judged = judged_metrics(plain.scores(test), plain.scores(deid_test), faces["emotion_probs_orig"],
                                   faces["emotion_probs_deid"], identity, emotion, faces["ssim"])
     assert plain_judged["reidentified_original"] == 1.0 and plain_judged["privacy"] == 1.0
-    attacked = parrot_metrics(plain, parrot, test, deid_test, **faces)
+    attacked = attack_metrics(plain, parrot, test, deid_test, **faces)
     assert attacked["reidentified"] == 1.0 and attacked["privacy"] == 0.0 and attacked["objective"] == 0.0
-    unchanged = parrot_metrics(plain, plain, test, test, **faces)
+    unchanged = attack_metrics(plain, plain, test, test, **faces)
     assert unchanged["privacy"] == 0.0 and unchanged["objective"] == 0.0
 
 
@@ -148,9 +159,9 @@ def test_verdict_says_when_the_model_is_no_better_than_a_baseline():
                              "methods": {"blur": {"recogniser": {"objective": 0.1}}}}) is None
 
 
-def targets_metrics(named: float, parrot: float, kept: float) -> dict:
+def targets_metrics(named: float, parrot: float, kept: float, denoised: float = 0.2) -> dict:
     model = {"recogniser": {"reidentified": named, "expression_kept": kept}, "parrot": {"reidentified": parrot},
-             "reader": {"expression_kept": 0.4}}
+             "denoised": {"reidentified": denoised}, "reader": {"expression_kept": 0.4}}
     return {"main_judge": "recogniser", "methods": {"epd-net": model, "no_change": {}}}
 
 
@@ -172,6 +183,9 @@ def test_targets_say_which_question_the_model_fails_even_when_it_beats_every_bas
     assert good["privacy_met"] and good["expression_met"] and targets_line(good).startswith("targets: met:")
     stricter = target_verdict(targets_metrics(0.1, 0.3, 0.95), EvaluationConfig(max_reidentified=0.2))
     assert not stricter["privacy_met"]
+    noise = target_verdict(targets_metrics(0.1, 0.2, 0.95, denoised=0.45), cfg)
+    assert not noise["privacy_met"] and "the denoising attacker 0.450" in targets_line(noise)
+    assert "median filter gives identities back" in targets_line(noise) and "keep it private" not in targets_line(noise)
     assert target_verdict({"main_judge": "recogniser", "methods": {"blur": {}}}, cfg) is None
 
 

@@ -38,7 +38,7 @@ from epd_ray.core.precision import usable_cpus
 from epd_ray.core.scoring import Method, class_logits, class_probabilities, deidentify_pixels, ssim_values
 from epd_ray.data.shards import SPLITS, FaceArrays, load_split, read_manifest
 from epd_ray.evaluate.expression_reader import ExpressionReader, reader_metrics, reads_any
-from epd_ray.evaluate.judges import (FaceRecogniser, Gallery, main_judge, parrot_metrics,
+from epd_ray.evaluate.judges import (FaceRecogniser, Gallery, attack_metrics, denoise, main_judge,
                                      recogniser_metrics, uses_recogniser)
 
 JUDGES = {"evaluators": ("identity_evaluator", "emotion_evaluator"),
@@ -52,6 +52,10 @@ METRICS_FILE, PER_IMAGE_FILE, SAMPLES_FILE = "metrics.json", "per_image.parquet"
 # Names accepted by `--baseline` -> the method name used in metrics.json and reports.
 BASELINE_NAMES = {"identity": "no_change", "no_change": "no_change", "blur": "blur", "pixelate": "pixelate",
                   "ksame": "ksame"}
+
+
+# The attackers beside the main judge, as the targets line names them (see `evaluate.judges`).
+ATTACKS = {"parrot": "the parrot attack", "denoised": "the denoising attacker"}
 
 
 class EvaluationError(ValueError):
@@ -194,6 +198,7 @@ def run_evaluation(methods: dict[str, Method | KSameMethod], *, dataset_dir: Pat
             plain_gallery, main_orig = rec_gallery, rec_orig
         else:
             plain_gallery, main_orig = Gallery.of(embed, gallery_faces, num_identities), embed(faces.pixels)
+        denoised_orig = embed(denoise(faces.pixels))
         emo_orig = originals["evaluators"][1]
         # Real faces also get an expression reader trained on thousands of other people (S_e knows only these).
         reader = (ExpressionReader(manifest.emotions).to(device)
@@ -240,8 +245,10 @@ def run_evaluation(methods: dict[str, Method | KSameMethod], *, dataset_dir: Pat
             main_deid = rec_deid if main == "recogniser" else embed(deid)
             parrot_gallery = Gallery(embed(_deidentify(method, gallery_faces, kw)), gallery_faces.identity,
                                      num_identities)
-            judged["parrot"] = {**parrot_metrics(plain_gallery, parrot_gallery, main_orig, main_deid, **shared),
+            judged["parrot"] = {**attack_metrics(plain_gallery, parrot_gallery, main_orig, main_deid, **shared),
                                 "embedding": main}
+            judged["denoised"] = {**attack_metrics(plain_gallery, plain_gallery, denoised_orig,
+                                                   embed(denoise(deid)), **shared), "embedding": main}
             tables.append(pa.table(columns))
             if echo is not None:
                 echo(f"{split} evaluation: {method_name} judged ({number}/{len(methods)}, {len(faces)} faces) "
@@ -290,7 +297,8 @@ def target_verdict(metrics: dict[str, Any], cfg: EvaluationConfig) -> dict[str, 
     """Whether the model answers its users' two questions well enough to share the faces (None: no model).
 
     Would a face recogniser still find the person: the share of de-identified faces named at rank 1 by the
-    main judge, and by the parrot attack (an attacker who knows the tool), at most `cfg.max_reidentified`.
+    main judge, by the parrot attack (an attacker who knows the tool) and by the denoising attacker (a
+    median filter first), at most `cfg.max_reidentified`.
     Can the expression still be read: the share kept by the main judge's emotion reader (S_e), at least
     `cfg.min_expression_kept`. Beating the baselines says a model is the best choice at hand, not that it
     is good enough; this says which target it misses. On real faces the pretrained reader's figure is shown
@@ -300,7 +308,7 @@ def target_verdict(metrics: dict[str, Any], cfg: EvaluationConfig) -> dict[str, 
     if judged is None:
         return None
     main = metrics["main_judge"]
-    named = {main: judged[main]["reidentified"], "parrot": judged["parrot"]["reidentified"]}
+    named = {judge: judged[judge]["reidentified"] for judge in (main, *ATTACKS) if judge in judged}
     kept = judged[main]["expression_kept"]
     return {"judge": main, "reidentified": named, "max_reidentified": cfg.max_reidentified,
             "expression_kept": kept, "reader_expression_kept": judged.get("reader", {}).get("expression_kept"),
@@ -313,8 +321,7 @@ def targets_line(targets: dict[str, Any] | None) -> str | None:
     """One line: both targets met, or a warning naming each one missed, its figures and what may help."""
     if targets is None:
         return None
-    by = " and ".join(f"{'the parrot attack' if judge == 'parrot' else judge} {share:.3f}"
-                      for judge, share in targets["reidentified"].items())
+    by = ", ".join(f"{ATTACKS.get(judge, judge)} {share:.3f}" for judge, share in targets["reidentified"].items())
     reader = targets["reader_expression_kept"]
     kept = f"{targets['expression_kept']:.3f}" + (f" (pretrained reader {reader:.3f})" if reader is not None else "")
     privacy = f"named at rank 1 by {by} (target at most {targets['max_reidentified']:.2f})"
@@ -326,9 +333,12 @@ def targets_line(targets: dict[str, Any] | None) -> str | None:
     if named[targets["judge"]] > targets["max_reidentified"]:
         advice.append("identity survives: train longer or search more (train.steps, search.num_samples, "
                       "--time-budget)")
-    elif named["parrot"] > targets["max_reidentified"]:
-        advice.append("whoever holds the model can still name people (it turns each into a consistent stand-in): "
-                      "keep it private")
+    else:
+        if named.get("denoised", 0) > targets["max_reidentified"]:
+            advice.append("a median filter gives identities back: the change is partly noise, not another face")
+        if named["parrot"] > targets["max_reidentified"]:
+            advice.append("whoever holds the model can still name people (it turns each into a consistent "
+                          "stand-in): keep it private")
     if not targets["expression_met"]:
         advice.append("expressions are lost: S and S_e learn them from this data set alone, so give them more "
                       "people and images, or --emotion-data with a larger emotion set")
@@ -341,7 +351,7 @@ def method_settings(cfg: EvaluationConfig, methods: dict[str, Any], k: int = KSA
             "pixelate_blocks": cfg.pixelate_blocks}
 
 
-SUMMARY_JUDGES = ("evaluators", "verifiers", "recogniser", "parrot")
+SUMMARY_JUDGES = ("evaluators", "verifiers", "recogniser", "parrot", "denoised")
 
 
 def summary_lines(metrics: dict[str, Any]) -> list[str]:

@@ -29,10 +29,11 @@ COLUMNS = [("objective", "J (evaluators)"), ("deid_rate", "D(mu)"), ("switching_
 # The objective's parts under one judge: what the search maximised (under the main judge) and why.
 JUDGE_COLUMNS = [("objective", "J"), ("privacy", "privacy"), ("utility", "utility"), ("reidentified", "rank-1 named"),
                  ("expression_kept", "expression kept"), ("ssim", "SSIM")]
-JUDGE_ORDER = ("recogniser", "parrot", "evaluators", "verifiers")
+JUDGE_ORDER = ("recogniser", "parrot", "denoised", "evaluators", "verifiers")
 JUDGE_NOTES = {
     "recogniser": "dlib's pretrained face recogniser; gallery: the train split's originals",
     "parrot": "an attacker who knows the tool: the main judge's embedding, gallery of de-identified train faces",
+    "denoised": "an attacker who median-filters (3x3) the published face first: the main judge's embedding and gallery",
     "evaluators": "V_e, S_e: trained here from scratch, never in a loss",
     "verifiers": "V, S: the generator was trained against them (flattered)"}
 REPORT_DIR, REPORT_FILE, ABLATION_DIR = RunFolder.REPORT, "report.md", RunFolder.ABLATION
