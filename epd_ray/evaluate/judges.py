@@ -13,7 +13,7 @@ Five identity judges, side by side in every evaluation:
   that maps each person to a consistent stand-in fools the plain judges and not this one;
 - `denoised`: an attacker who first cleans the published face with a 3x3 median filter, then names it with
   the main judge's embedding and gallery. On JAFFE the tuned generator's change is part speckle, and
-  recognisers are thrown by speckle: the filter took dlib's rank-1 from 0.10 to 0.25. Privacy that a
+  recognisers are thrown by speckle: the filter took dlib's rank-1 from 0.10 to 0.27. Privacy that a
   median filter undoes is not privacy. Its zero point is the filtered originals.
 
 Every judge scores against the unchanged images as its zero point (`core.metrics.judged_metrics`), so
