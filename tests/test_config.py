@@ -4,6 +4,7 @@ and the resolved config written next to a run that loads back to the same experi
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -357,6 +358,22 @@ def test_a_budget_that_ended_the_search_marks_the_cut_trials_and_counts_those_ne
     assert budget_cuts(trials, planned=6, max_rounds=8, time_budget_s=30, searched=20) == (trials, None)
     assert budget_cuts(trials, planned=6, max_rounds=8, time_budget_s=None, searched=99) == (trials, None)
     search.COMPLETED.clear()
+
+
+def test_a_spent_budget_waits_for_a_first_reported_round_or_with_finish_one_trial_a_trial_trained_through():
+    from epd_ray.tune import search
+    from epd_ray.tune.search import OBJECTIVE, TimeBudget
+
+    any_round, whole_trial = TimeBudget(1e-6), TimeBudget(1e-6, finish_rounds=10)
+    time.sleep(0.01)
+    assert not any_round.stop_all() and not whole_trial.stop_all()  # spent, but nothing to judge yet
+    for stopper in (any_round, whole_trial):
+        assert stopper("a", {OBJECTIVE: 0.2, "round": 4}) is False  # never stops a trial itself
+    assert any_round.stop_all() and not whole_trial.stop_all()  # a round at step 600 of 1500 is not enough
+    whole_trial("a", {OBJECTIVE: 0.3, "round": 10})
+    assert whole_trial.stop_all()
+    _, note = search.budget_cuts([], planned=2, max_rounds=10, time_budget_s=30, searched=31, finish_one_trial=True)
+    assert "it waits past it for a first trial's last round" in note and "2 of 2 not started" in note
 
 
 @pytest.mark.parametrize("first, expected", [("paper", {"phi": 0.25, "mu": 0.35, "alpha": 1.3}),
