@@ -265,8 +265,8 @@ class SearchConfig(_Strict):
                                  f"{PRETRAIN_SHARE:.0%} of it, evaluation keeps a reserve, and the search ends "
                                  "in what is left (Tune's time_budget_s), keeping the best reported round")
     finish_one_trial: bool = Field(False, description="with a time budget, the search goes on past it until one "
-                                   "trial has trained every step of its budget (or ASHA stopped it for a better "
-                                   "one): a slower machine then ends late rather than with a half-trained model")
+                                   "trial has reported its last round (a trial ASHA stops leaves a better one "
+                                   "running): a slower machine then ends late rather than with a half-trained model")
     space: dict[str, Range] = Field(default_factory=lambda: {
         "lambda1": Range(low=0.3, high=1.0),
         "lambda2": Range(low=0.3, high=1.0),
