@@ -325,7 +325,7 @@ def test_time_budgets_read_as_seconds_minutes_or_hours():
         load_config("smoke", {"search.time_budget_s": "soon"})
 
 
-def test_pretraining_over_its_share_of_the_budget_is_warned_about_once_with_the_estimate():
+def test_pretraining_over_its_share_of_the_budget_is_warned_about_once_with_the_slowest_networks_estimate():
     from epd_ray.train.run import PretrainingEstimate
 
     said: list[str] = []
@@ -340,6 +340,14 @@ def test_pretraining_over_its_share_of_the_budget_is_warned_about_once_with_the_
     quiet: list[str] = []
     PretrainingEstimate(exp, share_s=None, echo=quiet.append)(item)
     assert len(quiet) == 1 and not quiet[0].startswith("warning")
+    # A slower network that starts later raises the estimate: its own rate for its steps, and the slowest
+    # rate for the steps of the networks not yet seen (0.2 x 250 + 0.4 x 250 + 0.4 x 800 = 470 s).
+    later: list[str] = []
+    estimate = PretrainingEstimate(exp, share_s=300.0, echo=later.append)
+    estimate(item)
+    assert not any(line.startswith("warning:") for line in later)
+    estimate({**item, "network": "emotion_verifier", "elapsed_s": 10.0})
+    assert "~470 s" in later[-1] and "(300 s)" in later[-1]
 
 
 def test_a_budget_that_ended_the_search_marks_the_cut_trials_and_counts_those_never_started():

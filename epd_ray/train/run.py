@@ -103,22 +103,31 @@ def emotion_data(exp: ExperimentConfig, prepared: PreparedData) -> PreparedData:
 
 
 class PretrainingEstimate:
-    """Progress lines through to `echo`, and once, at the first, a warning when the estimated pretraining time
-    passes `share_s` (the pretraining share of a time budget): the first network's seconds per step times
-    every network's steps, shared among the `lanes` networks that train at once (a rough figure: the
-    networks differ in cost)."""
+    """Progress lines through to `echo`, and once a warning when the estimated pretraining time passes `share_s`
+    (the pretraining share of a time budget). The estimate takes each network's own seconds per step and, for
+    the steps of networks not yet started, the slowest rate seen so far, shared among the `lanes` networks that
+    train at once: the networks differ in cost (on 2 cores the first to report was the fastest, and an estimate
+    from it alone said 636 s of a pretraining that took 1016 s), so it is made again as each network starts."""
 
     def __init__(self, exp: ExperimentConfig, share_s: float | None, echo, lanes: int = 1):
-        self.total_steps = (4 * exp.verifiers.steps + exp.model.warm_start_steps) / lanes
+        self.total_steps = 4 * exp.verifiers.steps + exp.model.warm_start_steps
+        self.lanes = lanes
+        self.rates: dict[str, tuple[float, int]] = {}  # network: (seconds per step, its steps)
         self.share_s, self.echo, self.warned = share_s, echo, share_s is None
+
+    def estimate_s(self) -> float:
+        slowest = max(rate for rate, _ in self.rates.values())
+        unseen = max(0, self.total_steps - sum(steps for _, steps in self.rates.values()))
+        return (sum(rate * steps for rate, steps in self.rates.values()) + slowest * unseen) / self.lanes
 
     def __call__(self, item: dict) -> None:
         self.echo(progress_line(item))
         if self.warned or not item["step"]:
             return
-        self.warned = True
-        estimate = item["elapsed_s"] / item["step"] * self.total_steps
+        self.rates[item["network"]] = (item["elapsed_s"] / item["step"], item["steps"])
+        estimate = self.estimate_s()
         if estimate > self.share_s:
+            self.warned = True
             self.echo(f"warning: pretraining will take ~{estimate:.0f} s, more than its share ({self.share_s:.0f} s) "
                       f"of the time budget; the search gets what is left. Pretrain once beforehand with `epd-ray "
                       f"pretrain` (cached, then reused), or lower verifiers.steps / model.warm_start_steps")
