@@ -340,8 +340,10 @@ def targets_line(targets: dict[str, Any] | None) -> str | None:
             advice.append("whoever holds the model can still name people (it turns each into a consistent "
                           "stand-in): keep it private")
     if not targets["expression_met"]:
-        advice.append("expressions are lost: S and S_e learn them from this data set alone, so give them more "
-                      "people and images, or --emotion-data with a larger emotion set")
+        # kept counts only faces whose unchanged image the judge reads right: what is lost, the change lost
+        advice.append("expressions are lost: the judge reads them on the unchanged faces, so the generator's "
+                      "changes take them away; S, the verifier that steers it, learns them from this data set "
+                      "alone: give it more people and images, or --emotion-data with a larger emotion set")
     return f"warning: targets missed: {privacy}; {expression}; " + "; ".join(advice)
 
 
