@@ -32,6 +32,12 @@ def fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
+def stopped(message: str) -> None:
+    """Ctrl-C: the command's one line on how to go on, and a shell's exit status for it."""
+    typer.echo(message, err=True)
+    raise typer.Exit(code=INTERRUPTED)
+
+
 def parse_overrides(pairs: list[str]) -> dict[str, object]:
     overrides = {}
     for pair in pairs:
@@ -115,7 +121,7 @@ def _experiment(config: Optional[str], output: Optional[Path], address: Optional
         overrides["ray.address"] = address
     if time_budget is not None:
         overrides["search.time_budget_s"] = time_budget  # '15m' etc.: the config parses it
-    from epd_ray.experiment import OutputError, TuneInterrupted, default_output, resume_tune, run_tune
+    from epd_ray.experiment import Interrupted, OutputError, default_output, resume_tune, run_tune
     from epd_ray.train.run import PretrainingError
     from epd_ray.tune.search import fixed_params
 
@@ -128,9 +134,8 @@ def _experiment(config: Optional[str], output: Optional[Path], address: Optional
                            fixed=None if search else fixed_params(exp), strict=strict)
     except (*USER_ERRORS, OutputError, PretrainingError) as exc:
         fail(str(exc))
-    except TuneInterrupted as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(code=INTERRUPTED)
+    except Interrupted as exc:
+        stopped(str(exc))
     typer.echo(f"done: best model in {run.best_dir}, report in {run.report_dir}")
 
 
@@ -176,7 +181,7 @@ def pretrain(
     strict: StrictOption = False,
 ) -> None:
     """Pretrain V, S, the evaluators V_e, S_e and the warm start into the cache that `tune` reuses."""
-    from epd_ray.experiment import run_pretrain
+    from epd_ray.experiment import Interrupted, run_pretrain
     from epd_ray.train.run import PretrainingError
 
     overrides = parse_overrides(set_)
@@ -187,6 +192,8 @@ def pretrain(
                             echo=typer.echo)
     except (*USER_ERRORS, PretrainingError) as exc:
         fail(str(exc))
+    except Interrupted as exc:
+        stopped(str(exc))
     typer.echo(f"done: pretrained networks in {path} (`epd-ray tune` with the same settings reuses them"
                + (f"; add --set verifiers.emotion_data={emotion_data}" if emotion_data else "") + ")")
 

@@ -52,8 +52,8 @@ class OutputError(ValueError):
     """An output folder that cannot take this experiment; the message names it."""
 
 
-class TuneInterrupted(Exception):
-    """Ctrl-C stopped the run; the message says how to resume it."""
+class Interrupted(Exception):
+    """Ctrl-C stopped a command; the message says how to go on from what it kept."""
 
 
 @dataclass(frozen=True)
@@ -149,8 +149,12 @@ def run_pretrain(exp: ExperimentConfig, *, prepared_dir: Path | None = None, str
     """`epd-ray pretrain`: the verifiers, evaluators and warm start into the cache that `tune` reuses."""
     check_inputs(exp, prepared_dir)
     runtime = start_ray(exp.ray)
-    return data_and_networks(exp, runtime=runtime, prepared_dir=prepared_dir, strict=strict, gan_data=False,
-                             echo=echo).pretrained_path
+    try:
+        return data_and_networks(exp, runtime=runtime, prepared_dir=prepared_dir, strict=strict, gan_data=False,
+                                 echo=echo).pretrained_path
+    except KeyboardInterrupt:  # each network is kept as it finishes (PretrainedCache.unfinished)
+        raise Interrupted("interrupted: the networks that had finished are kept in the cache; the same command "
+                          "trains only the others") from None
 
 
 def run_tune(exp: ExperimentConfig, output: Path, *, prepared_dir: Path | None = None,
@@ -205,8 +209,8 @@ def _interruptible(output: Path, exp: ExperimentConfig, run):
     try:
         return run()
     except KeyboardInterrupt:
-        raise TuneInterrupted(f"interrupted: the search's state and each trial's last finished round are saved; "
-                              f"resume with: {resume_command(output, exp.ray.address)}") from None
+        raise Interrupted(f"interrupted: the search's state and each trial's last finished round are saved; "
+                          f"resume with: {resume_command(output, exp.ray.address)}") from None
 
 
 def _search_and_report(exp: ExperimentConfig, output: Path, prepared_dir: Path | None, runtime: RayRuntime,

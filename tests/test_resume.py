@@ -1,4 +1,5 @@
-"""A search stopped part-way, through the command line as a user stops it: Ctrl-C, or the driver killed.
+"""A search (or pretraining) stopped part-way, through the command line as a user stops it: Ctrl-C, or the
+driver killed.
 
 Each test runs `epd-ray tune` in a subprocess on the tiny experiment (the session's data and pretrained
 networks reused, the session's Ray cluster joined), stops it once a trial has reported, and checks what
@@ -18,6 +19,7 @@ import pytest
 EPOCH_LINE = re.compile(r"trial (\S+) round (\d+)/\d+ \(step \d+/\d+\)"
                         r"( \(resumed from its checkpoint of round (\d+)\)| \(finished before the stop\))?")
 FINISHED_LINE = re.compile(r"trial (\S+) finished")
+PROGRESS_LINE = re.compile(r"^\s+\w+\s+step \d+/\d+ ")
 
 
 @pytest.fixture
@@ -51,6 +53,22 @@ def test_ctrl_c_stops_cleanly_with_one_line_on_how_to_resume(session_address, ti
     assert ray.tune.Tuner.can_restore(str(out / "ray" / "search"))
     assert trial_checkpoints(out, trial_id), "the trial that reported has no checkpoint"
     assert not (out / "best").exists()
+
+
+def test_ctrl_c_in_pretraining_stops_it_with_one_line_on_going_on(tiny_data, epd_ray_cli, tmp_path):
+    """Pretraining a real set takes many minutes and users stop it: the shell's status for Ctrl-C and one line
+    on what was kept and how to go on. Here pretraining runs its own local Ray, as a user's does."""
+    cache = tmp_path / "cache"
+    run = epd_ray_cli("pretrain", "--config", "smoke", "--data", str(tiny_data.path), "--set", f"cache_dir={cache}",
+                      "--set", "verifiers.steps=1000", "--set", "ray.dashboard_port=0")
+    run.wait_for(PROGRESS_LINE.search, timeout=300)
+    os.killpg(run.proc.pid, signal.SIGINT)
+    rc = run.finish(timeout=120)
+
+    assert rc == 130, run.stdout[-2000:] + run.stderr[-3000:]
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("interrupted:") and "the same command trains only the others" in last, last
+    assert not list(cache.glob("pretrained/*/pretrained.pt")), "an interrupted pretraining left a complete entry"
 
 
 def epoch_lines(lines: list[str]) -> list[tuple[str, int, str]]:
