@@ -55,6 +55,7 @@ def test_ctrl_c_stops_cleanly_with_one_line_on_how_to_resume(session_address, ti
     assert not (out / "best").exists()
 
 
+@pytest.mark.slow  # 40 s, its own local Ray (`pretrain` joins none); what it keeps: test_pretraining's interrupted run
 def test_ctrl_c_in_pretraining_stops_it_with_one_line_on_going_on(tiny_data, epd_ray_cli, tmp_path):
     """Pretraining a real set takes many minutes and users stop it: the shell's status for Ctrl-C and one line
     on what was kept and how to go on. Here pretraining runs its own local Ray, as a user's does."""
@@ -77,6 +78,7 @@ def epoch_lines(lines: list[str]) -> list[tuple[str, int, str]]:
     return [(m.group(1), int(m.group(2)), (m.group(3) or "").strip(" ()")) for m in matches]
 
 
+@pytest.mark.slow  # 60 s; the Ctrl-C test above resumes a stopped search in the suite
 def test_a_search_killed_with_sigkill_resumes_keeping_finished_trials(session_address, tiny_tune_args, epd_ray_cli,
                                                                      tmp_path):
     out = tmp_path / "out"
