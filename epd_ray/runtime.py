@@ -37,6 +37,7 @@ TRIAL_DRIVER = "trial_driver"
 DATA_RESERVE_CPUS = 0.5
 # A Train worker's `report` waits until the controller polls (every 2 s by default): at a few seconds an
 # epoch on a CPU, that idled the workers a third of the time. Polling a local queue 4x a second is cheap.
+DASHBOARD_PORT_TRIES = 3  # see start_ray
 TRAIN_POLL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")}
 
 
@@ -74,14 +75,21 @@ def data_config(workers: int) -> ray.train.DataConfig:
 
 
 def _free_port(host: str, preferred: int) -> int:
-    for port in (preferred, 0):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind((host, port))
-            except OSError:
-                continue
-            return sock.getsockname()[1]
-    raise RuntimeError("no free port for the Ray dashboard")
+    """`preferred` if nothing holds it now (0: none preferred), else a port the system picks."""
+    if preferred and not _taken(host, preferred):
+        return preferred
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _taken(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
 
 
 def start_ray(cfg: RayConfig, *, trial_drivers: int = 64, quiet: bool = True) -> RayRuntime:
@@ -102,7 +110,21 @@ def start_ray(cfg: RayConfig, *, trial_drivers: int = 64, quiet: bool = True) ->
                         logging_level=logging.WARNING if quiet else logging.INFO)
         return RayRuntime(dashboard_url=_url(info.dashboard_url))
     api_host = "127.0.0.1" if cfg.dashboard_host in ("0.0.0.0", "::") else cfg.dashboard_host
-    port = _free_port(api_host, cfg.dashboard_port)
+    # A port found free can be taken before Ray's dashboard binds it: two commands started together both find
+    # 8265 free and one of them lost it seconds later, with Ray's traceback. A port taken by then is given up
+    # for one the system picks; any other failure is Ray's own and is raised as it is.
+    port, tries = _free_port(api_host, cfg.dashboard_port), 1
+    while True:
+        try:
+            return _start_local(cfg, api_host, port, trial_drivers, quiet)
+        except Exception:
+            if tries == DASHBOARD_PORT_TRIES or not _taken(api_host, port):
+                raise
+        ray.shutdown()
+        port, tries = _free_port(api_host, 0), tries + 1
+
+
+def _start_local(cfg: RayConfig, api_host: str, port: int, trial_drivers: int, quiet: bool) -> RayRuntime:
     api_address = f"http://{api_host}:{port}"
     os.environ["RAY_API_SERVER_ADDRESS"] = api_address
     info = ray.init(

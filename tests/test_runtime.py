@@ -1,9 +1,13 @@
-"""Ray's storage path rule on one node (several nodes: tests/test_multinode.py), and Ctrl-C around Ray."""
+"""Ray's storage path rule on one node (several nodes: tests/test_multinode.py), Ctrl-C around Ray, and local
+Rays started side by side."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -33,3 +37,29 @@ def test_ctrl_c_swallowed_by_a_ray_handler_still_interrupts(monkeypatch):
     with sigint_guard():  # no Ctrl-C, no interruption
         signal.signal(signal.SIGINT, lambda *_: None)
     assert signal.getsignal(signal.SIGINT) is before
+
+
+RAY_ON_PORT = """
+import sys
+from epd_ray.config import RayConfig
+from epd_ray.runtime import start_ray
+print(start_ray(RayConfig(num_cpus=1, dashboard_port=int(sys.argv[1]))).dashboard_url, flush=True)
+sys.stdin.read()  # Ray stays up, holding its dashboard's port, until the test is done with both
+"""
+
+
+@pytest.mark.slow  # two local Rays starting side by side, one of them twice: 40-90 s on 2 cores
+def test_two_commands_started_together_each_get_a_dashboard():
+    """Both find the dashboard port free and start Ray on it; the one whose dashboard finds it taken a few
+    seconds later starts on a port the system picks, instead of failing with Ray's traceback."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # each its own Ray, as a terminal's
+    commands = [subprocess.Popen([sys.executable, "-c", RAY_ON_PORT, str(port)], env=env, text=True,
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                for _ in range(2)]
+    urls = {command.stdout.readline().strip() for command in commands}
+    outputs = [command.communicate(timeout=120) for command in commands]  # stdin closed: both shut down
+    assert [command.returncode for command in commands] == [0, 0], "\n".join(err[-2000:] for _, err in outputs)
+    assert len(urls) == 2 and f"http://127.0.0.1:{port}" in urls, urls
