@@ -85,15 +85,24 @@ def test_networks_are_pretrained_once_and_reused(ray_runtime, tiny_experiment, t
     assert any("reusing" in line for line in said)
 
 
-def _fit_gan(exp, data, pretrained, tmp_path, name):
-    return gan_trainer(exp, PARAMS, train_data=materialized_split(data.path),
-                       inputs=GanInputs.put(data.path, pretrained), name=name,
-                       storage_path=str(tmp_path / "ray")).fit()
+def test_gan_training_runs_ddp_checkpoints_every_round_and_resumes_without_the_drivers_files(
+        ray_runtime, tiny_experiment, tiny_data, tiny_pretrained, tmp_path):
+    """Two Train workers under DDP. Workers on other nodes cannot open the driver's files: once the driver has
+    handed the data and the pretrained networks to Ray, training and resuming need neither file."""
+    exp = tiny_experiment.model_copy(update={"train": tiny_experiment.train.model_copy(
+        update={"num_workers": 2, "cpus_per_worker": 0.5})})
+    data_dir, pretrained = tmp_path / "data", tmp_path / "pretrained.pt"
+    shutil.copytree(tiny_data.path, data_dir)
+    shutil.copy(tiny_pretrained, pretrained)
+    train_data, inputs = materialized_split(data_dir), GanInputs.put(data_dir, pretrained)
+    shutil.rmtree(data_dir)
+    pretrained.unlink()
 
+    def fit(experiment):
+        return gan_trainer(experiment, PARAMS, train_data=train_data, inputs=inputs, name="gan",
+                           storage_path=str(tmp_path / "ray")).fit()
 
-def test_gan_training_checkpoints_every_round_and_resumes(ray_runtime, tiny_experiment, tiny_data, tiny_pretrained,
-                                                          tmp_path):
-    result = _fit_gan(tiny_experiment, tiny_data, tiny_pretrained, tmp_path, "gan")
+    result = fit(exp)
     assert result.error is None
     # Train V2 builds metrics_dataframe from the kept checkpoints in score (J) order, not round order.
     assert sorted(result.metrics_dataframe["round"]) == [1, 2]
@@ -105,41 +114,23 @@ def test_gan_training_checkpoints_every_round_and_resumes(ray_runtime, tiny_expe
         payload = load_checkpoint(Path(directory) / CHECKPOINT_FILE)
         generator = load_network(Path(directory) / CHECKPOINT_FILE, "generator")
     assert payload["round"] == 1 and payload["step"] == 6
-    # 6 real optimiser updates of G from 28 images in batches of 8 (3 a pass): the budget wrapped round the data
-    assert int(payload["optimizers"]["generator"]["state"][0]["step"]) == tiny_experiment.train.steps == 6
+    # 6 real optimiser updates of G, each worker's 14 of the 28 images in batches of 8: the budget wrapped
+    # round the data
+    assert int(payload["optimizers"]["generator"]["state"][0]["step"]) == exp.train.steps == 6
     assert set(payload["optimizers"]) == {"generator", "discriminator"}
     assert set(payload["networks"]) == {"generator", "generator_train", "discriminator"}  # average + raw
-    assert payload["experiment"] == tiny_experiment.to_dict()
+    assert payload["experiment"] == exp.to_dict()
     assert payload["params"] == pytest.approx(PARAMS)
     assert generator(torch.zeros(1, 3, 32, 32)).shape == (1, 3, 32, 32)
 
-    longer = tiny_experiment.model_copy(update={"train": tiny_experiment.train.model_copy(update={"steps": 8})})
     # Train V2 resumes a run of the same name and storage path from its latest checkpoint.
-    resumed = _fit_gan(longer, tiny_data, tiny_pretrained, tmp_path, "gan")
+    resumed = fit(exp.model_copy(update={"train": exp.train.model_copy(update={"steps": 8})}))
     assert resumed.error is None
     assert resumed.metrics["round"] == 3 and resumed.metrics["first_round"] == 3  # not from scratch
     assert resumed.metrics["step"] == 8  # the last round is the 2 steps left of the budget
     assert set(resumed.metrics_dataframe["round"]) <= {1, 2, 3}  # the two best by J; the latest is checked below
     with resumed.checkpoint.as_directory() as directory:
         assert load_checkpoint(Path(directory) / CHECKPOINT_FILE)["round"] == 2
-
-
-def test_gan_training_runs_ddp_across_two_workers_without_the_drivers_files(ray_runtime, tiny_experiment, tiny_data,
-                                                                           tiny_pretrained, tmp_path):
-    """Workers on other nodes cannot open the driver's files: once the driver has handed the data and the
-    pretrained networks to Ray, training needs neither file."""
-    exp = tiny_experiment.model_copy(update={"train": tiny_experiment.train.model_copy(
-        update={"steps": 2, "report_every": 2, "num_workers": 2, "cpus_per_worker": 0.5})})
-    data_dir, pretrained = tmp_path / "data", tmp_path / "pretrained.pt"
-    shutil.copytree(tiny_data.path, data_dir)
-    shutil.copy(tiny_pretrained, pretrained)
-    train_data, inputs = materialized_split(data_dir), GanInputs.put(data_dir, pretrained)
-    shutil.rmtree(data_dir)
-    pretrained.unlink()
-    result = gan_trainer(exp, PARAMS, train_data=train_data, inputs=inputs, name="gan-ddp",
-                         storage_path=str(tmp_path / "ray")).fit()
-    assert result.error is None
-    assert math.isfinite(result.metrics["objective"]) and result.checkpoint is not None
 
 
 def test_a_diverging_trial_stops_with_a_reason_and_a_finite_penalty(ray_runtime, tiny_experiment, tiny_data,
