@@ -132,15 +132,15 @@ def test_tune_smoke_end_to_end(tmp_path):
     met = card["targets"]["privacy_met"] and card["targets"]["expression_met"]
     last_lines = run.stdout.split("wall time:")[-1]
     assert ("targets: met:" in run.stdout) if met else ("warning: targets missed:" in last_lines)
-    exported = _epd_ray("export", str(out), "--out", str(tmp_path / "model"), cwd=tmp_path)
-    assert exported.returncode == 0 and "its test evaluation: " in exported.stdout  # whoever ships it is told
+    exported = CliRunner().invoke(app, ["export", str(out), "--out", str(tmp_path / "model")])
+    assert exported.exit_code == 0 and "its test evaluation: " in exported.stdout  # whoever ships it is told
     report = (out / "report" / "report.md").read_text()
     assert "independent evaluators" in report and "epd-net" in report and "targets" in report
     assert all((out / "report" / name).stat().st_size > 0 for name in FIGURES.values())
 
     # The same output again is refused (a new output reuses the cache: see the `epd-ray train` test).
-    again = _epd_ray("tune", "--config", "smoke", "--output", str(out), "--set", f"cache_dir={cache}", cwd=tmp_path)
-    assert again.returncode == 2 and "holds this experiment" in again.stderr
+    again = CliRunner().invoke(app, ["tune", "--config", "smoke", "--output", str(out), "--set", f"cache_dir={cache}"])
+    assert again.exit_code == 2 and "holds this experiment" in again.stderr
 
 
 def test_train_fits_one_setting_for_every_round_and_saves_it_as_tune_does(ray_runtime, tiny_tune_args, tmp_path):
@@ -169,6 +169,7 @@ def test_train_fits_one_setting_for_every_round_and_saves_it_as_tune_does(ray_ru
     assert json.loads((out / "experiment.json").read_text())["kind"] == "epd-ray train"
 
 
+@pytest.mark.slow  # 40 s; the budget's stopper and its summary are checked in test_config
 def test_a_time_budget_ends_the_search_early_and_still_leaves_a_best_model_and_report(ray_runtime, tiny_tune_args,
                                                                                        tmp_path):
     """`--time-budget`: Tune's time budget (TimeBudget) ends a search that could not finish in it (8 trials of 200

@@ -111,24 +111,6 @@ def test_evaluate_each_baseline(world, baseline, name):
             assert judged["privacy"] == 0.0 and judged["objective"] == 0.0
 
 
-def test_evaluate_with_the_recogniser_as_main_judge(world):
-    """The pretrained recogniser judges (and its embedding feeds the parrot); doing nothing scores 0 under
-    every judge. (That blurring costs it the person: tests/test_judges.py, on a real face.)"""
-    out = world["root"] / "recogniser"
-    result = invoke("evaluate", "--baseline", "identity", *common(world), "--out", out, "--judge", "recogniser")
-    assert result.exit_code == 0, result.output
-    metrics = check_outputs(out, {"no_change"}, world["test_images"],
-                            judges=("evaluators", "verifiers", "recogniser", "parrot", "denoised"))
-    judged = metrics["methods"]["no_change"]
-    assert metrics["main_judge"] == "recogniser" == judged["parrot"]["embedding"] == judged["denoised"]["embedding"]
-    for name in ("evaluators", "verifiers", "recogniser", "parrot", "denoised"):
-        assert judged[name]["privacy"] == 0.0 and judged[name]["objective"] == 0.0, name
-    rec = judged["recogniser"]
-    assert rec["reidentified"] == rec["reidentified_original"] > 0.5  # dlib tells the synthetic people apart
-    assert {"verified", "verified_original", "face_found", "face_found_original"} <= set(rec)
-    assert "recogniser" in result.output and "r1 recogn" in result.output
-
-
 def test_mu_sweep_is_monotonic(model_eval):
     sweep = json.loads((model_eval / "metrics.json").read_text())["mu_sweep"]["epd-net"]
     assert sweep["mu"] == sorted(sweep["mu"]) and len(sweep["mu"]) > 10
@@ -244,10 +226,13 @@ def test_generator_noise_depends_on_its_seed_not_on_what_ran_before():
     assert not torch.equal(first, generator_method(generator, seed=4)(x))  # z is on: the seed matters
 
 
-def test_real_faces_are_also_read_by_the_pretrained_expression_reader(world, model_eval, tmp_path):
-    """A folder of face images is a real set to epd-ray: next to S_e, the FER-2013 reader reads every
-    method's faces, in metrics.json, per_image.parquet, the printed summary and the report. Doing nothing
-    changes none of its readings."""
+def test_real_faces_are_judged_by_the_recogniser_and_read_by_the_pretrained_expression_reader(world, model_eval,
+                                                                                               tmp_path):
+    """A folder of face images is a real set to epd-ray: the pretrained recogniser is the main judge (its
+    embedding feeds the parrot and the denoiser) and, next to S_e, the FER-2013 reader reads every method's
+    faces, in metrics.json, per_image.parquet, the printed summary and the report. Doing nothing scores 0
+    under every judge and changes none of the reader's readings. (That blurring costs the recogniser the
+    person: tests/test_judges.py, on a real face.)"""
     faces = make_synthetic_faces(IDS, 3, 32, seed=5)
     for i, (pixels, ident, emo) in enumerate(zip(faces.pixels, faces.identity, faces.emotion)):
         folder = tmp_path / "faces" / f"p{ident}" / EMOTIONS[emo]
@@ -262,7 +247,15 @@ def test_real_faces_are_also_read_by_the_pretrained_expression_reader(world, mod
     metrics = json.loads((out / "metrics.json").read_text())
     for judged in metrics["methods"].values():
         assert set(judged["reader"]) == {"read_original", "read", "expression_kept"}
-    unchanged = metrics["methods"]["no_change"]["reader"]
+    judged = metrics["methods"]["no_change"]
+    assert metrics["main_judge"] == "recogniser" == judged["parrot"]["embedding"] == judged["denoised"]["embedding"]
+    for name in ("evaluators", "verifiers", "recogniser", "parrot", "denoised"):
+        assert judged[name]["privacy"] == 0.0 and judged[name]["objective"] == 0.0, name
+    rec = judged["recogniser"]
+    assert rec["reidentified"] == rec["reidentified_original"] > 0.5  # dlib tells the synthetic people apart
+    assert {"verified", "verified_original", "face_found", "face_found_original"} <= set(rec)
+    assert "r1 recogn" in result.output
+    unchanged = judged["reader"]
     assert unchanged["read"] == unchanged["read_original"]
     table = pq.read_table(out / "per_image.parquet").to_pandas()
     same = table[table.method == "no_change"]
