@@ -37,8 +37,8 @@ TRIAL_DRIVER = "trial_driver"
 DATA_RESERVE_CPUS = 0.5
 # A Train worker's `report` waits until the controller polls (every 2 s by default): at a few seconds an
 # epoch on a CPU, that idled the workers a third of the time. Polling a local queue 4x a second is cheap.
-DASHBOARD_PORT_TRIES = 3  # see start_ray
 TRAIN_POLL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")}
+DASHBOARD_PORT_TRIES = 3  # see start_ray
 
 
 @dataclass(frozen=True)
