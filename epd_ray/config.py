@@ -170,8 +170,10 @@ class TrainConfig(_Strict):
                                 "(pretraining keeps NCHW there: `train.worker.use_channels_last`)")
     keep_shard: bool = Field(True, description="keep each worker's shard in memory after the first Ray Data pass "
                                                "when no random augmentation needs a new pass over the data")
-    flip: bool = Field(False, description="mirror faces at random (Ray Data map_batches, every pass anew)")
-    max_shift: int = Field(0, ge=0, le=32, description="shift faces by up to this many px at random")
+    flip: bool = Field(False, description="mirror faces at random (Ray Data map_batches, every pass anew), each "
+                                          "face's real pair alike")
+    max_shift: int = Field(0, ge=0, le=32, description="shift faces by up to this many px at random, each face's "
+                                                       "real pair alike")
     ema_half_life_steps: float = Field(15.0, ge=0, description="half-life, in steps, of the generator's weight "
                                                                "average that is scored and published (0: the raw "
                                                                "weights)")

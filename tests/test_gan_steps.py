@@ -92,16 +92,43 @@ def test_the_real_pair_is_another_person_with_the_same_expression_or_the_nearest
 
 
 def test_augmentation_mirrors_and_shifts_faces_without_changing_their_content_otherwise():
-    from epd_ray.data.stream import augment_pixels
+    from epd_ray.data.stream import draw_jitter, jitter_pixels
 
     faces = np.random.default_rng(0).integers(0, 256, size=(64, 8, 8, 3), dtype=np.uint8)
-    mirrored = augment_pixels(faces, flip=True, max_shift=0, rng=np.random.default_rng(1))
-    same = [np.array_equal(a, b) for a, b in zip(mirrored, faces)]
-    flipped = [np.array_equal(a, b[:, ::-1]) for a, b in zip(mirrored, faces)]
-    assert all(s or f for s, f in zip(same, flipped)) and 16 < sum(flipped) < 48
-    shifted = augment_pixels(faces, flip=False, max_shift=2, rng=np.random.default_rng(2))
-    assert shifted.shape == faces.shape and not np.array_equal(shifted, faces)
-    assert np.array_equal(augment_pixels(faces, flip=False, max_shift=0, rng=np.random.default_rng(3)), faces)
+    draw = draw_jitter(len(faces), flip=True, max_shift=0, rng=np.random.default_rng(1))
+    mirrored = jitter_pixels(faces, draw)
+    for face, out, flip in zip(faces, mirrored, draw["mirrored"]):
+        assert np.array_equal(out, face[:, ::-1] if flip else face)
+    assert 16 < draw["mirrored"].sum() < 48
+    draw = draw_jitter(len(faces), flip=False, max_shift=2, rng=np.random.default_rng(2))
+    assert not draw["mirrored"].any() and np.abs(draw["shift_y"]).max() == np.abs(draw["shift_x"]).max() == 2
+    shifted = jitter_pixels(faces, draw)
+    i = int(np.flatnonzero((draw["shift_y"] == 1) & (draw["shift_x"] == -1))[0])
+    assert np.array_equal(shifted[i, 1:, :-1], faces[i, :-1, 1:])  # content moved 1 px down and 1 px left
+    assert np.array_equal(jitter_pixels(faces, draw_jitter(len(faces), flip=False, max_shift=0,
+                                                           rng=np.random.default_rng(3))), faces)
+
+
+def test_the_real_pair_is_mirrored_and_shifted_exactly_as_its_x():
+    """Drawn apart, real pairs were offset against each other while (x, G(x)) never is: D's giveaway."""
+    from epd_ray.data.shards import FaceArrays
+    from epd_ray.data.stream import JITTER_COLUMNS, _augment
+    from epd_ray.train.worker import RealPairPool
+
+    rng = np.random.default_rng(0)
+    face = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
+    # the only real pair of person 0's expression 3 is person 1's face, here the same picture as x
+    pool = RealPairPool(FaceArrays(np.stack([face, face]), np.array([0, 1]), np.array([3, 3])),
+                        "other_identity_same_emotion", seed=0)
+    batch = _augment({"pixels": np.stack([face] * 32), "identity": np.zeros(32, np.int64),
+                      "emotion": np.full(32, 3, np.int64)}, flip=True, max_shift=2)
+    assert set(JITTER_COLUMNS) <= set(batch)
+    jitter = {k: batch[k] for k in JITTER_COLUMNS}
+    y = pool.sample(torch.zeros(32, dtype=torch.long), torch.full((32,), 3), jitter).numpy()
+    assert np.array_equal(y, batch["pixels"])
+    assert len({(m, a, b) for m, a, b in zip(*jitter.values())}) > 4  # and the draws do vary
+    assert np.array_equal(pool.sample(torch.zeros(2, dtype=torch.long), torch.full((2,), 3)).numpy(),
+                          np.stack([face, face]))  # no jitter: the faces as they are
 
 
 def test_the_gan_loop_runs_in_process_rounds_reports_and_resumes(tmp_path):

@@ -71,6 +71,25 @@ def test_ray_data_feeds_each_worker_its_part_of_the_shards_then_workers_keep_the
         assert from_memory[0] != from_memory[1]  # reshuffled with each epoch's seed
 
 
+def test_an_augmented_stream_hands_each_batch_its_draws_to_jitter_the_real_pair_alike(ray_runtime, tiny_data):
+    import numpy as np
+
+    from epd_ray.data.shards import load_split
+    from epd_ray.data.stream import JITTER_COLUMNS, augmented, jitter_pixels
+    from epd_ray.train.worker import ShardBatches, WorkerSetup
+
+    setup = WorkerSetup(rank=0, world_size=1, device=torch.device("cpu"), precision="fp32", channels_last=False)
+    stream = augmented(materialized_split(tiny_data.path), flip=True, max_shift=2).iterator()
+    batch = next(ShardBatches(setup, 8, keep=False, stream=stream).forever(seed=0))
+    originals = load_split(tiny_data.path, "train")
+    for row in range(8):
+        draw = {k: batch[k][row:row + 1].numpy() for k in JITTER_COLUMNS}
+        same_label = np.flatnonzero((originals.identity == int(batch["identity"][row]))
+                                    & (originals.emotion == int(batch["emotion"][row])))
+        assert any(np.array_equal(jitter_pixels(originals.pixels[i:i + 1], draw)[0], batch["pixels"][row].numpy())
+                   for i in same_label), row
+
+
 def test_networks_are_pretrained_once_and_reused(ray_runtime, tiny_experiment, tiny_data, tiny_pretrained):
     payload = load_checkpoint(tiny_pretrained)
     assert set(payload["networks"]) == {"identity_verifier", "emotion_verifier", "identity_evaluator",

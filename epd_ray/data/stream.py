@@ -11,6 +11,10 @@ wait forever behind training workers that hold the CPUs.
 
 Augmentation (pix2pix's mirror and jitter) is a lazy `map_batches` on top of the materialized split, so
 it runs again, with new draws, on every pass: each epoch sees other flips and shifts of the same faces.
+Each row carries its draw (`JITTER_COLUMNS`), so that the GAN loop mirrors and shifts the row's real pair
+alike: drawn apart, real pairs were offset against each other while the fake pair (x, G(x)) never is, and
+the discriminator told them apart by that alone (on JAFFE at 64 px with 4 px shifts, the generator's SSIM
+to its input fell to 0.42 within 300 steps, against 0.64 with the pair jittered alike).
 Its tasks take a quarter CPU each, out of the CPUs `runtime.py` keeps back from the training workers.
 """
 
@@ -37,24 +41,35 @@ def _decode(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.ndarr
     }
 
 
-def augment_pixels(pixels: np.ndarray, *, flip: bool, max_shift: int, rng: np.random.Generator) -> np.ndarray:
-    """Mirror each face with probability 1/2 and shift it by up to `max_shift` px (edges repeated)."""
+JITTER_COLUMNS = ("mirrored", "shift_y", "shift_x")  # what `augmented` adds to each row besides its pixels
+
+
+def draw_jitter(n: int, *, flip: bool, max_shift: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """A mirror (probability 1/2) and a shift of up to `max_shift` px per face, as `JITTER_COLUMNS`."""
+    return {"mirrored": rng.random(n) < 0.5 if flip else np.zeros(n, dtype=bool),
+            "shift_y": rng.integers(-max_shift, max_shift + 1, size=n),
+            "shift_x": rng.integers(-max_shift, max_shift + 1, size=n)}
+
+
+def jitter_pixels(pixels: np.ndarray, jitter: dict[str, np.ndarray]) -> np.ndarray:
+    """Each face mirrored and shifted as `jitter` (from `draw_jitter`) says, edges repeated."""
     out = pixels.copy()
-    n, height, width = pixels.shape[:3]
-    if flip:
-        mirrored = rng.random(n) < 0.5
-        out[mirrored] = out[mirrored, :, ::-1]
-    if max_shift:
-        padded = np.pad(out, ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0)), mode="edge")
-        offsets = rng.integers(0, 2 * max_shift + 1, size=(n, 2))
-        for i, (dy, dx) in enumerate(offsets):
+    mirrored = np.asarray(jitter["mirrored"], dtype=bool)
+    out[mirrored] = out[mirrored, :, ::-1]
+    shifts = np.stack([np.asarray(jitter["shift_y"]), np.asarray(jitter["shift_x"])], axis=1).astype(np.int64)
+    pad = int(np.abs(shifts).max(initial=0))
+    if pad:
+        n, height, width = pixels.shape[:3]
+        padded = np.pad(out, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="edge")
+        for i, (dy, dx) in enumerate(pad - shifts):  # content moves down by shift_y, right by shift_x
             out[i] = padded[i, dy:dy + height, dx:dx + width]
     return out
 
 
 def _augment(batch: dict[str, np.ndarray], flip: bool, max_shift: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng()  # fresh entropy per batch and pass: every epoch draws anew
-    return {**batch, "pixels": augment_pixels(batch["pixels"], flip=flip, max_shift=max_shift, rng=rng)}
+    jitter = draw_jitter(len(batch["pixels"]), flip=flip, max_shift=max_shift, rng=rng)
+    return {**batch, "pixels": jitter_pixels(batch["pixels"], jitter), **jitter}
 
 
 def augmented(ds: ray.data.Dataset, *, flip: bool, max_shift: int) -> ray.data.Dataset:

@@ -27,7 +27,7 @@ from epd_ray.checkpoints import load_checkpoint, save_checkpoint
 from epd_ray.core.images import to_tensor
 from epd_ray.core.precision import resolve_precision, threads_for
 from epd_ray.data.shards import FaceArrays
-from epd_ray.data.stream import augment_pixels
+from epd_ray.data.stream import JITTER_COLUMNS, jitter_pixels
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -145,6 +145,7 @@ class ShardBatches:
             "x": prepare_images(batch["pixels"], self.setup),
             "identity": batch["identity"].to(self.setup.device),
             "emotion": batch["emotion"].to(self.setup.device),
+            **{k: batch[k] for k in JITTER_COLUMNS if k in batch},  # an augmented stream's draws, on the host
         }
 
 
@@ -227,16 +228,16 @@ class RealPairPool:
                         self.candidates[(int(emo), int(ident))] = idx
                         break
 
-    def sample(self, identity: torch.Tensor, emotion: torch.Tensor, *, flip: bool = False,
-               max_shift: int = 0) -> torch.Tensor:
-        """Real faces for a batch; mirrored/shifted like the stream's x, so D cannot tell real from fake by
-        augmentation alone."""
+    def sample(self, identity: torch.Tensor, emotion: torch.Tensor,
+               jitter: dict[str, np.ndarray] | None = None) -> torch.Tensor:
+        """Real faces for a batch; with the batch's `jitter` (the stream's draw for each x), each mirrored and
+        shifted as its x was, so that D cannot tell the real pair from the fake one by their offset."""
         if self.mode == "any_real":
             idx = self.rng.integers(0, len(self.pixels), size=len(identity))
         else:
             pairs = zip(emotion.tolist(), identity.tolist())
             idx = np.array([self.rng.choice(self.candidates[pair]) for pair in pairs])
         faces = self.pixels[torch.from_numpy(idx)]
-        if flip or max_shift:
-            faces = torch.from_numpy(augment_pixels(faces.numpy(), flip=flip, max_shift=max_shift, rng=self.rng))
+        if jitter is not None:
+            faces = torch.from_numpy(jitter_pixels(faces.numpy(), jitter))
         return faces
