@@ -59,7 +59,7 @@ def jitter_pixels(pixels: np.ndarray, jitter: dict[str, np.ndarray]) -> np.ndarr
     shifts = np.stack([np.asarray(jitter["shift_y"]), np.asarray(jitter["shift_x"])], axis=1).astype(np.int64)
     pad = int(np.abs(shifts).max(initial=0))
     if pad:
-        n, height, width = pixels.shape[:3]
+        height, width = pixels.shape[1:3]
         padded = np.pad(out, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="edge")
         for i, (dy, dx) in enumerate(pad - shifts):  # content moves down by shift_y, right by shift_x
             out[i] = padded[i, dy:dy + height, dx:dx + width]
