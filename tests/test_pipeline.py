@@ -83,7 +83,7 @@ def test_an_augmented_stream_hands_each_batch_its_draws_to_jitter_the_real_pair_
     batch = next(ShardBatches(setup, 8, keep=False, stream=stream).forever(seed=0))
     originals = load_split(tiny_data.path, "train")
     for row in range(8):
-        draw = {k: batch[k][row:row + 1].numpy() for k in JITTER_COLUMNS}
+        draw = {k: batch["jitter"][k][row:row + 1] for k in JITTER_COLUMNS}
         same_label = np.flatnonzero((originals.identity == int(batch["identity"][row]))
                                     & (originals.emotion == int(batch["emotion"][row])))
         assert any(np.array_equal(jitter_pixels(originals.pixels[i:i + 1], draw)[0], batch["pixels"][row].numpy())

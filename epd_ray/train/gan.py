@@ -35,7 +35,6 @@ from epd_ray.core.precision import autocast, usable_cpus
 from epd_ray.core.metrics import compute_metrics
 from epd_ray.core.scoring import class_probabilities, deidentify_pixels, ssim_values
 from epd_ray.data.shards import load_split
-from epd_ray.data.stream import JITTER_COLUMNS
 from epd_ray.evaluate.judges import FaceRecogniser, Gallery, main_judge, recogniser_metrics
 from epd_ray.train.worker import (TRAIN_SESSION, TUNE_SESSION, RealPairPool, Session, ShardBatches, WorkerSetup,
                                   prepare_images, setup_worker)
@@ -305,8 +304,7 @@ class GanRun:
             step = min(exp.train.steps, (round_ + 1) * exp.train.report_every)
             for _ in range(step - round_ * exp.train.report_every):
                 batch = next(batches)
-                jitter = {k: batch[k].numpy() for k in JITTER_COLUMNS} if JITTER_COLUMNS[0] in batch else None
-                y_real = prepare_images(self.pool.sample(batch["identity"], batch["emotion"], jitter), setup)
+                y_real = prepare_images(self.pool.sample(batch["identity"], batch["emotion"], batch["jitter"]), setup)
                 steps.step(batch["x"], y_real, batch["identity"], batch["emotion"])
 
             losses = steps.round_losses()

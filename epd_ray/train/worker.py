@@ -145,7 +145,8 @@ class ShardBatches:
             "x": prepare_images(batch["pixels"], self.setup),
             "identity": batch["identity"].to(self.setup.device),
             "emotion": batch["emotion"].to(self.setup.device),
-            **{k: batch[k] for k in JITTER_COLUMNS if k in batch},  # an augmented stream's draws, on the host
+            # an augmented stream's draw for each row (what RealPairPool.sample jitters the real pair by), or None
+            "jitter": {k: batch[k].numpy() for k in JITTER_COLUMNS} if JITTER_COLUMNS[0] in batch else None,
         }
 
 
