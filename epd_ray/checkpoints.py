@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from epd_ray.artifacts import atomic_file
+from epd_ray.core.draws import BestOfDraws
 from epd_ray.core.networks import build_network
 
 FORMAT = 1
@@ -77,3 +78,27 @@ def require_network(payload: dict[str, Any], name: str, path: Path | str) -> dic
 
 def load_network(path: Path, name: str) -> nn.Module:
     return build_from_record(require_network(load_checkpoint(path), name, path), path)
+
+
+READER = "expression_reader"  # the network that picks between draws (core/draws.py), next to the generator
+
+
+def published_payload(generator: dict[str, Any], reader: dict[str, Any] | None, draws: int) -> dict[str, Any]:
+    """The part of a checkpoint that rebuilds the published de-identifier: the generator's record and, with
+    more than one draw, the expression reader's and the number of draws."""
+    if draws == 1:
+        return {"networks": {"generator": generator}, "draws": 1}
+    if reader is None:
+        raise ValueError(f"{draws} draws need the expression reader's record")
+    return {"networks": {"generator": generator, READER: reader}, "draws": int(draws)}
+
+
+def load_deidentifier(payload: dict[str, Any], path: Path | str) -> BestOfDraws:
+    """The published de-identifier of a loaded checkpoint (`published_payload`); one draw for checkpoints
+    written before draws existed."""
+    generator = build_from_record(require_network(payload, "generator", path), path)
+    draws = payload.get("draws", 1)
+    if not isinstance(draws, int) or draws < 1:
+        raise CheckpointError(f"{path}: draws must be a whole number >= 1, got {draws!r}")
+    reader = build_from_record(require_network(payload, READER, path), path) if draws > 1 else None
+    return BestOfDraws(generator, reader, draws).eval()

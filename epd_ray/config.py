@@ -136,10 +136,20 @@ class ModelConfig(_Strict):
     n_layers: int = Field(3, ge=1, le=5)
     norm: Literal["batch", "instance"] = "batch"
     dropout: float = Field(0.5, ge=0, lt=1)
+    draws: int = Field(1, ge=1, le=64, description="draws of the noise z per face when de-identifying (validation, "
+                                                   "evaluation, deployment); the one published is the draw the "
+                                                   "emotion verifier S reads most surely as the expression it reads "
+                                                   "in the original (core/draws.py). 1: the generator alone")
     real_pair: Literal["other_identity_same_emotion", "any_real"] = "other_identity_same_emotion"
     warm_start_steps: int = Field(750, ge=0, description="autoencoder optimiser steps before GAN training; 0: from "
                                                          "noise")
     warm_start_lr: float = Field(1e-3, gt=0)
+
+    @model_validator(mode="after")
+    def _draws_need_noise(self) -> "ModelConfig":
+        if self.draws > 1 and self.dropout == 0:
+            raise ValueError(f"draws {self.draws} need the noise z (dropout > 0): without it every draw is the same")
+        return self
 
 
 class LossConfig(_Strict):

@@ -154,6 +154,7 @@ BAD_OVERRIDES = [
     pytest.param({"search.paper_point_first": False}, ["search.paper_point_first: replaced by search.first_point"],
                  id="old-paper-point-first"),
     pytest.param({"data.label_map": {"mad": "angri"}}, ["data.label_map", "'angri'", "angry"], id="label-map-class"),
+    pytest.param({"model.draws": 4, "model.dropout": 0}, ["model", "draws 4", "dropout"], id="draws-without-noise"),
 ]
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from epd_ray.core.draws import BestOfDraws
 from epd_ray.core.labels import NUM_EMOTIONS
 from epd_ray.core.networks import (
     NETWORKS,
@@ -299,3 +300,24 @@ print("trained")
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "trained" in done.stdout, done.stderr[-2000:]
+
+
+def test_best_of_draws_publishes_per_face_the_draw_its_reader_reads_surest_as_the_original():
+    torch.manual_seed(0)
+    generator, reader = UNetGenerator(image_size=32, ngf=4).eval(), EmotionVerifier().eval()
+    x = torch.rand(6, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        for p in generator.parameters():  # a generator whose draws differ clearly (a fresh one's barely do)
+            p.mul_(10)
+        drawn = torch.stack([generator(x) for _ in range(5)])
+        chosen = BestOfDraws(generator, reader, draws=5).choose(x, drawn)
+        reading = reader(x).argmax(1)
+        surest = torch.softmax(torch.stack([reader(d) for d in drawn]), 2)[:, torch.arange(6), reading].argmax(0)
+    assert torch.equal(chosen, drawn[surest, torch.arange(6)])
+    assert len(set(surest.tolist())) > 1  # each face its own draw
+    torch.manual_seed(3)
+    one = BestOfDraws(generator)(x)
+    torch.manual_seed(3)
+    assert torch.equal(one, generator(x))  # one draw: the generator itself, the same noise
+    with pytest.raises(ValueError, match="reader"):
+        BestOfDraws(generator, None, draws=2)
