@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from epd_ray.checkpoints import load_deidentifier
 from epd_ray.core.losses import LossWeights, discriminator_loss
 from epd_ray.core.networks import EmotionVerifier, IdentityVerifier, PatchDiscriminator, UNetGenerator
 from epd_ray.train.gan import GanSteps, ema_decay
@@ -64,9 +65,19 @@ def test_without_an_average_the_raw_generator_is_published():
     assert set(steps.checkpoint_payload(0, 1, 0.35, _experiment(), {})["networks"]) == {"generator", "discriminator"}
 
 
-def _experiment():
+def test_with_several_draws_a_checkpoint_carries_the_reader_that_picks_between_them():
+    steps = _steps(0.0)
+    payload = steps.checkpoint_payload(0, 1, 0.35, _experiment({"model.draws": 3}), {})
+    assert payload["draws"] == 3 and set(payload["networks"]) == {"generator", "expression_reader", "discriminator"}
+    deidentifier = load_deidentifier(payload, "checkpoint")
+    assert deidentifier.draws == 3
+    for p, q in zip(deidentifier.reader.parameters(), steps.emotion_verifier.parameters()):
+        assert torch.equal(p, q)  # the reader is S, the verifier the generator was trained through
+
+
+def _experiment(overrides: dict | None = None):
     from epd_ray.config import load_config
-    return load_config("smoke")
+    return load_config("smoke", overrides or {})
 
 
 @pytest.mark.parametrize("half_life, expected", [(0.0, 0.0), (20.0, 0.5 ** (1 / 20)), (40.0, 0.5 ** (1 / 40))])

@@ -27,8 +27,9 @@ import ray.train.torch
 import torch
 
 from epd_ray.artifacts import DatasetManifest
-from epd_ray.checkpoints import build_from_record, load_checkpoint, network_record
+from epd_ray.checkpoints import build_from_record, load_checkpoint, network_record, published_payload
 from epd_ray.config import EvaluationConfig, ExperimentConfig, LossConfig, TrainConfig
+from epd_ray.core.draws import BestOfDraws
 from epd_ray.core.losses import LossWeights, discriminator_loss, generator_loss
 from epd_ray.core.networks import build_network
 from epd_ray.core.precision import autocast, usable_cpus
@@ -197,11 +198,13 @@ class GanSteps:
 
     def checkpoint_payload(self, round_: int, step: int, mu: float, exp: ExperimentConfig,
                            metrics: dict) -> dict[str, Any]:
-        networks = {"generator": network_record("generator", self.published_generator),
-                    "discriminator": network_record("discriminator", self.discriminator)}
+        published = published_payload(network_record("generator", self.published_generator),
+                                      network_record("emotion_verifier", self.emotion_verifier), exp.model.draws)
+        networks = {**published["networks"], "discriminator": network_record("discriminator", self.discriminator)}
         if self.generator_ema is not None:  # the raw weights, to resume training from
             networks["generator_train"] = network_record("generator", self.generator)
         return {
+            **published,
             "networks": networks,
             "optimizers": {"generator": self.opt_g.state_dict(), "discriminator": self.opt_d.state_dict()},
             "round": round_,
@@ -212,21 +215,22 @@ class GanSteps:
         }
 
 
-def validation_metrics(generator: torch.nn.Module, val, identity_evaluator, emotion_evaluator, *, mu: float,
-                       exp: ExperimentConfig, setup: WorkerSetup, inputs: GanInputs,
+def validation_metrics(generator: torch.nn.Module, emotion_verifier: torch.nn.Module, val, identity_evaluator,
+                       emotion_evaluator, *, mu: float, exp: ExperimentConfig, setup: WorkerSetup, inputs: GanInputs,
                        recogniser: FaceRecogniser | None = None) -> dict[str, float]:
     """J and its factors on the validation split, under the main judge; the evaluators' figures always.
 
     With the recogniser as main judge its privacy, utility and J replace the evaluators' (kept as
     `evaluators_objective`); the paper's D, S, G stay the evaluators'. The generator is scored as it is
-    published (eval mode: batch norm on its running statistics, the dropout noise z still on), never in
-    training mode, whose batch statistics would differ from what `evaluate` and `deidentify` see.
+    published (eval mode: batch norm on its running statistics, the dropout noise z still on, the best of
+    `model.draws` draws as S picks it), never in training mode, whose batch statistics would differ from
+    what `evaluate` and `deidentify` see.
     """
     kw = dict(batch_size=exp.evaluation.batch_size, device=setup.device, precision=setup.precision)
     was_training = generator.training
     generator.eval()
     try:
-        deid = deidentify_pixels(generator, val.pixels, **kw)
+        deid = deidentify_pixels(BestOfDraws(generator, emotion_verifier, exp.model.draws), val.pixels, **kw)
     finally:
         generator.train(was_training)
     emotion = (class_probabilities(emotion_evaluator, val.pixels, **kw),
@@ -320,7 +324,8 @@ class GanRun:
             payload = None
             if self.judges is not None:
                 val, identity_evaluator, emotion_evaluator, recogniser = self.judges
-                metrics.update(validation_metrics(steps.published_generator, val, identity_evaluator,
+                metrics.update(validation_metrics(steps.published_generator, steps.emotion_verifier, val,
+                                                  identity_evaluator,
                                                   emotion_evaluator, mu=self.mu, exp=exp, setup=setup,
                                                   inputs=self.inputs, recogniser=recogniser))
                 payload = steps.checkpoint_payload(round_, step, self.mu, exp, metrics)
