@@ -33,7 +33,7 @@ from typing import Any
 import ray.tune
 
 from epd_ray.artifacts import MANIFEST, RunFolder, atomic_folder
-from epd_ray.checkpoints import build_from_record, load_checkpoint
+from epd_ray.checkpoints import load_checkpoint, load_deidentifier
 from epd_ray.config import SEARCHED_KEYS, ExperimentConfig, validate_section
 from epd_ray.evaluate.evaluate import generator_method, run_evaluation, summary_lines, write_evaluation
 from epd_ray.evaluate.report import ABLATION_DIR, LAST_EPOCH_COLUMNS
@@ -131,8 +131,8 @@ def run_ablation(run_dir: Path, *, address: str | None = None, echo=print) -> Ab
         if trial.checkpoint is None:
             raise RuntimeError(f"ablation run {name} left no checkpoint; see {result.path}")
         local = fetch_checkpoint(storage, trial.checkpoint, fetched / f"{name}.pt")
-        generator = build_from_record(load_checkpoint(local)["networks"]["generator"], trial.checkpoint)
-        methods[name] = generator_method(generator, seed=exp.train.seed)
+        methods[name] = generator_method(load_deidentifier(load_checkpoint(local), trial.checkpoint),
+                                         seed=exp.train.seed)
         runs[name] = {"params": variants[name], "trial_id": trial.trial_id, "status": trial.status,
                       "rounds_trained": trial.rounds, "judged_round": trial.metrics.get("round"),
                       "checkpoint": trial.checkpoint,

@@ -27,7 +27,7 @@ from typing import Any
 import pyarrow.fs
 
 from epd_ray.artifacts import RunFolder, RunMarker, atomic_write_text, default_cache_dir
-from epd_ray.checkpoints import build_from_record, load_checkpoint, save_checkpoint
+from epd_ray.checkpoints import READER, load_checkpoint, load_deidentifier, published_payload, save_checkpoint
 from epd_ray.config import (EVALUATION_RESERVE, EVALUATION_RESERVE_MIN_S, PRETRAIN_SHARE, ExperimentConfig,
                             load_config)
 from epd_ray.data.prepare import PreparedData, cached_dataset
@@ -270,8 +270,8 @@ def fetch_checkpoint(storage: str, path: str, dest: Path) -> Path:
 def evaluate_best(exp: ExperimentConfig, outcome: SearchOutcome, checkpoint: Path, prepared: PreparedData,
                   pretrained_path: Path, echo=print) -> Evaluation:
     """The best model and every baseline (k-Same included) on the test split, as `epd-ray report` does."""
-    generator = build_from_record(load_checkpoint(checkpoint)["networks"]["generator"], checkpoint)
-    methods = {GENERATOR_METHOD: generator_method(generator, seed=exp.train.seed),
+    deidentifier = load_deidentifier(load_checkpoint(checkpoint), checkpoint)
+    methods = {GENERATOR_METHOD: generator_method(deidentifier, seed=exp.train.seed),
                **baseline_methods(exp.evaluation, ALL_BASELINES, dataset_dir=prepared.path)}
     mu = float(outcome.best.params.get("mu", exp.evaluation.mu))
     return run_evaluation(methods, dataset_dir=prepared.path, pretrained_path=pretrained_path, split="test", mu=mu,
@@ -289,11 +289,14 @@ def write_best(best_dir: Path, exp: ExperimentConfig, outcome: SearchOutcome, pr
                metrics: dict[str, Any], *, searched: bool = True) -> None:
     """The best generator and its model card next to the trial checkpoint that `fetch_checkpoint` copied."""
     checkpoint = load_checkpoint(best_dir / "checkpoint.pt")
-    save_checkpoint(best_dir / "generator.pt", {"networks": {"generator": checkpoint["networks"]["generator"]},
-                                                "params": checkpoint["params"]})
+    networks = checkpoint["networks"]
+    save_checkpoint(best_dir / "generator.pt", {
+        **published_payload(networks["generator"], networks.get(READER), checkpoint.get("draws", 1)),
+        "params": checkpoint["params"]})
     card = {
         "model": "EPD-Net generator (pix2pix U-Net)",
-        "weights": "generator.pt (load with epd_ray.checkpoints.load_network(path, 'generator'))",
+        "weights": "generator.pt (the generator and, with draws > 1, the expression reader that picks between its "
+                   "draws; load with epd_ray.deploy.load_model(path))",
         "params": outcome.best.params,
         "trial": outcome.best.trial_id,
         "chosen_by": chosen_by(exp, searched),

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from epd_ray.artifacts import DatasetManifest, PretrainedCache, atomic_file, atomic_write_text, default_cache_dir
-from epd_ray.checkpoints import CheckpointError, build_from_record, load_checkpoint, require_network
+from epd_ray.checkpoints import CheckpointError, build_from_record, load_checkpoint, load_deidentifier
 from epd_ray.config import EvaluationConfig
 from epd_ray.core.baselines import gaussian_blur, k_same_pixel, no_change, pixelate
 from epd_ray.core.images import to_tensor, to_uint8
@@ -99,7 +99,8 @@ def baseline_methods(cfg: EvaluationConfig, names: Sequence[str] | None = None, 
 
 
 def generator_method(generator: nn.Module, seed: int) -> Method:
-    """The generator as published: eval mode, its dropout noise z still on, drawn from a stream of its own.
+    """The generator as published (a `BestOfDraws`, or the bare generator): eval mode, its dropout noise z
+    still on, drawn from a stream of its own.
 
     Each call (one batch) reseeds the RNG from that stream inside `fork_rng`, so the images depend on the
     seed and the batches alone, not on what else ran first (methods, order, other evaluations), and the
@@ -491,9 +492,8 @@ def evaluate_command(model: Path | None, out: Path, *, baselines: Sequence[str] 
     setup = resolve_setup(model, data=data, pretrained=pretrained, split=split, mu=mu, blur_sigma=blur_sigma,
                           pixelate_blocks=pixelate_blocks, judge=judge, need_generator=include_model)
     if include_model:
-        record = require_network(load_checkpoint(setup.checkpoint), "generator", setup.checkpoint)
-        generator = build_from_record(record, setup.checkpoint)
-        methods[GENERATOR_METHOD] = generator_method(generator, seed=setup.seed)
+        deidentifier = load_deidentifier(load_checkpoint(setup.checkpoint), setup.checkpoint)
+        methods[GENERATOR_METHOD] = generator_method(deidentifier, seed=setup.seed)
     methods.update(baseline_methods(setup.cfg, list(baselines), dataset_dir=setup.dataset_dir, k=k))
     evaluation = run_evaluation(methods, dataset_dir=setup.dataset_dir, pretrained_path=setup.pretrained_path,
                                 split=split, mu=setup.mu, cfg=setup.cfg, echo=echo)
