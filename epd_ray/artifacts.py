@@ -301,13 +301,15 @@ MODEL_VERSION = 1
 @dataclass(frozen=True)
 class ModelSpec:
     """`generator.json` of a model folder: the config that rebuilds the generator, its weights file and that
-    file's SHA-256 (a swapped or changed weights file is refused before it is read)."""
+    file's SHA-256 (a swapped or changed weights file is refused before it is read), and the draws of its
+    noise per face (the weights file then also holds the expression reader that picks one; core/draws.py)."""
 
     config: dict[str, Any]
     sha256: str | None
     weights: str = "generator.pt"
     parameters: int | None = None
     input: str | None = None
+    draws: int = 1
     format: str = MODEL_FORMAT
     version: int = MODEL_VERSION
     kind: str = "generator"
@@ -321,11 +323,13 @@ class ModelSpec:
                 or not isinstance(raw.get("config"), dict) or not isinstance(raw.get("weights"), str):
             return None
         return cls(config=raw["config"], sha256=raw.get("sha256"), weights=raw["weights"],
-                   parameters=raw.get("parameters"), input=raw.get("input"), version=raw.get("version", MODEL_VERSION))
+                   parameters=raw.get("parameters"), input=raw.get("input"), draws=raw.get("draws", 1),
+                   version=raw.get("version", MODEL_VERSION))
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": self.format, "version": self.version, "kind": self.kind, "config": self.config,
-                "weights": self.weights, "sha256": self.sha256, "parameters": self.parameters, "input": self.input}
+                "weights": self.weights, "sha256": self.sha256, "parameters": self.parameters, "input": self.input,
+                "draws": self.draws}
 
     def save(self, folder: Path) -> None:
         atomic_write_json(Path(folder) / self.FILE, self.to_dict(), newline=True)

@@ -250,7 +250,8 @@ def deidentify_command(
     device: str = typer.Option("auto", "--device", help="cpu | cuda | auto"),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | auto"),
     seed: int = typer.Option(0, "--seed", help="seed of the noise z (per face and file)"),
-    noise: bool = typer.Option(True, "--noise/--no-noise", help="keep the generator's dropout noise z"),
+    noise: bool = typer.Option(True, "--noise/--no-noise", help="keep the generator's dropout noise z "
+                               "(--no-noise: one deterministic draw, even for a model of several)"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="show a progress bar on stderr"),
 ) -> None:
     """De-identify the faces in an image, a folder of images and videos, or a video."""

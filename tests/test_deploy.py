@@ -21,11 +21,12 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from epd_ray.checkpoints import CheckpointError, load_network, network_record, save_checkpoint
+from epd_ray.checkpoints import CheckpointError, load_network, network_record, published_payload, save_checkpoint
 from epd_ray.cli import app
-from epd_ray.core.networks import UNetGenerator
+from epd_ray.core.networks import EmotionVerifier, UNetGenerator
 from epd_ray.core.synthetic import make_synthetic_faces
 from epd_ray.deploy import DeidentifyOptions, DeployError, FaceEngine, deidentify, export_model, load_model
+from epd_ray.deploy.engine import draw_seeds
 from epd_ray.deploy.faces import IoUTracker
 from epd_ray.faces import Box, HaarDetector, make_detector
 
@@ -100,6 +101,43 @@ def test_round_trip_gives_identical_outputs_for_a_fixed_seed(model_dir, trial_ch
     assert not np.array_equal(exported(crops, [21, 22, 23, 24, 25]), a)  # the seed is the noise z
     deterministic = FaceEngine(load_model(model_dir), device="cpu", noise=False)
     assert np.array_equal(deterministic(crops, seeds), deterministic(crops, [1, 2, 3, 4, 5]))
+
+
+def test_a_model_of_several_draws_publishes_each_face_s_surest_draw_and_travels_whole(tmp_path, faces):
+    torch.manual_seed(0)
+    generator, reader = UNetGenerator(image_size=32, ngf=4), EmotionVerifier()
+    with torch.no_grad():
+        for p in generator.parameters():  # a generator whose draws differ clearly (a fresh one's barely do)
+            p.mul_(10)
+    checkpoint = tmp_path / "checkpoint.pt"
+    save_checkpoint(checkpoint, {**published_payload(network_record("generator", generator),
+                                                     network_record("emotion_verifier", reader), 4), "round": 0})
+    model = export_model(checkpoint, tmp_path / "model")
+    assert json.loads((model / "generator.json").read_text())["draws"] == 4
+    assert set(torch.load(model / "generator.pt", weights_only=True)["networks"]) == {"generator",
+                                                                                      "expression_reader"}
+    crops = np.stack([np.array(Image.fromarray(f).resize((32, 32))) for f in faces[:5]])
+    seeds = [11, 12, 13, 14, 15]
+    engine = FaceEngine(load_model(model), device="cpu", batch_size=2)
+    published = engine(crops, seeds)
+    single = FaceEngine(generator, device="cpu")
+    drawn = np.stack([single(crops, draw_seeds(seeds, k)) for k in range(4)])  # (draws, faces, ...)
+    assert np.array_equal(drawn[0], single(crops, seeds))  # the first draw is the face's own seed
+    # each face is one of its draws (the reader's choice between them: tests/test_networks.py), not always the first
+    gap = np.abs(published[None].astype(int) - drawn.astype(int)).reshape(4, 5, -1).max(axis=2)
+    assert (gap.min(axis=0) <= 1).all() and (gap[0] > 1).any()
+    fresh = FaceEngine(load_model(model), device="cpu", batch_size=1)
+    assert np.array_equal(fresh(crops[2:3], [13]), published[2:3])  # still independent of batch neighbours
+    # A seed keeps the draw chosen when it was first seen (a video track does not switch draws between frames)
+    switched = 0
+    for seed in range(90, 98):
+        first = engine(crops[:1], [seed])
+        kept = int(np.argmin([np.abs(first.astype(int) - single(crops[:1], draw_seeds([seed], k)).astype(int)).max()
+                              for k in range(4)]))
+        later = engine(crops[1:2], [seed])
+        assert np.abs(later.astype(int) - single(crops[1:2], draw_seeds([seed], kept)).astype(int)).max() <= 1
+        switched += not np.array_equal(later, fresh(crops[1:2], [seed]))
+    assert switched  # for some seeds a first look at the later face would have chosen another draw
 
 
 def test_export_of_a_run_folder_copies_its_model_card(tmp_path, trial_checkpoint):

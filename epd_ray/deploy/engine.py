@@ -4,17 +4,21 @@ pix2pix's noise z is the dropout kept on at inference (`NoiseDropout`). Drawing 
 would make a face's output depend on which other faces share its batch, and would change a tracked
 face in every video frame. Here each NoiseDropout's mask is drawn per sample from a `torch.Generator`
 seeded with that face's seed, so a face's output depends on its pixels and its seed only: batch size,
-batch neighbours and run order do not matter, and the same seed gives the same z across frames.
+batch neighbours and run order do not matter, and the same seed gives the same z across frames. A model of
+several draws (core/draws.py) draws each face that many times, seeded from its seed and the draw's number,
+and keeps for a seed the draw it chose the first time it saw that seed: a video track keeps one draw.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
+from epd_ray.core.draws import BestOfDraws
 from epd_ray.core.images import to_tensor, to_uint8
 from epd_ray.core.networks import NoiseDropout, UNetGenerator
 from epd_ray.core.precision import autocast, resolve_precision
@@ -58,21 +62,39 @@ def seeded_noise(generator: UNetGenerator, seeds: Sequence[int]) -> Iterator[Non
             m.deterministic = d
 
 
-class FaceEngine:
-    """The generator as a function of uint8 face crops (N, S, S, 3) and one seed per face."""
+KEPT_DRAWS = 4096  # seeds whose draw FaceEngine remembers (the faces of recent frames; far more than tracks)
 
-    def __init__(self, generator: UNetGenerator, device: str | torch.device = "auto", precision: str = "fp32",
-                 batch_size: int = 16, noise: bool = True):
+
+def draw_seeds(seeds: Sequence[int], draw: int) -> list[int]:
+    """The seeds of draw `draw` of each face: the face's own seed for the first, so one draw is what a single
+    draw always was; a seed derived from (seed, draw) for the others."""
+    if draw == 0:
+        return [int(s) for s in seeds]
+    return [int(np.random.SeedSequence([int(s), draw]).generate_state(1, np.uint64)[0] >> 1) for s in seeds]
+
+
+class FaceEngine:
+    """The de-identifier as a function of uint8 face crops (N, S, S, 3) and one seed per face: with more than
+    one draw (`BestOfDraws`), each draw's noise is seeded from the face's seed and the draw's number, so a
+    face's output still depends on its pixels and its seed only."""
+
+    def __init__(self, model: BestOfDraws | UNetGenerator, device: str | torch.device = "auto",
+                 precision: str = "fp32", batch_size: int = 16, noise: bool = True):
         if batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be fp32, bf16 or auto, got {precision!r}")
-        self.generator = generator.to(self.device).eval()
+        model = model if isinstance(model, BestOfDraws) else BestOfDraws(model)
+        self.model = model.to(self.device).eval()
+        self.generator = self.model.generator
         self.batch_size = int(batch_size)
-        self.noise = noise  # False: no dropout noise at all (deterministic generator)
-        self.size = int(generator.config["image_size"])
+        self.noise = noise  # False: no dropout noise at all (deterministic generator, one draw)
+        self.size = int(self.generator.config["image_size"])
+        # seed -> the draw published for it: a video track (one seed) keeps the draw chosen at its first frame,
+        # so its face does not switch between draws from frame to frame
+        self._kept_draws: OrderedDict[int, int] = OrderedDict()
 
     @torch.no_grad()
     def __call__(self, crops: np.ndarray, seeds: Sequence[int]) -> np.ndarray:
@@ -84,11 +106,26 @@ class FaceEngine:
         for start in range(0, len(crops), self.batch_size):
             x = to_tensor(crops[start:start + self.batch_size]).to(self.device)
             batch_seeds = list(seeds[start:start + self.batch_size])
-            noise = seeded_noise(self.generator, batch_seeds) if self.noise else _deterministic(self.generator)
-            with noise, autocast(self.device, self.precision):
-                y = self.generator(x)
-            out.append(to_uint8(y.float()))
+            drawn = []
+            for draw in range(self.model.draws if self.noise else 1):
+                noise = (seeded_noise(self.generator, draw_seeds(batch_seeds, draw)) if self.noise
+                         else _deterministic(self.generator))
+                with noise, autocast(self.device, self.precision):
+                    drawn.append(self.generator(x))
+            drawn = torch.stack(drawn)
+            with autocast(self.device, self.precision):
+                picked = self.model.pick(x, drawn).tolist()
+            picked = [self._keep_draw(int(seed), draw) for seed, draw in zip(batch_seeds, picked)]
+            out.append(to_uint8(drawn[picked, torch.arange(len(picked))].float()))
         return np.concatenate(out)
+
+    def _keep_draw(self, seed: int, draw: int) -> int:
+        """The draw for `seed`: the one kept for it, else `draw` (then kept); the oldest of KEPT_DRAWS forgotten."""
+        kept = self._kept_draws.pop(seed, draw)
+        self._kept_draws[seed] = kept
+        if len(self._kept_draws) > KEPT_DRAWS:
+            self._kept_draws.popitem(last=False)
+        return kept
 
 
 @contextlib.contextmanager

@@ -3,8 +3,8 @@
 A model folder holds:
 
 * ``generator.pt``: a tensor-only checkpoint (``{"format", "networks": {"generator": {kind, config,
-  state_dict}}}``), read with ``torch.load(weights_only=True)``, so loading never unpickles arbitrary
-  objects;
+  state_dict}, ...}, "draws"}``; with more than one draw also the ``expression_reader`` that picks between
+  them), read with ``torch.load(weights_only=True)``, so loading never unpickles arbitrary objects;
 * ``generator.json``: the kind and config that rebuild the network, the weights' file name and SHA-256
   (a tampered or swapped weights file is refused before it is even read), its parameter count;
 * ``model_card.json``: the run's model card when there is one, else a minimal card;
@@ -24,7 +24,9 @@ from typing import Any
 import torch
 
 from epd_ray.artifacts import ModelSpec, RunFolder, atomic_folder
-from epd_ray.checkpoints import CheckpointError, build_from_record, load_checkpoint, require_network, save_checkpoint
+from epd_ray.checkpoints import (READER, CheckpointError, load_checkpoint, load_deidentifier, network_record,
+                                 published_payload, require_network, save_checkpoint)
+from epd_ray.core.draws import BestOfDraws
 from epd_ray.core.networks import UNetGenerator, count_parameters
 from epd_ray.provenance import package_versions
 
@@ -70,15 +72,17 @@ def export_model(source: Path, out: Path) -> Path:
     record = require_network(payload, "generator", checkpoint_path)
     if record.get("kind") != "generator":
         raise CheckpointError(f"{checkpoint_path}: network 'generator' is of kind {record.get('kind')!r}")
-    generator = build_from_record(record, checkpoint_path)  # proves the record rebuilds before writing
+    deidentifier = load_deidentifier(payload, checkpoint_path)  # proves the records rebuild before writing
+    generator, reader = deidentifier.generator, deidentifier.reader
     config = dict(generator.config)
 
     with atomic_folder(out) as staging:  # an empty `out` (checked above) is replaced
-        state = {k: v.detach().cpu().clone() for k, v in generator.state_dict().items()}
-        save_checkpoint(staging / WEIGHTS_FILE, {"networks": {"generator": {
-            "kind": "generator", "config": config, "state_dict": state}}})
+        save_checkpoint(staging / WEIGHTS_FILE, published_payload(
+            _tensor_record(record["kind"], generator),
+            _tensor_record(payload["networks"][READER]["kind"], reader) if reader is not None else None,
+            deidentifier.draws))
         spec = ModelSpec(config=config, weights=WEIGHTS_FILE, sha256=sha256_file(staging / WEIGHTS_FILE),
-                         parameters=count_parameters(generator),
+                         parameters=count_parameters(generator), draws=deidentifier.draws,
                          input="RGB face crop, float NCHW in [-1, 1] "
                                f"({config['image_size']}x{config['image_size']} px); output the same")
         spec.save(staging)
@@ -93,33 +97,43 @@ def export_model(source: Path, out: Path) -> Path:
                 "versions": package_versions(),
             }
             (staging / CARD_FILE).write_text(json.dumps(card, indent=2, default=str) + "\n")
-        (staging / "README.md").write_text(_readme(config, spec.parameters))
+        (staging / "README.md").write_text(_readme(config, spec.parameters, spec.draws))
     return out
 
 
-def _readme(config: dict[str, Any], parameters: int) -> str:
+def _tensor_record(kind: str, module: torch.nn.Module) -> dict[str, Any]:
+    """A network's record with its weights as plain CPU tensors, detached from any training state."""
+    record = network_record(kind, module)
+    return {**record, "state_dict": {k: v.detach().cpu().clone() for k, v in record["state_dict"].items()}}
+
+
+def _readme(config: dict[str, Any], parameters: int, draws: int) -> str:
     size = config["image_size"]
+    picked = (f" Each face is drawn {draws} times (the noise z) and the draw published is the one its emotion "
+              "verifier reads most surely as the expression it reads in the original." if draws > 1 else "")
     return (
         "# EPD-Net face de-identification generator\n\n"
         f"A pix2pix U-Net generator ({parameters:,} parameters, {size}x{size} px faces, ngf {config['ngf']}, "
-        f"{config['norm']} norm) exported by `epd-ray export`.\n\n"
+        f"{config['norm']} norm) exported by `epd-ray export`.{picked}\n\n"
         "Use: `epd-ray deidentify THIS_FOLDER INPUT OUTPUT` (INPUT an image, a folder or a video; "
         "`--aligned` for face crops).\n\n"
-        "From Python: `from epd_ray.deploy import load_model; generator = load_model('THIS_FOLDER')`.\n\n"
+        "From Python: `from epd_ray.deploy import load_model; model = load_model('THIS_FOLDER')`, a torch "
+        "module from float NCHW faces in [-1, 1] to their de-identified faces.\n\n"
         f"Files: `{WEIGHTS_FILE}` (tensors only, read with `torch.load(weights_only=True)`), `{SPEC_FILE}` "
         f"(config that rebuilds the network and the weights' SHA-256), `{CARD_FILE}` (where it came from).\n"
     )
 
 
-def load_model(model: Path, device: torch.device | str = "cpu") -> UNetGenerator:
-    """The generator of a model folder (or of a checkpoint file), in eval mode; never unpickles objects.
+def load_model(model: Path, device: torch.device | str = "cpu") -> BestOfDraws:
+    """The de-identifier of a model folder (or of a checkpoint file): its generator and, with more than one
+    draw, the expression reader that picks between draws; in eval mode; never unpickles objects.
 
     A weights file whose SHA-256 differs from generator.json, or whose config differs from it, or that
     is not a tensor-only epd-ray checkpoint, raises CheckpointError naming the file.
     """
     model = Path(model)
     if model.is_file():  # a checkpoint file (RUN/best/generator.pt or a trial checkpoint)
-        generator = build_from_record(require_network(load_checkpoint(model), "generator", model), model)
+        deidentifier = load_deidentifier(load_checkpoint(model), model)
     else:
         spec_path = model / SPEC_FILE
         if not model.is_dir():
@@ -141,10 +155,11 @@ def load_model(model: Path, device: torch.device | str = "cpu") -> UNetGenerator
                                   "replaced, refusing to load it")
         payload = load_checkpoint(weights)
         record = payload["networks"].get("generator")
-        if record is None or record.get("kind") != "generator" or record.get("config") != spec.config:
+        if (record is None or record.get("kind") != "generator" or record.get("config") != spec.config
+                or payload.get("draws", 1) != spec.draws):
             raise CheckpointError(f"{weights}: network does not match {SPEC_FILE}")
-        generator = build_from_record(record, weights)
-    if not isinstance(generator, UNetGenerator):
+        deidentifier = load_deidentifier(payload, weights)
+    if not isinstance(deidentifier.generator, UNetGenerator):
         raise CheckpointError(f"{model}: network 'generator' is not a U-Net generator")
-    return generator.to(device).eval()
+    return deidentifier.to(device).eval()
 
