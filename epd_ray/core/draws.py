@@ -8,6 +8,13 @@ the draw published is the one the emotion verifier S (the network the generator'
 through; never a judge) reads most surely as the expression S reads in the original. No label is needed,
 so it works on a user's unlabelled photographs; the judges then measure the draw published, as they
 measure a single draw. With one draw (or no reader) this is the generator itself.
+
+S reads each image as the mean of its probabilities over the image, its mirror and four small shifts
+(`reader_views`). Picking the maximum of K noisy scores favours the draw whose score is most overstated
+(S's quirks, not the expression); averaging views damps that. On JAFFE (67 validation and 67 test faces,
+32 draws, kept by S_e averaged over 40 random subsets of draws) S alone kept 0.74-0.77 at 8-32 draws and
+did not improve past 8; read over the six views it kept 0.75-0.78 at 8, 0.79-0.81 at 16 and 0.83-0.84
+at 32 draws (one draw: 0.65), at the same dlib rank-1.
 """
 
 from __future__ import annotations
@@ -18,12 +25,19 @@ from torch import nn
 from epd_ray.core.networks import UNetGenerator
 
 
-def pick_draws(original_logits: torch.Tensor, draw_logits: torch.Tensor) -> torch.Tensor:
-    """(N,) index of the draw to publish per face: the draw whose probability of the reader's reading of the
-    original (argmax of `original_logits`, (N, C)) is highest among `draw_logits` (K, N, C)."""
-    reading = original_logits.argmax(dim=1)
-    faces = torch.arange(original_logits.shape[0], device=original_logits.device)
-    return torch.softmax(draw_logits.float(), dim=2)[:, faces, reading].argmax(dim=0)
+def reader_views(x: torch.Tensor) -> list[torch.Tensor]:
+    """The views S reads an image (N, C, H, W) in: itself, its mirror, and shifts of 1/32 of its width
+    (2 px at 64) left, right, up and down."""
+    shift = max(1, x.shape[-1] // 32)
+    return [x, x.flip(-1), x.roll(shift, -1), x.roll(-shift, -1), x.roll(shift, -2), x.roll(-shift, -2)]
+
+
+def pick_draws(original: torch.Tensor, drawn: torch.Tensor) -> torch.Tensor:
+    """(N,) index of the draw to publish per face: the draw whose probability of the reading of the original
+    (argmax of `original`, (N, C) probabilities) is highest among `drawn` (K, N, C) probabilities."""
+    reading = original.argmax(dim=1)
+    faces = torch.arange(original.shape[0], device=original.device)
+    return drawn[:, faces, reading].argmax(dim=0)
 
 
 class BestOfDraws(nn.Module):
@@ -44,15 +58,17 @@ class BestOfDraws(nn.Module):
     def config(self) -> dict:
         return self.generator.config
 
+    def read(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C) the reader's class probabilities for `x`, averaged over `reader_views`."""
+        return torch.stack([torch.softmax(self.reader(v).float(), dim=1) for v in reader_views(x)]).mean(0)
+
     def pick(self, x: torch.Tensor, drawn: torch.Tensor) -> torch.Tensor:
         """(N,) index of the draw to publish for each of the faces `x`, out of `drawn` (K, N, C, H, W)."""
         k, n = drawn.shape[:2]
         if self.reader is None or k == 1:
             return torch.zeros(n, dtype=torch.long, device=drawn.device)
         with torch.no_grad():
-            original = self.reader(x).float()
-            read = self.reader(drawn.flatten(0, 1).to(x.dtype)).float().view(k, n, -1)
-        return pick_draws(original, read)
+            return pick_draws(self.read(x), torch.stack([self.read(d.to(x.dtype)) for d in drawn]))
 
     def choose(self, x: torch.Tensor, drawn: torch.Tensor) -> torch.Tensor:
         """The published face per input, out of `drawn` (K, N, C, H, W), the K draws for the faces `x`."""
