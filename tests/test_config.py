@@ -362,7 +362,7 @@ def test_a_budget_that_ended_the_search_marks_the_cut_trials_and_counts_those_ne
     search.COMPLETED.clear()
     search.COMPLETED.update({"done", "asha"})
     marked, note = budget_cuts(trials, planned=6, max_rounds=8, time_budget_s=30, searched=31)
-    assert [t.status for t in marked] == ["ok", "ok", "budget", "error", "ok"]
+    assert [t.status for t in marked] == ["ok", "ok", "budget", "error", "not started"]
     assert "1 trial(s) stopped early" in note and "2 of 6 not started" in note
     assert budget_cuts(trials, planned=6, max_rounds=8, time_budget_s=30, searched=20) == (trials, None)
     assert budget_cuts(trials, planned=6, max_rounds=8, time_budget_s=None, searched=99) == (trials, None)

@@ -367,14 +367,16 @@ def run_search(exp: ExperimentConfig, *, train_data: ray.data.Dataset, inputs: G
 
 def budget_cuts(trials: list[TrialSummary], planned: int, max_rounds: int, time_budget_s: float | None,
                 searched: float, *, finish_one_trial: bool = False) -> tuple[list[TrialSummary], str | None]:
-    """Trials a time budget stopped marked 'budget', and a line saying what it cut (None if nothing).
+    """Trials a time budget stopped marked 'budget' (or 'not started', created but cut before a round), and a
+    line saying what it cut (None if nothing).
 
     Stopped: reported some rounds, not all, and neither finished nor stopped by ASHA (`COMPLETED`) nor
     failed. Not started: the planned trials with no reported round (never created, or cut before one)."""
     if not time_budget_s or searched < time_budget_s:
         return trials, None
     marked = [replace(t, status="budget") if (t.status == "ok" and 0 < t.rounds < max_rounds
-                                              and t.trial_id not in COMPLETED) else t for t in trials]
+                                              and t.trial_id not in COMPLETED)
+              else replace(t, status="not started") if (t.status == "ok" and t.rounds == 0) else t for t in trials]
     stopped = sum(t.status == "budget" for t in marked)
     not_started = planned - sum(t.rounds > 0 or t.status == "error" for t in marked)
     if not stopped and not not_started:
