@@ -43,7 +43,7 @@ def pick_draws(original: torch.Tensor, drawn: torch.Tensor) -> torch.Tensor:
 class BestOfDraws(nn.Module):
     """G(x, z) drawn `draws` times per face, the draw that keeps the expression best published (see the
     module docstring). `forward` draws z from torch's RNG, as the generator alone does; a caller that seeds
-    each draw itself (deploy/engine.py) draws with `generator` and calls `choose`."""
+    each draw itself (deploy/engine.py) draws with `generator` and calls `pick`."""
 
     def __init__(self, generator: UNetGenerator, reader: nn.Module | None = None, draws: int = 1):
         super().__init__()
