@@ -140,6 +140,23 @@ def test_a_model_of_several_draws_publishes_each_face_s_surest_draw_and_travels_
     assert switched  # for some seeds a first look at the later face would have chosen another draw
 
 
+def test_a_grey_photograph_gives_a_grey_face_and_a_colour_one_keeps_its_colour(tmp_path, faces):
+    torch.manual_seed(0)
+    generator, reader = UNetGenerator(image_size=32, ngf=4), EmotionVerifier()
+    with torch.no_grad():
+        for p in generator.parameters():  # a generator that draws colour (a fresh one's output is near grey)
+            p.mul_(10)
+    checkpoint = tmp_path / "checkpoint.pt"
+    save_checkpoint(checkpoint, {**published_payload(network_record("generator", generator),
+                                                     network_record("emotion_verifier", reader), 3), "round": 0})
+    colour = np.stack([np.array(Image.fromarray(f).resize((32, 32))) for f in faces[:3]])
+    grey = np.repeat(np.array(Image.fromarray(faces[3]).resize((32, 32)).convert("L"))[None, ..., None], 3, 3)
+    for model in (load_model(export_model(checkpoint, tmp_path / "model")), generator):  # 3 draws, and one
+        out = FaceEngine(model, device="cpu")(np.concatenate([colour, grey]), [1, 2, 3, 4])
+        assert np.array_equal(out[3, ..., 0], out[3, ..., 1]) and np.array_equal(out[3, ..., 0], out[3, ..., 2])
+        assert (out[:3, ..., 0] != out[:3, ..., 1]).mean() > 0.25  # colour faces are not made grey
+
+
 def test_export_of_a_run_folder_copies_its_model_card(tmp_path, trial_checkpoint):
     best = tmp_path / "run" / "best"
     best.mkdir(parents=True)

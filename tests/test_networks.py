@@ -323,5 +323,8 @@ def test_best_of_draws_publishes_per_face_the_draw_its_reader_reads_surest_as_th
     one = BestOfDraws(generator)(x)
     torch.manual_seed(3)
     assert torch.equal(one, generator(x))  # one draw: the generator itself, the same noise
+    with torch.no_grad():
+        grey = BestOfDraws(generator, reader, draws=5)(x.mean(1, keepdim=True).expand_as(x))
+    assert torch.equal(grey[:, 0], grey[:, 1]) and torch.equal(grey[:, 0], grey[:, 2])  # a grey face stays grey
     with pytest.raises(ValueError, match="reader"):
         BestOfDraws(generator, None, draws=2)

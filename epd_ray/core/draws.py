@@ -7,7 +7,8 @@ had at least one of 8-32 draws that kept it. So, with `draws` > 1, each face is 
 the draw published is the one the emotion verifier S (the network the generator's L_CE was trained
 through; never a judge) reads most surely as the expression S reads in the original. No label is needed,
 so it works on a user's unlabelled photographs; the judges then measure the draw published, as they
-measure a single draw. With one draw (or no reader) this is the generator itself.
+measure a single draw. With one draw (or no reader) this is the generator itself. Either way a grey
+photograph gives a grey face (`images.keep_grey`): every draw is made grey before S reads it.
 
 S reads each image as the mean of its probabilities over the image, its mirror and four small shifts
 (`reader_views`). Picking the maximum of K noisy scores favours the draw whose score is most overstated
@@ -22,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from epd_ray.core.images import keep_grey
 from epd_ray.core.networks import UNetGenerator
 
 
@@ -43,7 +45,7 @@ def pick_draws(original: torch.Tensor, drawn: torch.Tensor) -> torch.Tensor:
 class BestOfDraws(nn.Module):
     """G(x, z) drawn `draws` times per face, the draw that keeps the expression best published (see the
     module docstring). `forward` draws z from torch's RNG, as the generator alone does; a caller that seeds
-    each draw itself (deploy/engine.py) draws with `generator` and calls `pick`."""
+    each draw itself (deploy/engine.py) calls `draw` under its own noise, then `pick`."""
 
     def __init__(self, generator: UNetGenerator, reader: nn.Module | None = None, draws: int = 1):
         super().__init__()
@@ -57,6 +59,10 @@ class BestOfDraws(nn.Module):
     @property
     def config(self) -> dict:
         return self.generator.config
+
+    def draw(self, x: torch.Tensor) -> torch.Tensor:
+        """One draw G(x, z) for the faces `x`, grey where `x` is grey."""
+        return keep_grey(x, self.generator(x))
 
     def read(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C) the reader's class probabilities for `x`, averaged over `reader_views`."""
@@ -76,5 +82,5 @@ class BestOfDraws(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.draws == 1:
-            return self.generator(x)
-        return self.choose(x, torch.stack([self.generator(x) for _ in range(self.draws)]))
+            return self.draw(x)
+        return self.choose(x, torch.stack([self.draw(x) for _ in range(self.draws)]))

@@ -62,3 +62,18 @@ def to_grey(t: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"to_grey expects 1 or 3 channels, got {channels}")
     r, g, b = t[:, 0:1], t[:, 1:2], t[:, 2:3]
     return LUMA_601[0] * r + LUMA_601[1] * g + LUMA_601[2] * b
+
+
+GREY_TOLERANCE = 2 / 127.5  # channels within 2 of 255 levels of each other: a grey photograph (JPEG rounding)
+
+
+def keep_grey(source: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """`image` (N3HW), with each face whose `source` is grey (its three channels equal, within
+    GREY_TOLERANCE) replaced by its luma in all three channels; colour faces unchanged.
+
+    A generator trained on colour and grey photographs draws some colour into grey faces (speckle a viewer
+    sees at once); a grey photograph de-identified must stay grey."""
+    grey = (source.amax(1) - source.amin(1)).flatten(1).amax(1) <= GREY_TOLERANCE
+    if not bool(grey.any()):
+        return image
+    return torch.where(grey[:, None, None, None], to_grey(image).expand_as(image), image)

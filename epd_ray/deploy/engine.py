@@ -111,7 +111,7 @@ class FaceEngine:
                 noise = (seeded_noise(self.generator, draw_seeds(batch_seeds, draw)) if self.noise
                          else _deterministic(self.generator))
                 with noise, autocast(self.device, self.precision):
-                    drawn.append(self.generator(x))
+                    drawn.append(self.model.draw(x))
             drawn = torch.stack(drawn)
             with autocast(self.device, self.precision):
                 picked = self.model.pick(x, drawn).tolist()
