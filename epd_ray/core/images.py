@@ -74,6 +74,4 @@ def keep_grey(source: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
     A generator trained on colour and grey photographs draws some colour into grey faces (speckle a viewer
     sees at once); a grey photograph de-identified must stay grey."""
     grey = (source.amax(1) - source.amin(1)).flatten(1).amax(1) <= GREY_TOLERANCE
-    if not bool(grey.any()):
-        return image
     return torch.where(grey[:, None, None, None], to_grey(image).expand_as(image), image)
