@@ -81,6 +81,23 @@ def load_network(path: Path, name: str) -> nn.Module:
 
 
 READER = "expression_reader"  # the network that picks between draws (core/draws.py), next to the generator
+PICKER = "expression_picker"  # pretrained networks `expression_picker_<i>`: the readers that pick between draws
+READERS = "expression_readers"  # the kind of READER's record: `networks.ExpressionReaders`
+
+
+def readers_record(members: list[dict[str, Any]], views: bool) -> dict[str, Any]:
+    """The record of `networks.ExpressionReaders` over the classifiers of the records `members`."""
+    state = {f"members.{i}.{key}": value for i, member in enumerate(members)
+             for key, value in member["state_dict"].items()}
+    config = {"members": [{"kind": m["kind"], "config": m["config"]} for m in members], "views": views}
+    return {"kind": READERS, "config": config, "state_dict": state}
+
+
+def draw_readers(pretrained: dict[str, Any]) -> dict[str, Any]:
+    """The record of the readers that pick between draws, from the pretrained networks' records: the
+    expression pickers, each reading an image once; without them S, over six views (core/draws.py)."""
+    pickers = [record for name, record in sorted(pretrained.items()) if name.startswith(PICKER)]
+    return readers_record(pickers, views=False) if pickers else readers_record([pretrained["emotion_verifier"]], True)
 
 
 def published_payload(generator: dict[str, Any], reader: dict[str, Any] | None, draws: int) -> dict[str, Any]:
@@ -100,5 +117,10 @@ def load_deidentifier(payload: dict[str, Any], path: Path | str) -> BestOfDraws:
     draws = payload.get("draws", 1)
     if not isinstance(draws, int) or draws < 1:
         raise CheckpointError(f"{path}: draws must be a whole number >= 1, got {draws!r}")
-    reader = build_from_record(require_network(payload, READER, path), path) if draws > 1 else None
+    reader = None
+    if draws > 1:
+        record = require_network(payload, READER, path)
+        if record.get("kind") == "emotion_verifier":  # written when S alone picked, over six views
+            record = readers_record([record], views=True)
+        reader = build_from_record(record, path)
     return BestOfDraws(generator, reader, draws).eval()

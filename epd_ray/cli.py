@@ -176,7 +176,7 @@ def pretrain(
                                                              "default the config's data section"),
     emotion_data: Optional[Path] = typer.Option(None, "--emotion-data",
                                                 help="a prepared emotion-labelled set (e.g. `data prepare --source "
-                                                     "fer2013`) for the emotion verifier and evaluator"),
+                                                     "fer2013`) for the emotion networks: S, S_e, the pickers"),
     set_: list[str] = typer.Option([], "--set", help="override a config key, e.g. --set verifiers.steps=500"),
     strict: StrictOption = False,
 ) -> None:

@@ -105,7 +105,8 @@ class VerifiersConfig(_Strict):
     """The frozen verifiers V (VGG-16) and S (mini-Xception), and the independent evaluators V_e, S_e.
 
     All four train from scratch on the train split; the evaluators differ in architecture and seed from
-    the verifiers, so a generator that fools V has not automatically fooled V_e.
+    the verifiers, so a generator that fools V has not automatically fooled V_e. The expression pickers, when
+    asked for, train beside them; no loss trains the generator against them and no metric reads them.
     """
 
     identity_width: float = Field(0.25, gt=0, le=1.0, description="VGG-16 channel multiplier")
@@ -117,8 +118,12 @@ class VerifiersConfig(_Strict):
     augment: bool = Field(True, description="classifiers learn through random mirrors, rotations, scalings, shifts, "
                                             "blur and noise (train.pretrain.augment): on small sets they read the "
                                             "face, not the photograph")
-    emotion_data: str | None = Field(None, description="a prepared emotion-labelled set (e.g. FER2013) that S "
-                                                       "and S_e learn from instead of the face set's train split")
+    emotion_data: str | None = Field(None, description="a prepared emotion-labelled set (e.g. FER2013) that S, "
+                                                       "S_e and the pickers learn from instead of the face set's train "
+                                                       "split")
+    pickers: int = Field(0, ge=0, le=8, description="expression pickers: emotion classifiers of their own seeds (S_e's "
+                                                  "shape) trained beside S that pick between the model.draws draws "
+                                                  "(core/draws.py); 0: S picks")
     seed: int = 1
 
     @field_validator("emotion_data")
@@ -138,8 +143,9 @@ class ModelConfig(_Strict):
     dropout: float = Field(0.5, ge=0, lt=1)
     draws: int = Field(1, ge=1, le=64, description="draws of the noise z per face when de-identifying (validation, "
                                                    "evaluation, deployment); the one published is the draw the "
-                                                   "emotion verifier S reads most surely as the expression it reads "
-                                                   "in the original (core/draws.py). 1: the generator alone")
+                                                   "expression readers (verifiers.pickers, else S) read most surely as "
+                                                   "the expression they read in the original (core/draws.py). 1: the "
+                                                   "generator alone")
     real_pair: Literal["other_identity_same_emotion", "any_real"] = "other_identity_same_emotion"
     warm_start_steps: int = Field(750, ge=0, description="autoencoder optimiser steps before GAN training; 0: from "
                                                          "noise")

@@ -349,6 +349,10 @@ def test_pretraining_over_its_share_of_the_budget_is_warned_about_once_with_the_
     assert not any(line.startswith("warning:") for line in later)
     estimate({**item, "network": "emotion_verifier", "elapsed_s": 10.0})
     assert "~470 s" in later[-1] and "(300 s)" in later[-1]
+    # the expression pickers' steps count too: 0.2 x (6 x 250 + 300) = 360 s
+    counted: list[str] = []
+    PretrainingEstimate(load_config("smoke", {"verifiers.pickers": 2}), share_s=60.0, echo=counted.append)(item)
+    assert "~360 s" in counted[-1]
 
 
 def test_a_budget_that_ended_the_search_marks_the_cut_trials_and_counts_those_never_started():

@@ -114,8 +114,11 @@ def test_a_model_of_several_draws_publishes_each_face_s_surest_draw_and_travels_
                                                      network_record("emotion_verifier", reader), 4), "round": 0})
     model = export_model(checkpoint, tmp_path / "model")
     assert json.loads((model / "generator.json").read_text())["draws"] == 4
-    assert set(torch.load(model / "generator.pt", weights_only=True)["networks"]) == {"generator",
-                                                                                      "expression_reader"}
+    networks = torch.load(model / "generator.pt", weights_only=True)["networks"]
+    assert set(networks) == {"generator", "expression_reader"}
+    reader = networks["expression_reader"]  # a checkpoint from when S alone picked: S over six views
+    assert reader["kind"] == "expression_readers" and reader["config"]["views"]
+    assert [m["kind"] for m in reader["config"]["members"]] == ["emotion_verifier"]
     crops = np.stack([np.array(Image.fromarray(f).resize((32, 32))) for f in faces[:5]])
     seeds = [11, 12, 13, 14, 15]
     engine = FaceEngine(load_model(model), device="cpu", batch_size=2)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from epd_ray.checkpoints import load_deidentifier
+from epd_ray.checkpoints import draw_readers, load_deidentifier, network_record
 from epd_ray.core.losses import LossWeights, discriminator_loss
-from epd_ray.core.networks import EmotionVerifier, IdentityVerifier, PatchDiscriminator, UNetGenerator
+from epd_ray.core.networks import EmotionVerifier, IdentityVerifier, PatchDiscriminator, ResNetClassifier, UNetGenerator
 from epd_ray.train.gan import GanSteps, ema_decay
 from epd_ray.train.worker import WorkerSetup
 
@@ -23,6 +23,9 @@ def _steps(decay: float) -> GanSteps:
     setup = WorkerSetup(0, 1, torch.device("cpu"), "fp32", channels_last=False)
     return GanSteps(generator, discriminator, *verifiers, torch.optim.Adam(generator.parameters(), lr=1e-2),
                     torch.optim.Adam(discriminator.parameters(), lr=1e-2), LossWeights(), setup, ema_decay=decay)
+
+
+READER = draw_readers({"emotion_verifier": network_record("emotion_verifier", EmotionVerifier())})
 
 
 def _batch():
@@ -52,7 +55,7 @@ def test_the_published_generator_is_the_moving_average_of_the_weights():
     for ema, old, new in zip(steps.published_generator.parameters(), before, after_step):
         assert torch.allclose(ema, 0.9 * old + 0.1 * new.detach(), atol=1e-6)
     assert not steps.published_generator.training
-    payload = steps.checkpoint_payload(0, 1, 0.35, _experiment(), {})
+    payload = steps.checkpoint_payload(0, 1, 0.35, _experiment(), {}, READER)
     assert set(payload["networks"]) == {"generator", "generator_train", "discriminator"}
     published, raw = (payload["networks"][k]["state_dict"] for k in ("generator", "generator_train"))
     assert published.keys() == raw.keys()
@@ -62,17 +65,28 @@ def test_the_published_generator_is_the_moving_average_of_the_weights():
 def test_without_an_average_the_raw_generator_is_published():
     steps = _steps(0.0)
     assert steps.generator_ema is None and steps.published_generator is steps.generator
-    assert set(steps.checkpoint_payload(0, 1, 0.35, _experiment(), {})["networks"]) == {"generator", "discriminator"}
+    payload = steps.checkpoint_payload(0, 1, 0.35, _experiment(), {}, READER)
+    assert set(payload["networks"]) == {"generator", "discriminator"}
 
 
-def test_with_several_draws_a_checkpoint_carries_the_reader_that_picks_between_them():
+def test_with_several_draws_a_checkpoint_carries_the_readers_that_pick_between_them():
+    """The pickers pick, each reading a face once; without pickers S, the verifier the generator was trained
+    through, over six views (core/draws.py)."""
+    torch.manual_seed(0)
+    pickers = {f"expression_picker_{i}": network_record("expression_picker", ResNetClassifier(7, 4, grey=True))
+               for i in range(2)}
+    pretrained = {"emotion_verifier": network_record("emotion_verifier", EmotionVerifier()), **pickers}
     steps = _steps(0.0)
-    payload = steps.checkpoint_payload(0, 1, 0.35, _experiment({"model.draws": 3}), {})
-    assert payload["draws"] == 3 and set(payload["networks"]) == {"generator", "expression_reader", "discriminator"}
-    deidentifier = load_deidentifier(payload, "checkpoint")
-    assert deidentifier.draws == 3
-    for p, q in zip(deidentifier.reader.parameters(), steps.emotion_verifier.parameters()):
-        assert torch.equal(p, q)  # the reader is S, the verifier the generator was trained through
+    for networks, members, views in ((pretrained, list(pickers.values()), False),
+                                     ({"emotion_verifier": pretrained["emotion_verifier"]},
+                                      [pretrained["emotion_verifier"]], True)):
+        payload = steps.checkpoint_payload(0, 1, 0.35, _experiment({"model.draws": 3}), {}, draw_readers(networks))
+        assert payload["draws"] == 3 and set(payload["networks"]) == {"generator", "expression_reader", "discriminator"}
+        deidentifier = load_deidentifier(payload, "checkpoint")
+        assert deidentifier.draws == 3 and deidentifier.reader.views is views
+        assert len(deidentifier.reader.members) == len(members)
+        for member, record in zip(deidentifier.reader.members, members):
+            assert all(torch.equal(value, record["state_dict"][key]) for key, value in member.state_dict().items())
 
 
 def _experiment(overrides: dict | None = None):
@@ -145,7 +159,7 @@ def test_the_real_pair_is_mirrored_and_shifted_exactly_as_its_x():
 def test_the_gan_loop_runs_in_process_rounds_reports_and_resumes(tmp_path):
     """GanRun, the loop every Ray Train worker runs, without Ray: a split in memory, a report hook; a run
     restored from its last payload goes on with the next round and the optimisers' state."""
-    from epd_ray.checkpoints import network_record, save_checkpoint
+    from epd_ray.checkpoints import save_checkpoint
     from epd_ray.config import load_config
     from epd_ray.core.networks import build_network
     from epd_ray.data.prepare import prepare_dataset
@@ -154,11 +168,12 @@ def test_the_gan_loop_runs_in_process_rounds_reports_and_resumes(tmp_path):
     from epd_ray.train.worker import ShardBatches
 
     exp = load_config("smoke", {"data.num_identities": 4, "data.variations": 3, "train.batch_size": 8,
-                                "train.steps": 4, "train.report_every": 2})
+                                "train.steps": 4, "train.report_every": 2, "verifiers.pickers": 1, "model.draws": 2})
     data = prepare_dataset(exp.data, tmp_path / "data", echo=lambda *_: None).info
     specs = network_specs(exp.verifiers, exp.model, len(data.identities), data.image_size, len(data.emotions))
     save_checkpoint(tmp_path / "pretrained.pt", {"networks": {  # untrained: the loop's shape is what counts
-        name: network_record(name, build_network(name, **spec["args"])) for name, spec in specs.items()}})
+        name: network_record(spec["kind"], build_network(spec["kind"], **spec["args"]))
+        for name, spec in specs.items()}})
     inputs = GanInputs.put(tmp_path / "data", tmp_path / "pretrained.pt", exp.evaluation, put=lambda value: value)
     capped = GanInputs.put(tmp_path / "data", tmp_path / "pretrained.pt",
                            exp.evaluation.model_copy(update={"val_probes": 9}), put=lambda value: value).val_faces
@@ -179,6 +194,7 @@ def test_the_gan_loop_runs_in_process_rounds_reports_and_resumes(tmp_path):
     assert [m["round"] for m, _ in reports] == [1, 2] and [m["step"] for m, _ in reports] == [2, 4] and seen == [0, 1]
     metrics, payload = reports[-1]
     assert 0.0 <= metrics["objective"] <= 1.0 and payload["round"] == 1 and payload["step"] == 4
+    assert [m["kind"] for m in payload["networks"]["expression_reader"]["config"]["members"]] == ["expression_picker"]
     exp = exp.model_copy(update={"train": exp.train.model_copy(update={"steps": 6})})  # `train` reads it
     reports.clear()
     train(2, payload=payload)

@@ -11,6 +11,7 @@ from epd_ray.core.labels import NUM_EMOTIONS
 from epd_ray.core.networks import (
     NETWORKS,
     EmotionVerifier,
+    ExpressionReaders,
     IdentityVerifier,
     NoiseDropout,
     PatchDiscriminator,
@@ -201,6 +202,10 @@ SMALL_CONFIGS = {
     "emotion_verifier": dict(num_emotions=7),
     "identity_evaluator": dict(num_classes=4, base_width=4),
     "emotion_evaluator": dict(num_classes=7, base_width=4, grey=True),
+    "expression_picker": dict(num_classes=7, base_width=4, grey=True),
+    "expression_readers": dict(members=[{"kind": "emotion_verifier", "config": dict(num_emotions=7)},
+                                        {"kind": "expression_picker", "config": dict(num_classes=7, base_width=4)}],
+                               views=True),
 }
 
 
@@ -233,7 +238,8 @@ def test_bf16_autocast_and_channels_last(kind):
     x = images(2, 32).to(memory_format=torch.channels_last).requires_grad_(True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = _forward(kind, net, x)
-    assert out.dtype == torch.bfloat16
+    # the readers average their members' probabilities in fp32 (their log as the logits)
+    assert out.dtype == (torch.float32 if kind == "expression_readers" else torch.bfloat16)
     assert torch.isfinite(out.float()).all()
     out.float().square().mean().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
@@ -304,7 +310,8 @@ print("trained")
 
 def test_best_of_draws_publishes_per_face_the_draw_its_reader_reads_surest_as_the_original_over_views():
     torch.manual_seed(0)
-    generator, reader = UNetGenerator(image_size=32, ngf=4).eval(), EmotionVerifier().eval()
+    generator = UNetGenerator(image_size=32, ngf=4).eval()
+    reader = ExpressionReaders([{"kind": "emotion_verifier", "config": {}}], views=True).eval()
     x = torch.rand(6, 3, 32, 32) * 2 - 1
     with torch.no_grad():
         for p in generator.parameters():  # a generator whose draws differ clearly (a fresh one's barely do)
@@ -314,7 +321,7 @@ def test_best_of_draws_publishes_per_face_the_draw_its_reader_reads_surest_as_th
         # S reads each image as its mean probabilities over the image, its mirror and shifts of 1 px (at 32 px)
         def read(images):
             views = [images, images.flip(3)] + [images.roll(s, d) for d in (3, 2) for s in (1, -1)]
-            return torch.stack([torch.softmax(reader(v), 1) for v in views]).mean(0)
+            return torch.stack([torch.softmax(reader.members[0](v), 1) for v in views]).mean(0)
         reading = read(x).argmax(1)
         surest = torch.stack([read(d) for d in drawn])[:, torch.arange(6), reading].argmax(0)
     assert torch.equal(chosen, drawn[surest, torch.arange(6)])
@@ -328,3 +335,16 @@ def test_best_of_draws_publishes_per_face_the_draw_its_reader_reads_surest_as_th
     assert torch.equal(grey[:, 0], grey[:, 1]) and torch.equal(grey[:, 0], grey[:, 2])  # a grey face stays grey
     with pytest.raises(ValueError, match="reader"):
         BestOfDraws(generator, None, draws=2)
+
+
+def test_expression_readers_read_as_one_the_mean_probabilities_of_their_members():
+    torch.manual_seed(0)
+    picker = {"kind": "expression_picker", "config": SMALL_CONFIGS["expression_picker"]}
+    readers = ExpressionReaders([picker, picker]).eval()
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        each = [torch.softmax(member(x), 1) for member in readers.members]
+        assert torch.allclose(torch.softmax(readers(x), 1), (each[0] + each[1]) / 2, atol=1e-5)
+    assert not torch.allclose(*each, atol=1e-3)  # two classifiers, two readings: the mean is not one of them
+    with pytest.raises(ValueError, match="at least one"):
+        ExpressionReaders([])

@@ -17,7 +17,8 @@ from epd_ray.train.pretrain import augment
 from epd_ray.train.run import check_pretrained, clearly_above_chance
 from epd_ray.train.worker import ShardBatches, WorkerSetup
 
-NETWORKS = ("identity_verifier", "emotion_verifier", "identity_evaluator", "emotion_evaluator", "generator")
+NETWORKS = ("identity_verifier", "emotion_verifier", "identity_evaluator", "emotion_evaluator", "expression_picker_0",
+            "generator")
 
 
 @pytest.mark.parametrize("rows", [20, 300])
@@ -32,6 +33,21 @@ def test_a_step_budget_takes_the_same_number_of_full_batches_at_any_data_size(ro
     per_pass = rows // 8
     first, second = (torch.cat([b["identity"] for b in batches[k * per_pass:(k + 1) * per_pass]]) for k in (0, 1))
     assert len(set(first.tolist())) == per_pass * 8 and not torch.equal(first, second)
+
+
+def test_the_expression_pickers_are_emotion_evaluators_of_seeds_of_their_own():
+    from epd_ray.train.pretrain import network_specs
+
+    exp = load_config("smoke", {"verifiers.pickers": 2})
+    specs = network_specs(exp.verifiers, exp.model, 4, 32)
+    pickers = [specs[f"expression_picker_{i}"] for i in range(2)]
+    assert all(p["kind"] == "expression_picker" and p["task"] == "emotion" for p in pickers)
+    assert all(p["args"] == specs["emotion_evaluator"]["args"] and p["steps"] == exp.verifiers.steps for p in pickers)
+    emotion_seeds = [spec["seed"] for spec in specs.values() if spec["task"] == "emotion"]
+    assert len(set(emotion_seeds)) == len(emotion_seeds) == 4  # no two emotion classifiers alike
+    assert all(spec["kind"] == name for name, spec in specs.items() if not name.startswith("expression_picker"))
+    assert not any(name.startswith("expression_picker") for name in network_specs(load_config("smoke").verifiers,
+                                                                                  exp.model, 4, 32))
 
 
 def test_classifier_augmentation_moves_every_face_differently_but_keeps_the_face():
@@ -91,7 +107,7 @@ def test_pretraining_shows_progress_per_network_while_it_runs_then_the_verdict(t
     assert min(rows[-1][0] for rows in progress.values()) < verdict - 0.2
     verdicts = lines[lines.index("pretrained networks, validation split:") + 1:]
     assert sum("validation accuracy" in line and "chance" in line and not line.startswith("warning")
-               for line in verdicts) == 4 and any("reconstruction SSIM" in line for line in verdicts)
+               for line in verdicts) == 5 and any("reconstruction SSIM" in line for line in verdicts)
     # 2 steps per network: the warm start cannot reconstruct faces yet, and says so
     assert any(line.startswith("warning: generator (warm start)") for line in lines)
 

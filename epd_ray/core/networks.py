@@ -438,6 +438,41 @@ class ResNetClassifier(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------
+# The expression readers that pick between draws of the noise z (core/draws.py)
+# --------------------------------------------------------------------------------------------------
+
+
+def reader_views(x: torch.Tensor) -> list[torch.Tensor]:
+    """Six views of images (N, C, H, W): themselves, their mirror, and shifts of 1/32 of their width (2 px
+    at 64) left, right, up and down."""
+    shift = max(1, x.shape[-1] // 32)
+    return [x, x.flip(-1), x.roll(shift, -1), x.roll(-shift, -1), x.roll(shift, -2), x.roll(-shift, -2)]
+
+
+class ExpressionReaders(nn.Module):
+    """Several emotion classifiers read as one: the log of their mean class probabilities (softmax gives the
+    mean back), each over `reader_views` when `views`, else over the image alone.
+
+    `members`: the records' `kind` and `config` of each classifier (their weights are this module's
+    `members.<i>.*`), so a checkpoint rebuilds the whole ensemble from its config like any network.
+    """
+
+    def __init__(self, members: list[dict[str, Any]], views: bool = False):
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble of expression readers needs at least one member")
+        self.config: dict[str, Any] = dict(members=[{"kind": m["kind"], "config": dict(m["config"])} for m in members],
+                                           views=bool(views))
+        self.members = nn.ModuleList(build_network(m["kind"], **m["config"]) for m in members)
+        self.views = bool(views)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        images = reader_views(x) if self.views else [x]
+        probs = torch.stack([torch.softmax(m(v).float(), dim=1) for m in self.members for v in images]).mean(0)
+        return probs.clamp_min(1e-12).log()
+
+
+# --------------------------------------------------------------------------------------------------
 # Registry
 # --------------------------------------------------------------------------------------------------
 
@@ -448,6 +483,8 @@ NETWORKS: dict[str, type[nn.Module]] = {
     "emotion_verifier": EmotionVerifier,
     "identity_evaluator": ResNetClassifier,
     "emotion_evaluator": ResNetClassifier,
+    "expression_picker": ResNetClassifier,  # an emotion classifier of its own seed that only picks between draws
+    "expression_readers": ExpressionReaders,
 }
 
 

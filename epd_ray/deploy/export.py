@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from epd_ray.artifacts import ModelSpec, RunFolder, atomic_folder
-from epd_ray.checkpoints import (READER, CheckpointError, load_checkpoint, load_deidentifier, network_record,
+from epd_ray.checkpoints import (READERS, CheckpointError, load_checkpoint, load_deidentifier, network_record,
                                  published_payload, require_network, save_checkpoint)
 from epd_ray.core.draws import BestOfDraws
 from epd_ray.core.networks import UNetGenerator, count_parameters
@@ -79,7 +79,7 @@ def export_model(source: Path, out: Path) -> Path:
     with atomic_folder(out) as staging:  # an empty `out` (checked above) is replaced
         save_checkpoint(staging / WEIGHTS_FILE, published_payload(
             _tensor_record(record["kind"], generator),
-            _tensor_record(payload["networks"][READER]["kind"], reader) if reader is not None else None,
+            _tensor_record(READERS, reader) if reader is not None else None,
             deidentifier.draws))
         spec = ModelSpec(config=config, weights=WEIGHTS_FILE, sha256=sha256_file(staging / WEIGHTS_FILE),
                          parameters=count_parameters(generator), draws=deidentifier.draws,
@@ -109,8 +109,8 @@ def _tensor_record(kind: str, module: torch.nn.Module) -> dict[str, Any]:
 
 def _readme(config: dict[str, Any], parameters: int, draws: int) -> str:
     size = config["image_size"]
-    picked = (f" Each face is drawn {draws} times (the noise z) and the draw published is the one its emotion "
-              "verifier reads most surely as the expression it reads in the original." if draws > 1 else "")
+    picked = (f" Each face is drawn {draws} times (the noise z) and the draw published is the one its expression "
+              "readers read most surely as the expression they read in the original." if draws > 1 else "")
     return (
         "# EPD-Net face de-identification generator\n\n"
         f"A pix2pix U-Net generator ({parameters:,} parameters, {size}x{size} px faces, ngf {config['ngf']}, "

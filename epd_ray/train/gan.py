@@ -27,7 +27,7 @@ import ray.train.torch
 import torch
 
 from epd_ray.artifacts import DatasetManifest
-from epd_ray.checkpoints import build_from_record, load_checkpoint, network_record, published_payload
+from epd_ray.checkpoints import build_from_record, draw_readers, load_checkpoint, network_record, published_payload
 from epd_ray.config import EvaluationConfig, ExperimentConfig, LossConfig, TrainConfig
 from epd_ray.core.draws import BestOfDraws
 from epd_ray.core.losses import LossWeights, discriminator_loss, generator_loss
@@ -196,10 +196,11 @@ class GanSteps:
         self.sums, self.steps = {}, 0
         return losses
 
-    def checkpoint_payload(self, round_: int, step: int, mu: float, exp: ExperimentConfig,
-                           metrics: dict) -> dict[str, Any]:
-        published = published_payload(network_record("generator", self.published_generator),
-                                      network_record("emotion_verifier", self.emotion_verifier), exp.model.draws)
+    def checkpoint_payload(self, round_: int, step: int, mu: float, exp: ExperimentConfig, metrics: dict,
+                           reader: dict[str, Any]) -> dict[str, Any]:
+        """What a round's checkpoint holds; `reader`: the record of the readers that pick between draws."""
+        published = published_payload(network_record("generator", self.published_generator), reader,
+                                      exp.model.draws)
         networks = {**published["networks"], "discriminator": network_record("discriminator", self.discriminator)}
         if self.generator_ema is not None:  # the raw weights, to resume training from
             networks["generator_train"] = network_record("generator", self.generator)
@@ -215,7 +216,7 @@ class GanSteps:
         }
 
 
-def validation_metrics(generator: torch.nn.Module, emotion_verifier: torch.nn.Module, val, identity_evaluator,
+def validation_metrics(generator: torch.nn.Module, reader: torch.nn.Module, val, identity_evaluator,
                        emotion_evaluator, *, mu: float, exp: ExperimentConfig, setup: WorkerSetup, inputs: GanInputs,
                        recogniser: FaceRecogniser | None = None) -> dict[str, float]:
     """J and its factors on the validation split, under the main judge; the evaluators' figures always.
@@ -223,14 +224,14 @@ def validation_metrics(generator: torch.nn.Module, emotion_verifier: torch.nn.Mo
     With the recogniser as main judge its privacy, utility and J replace the evaluators' (kept as
     `evaluators_objective`); the paper's D, S, G stay the evaluators'. The generator is scored as it is
     published (eval mode: batch norm on its running statistics, the dropout noise z still on, the best of
-    `model.draws` draws as S picks it), never in training mode, whose batch statistics would differ from
+    `model.draws` draws as `reader` picks it), never in training mode, whose batch statistics would differ from
     what `evaluate` and `deidentify` see.
     """
     kw = dict(batch_size=exp.evaluation.batch_size, device=setup.device, precision=setup.precision)
     was_training = generator.training
     generator.eval()
     try:
-        deid = deidentify_pixels(BestOfDraws(generator, emotion_verifier, exp.model.draws), val.pixels, **kw)
+        deid = deidentify_pixels(BestOfDraws(generator, reader, exp.model.draws), val.pixels, **kw)
     finally:
         generator.train(was_training)
     emotion = (class_probabilities(emotion_evaluator, val.pixels, **kw),
@@ -268,6 +269,8 @@ class GanRun:
         pretrained = fetch(inputs.pretrained)
         identity_verifier = frozen(build_from_record(pretrained["identity_verifier"]), setup)
         emotion_verifier = frozen(build_from_record(pretrained["emotion_verifier"]), setup)
+        self.reader_record = draw_readers(pretrained)  # picks between draws (core/draws.py)
+        self.reader = frozen(build_from_record(self.reader_record), setup)
         betas = (exp.train.beta1, exp.train.beta2)
         opt_g = torch.optim.Adam(generator.parameters(), lr=exp.train.lr, betas=betas)
         opt_d = torch.optim.Adam(discriminator.parameters(), lr=exp.train.lr, betas=betas)
@@ -324,11 +327,10 @@ class GanRun:
             payload = None
             if self.judges is not None:
                 val, identity_evaluator, emotion_evaluator, recogniser = self.judges
-                metrics.update(validation_metrics(steps.published_generator, steps.emotion_verifier, val,
-                                                  identity_evaluator,
+                metrics.update(validation_metrics(steps.published_generator, self.reader, val, identity_evaluator,
                                                   emotion_evaluator, mu=self.mu, exp=exp, setup=setup,
                                                   inputs=self.inputs, recogniser=recogniser))
-                payload = steps.checkpoint_payload(round_, step, self.mu, exp, metrics)
+                payload = steps.checkpoint_payload(round_, step, self.mu, exp, metrics, self.reader_record)
             report(metrics, payload)
 
 

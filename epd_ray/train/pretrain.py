@@ -2,12 +2,14 @@
 
 Every network trains from scratch on the train split: the identity verifier V (VGG-16) and emotion
 verifier S (mini-Xception) that the GAN loss uses; the independent evaluators V_e and S_e (ResNet-18
-shape, other seeds) that only ever measure; and, unless switched off, the generator's warm start, an
-autoencoder pass (L1 + SSIM reconstruction) from which every trial's GAN training begins. On a CPU budget
-of a few hundred GAN steps per trial, a generator starting from noise never learns to draw a face; starting
-from a reconstruction, the paper's losses only have to move identity away.
+shape, other seeds) that only ever measure; the expression pickers when asked for (`verifiers.pickers`:
+emotion classifiers of S_e's shape and seeds of their own, which pick between the noise z's draws,
+core/draws.py); and, unless switched off, the generator's warm start, an autoencoder pass (L1 + SSIM
+reconstruction) from which every trial's GAN training begins. On a CPU budget of a few hundred GAN steps
+per trial, a generator starting from noise never learns to draw a face; starting from a reconstruction,
+the paper's losses only have to move identity away.
 
-The five networks are independent, so each is one Ray task (`pretrain_task`) and they train side by side
+The networks are independent, so each is one Ray task (`pretrain_task`) and they train side by side
 as far as the machine or cluster holds them: on 2 cores two single-thread networks at a time do more
 work than one network on two threads (small convolutions scale poorly across threads), and on a GPU
 cluster each network takes a GPU. The task is a thin Ray edge around `train_network`, the Ray-free loop
@@ -32,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from ray.util.queue import Queue
 
-from epd_ray.checkpoints import network_record
+from epd_ray.checkpoints import PICKER, network_record
 from epd_ray.config import ModelConfig, VerifiersConfig
 from epd_ray.core.baselines import gaussian_blur
 from epd_ray.core.labels import NUM_EMOTIONS
@@ -48,7 +50,7 @@ PROGRESS_LINES = 10  # progress items (each with a validation pass) per network
 
 def network_specs(cfg: VerifiersConfig, model: ModelConfig, num_identities: int,
                   image_size: int, num_emotions: int = NUM_EMOTIONS) -> dict[str, dict[str, Any]]:
-    """Constructor arguments, task, seed and steps of every pretrained network, in training order."""
+    """Kind, constructor arguments, task, seed and steps of every pretrained network, in training order."""
     specs = {
         "identity_verifier": {"args": {"num_identities": num_identities, "image_size": image_size,
                                        "width": cfg.identity_width}, "task": "identity", "seed": cfg.seed},
@@ -58,11 +60,15 @@ def network_specs(cfg: VerifiersConfig, model: ModelConfig, num_identities: int,
         "emotion_evaluator": {"args": {"num_classes": num_emotions, "base_width": cfg.evaluator_width,
                                        "grey": True}, "task": "emotion", "seed": cfg.evaluator_seed + 1},
     }
-    for spec in specs.values():
+    for i in range(cfg.pickers):  # S_e's shape, seeds of their own (core/draws.py)
+        specs[f"{PICKER}_{i}"] = {"kind": PICKER, "args": dict(specs["emotion_evaluator"]["args"]),
+                                  "task": "emotion", "seed": cfg.evaluator_seed + 20 + i}
+    for name, spec in specs.items():
+        spec.setdefault("kind", name)
         spec.update(steps=cfg.steps, lr=cfg.emotion_lr if spec["task"] == "emotion" else cfg.lr)
     if model.warm_start_steps:
-        specs["generator"] = {"args": {"image_size": image_size, "ngf": model.ngf, "norm": model.norm,
-                                       "dropout": model.dropout},
+        specs["generator"] = {"kind": "generator", "args": {"image_size": image_size, "ngf": model.ngf,
+                                                            "norm": model.norm, "dropout": model.dropout},
                               "task": "reconstruct", "seed": cfg.seed + 2, "steps": model.warm_start_steps,
                               "lr": model.warm_start_lr}
     return specs
@@ -147,7 +153,7 @@ def train_network(name: str, spec: dict[str, Any], train: FaceArrays, val: FaceA
     """Network `name` trained for `spec["steps"]` batches of `train` (one-cycle AdamW); returns it (in eval
     mode) and its validation score on `val`, which `on_progress` also gets about ten times on the way."""
     torch.manual_seed(spec["seed"])
-    model = build_network(name, **spec["args"]).to(setup.device)
+    model = build_network(spec["kind"], **spec["args"]).to(setup.device)
     if setup.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimiser = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=1e-4)
@@ -192,4 +198,4 @@ def pretrain_task(name: str, inputs: PretrainInputs, cpus: float, train: FaceArr
                          trains_1x1_convolutions=True)
     model, score = train_network(name, spec, train, val, setup, batch_size=inputs.batch_size,
                                  augmented=inputs.augment, on_progress=lambda item: send(inputs.progress, item))
-    return network_record(name, model), score
+    return network_record(spec["kind"], model), score

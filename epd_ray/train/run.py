@@ -17,7 +17,7 @@ import ray
 
 from epd_ray.artifacts import (PRETRAINED_FILE, DatasetManifest, SCORES_FILE, PretrainedCache, atomic_folder,
                                pretrained_key)
-from epd_ray.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from epd_ray.checkpoints import PICKER, CheckpointError, load_checkpoint, save_checkpoint
 from epd_ray.config import ConfigError, ExperimentConfig
 from epd_ray.data.prepare import PreparedData
 from epd_ray.data.shards import load_split
@@ -64,7 +64,8 @@ def check_pretrained(scores: dict[str, float], classes: dict[str, int],
         lines.append(f"  {name:<19} validation accuracy {score:.3f}, chance {chance:.3f} "
                      f"({classes[name]} classes; want >= {needed:.3f})")
         if not score >= needed:
-            emotion = "--emotion-data with a larger emotion-labelled set (e.g. FER2013), " if "emotion" in name else ""
+            emotion = ("--emotion-data with a larger emotion-labelled set (e.g. FER2013), "
+                       if "emotion" in name or name.startswith(PICKER) else "")
             warnings.append(f"{name}: validation accuracy {score:.3f} is not clearly above chance {chance:.3f} "
                             f"(want >= {needed:.3f}): it cannot steer or judge the GAN; give it more data, "
                             f"{emotion}or more steps (verifiers.steps, now {exp.verifiers.steps})")
@@ -110,7 +111,7 @@ class PretrainingEstimate:
     from it alone said 636 s of a pretraining that took 1016 s), so it is made again as each network starts."""
 
     def __init__(self, exp: ExperimentConfig, share_s: float | None, echo, lanes: int = 1):
-        self.total_steps = 4 * exp.verifiers.steps + exp.model.warm_start_steps
+        self.total_steps = (4 + exp.verifiers.pickers) * exp.verifiers.steps + exp.model.warm_start_steps
         self.lanes = lanes
         self.rates: dict[str, tuple[float, int]] = {}  # network: (seconds per step, its steps)
         self.share_s, self.echo, self.warned = share_s, echo, share_s is None
@@ -143,21 +144,23 @@ def pretrain_networks(exp: ExperimentConfig, prepared: PreparedData, *, cache_di
     cache = PretrainedCache(Path(cache_dir))
     out = cache.entry(key)
     emotions = emotion_data(exp, prepared)
-    classes = {"identity_verifier": len(faces.identities), "identity_evaluator": len(faces.identities),
-               "emotion_verifier": len(emotions.info.emotions), "emotion_evaluator": len(emotions.info.emotions)}
+    specs = network_specs(exp.verifiers, exp.model, len(faces.identities), faces.image_size, len(faces.emotions))
+    classes = {name: len(emotions.info.emotions if spec["task"] == "emotion" else faces.identities)
+               for name, spec in specs.items() if spec["task"] != "reconstruct"}
     if (out / PRETRAINED_FILE).is_file():
         echo(f"pretrained networks: reusing {out}")
         judge_pretrained(cache.scores(key), classes, exp, strict=strict, echo=echo)
         return out / PRETRAINED_FILE
     for data in {prepared.path: prepared, emotions.path: emotions}.values():
         check_batch_fits("verifiers.batch_size", exp.verifiers.batch_size, data.info.images("train"), 1)
-    specs = network_specs(exp.verifiers, exp.model, len(faces.identities), faces.image_size, len(faces.emotions))
     unfinished = cache.unfinished(key)
     finished = finished_networks(unfinished, specs)
     todo = [name for name in specs if name not in finished]
     lanes, cpus = pretraining_lanes(exp, runtime, len(todo))
-    echo(f"pretraining V (VGG-16), S (mini-Xception), evaluators V_e, S_e (ResNet-18 shape)"
-         f"{' and the generator warm start' if exp.model.warm_start_steps else ''} on "
+    pickers = exp.verifiers.pickers
+    echo("pretraining V (VGG-16), S (mini-Xception), evaluators V_e, S_e (ResNet-18 shape)"
+         + (f", {pickers} expression picker(s) (ResNet-18 shape)" if pickers else "")
+         + f"{' and the generator warm start' if exp.model.warm_start_steps else ''} on "
          f"{faces.images('train')} images, {exp.verifiers.steps} steps each"
          + (f", warm start {exp.model.warm_start_steps}" if exp.model.warm_start_steps else "")
          + f"; {lanes} at a time" + (f"; kept from an interrupted run: {', '.join(finished)}" if finished else ""))
