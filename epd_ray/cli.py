@@ -252,6 +252,9 @@ def deidentify_command(
     seed: int = typer.Option(0, "--seed", help="seed of the noise z (per face and file)"),
     noise: bool = typer.Option(True, "--noise/--no-noise", help="keep the generator's dropout noise z "
                                "(--no-noise: one deterministic draw, even for a model of several)"),
+    draws: Optional[int] = typer.Option(None, "--draws", help="draws of z per face, the one its expression "
+                                        "readers read surest published; default the model's (its generator.json). "
+                                        "Fewer are faster and keep fewer expressions"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="show a progress bar on stderr"),
 ) -> None:
     """De-identify the faces in an image, a folder of images and videos, or a video."""
@@ -263,7 +266,8 @@ def deidentify_command(
                                 min_score=min_score, detector_threshold=detector_threshold, scale_factor=scale_factor,
                                 cascade=cascade, margin=margin, on_no_face=on_no_face, detect_every=detect_every,
                                 track_hold=track_hold, crf=crf, batch_size=batch_size, device=device,
-                                precision=precision, seed=seed, noise=noise, progress=progress)
+                                precision=precision, seed=seed, noise=noise, draws=draws,
+                                progress=progress)
     try:
         summary = deidentify(model, input_path, output, options,
                              warn=lambda message: typer.echo(f"warning: {message}", err=True))

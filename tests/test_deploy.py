@@ -143,6 +143,38 @@ def test_a_model_of_several_draws_publishes_each_face_s_surest_draw_and_travels_
     assert switched  # for some seeds a first look at the later face would have chosen another draw
 
 
+def test_draws_may_be_lowered_at_deployment_and_one_is_the_generator_alone(tmp_path, faces):
+    """--draws trades expressions kept for speed: one draw publishes what a model of one draw publishes (the
+    face's own seed), the model's own number changes nothing, and a model of one draw cannot pick."""
+    torch.manual_seed(0)
+    generator = UNetGenerator(image_size=32, ngf=4)
+    with torch.no_grad():
+        for p in generator.parameters():  # a generator whose draws differ clearly (a fresh one's barely do)
+            p.mul_(10)
+    several, single = tmp_path / "several.pt", tmp_path / "single.pt"
+    save_checkpoint(several, published_payload(network_record("generator", generator),
+                                               network_record("emotion_verifier", EmotionVerifier()), 4))
+    save_checkpoint(single, published_payload(network_record("generator", generator), None, 1))
+    src = tmp_path / "crops"
+    src.mkdir()
+    for i, face in enumerate(faces[:5]):
+        Image.fromarray(np.array(Image.fromarray(face).resize((32, 32)))).save(src / f"c{i}.png")
+
+    def run(model: Path, name: str, draws: int | None) -> list[np.ndarray]:
+        deidentify(model, src, tmp_path / name, options(aligned=True, draws=draws))
+        return [np.array(Image.open(tmp_path / name / f"c{i}.png")) for i in range(5)]
+
+    own, four, one, alone = run(several, "own", None), run(several, "four", 4), run(several, "one", 1), run(
+        single, "alone", None)
+    assert all(np.array_equal(a, b) for a, b in zip(own, four))
+    assert all(np.array_equal(a, b) for a, b in zip(one, alone))
+    assert any(not np.array_equal(a, b) for a, b in zip(own, one))  # some face's surest draw is not its first
+    with pytest.raises(DeployError, match=r"--draws 3: .*single\.pt was trained to draw once"):
+        run(single, "three", 3)
+    with pytest.raises(DeployError, match=r"--draws must be in \[1, 64\], got 0"):
+        run(several, "none", 0)
+
+
 def test_a_grey_photograph_gives_a_grey_face_and_a_colour_one_keeps_its_colour(tmp_path, faces):
     torch.manual_seed(0)
     generator, reader = UNetGenerator(image_size=32, ngf=4), EmotionVerifier()

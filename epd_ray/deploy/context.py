@@ -40,6 +40,7 @@ class DeidentifyOptions:
     precision: str = "fp32"
     seed: int = 0  # faces' noise seeds derive from it, the file's relative name and the face (track) index
     noise: bool = True  # False: no dropout noise (a deterministic generator)
+    draws: int | None = None  # draws of z per face instead of the model's own (core/draws.py): fewer are faster
     progress: bool = True
 
     def check(self) -> None:
@@ -67,6 +68,8 @@ class DeidentifyOptions:
             raise DeployError(f"--margin must be in [0, 1], got {self.margin}")
         if self.batch_size < 1:
             raise DeployError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.draws is not None and not 1 <= self.draws <= 64:
+            raise DeployError(f"--draws must be in [1, 64], got {self.draws}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise DeployError(f"--device must be cpu, cuda or auto, got {self.device!r}")
         if self.precision not in ("auto", "fp32", "bf16"):

@@ -27,6 +27,7 @@ from PIL import Image, ImageOps
 
 from epd_ray.artifacts import atomic_file
 from epd_ray.checkpoints import CheckpointError
+from epd_ray.core.draws import BestOfDraws
 from epd_ray.deploy.batching import Batcher, Job
 from epd_ray.deploy.context import ON_NO_FACE, Context, DeidentifyOptions, Summary
 from epd_ray.deploy.engine import FaceEngine
@@ -129,7 +130,13 @@ def deidentify(model: Path, input_path: Path, output: Path, options: DeidentifyO
                 warn(message)
 
     try:
-        engine = FaceEngine(load_model(model), device=options.device, precision=options.precision,
+        deidentifier = load_model(model)
+        if options.draws is not None:  # the user's trade of expressions kept for speed
+            if options.draws > 1 and deidentifier.reader is None:
+                raise DeployError(f"--draws {options.draws}: {model} was trained to draw once per face and carries "
+                                  "no expression readers to pick between draws")
+            deidentifier = BestOfDraws(deidentifier.generator, deidentifier.reader, options.draws).eval()
+        engine = FaceEngine(deidentifier, device=options.device, precision=options.precision,
                             batch_size=options.batch_size, noise=options.noise)
         detector = None if options.aligned else make_detector(
             options.detector, options.min_face, options.min_score, options.detector_threshold, options.scale_factor,
