@@ -80,14 +80,17 @@ def test_clearly_above_chance_is_twice_chance_and_20_points_capped_halfway_to_pe
 
 def test_a_classifier_near_chance_and_a_blurry_warm_start_are_warned_about_by_name():
     exp = load_config("smoke")
-    scores = {"identity_verifier": 0.98, "emotion_verifier": 0.2, "identity_evaluator": 0.3, "generator": 0.6}
+    scores = {"identity_verifier": 0.98, "emotion_verifier": 0.2, "identity_evaluator": 0.3,
+              "expression_picker_0": 0.25, "generator": 0.6}
     lines, warnings = check_pretrained(scores, {"identity_verifier": 6, "identity_evaluator": 6,
-                                                "emotion_verifier": 7}, exp)
-    assert len(lines) == 4 and "chance 0.167" in lines[0] and "reconstruction SSIM 0.600" in lines[3]
-    assert [w.split(":")[0] for w in warnings] == ["emotion_verifier", "identity_evaluator", "generator (warm start)"]
+                                                "emotion_verifier": 7, "expression_picker_0": 7}, exp)
+    assert len(lines) == 5 and "chance 0.167" in lines[0] and "reconstruction SSIM 0.600" in lines[4]
+    assert [w.split(":")[0] for w in warnings] == ["emotion_verifier", "identity_evaluator", "expression_picker_0",
+                                                   "generator (warm start)"]
+    assert "--emotion-data" in warnings[2]  # a picker learns expressions as S does
     assert "0.200 is not clearly above chance 0.143" in warnings[0] and "--emotion-data" in warnings[0]
     assert f"verifiers.steps, now {exp.verifiers.steps}" in warnings[1] and "--emotion-data" not in warnings[1]
-    assert f"model.warm_start_steps, now {exp.model.warm_start_steps}" in warnings[2]
+    assert f"model.warm_start_steps, now {exp.model.warm_start_steps}" in warnings[3]
 
 
 def test_pretraining_shows_progress_per_network_while_it_runs_then_the_verdict(tiny_pretraining, tiny_experiment):
