@@ -166,6 +166,9 @@ class LossConfig(_Strict):
     lambda3: float = Field(1.0, ge=0, le=1)
     phi: float = Field(0.25, ge=0, le=1)
     alpha: float = Field(1.0, gt=0, le=SQRT2)
+    diversity: float = Field(0.0, ge=0, le=1, description="weight of L_diversity (not in the paper; 0 is the paper): "
+                             "each face is drawn twice per step and V asked to read different stand-ins in "
+                             "photographs of one person (core/losses.py)")
 
 
 class TrainConfig(_Strict):

@@ -149,19 +149,22 @@ def test_train_fits_one_setting_for_every_round_and_saves_it_as_tune_does(ray_ru
     as Ray 2.59+ starts it), as `tune` does."""
     import ray
 
-    from epd_ray.config import LossConfig
+    from epd_ray.checkpoints import load_checkpoint
+    from epd_ray.config import SEARCHED_KEYS, LossConfig
 
     out = tmp_path / "out"
     run = _epd_ray("train", *tiny_tune_args[1:], "--address", ray.get_runtime_context().gcs_address,
                    "--output", str(out), "--set", "loss.lambda2=0.5", "--set", "evaluation.mu=0.2",
-                   "--set", "train.steps=9", cwd=tmp_path)
+                   "--set", "loss.diversity=0.5", "--set", "train.steps=9", cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert ray_runtime.dashboard_url in run.stdout  # the session cluster's dashboard, not a new one
     assert "train: one setting, 9 steps in 3 rounds of 3" in run.stdout and "search:" not in run.stdout
     assert "data: reusing" in run.stdout and "pretrained networks: reusing" in run.stdout  # the session's cache
 
     card = json.loads((out / "best" / "model_card.json").read_text())
-    assert card["params"] == pytest.approx({**LossConfig().model_dump(), "lambda2": 0.5, "mu": 0.2})
+    searched = {k: v for k, v in LossConfig().model_dump().items() if k in SEARCHED_KEYS}
+    assert card["params"] == pytest.approx({**searched, "lambda2": 0.5, "mu": 0.2})
+    assert load_checkpoint(out / "best" / "checkpoint.pt")["experiment"]["loss"]["diversity"] == 0.5
     assert card["chosen_by"].startswith("one setting (`epd-ray train`)")
     metrics = json.loads((out / "report" / "metrics.json").read_text())
     assert metrics["mu"] == pytest.approx(0.2)

@@ -15,14 +15,14 @@ from epd_ray.train.gan import GanSteps, ema_decay
 from epd_ray.train.worker import WorkerSetup
 
 
-def _steps(decay: float) -> GanSteps:
+def _steps(decay: float, weights: LossWeights = LossWeights()) -> GanSteps:
     torch.manual_seed(0)
     generator, discriminator = UNetGenerator(image_size=32, ngf=8), PatchDiscriminator(ndf=8)
     verifiers = [IdentityVerifier(4, 32, 0.125).eval().requires_grad_(False),
                  EmotionVerifier().eval().requires_grad_(False)]
     setup = WorkerSetup(0, 1, torch.device("cpu"), "fp32", channels_last=False)
     return GanSteps(generator, discriminator, *verifiers, torch.optim.Adam(generator.parameters(), lr=1e-2),
-                    torch.optim.Adam(discriminator.parameters(), lr=1e-2), LossWeights(), setup, ema_decay=decay)
+                    torch.optim.Adam(discriminator.parameters(), lr=1e-2), weights, setup, ema_decay=decay)
 
 
 READER = draw_readers({"emotion_verifier": network_record("emotion_verifier", EmotionVerifier())})
@@ -45,6 +45,19 @@ def test_the_discriminator_gets_only_its_own_gradients_and_stays_trainable():
     discriminator_loss(reference(x, y), reference(x, fake.detach())).backward()
     for p, q in zip(steps.discriminator.parameters(), reference.parameters()):
         assert torch.allclose(p.grad, q.grad, atol=1e-6)
+
+
+@pytest.mark.parametrize("diversity", [0.0, 0.5])
+def test_with_a_diversity_weight_each_face_is_drawn_twice_and_the_draws_compared(diversity):
+    steps = _steps(0.0, LossWeights(diversity=diversity))
+    drawn = []
+    steps.generator.register_forward_hook(lambda module, args, out: drawn.append(len(out)))
+    x, y, _, emotion = _batch()
+    steps.step(x, y, torch.tensor([0, 0, 1, 2]), emotion)
+    assert drawn == [8 if diversity else 4]
+    losses = steps.round_losses()
+    # photographs 0 and 1 are one person, and with two draws every face is a pair with its other draw
+    assert 0.0 < losses["loss_diversity"] <= 1.0
 
 
 def test_the_published_generator_is_the_moving_average_of_the_weights():

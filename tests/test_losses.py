@@ -14,6 +14,7 @@ from epd_ray.core.losses import (
     discriminator_loss,
     emotion_loss,
     generator_loss,
+    identity_diversity_loss,
     ssim,
     ssim_loss,
     ssim_per_image,
@@ -177,7 +178,7 @@ def test_generator_total_matches_hand_sum():
     x, x_hat, fake, id_logits, id_lab, em_logits, em_lab = _generator_inputs()
     w = LossWeights(lambda1=0.5, lambda2=0.3, lambda3=0.2, phi=0.25, alpha=1.4)
     total, parts = generator_loss(fake, x, x_hat, id_logits, id_lab, em_logits, em_lab, w)
-    assert set(parts) == {"adv", "ssim", "cgan", "contrastive", "emotion_ce", "total"}
+    assert set(parts) == {"adv", "ssim", "cgan", "contrastive", "emotion_ce", "diversity", "total"}
     adv = adversarial_loss(fake)
     st = ssim_loss(x, x_hat)
     con = contrastive_identity_loss(id_logits, id_lab, 1.4)
@@ -188,6 +189,30 @@ def test_generator_total_matches_hand_sum():
     assert total.item() == pytest.approx(hand, abs=1e-6)
     assert parts["total"] is total
     assert con.item() > 0  # the contrastive term is active (distance < alpha), so its gradient exists
+
+
+def test_diversity_is_the_chance_that_v_reads_two_faces_of_one_person_as_one_person():
+    sure = 20.0 * torch.eye(3)  # logits V reads surely as persons 0, 1, 2
+    # faces 0 and 1 are one person; face 2 another, whose reading counts for no pair
+    one_stand_in = identity_diversity_loss(sure[[1, 1, 1]], torch.tensor([0, 0, 1]))
+    two_stand_ins = identity_diversity_loss(sure[[1, 2, 1]], torch.tensor([0, 0, 1]))
+    assert one_stand_in.item() == pytest.approx(1.0, abs=1e-6)
+    assert two_stand_ins.item() == pytest.approx(0.0, abs=1e-6)
+    logits = torch.zeros(2, 3, requires_grad=True)
+    alone = identity_diversity_loss(logits, torch.tensor([0, 1]))  # no two faces of one person
+    assert alone.item() == 0.0
+    alone.backward()
+    assert logits.grad is not None
+
+
+def test_diversity_weight_adds_its_term_to_the_total():
+    x, x_hat, fake, id_logits, _, em_logits, em_lab = _generator_inputs()
+    same_person = torch.tensor([1, 1])
+    plain, _ = generator_loss(fake, x, x_hat, id_logits, same_person, em_logits, em_lab, LossWeights(alpha=1.4))
+    total, parts = generator_loss(fake, x, x_hat, id_logits, same_person, em_logits, em_lab,
+                                  LossWeights(alpha=1.4, diversity=0.5))
+    assert parts["diversity"].item() > 0
+    assert total.item() == pytest.approx(plain.item() + 0.5 * parts["diversity"].item(), abs=1e-6)
 
 
 @pytest.mark.parametrize("term", ["adv", "ssim", "contrastive", "emotion_ce", "total"])

@@ -1,4 +1,5 @@
-"""EPD-Net losses, exactly the paper's equations 1-12.
+"""EPD-Net losses, exactly the paper's equations 1-12, and one term outside the paper, L_diversity (weight 0
+unless a config sets `loss.diversity`).
 
 Images are in [-1, 1] (network convention) and are mapped to [0, 1] for SSIM. Every loss is computed in
 float32 even inside a bf16 autocast region: logits are upcast before BCE / softmax / cross-entropy, and
@@ -118,6 +119,24 @@ def contrastive_identity_loss(
     return torch.clamp(alpha - distance, min=0.0).pow(2).mean()
 
 
+def identity_diversity_loss(identity_logits: torch.Tensor, identity_labels: torch.Tensor) -> torch.Tensor:
+    """L_diversity: the mean, over pairs of distinct faces in the batch of the same person, of
+    sum_c softmax(V(x_hat_i))_c softmax(V(x_hat_j))_c, the chance that V reads the two as one person.
+
+    Not in the paper. L_contrastive is met by any other identity, so the generator learns one stand-in per
+    person, the same in every photograph, and an attacker who de-identifies photographs of known people with
+    the tool names the person again (the parrot attack). With each face drawn twice per step (its noise z
+    differs), this asks the two draws, and two photographs of one person, for different stand-ins. 0 when
+    the batch holds no two faces of one person.
+    """
+    probs = torch.softmax(identity_logits.float(), dim=1)
+    same = identity_labels[:, None] == identity_labels[None, :]
+    same.fill_diagonal_(False)
+    if not bool(same.any()):
+        return probs.sum() * 0.0
+    return (probs @ probs.T)[same].mean()
+
+
 def emotion_loss(emotion_logits: torch.Tensor, emotion_labels: torch.Tensor) -> torch.Tensor:
     """L_CE = cross_entropy(S(x_hat), E_x) (the categorical form of the paper's eq. 10)."""
     return F.cross_entropy(emotion_logits.float(), emotion_labels.long())
@@ -130,9 +149,11 @@ def emotion_loss(emotion_logits: torch.Tensor, emotion_labels: torch.Tensor) -> 
 
 @dataclass(frozen=True)
 class LossWeights:
-    """Weights of the generator loss: L_G = l1 * (L_adv + phi * L_ssim) + l2 * L_contrastive + l3 * L_CE.
+    """Weights of the generator loss: L_G = l1 * (L_adv + phi * L_ssim) + l2 * L_contrastive + l3 * L_CE
+    + diversity * L_diversity.
 
-    lambdas in [0, 1] (paper eq. 11), phi >= 0 (the paper finds 0.25), alpha in (0, sqrt 2].
+    lambdas in [0, 1] (paper eq. 11), phi >= 0 (the paper finds 0.25), alpha in (0, sqrt 2], diversity in
+    [0, 1] (0: the paper's loss).
     """
 
     lambda1: float = 1.0
@@ -140,9 +161,10 @@ class LossWeights:
     lambda3: float = 1.0
     phi: float = 0.25
     alpha: float = 1.0
+    diversity: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("lambda1", "lambda2", "lambda3"):
+        for name in ("lambda1", "lambda2", "lambda3", "diversity"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {value!r}")
@@ -165,10 +187,11 @@ def generator_loss(
     emotion_labels: torch.Tensor,
     weights: LossWeights,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """L_G = lambda1 * L_cGAN + lambda2 * L_contrastive + lambda3 * L_CE, L_cGAN = L_adv + phi * L_ssim.
+    """L_G = lambda1 * L_cGAN + lambda2 * L_contrastive + lambda3 * L_CE + diversity * L_diversity,
+    L_cGAN = L_adv + phi * L_ssim.
 
     fake_logits = D(x, x_hat); identity_logits = V(x_hat); emotion_logits = S(x_hat); x_hat = G(x, z).
-    Returns (total, parts) with parts keys adv, ssim, cgan, contrastive, emotion_ce, total. The parts are
+    Returns (total, parts) with parts keys adv, ssim, cgan, contrastive, emotion_ce, diversity, total. The parts are
     graph-attached (not detached) so that a caller can also backpropagate one of them; call `.item()`
     or `.detach()` to log them.
     """
@@ -177,13 +200,16 @@ def generator_loss(
     cgan = adv + weights.phi * structure
     contrastive = contrastive_identity_loss(identity_logits, identity_labels, weights.alpha)
     emotion_ce = emotion_loss(emotion_logits, emotion_labels)
-    total = weights.lambda1 * cgan + weights.lambda2 * contrastive + weights.lambda3 * emotion_ce
+    diversity = identity_diversity_loss(identity_logits, identity_labels)
+    total = (weights.lambda1 * cgan + weights.lambda2 * contrastive + weights.lambda3 * emotion_ce
+             + weights.diversity * diversity)
     parts = {
         "adv": adv,
         "ssim": structure,
         "cgan": cgan,
         "contrastive": contrastive,
         "emotion_ce": emotion_ce,
+        "diversity": diversity,
         "total": total,
     }
     return total, parts

@@ -3,7 +3,8 @@ III-IV).
 
 Per batch: one discriminator step on the real pair (x, y) against the fake pair (x, G(x, z)), then one
 generator step on L_G = lambda1 (L_adv + Phi L_ssim) + lambda2 L_contrastive + lambda3 L_CE through the
-frozen verifiers V and S. The budget is `train.steps` optimiser steps in rounds of `train.report_every`
+frozen verifiers V and S (with `loss.diversity` > 0, each face drawn twice and + L_diversity, see
+core/losses.py). The budget is `train.steps` optimiser steps in rounds of `train.report_every`
 (passing over the shard as often as that takes, so a small and a large set get the same updates). Per
 round: rank 0 scores the generator on the validation split under the main judge (the objective J that the
 search maximises: the pretrained recogniser on real faces, the independent evaluators on synthetic ones; see
@@ -28,7 +29,7 @@ import torch
 
 from epd_ray.artifacts import DatasetManifest
 from epd_ray.checkpoints import build_from_record, draw_readers, load_checkpoint, network_record, published_payload
-from epd_ray.config import EvaluationConfig, ExperimentConfig, LossConfig, TrainConfig
+from epd_ray.config import SEARCHED_KEYS, EvaluationConfig, ExperimentConfig, LossConfig, TrainConfig
 from epd_ray.core.draws import BestOfDraws
 from epd_ray.core.losses import LossWeights, discriminator_loss, generator_loss
 from epd_ray.core.networks import build_network
@@ -161,6 +162,8 @@ class GanSteps:
     def step(self, x: torch.Tensor, y_real: torch.Tensor, identity: torch.Tensor, emotion: torch.Tensor) -> None:
         """A discriminator step on (x, y_real) against (x, G(x, z)), then a generator step on L_G."""
         setup = self.setup
+        if self.weights.diversity > 0:  # two draws of each face, which L_diversity asks to differ in identity
+            x, y_real, identity, emotion = (torch.cat([t, t]) for t in (x, y_real, identity, emotion))
         fake, loss_d = self.discriminator_step(x, y_real)
 
         # D is frozen for the generator step: only the gradient to `fake` is needed, so D's weight
@@ -210,7 +213,7 @@ class GanSteps:
             "optimizers": {"generator": self.opt_g.state_dict(), "discriminator": self.opt_d.state_dict()},
             "round": round_,
             "step": step,
-            "params": {**{k: getattr(self.weights, k) for k in LossConfig.model_fields}, "mu": mu},
+            "params": {**{k: getattr(self.weights, k) for k in SEARCHED_KEYS if k != "mu"}, "mu": mu},
             "experiment": exp.to_dict(),
             "metrics": metrics,
         }
