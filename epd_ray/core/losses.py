@@ -191,9 +191,9 @@ def generator_loss(
     L_cGAN = L_adv + phi * L_ssim.
 
     fake_logits = D(x, x_hat); identity_logits = V(x_hat); emotion_logits = S(x_hat); x_hat = G(x, z).
-    Returns (total, parts) with parts keys adv, ssim, cgan, contrastive, emotion_ce, diversity, total. The parts are
-    graph-attached (not detached) so that a caller can also backpropagate one of them; call `.item()`
-    or `.detach()` to log them.
+    Returns (total, parts) with parts keys adv, ssim, cgan, contrastive, emotion_ce, diversity, total. The
+    parts are graph-attached (not detached) so that a caller can also backpropagate one of them; call
+    `.item()` or `.detach()` to log them.
     """
     adv = adversarial_loss(fake_logits)
     structure = ssim_loss(x, x_hat)
