@@ -21,6 +21,8 @@ Decomposition of the EPD-Net step, all measured in the same rounds as the full s
 - "G+D part": the same step with L_G = lambda1 (L_adv + phi L_ssim) only (no V, no S);
 - V and S alone: forward + backward to their input (their weights are frozen) on G's output, with the
   contrastive and cross-entropy losses, as inside the step.
+- "+diversity": the full step with `loss.diversity` 0.5 (not in the paper; the `faces` preset's), which draws
+  each face of the batch twice.
 The verifiers' share is (full - G+D part) / full; V + S alone is printed beside it as a check.
 
 Timing: every variant of one (size, precision) runs once per round, round after round (so a burst of load
@@ -242,11 +244,12 @@ class Pix2PixStep:
 class EpdStep:
     """One batch of `gan_loop`: D step, then G step through D, V and S (or through D alone: `verifiers=False`)."""
 
-    def __init__(self, size: int, ngf: int, ndf: int, setup: WorkerSetup, identities: int, verifier_width: float):
+    def __init__(self, size: int, ngf: int, ndf: int, setup: WorkerSetup, identities: int, verifier_width: float,
+                 diversity: float = 0.0):
         exp = load_config("quick", {"model.ngf": ngf, "model.ndf": ndf, "model.n_layers": 3, "model.norm": "batch",
                                     "model.dropout": 0.5})
         self.setup = setup
-        self.weights = LossWeights()  # the paper's point: lambdas 1, phi 0.25, alpha 1
+        self.weights = LossWeights(diversity=diversity)  # the paper's point: lambdas 1, phi 0.25, alpha 1
         generator, discriminator = build_gan(exp, size)
         for module in (generator, discriminator):
             module.to(setup.device)
@@ -419,6 +422,7 @@ def measure(size: int, precision: str, args: argparse.Namespace, device: torch.d
     x, y, identity, emotion = make_batch(size, args.batch, args.identities, setup, seed=size)
     reference = Pix2PixStep(size, args.ngf, args.ndf, device, precision, args.channels_last)
     epd = EpdStep(size, args.ngf, args.ndf, setup, args.identities, args.verifier_width)
+    diverse = EpdStep(size, args.ngf, args.ndf, setup, args.identities, args.verifier_width, diversity=0.5)
     fake = epd.fake_for_verifiers(x)
     n = 8192 if device.type == "cuda" else 2048
     a, b = (torch.randn(n, n, device=device).to(machine.DTYPES[precision]) for _ in range(2))
@@ -428,6 +432,8 @@ def measure(size: int, precision: str, args: argparse.Namespace, device: torch.d
                              count_parameters(reference.netG) + count_parameters(reference.netD)),
         "epd": Variant("epd", lambda: epd(x, y, identity, emotion),
                        count_parameters(epd.generator) + count_parameters(epd.discriminator)),
+        "epd_diversity": Variant("epd_diversity", lambda: diverse(x, y, identity, emotion),
+                                 count_parameters(diverse.generator) + count_parameters(diverse.discriminator)),
         "epd_gd": Variant("epd_gd", lambda: epd(x, y, identity, emotion, verifiers=False),
                           count_parameters(epd.generator) + count_parameters(epd.discriminator)),
         "V": Variant("V", lambda: epd.identity_part(fake, identity), count_parameters(epd.identity_verifier)),
@@ -476,10 +482,11 @@ def print_tables(results: list[Measured], args: argparse.Namespace) -> None:
           f"batch {args.batch}.")
     print("   Ratios are medians of per-round ratios (both steps ran in each round). G+D part: the EPD-Net step")
     print("   without V and S in L_G. Verifiers' share: (EPD-Net - G+D part) / EPD-Net; V+S alone: their forward +")
-    print("   backward timed on their own, over the EPD-Net step.")
+    print("   backward timed on their own, over the EPD-Net step. +diversity: the step with loss.diversity > 0 (each")
+    print("   face drawn twice), over the EPD-Net step.")
     head = (f"{'px':>4} {'prec':>5} {'rounds':>6} {'pix2pix ref':>14} {'EPD-Net':>14} {'EPD/ref':>8} "
-            f"{'G+D part':>9} {'GD/ref':>7} {'V f+b':>8} {'S f+b':>7} {'verif. share':>13} {'V+S alone':>10} "
-            f"{'load':>5}")
+            f"{'+diversity':>10} {'div/EPD':>7} {'G+D part':>9} {'GD/ref':>7} {'V f+b':>8} {'S f+b':>7} "
+            f"{'verif. share':>13} {'V+S alone':>10} {'load':>5}")
     print(head)
     print("-" * len(head))
     for r in results:
@@ -489,7 +496,8 @@ def print_tables(results: list[Measured], args: argparse.Namespace) -> None:
         print(f"{r.size:>4} {r.precision:>5} {r.rounds:>6} "
               f"{ms(v['reference'].median):>8} ±{v['reference'].spread * 100:>3.0f}% "
               f"{ms(v['epd'].median):>8} ±{v['epd'].spread * 100:>3.0f}% "
-              f"{per_round(v['epd'], v['reference']):>7.2f}x {ms(v['epd_gd'].median):>9} "
+              f"{per_round(v['epd'], v['reference']):>7.2f}x {ms(v['epd_diversity'].median):>10} "
+              f"{per_round(v['epd_diversity'], v['epd']):>6.2f}x {ms(v['epd_gd'].median):>9} "
               f"{per_round(v['epd_gd'], v['reference']):>6.2f}x {ms(v['V'].median):>8} {ms(v['S'].median):>7} "
               f"{share * 100:>12.0f}% {alone * 100:>9.0f}% {r.load:>5.1f}", flush=True)
 
