@@ -31,19 +31,26 @@ PER_IMAGE_COLUMNS = {"method", "index", "identity", "emotion", "ssim"} | {
 IDS = 4
 
 
+def save_judges(path: Path, identities: int) -> Path:
+    """A pretrained-networks file with untrained judges that tell `identities` people apart."""
+    nets = {"identity_verifier": build_network("identity_verifier", num_identities=identities, image_size=32,
+                                               width=0.125),
+            "emotion_verifier": build_network("emotion_verifier"),
+            "identity_evaluator": build_network("identity_evaluator", num_classes=identities, base_width=4,
+                                                blocks=(1, 1)),
+            "emotion_evaluator": build_network("emotion_evaluator", num_classes=NUM_EMOTIONS, base_width=4,
+                                               blocks=(1, 1), grey=True)}
+    save_checkpoint(path, {"networks": {name: network_record(name, net) for name, net in nets.items()}})
+    return path
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A prepared tiny data set, a pretrained-networks file and a generator checkpoint."""
     root = tmp_path_factory.mktemp("eval")
     data = prepare_dataset(DataConfig(num_identities=IDS, variations=3, image_size=32), root / "data").path
     torch.manual_seed(0)
-    nets = {"identity_verifier": build_network("identity_verifier", num_identities=IDS, image_size=32, width=0.125),
-            "emotion_verifier": build_network("emotion_verifier"),
-            "identity_evaluator": build_network("identity_evaluator", num_classes=IDS, base_width=4, blocks=(1, 1)),
-            "emotion_evaluator": build_network("emotion_evaluator", num_classes=NUM_EMOTIONS, base_width=4,
-                                               blocks=(1, 1), grey=True)}
-    pretrained = root / "pretrained.pt"
-    save_checkpoint(pretrained, {"networks": {name: network_record(name, net) for name, net in nets.items()}})
+    pretrained = save_judges(root / "pretrained.pt", IDS)
     generator = root / "generator.pt"
     save_checkpoint(generator, {"networks": {"generator": network_record(
         "generator", build_network("generator", image_size=32, ngf=4))}})
@@ -204,6 +211,17 @@ def test_evaluate_bad_input_is_one_line_exit_2(world, tmp_path, args, named):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and named in lines[0], lines
     assert not (tmp_path / "out").exists()
+
+
+def test_judges_pretrained_on_other_people_are_refused_naming_the_file_and_what_to_do(world, tmp_path):
+    """An identity evaluator that learnt other people would give noise, not privacy, on this set's faces."""
+    others = save_judges(tmp_path / "others.pt", IDS + 1)
+    result = invoke("evaluate", "--model", world["generator"], "--data", world["data"], "--pretrained", others,
+                    "--out", tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(others) in lines[0] and f"{IDS + 1} people" in lines[0], lines
+    assert "epd-ray pretrain --data" in lines[0] and not (tmp_path / "out").exists()
 
 
 def test_report_of_missing_run_is_one_line_exit_2(tmp_path):

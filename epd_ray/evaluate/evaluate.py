@@ -117,14 +117,36 @@ def generator_method(generator: nn.Module, seed: int) -> Method:
     return deidentify
 
 
-def load_judges(pretrained_path: Path, device: torch.device) -> dict[str, tuple[nn.Module, nn.Module]]:
+def load_judges(pretrained_path: Path, device: torch.device, manifest: DatasetManifest,
+                dataset_dir: Path) -> dict[str, tuple[nn.Module, nn.Module]]:
+    """The judges' (identity, emotion) classifier pairs, refused when they were trained on other people or
+    other classes than the data set holds: an identity classifier cannot name people it never learnt, and
+    its figures on them would be noise, not privacy. Faces of new people are judged with networks
+    pretrained on their own train split (`epd-ray pretrain --data DIR`)."""
     networks = load_checkpoint(pretrained_path)["networks"]
     missing = [k for pair in JUDGES.values() for k in pair if k not in networks]
     if missing:
         raise CheckpointError(f"{pretrained_path}: holds no network {', '.join(missing)} "
                               f"(has {', '.join(networks) or 'none'}); pass the pretrained networks file")
-    return {name: tuple(build_from_record(networks[k], pretrained_path).to(device) for k in pair)
-            for name, pair in JUDGES.items()}
+    judges = {name: tuple(build_from_record(networks[k], pretrained_path).to(device).eval() for k in pair)
+              for name, pair in JUDGES.items()}
+    probe = torch.zeros(1, 3, manifest.image_size, manifest.image_size, device=device)
+    wanted = {"people": len(manifest.identities), "expressions": len(manifest.emotions)}
+    for pair, nets in zip(JUDGES.values(), judges.values()):
+        for name, net, what in zip(pair, nets, ("people", "expressions")):
+            try:
+                with torch.no_grad():
+                    classes = net(probe).shape[1]
+            except RuntimeError:
+                raise EvaluationError(f"{pretrained_path}: its {name} cannot read {dataset_dir}'s "
+                                      f"{manifest.image_size} px faces; pass networks pretrained on this data set "
+                                      f"(`epd-ray pretrain --data {dataset_dir}`)") from None
+            if classes != wanted[what]:
+                raise EvaluationError(
+                    f"{pretrained_path}: its {name} tells {classes} {what} apart, {dataset_dir} holds "
+                    f"{wanted[what]}: these networks were pretrained on another data set. Judge this one with "
+                    f"networks pretrained on it (`epd-ray pretrain --data {dataset_dir}`, then --pretrained)")
+    return judges
 
 
 def sample_indices(identity: np.ndarray, count: int = SAMPLES) -> np.ndarray:
@@ -175,7 +197,7 @@ def run_evaluation(methods: dict[str, Method | KSameMethod], *, dataset_dir: Pat
     manifest = DatasetManifest.load(dataset_dir)
     source = manifest.source
     main = main_judge(cfg.judge, source)
-    judges = load_judges(pretrained_path, device)
+    judges = load_judges(pretrained_path, device, manifest, dataset_dir)
     kw = dict(batch_size=cfg.batch_size, device=device, precision=precision)
     originals = {name: (class_probabilities(id_net, faces.pixels, **kw),
                         class_probabilities(emo_net, faces.pixels, **kw))
