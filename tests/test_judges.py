@@ -159,10 +159,11 @@ def test_verdict_says_when_the_model_is_no_better_than_a_baseline():
                              "methods": {"blur": {"recogniser": {"objective": 0.1}}}}) is None
 
 
-def targets_metrics(named: float, parrot: float, kept: float, denoised: float = 0.2) -> dict:
+def targets_metrics(named: float, parrot: float, kept: float, denoised: float = 0.2, people: int = 10) -> dict:
     model = {"recogniser": {"reidentified": named, "expression_kept": kept}, "parrot": {"reidentified": parrot},
              "denoised": {"reidentified": denoised}, "reader": {"expression_kept": 0.4}}
-    return {"main_judge": "recogniser", "methods": {"epd-net": model, "no_change": {}}}
+    return {"main_judge": "recogniser", "methods": {"epd-net": model, "no_change": {}},
+            "gallery": {"identities": people}}
 
 
 def test_targets_say_which_question_the_model_fails_even_when_it_beats_every_baseline():
@@ -187,6 +188,18 @@ def test_targets_say_which_question_the_model_fails_even_when_it_beats_every_bas
     assert not noise["privacy_met"] and "the denoising attacker 0.450" in targets_line(noise)
     assert "median filter gives identities back" in targets_line(noise) and "keep it private" not in targets_line(noise)
     assert target_verdict({"main_judge": "recogniser", "methods": {"blur": {}}}, cfg) is None
+
+
+def test_targets_say_when_a_guess_among_few_people_already_misses_the_privacy_target():
+    """Three people in the gallery: a judge that guesses names 0.33 at rank 1, so 0.3 cannot be met by any
+    de-identifier, and the line says to judge on more people rather than to train longer."""
+    cfg = EvaluationConfig()
+    few = target_verdict(targets_metrics(0.38, 0.4, 0.95, people=3), cfg)
+    assert few["chance"] == pytest.approx(1 / 3) and not few["privacy_met"]
+    assert "a guess among the gallery's 3 people names 0.33 at rank 1" in targets_line(few)
+    assert "identity survives" not in targets_line(few) and "keep it private" not in targets_line(few)
+    many = target_verdict(targets_metrics(0.38, 0.4, 0.95, people=10), cfg)
+    assert many["chance"] == pytest.approx(0.1) and "a guess among" not in targets_line(many)
 
 
 def test_pretrained_expression_reader_reads_a_real_smile_in_the_data_sets_classes():

@@ -278,7 +278,8 @@ def run_evaluation(methods: dict[str, Method | KSameMethod], *, dataset_dir: Pat
                      f"in {time.time() - started:.0f} s")
     metrics = {"split": split, "images": len(faces), "mu": mu, "ssim_weight": cfg.ssim_weight, "methods": results,
                "main_judge": main, "data_source": source, "gallery": {"split": "train", "images": len(gallery_faces),
-                                                                      "per_identity": cfg.gallery_per_identity},
+                                                                      "per_identity": cfg.gallery_per_identity,
+                                                                      "identities": num_identities},
                "mu_sweep_judge": SWEEP_JUDGE, "mu_sweep": sweeps, "sample_index": index.tolist(),
                "inputs": {"dataset_dir": str(dataset_dir), "pretrained_path": str(pretrained_path)}}
     metrics["verdict"] = baseline_verdict(metrics)
@@ -321,7 +322,8 @@ def target_verdict(metrics: dict[str, Any], cfg: EvaluationConfig) -> dict[str, 
 
     Would a face recogniser still find the person: the share of de-identified faces named at rank 1 by the
     main judge, by the parrot attack (an attacker who knows the tool) and by the denoising attacker (a
-    median filter first), at most `cfg.max_reidentified`.
+    median filter first), at most `cfg.max_reidentified`. A judge that guesses among the gallery's N people
+    names 1/N at rank 1, so on a set of few people (3: 0.33) the target lies below chance: `chance` says so.
     Can the expression still be read: the share kept by the main judge's emotion reader (S_e), at least
     `cfg.min_expression_kept`. Beating the baselines says a model is the best choice at hand, not that it
     is good enough; this says which target it misses. On real faces the pretrained reader's figure is shown
@@ -333,7 +335,9 @@ def target_verdict(metrics: dict[str, Any], cfg: EvaluationConfig) -> dict[str, 
     main = metrics["main_judge"]
     named = {judge: judged[judge]["reidentified"] for judge in (main, *ATTACKS) if judge in judged}
     kept = judged[main]["expression_kept"]
+    people = (metrics.get("gallery") or {}).get("identities")
     return {"judge": main, "reidentified": named, "max_reidentified": cfg.max_reidentified,
+            "chance": 1.0 / people if people else None,
             "expression_kept": kept, "reader_expression_kept": judged.get("reader", {}).get("expression_kept"),
             "min_expression_kept": cfg.min_expression_kept,
             "privacy_met": max(named.values()) <= cfg.max_reidentified,
@@ -352,8 +356,12 @@ def targets_line(targets: dict[str, Any] | None) -> str | None:
     if targets["privacy_met"] and targets["expression_met"]:
         return f"targets: met: {privacy}; {expression}"
     advice = []
+    chance = targets.get("chance")
     named = targets["reidentified"]
-    if named[targets["judge"]] > targets["max_reidentified"]:
+    if chance is not None and chance >= targets["max_reidentified"]:
+        advice.append(f"a guess among the gallery's {round(1 / chance)} people names {chance:.2f} at rank 1, at or "
+                      "above the target: judge privacy on a set of more people")
+    elif named[targets["judge"]] > targets["max_reidentified"]:
         advice.append("identity survives: train longer or search more (train.steps, search.num_samples, "
                       "--time-budget)")
     else:
