@@ -179,8 +179,9 @@ def pretrained_key(exp: ExperimentConfig, content_hash: str) -> str:
     model = exp.model.model_dump(mode="json", include={"ngf", "norm", "dropout", "warm_start_steps",
                                                        "warm_start_lr"})
     verifiers = exp.verifiers.model_dump(mode="json")
-    if not verifiers["pickers"]:  # the networks of caches from before pickers existed
-        del verifiers["pickers"]
+    for added in ("pickers", "new_people_probe"):  # off: the key of caches from before the option existed
+        if not verifiers[added]:
+            del verifiers[added]
     if verifiers.pop("emotion_data", None):
         verifiers["emotion_data_hash"] = read_manifest(Path(exp.verifiers.emotion_data))["content_hash"]
     settings = {"verifiers": verifiers, "generator": model, "version": PRETRAINING_VERSION}

@@ -124,6 +124,10 @@ class VerifiersConfig(_Strict):
     pickers: int = Field(0, ge=0, le=8, description="expression pickers: emotion classifiers of their own seeds (S_e's "
                                                   "shape) trained beside S that pick between the model.draws draws "
                                                   "(core/draws.py); 0: S picks")
+    new_people_probe: bool = Field(False, description="one more emotion classifier of S_e's shape, trained on the "
+                                   "train faces of two people in three and read on the faces of the third: how "
+                                   "well this set's expressions carry to people a network never saw (what a "
+                                   "deployed model meets); a warning when far below S_e's figure")
     seed: int = 1
 
     @field_validator("emotion_data")

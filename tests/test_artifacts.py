@@ -48,12 +48,16 @@ def test_pretrained_key_follows_the_settings_and_the_pretraining_version(tmp_pat
                                                        "warm_start_lr"})
     verifiers = exp.verifiers.model_dump(mode="json")
     verifiers.pop("emotion_data")
-    verifiers.pop("pickers")  # without pickers, the key of the caches written before they existed
+    verifiers.pop("pickers")  # without pickers or the new-people probe, the key of the caches written before
+    verifiers.pop("new_people_probe")
     settings = {"verifiers": verifiers, "generator": model, "version": PRETRAINING_VERSION}
     assert pretrained_key(exp, "abc") == f"abc-{stable_hash(settings)}"
     pickers = exp.model_copy(update={"verifiers": exp.verifiers.model_copy(update={"pickers": 2})})
     with_pickers = {**settings, "verifiers": {**verifiers, "pickers": 2}}
     assert pretrained_key(pickers, "abc") == f"abc-{stable_hash(with_pickers)}"
+    probe = exp.model_copy(update={"verifiers": exp.verifiers.model_copy(update={"new_people_probe": True})})
+    with_probe = {**settings, "verifiers": {**verifiers, "new_people_probe": True}}
+    assert pretrained_key(probe, "abc") == f"abc-{stable_hash(with_probe)}"
     assert pretrained_key(exp, "abc") != f"abc-{stable_hash({**settings, 'version': PRETRAINING_VERSION - 1})}"
     assert default_cache_dir(str(tmp_path)) == tmp_path
 

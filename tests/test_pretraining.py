@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,7 +19,7 @@ from epd_ray.train.run import check_pretrained, clearly_above_chance
 from epd_ray.train.worker import ShardBatches, WorkerSetup
 
 NETWORKS = ("identity_verifier", "emotion_verifier", "identity_evaluator", "emotion_evaluator", "expression_picker_0",
-            "generator")
+            "new_people_probe", "generator")
 
 
 @pytest.mark.parametrize("rows", [20, 300])
@@ -48,6 +49,30 @@ def test_the_expression_pickers_are_emotion_evaluators_of_seeds_of_their_own():
     assert all(spec["kind"] == name for name, spec in specs.items() if not name.startswith("expression_picker"))
     assert not any(name.startswith("expression_picker") for name in network_specs(load_config("smoke").verifiers,
                                                                                   exp.model, 4, 32))
+
+
+def test_the_new_people_probe_learns_from_two_people_in_three_and_is_read_on_all_faces_of_the_third():
+    from epd_ray.data.shards import FaceArrays
+    from epd_ray.train.pretrain import NEW_PEOPLE_PROBE, network_specs, new_people_faces
+
+    exp = load_config("smoke", {"verifiers.new_people_probe": True})
+    specs = network_specs(exp.verifiers, exp.model, 4, 32)
+    assert specs[NEW_PEOPLE_PROBE]["args"] == specs["emotion_evaluator"]["args"]
+    assert specs[NEW_PEOPLE_PROBE]["task"] == "emotion"
+    assert len({spec["seed"] for spec in specs.values() if spec["task"] == "emotion"}) == 3
+    # it needs people to hold out: not on 3 people, nor when the emotion networks learn from an emotion-only set
+    assert NEW_PEOPLE_PROBE not in network_specs(exp.verifiers, exp.model, 3, 32)
+    assert NEW_PEOPLE_PROBE not in network_specs(exp.verifiers, exp.model, 9, 32, emotions_with_people=False)
+    assert NEW_PEOPLE_PROBE not in network_specs(load_config("smoke").verifiers, exp.model, 9, 32)
+
+    def faces(identity):
+        identity = np.asarray(identity)
+        return FaceArrays(np.arange(len(identity))[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8),
+                          identity, identity % 7)
+    train, val = faces([0, 1, 2, 3, 4, 5, 2, 5, 0]), faces([2, 0, 5, 1])
+    learnt, read = new_people_faces(train, val)
+    assert set(learnt.identity) == {0, 1, 3, 4} and len(learnt) == 5  # every train face of those people
+    assert sorted(read.identity) == [2, 2, 2, 5, 5, 5]  # their train and validation faces, none learnt from
 
 
 def test_classifier_augmentation_moves_every_face_differently_but_keeps_the_face():
@@ -93,6 +118,16 @@ def test_a_classifier_near_chance_and_a_blurry_warm_start_are_warned_about_by_na
     assert f"model.warm_start_steps, now {exp.model.warm_start_steps}" in warnings[3]
 
 
+def test_the_new_people_probe_far_below_s_e_is_warned_about_with_what_to_do():
+    from epd_ray.train.run import check_new_people
+
+    exp = load_config("smoke")  # evaluation.min_expression_kept 0.9
+    line, warning = check_new_people(0.64, 0.94, exp)
+    assert "accuracy 0.640 on people it never saw" in line and "0.940 on people it learnt" in line
+    assert "people it never saw at 0.640, against 0.940" in warning and "--emotion-data" in warning
+    assert check_new_people(0.87, 0.94, exp)[1] is None  # 0.87 >= 0.9 x 0.94
+
+
 def test_pretraining_shows_progress_per_network_while_it_runs_then_the_verdict(tiny_pretraining, tiny_experiment):
     _, said = tiny_pretraining
     lines = [line for _, line in said]
@@ -111,6 +146,7 @@ def test_pretraining_shows_progress_per_network_while_it_runs_then_the_verdict(t
     verdicts = lines[lines.index("pretrained networks, validation split:") + 1:]
     assert sum("validation accuracy" in line and "chance" in line and not line.startswith("warning")
                for line in verdicts) == 5 and any("reconstruction SSIM" in line for line in verdicts)
+    assert any(line.startswith("  new_people_probe") and "on people it never saw" in line for line in verdicts)
     # 2 steps per network: the warm start cannot reconstruct faces yet, and says so
     assert any(line.startswith("warning: generator (warm start)") for line in lines)
 

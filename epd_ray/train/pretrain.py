@@ -4,10 +4,12 @@ Every network trains from scratch on the train split: the identity verifier V (V
 verifier S (mini-Xception) that the GAN loss uses; the independent evaluators V_e and S_e (ResNet-18
 shape, other seeds) that only ever measure; the expression pickers when asked for (`verifiers.pickers`:
 emotion classifiers of S_e's shape and seeds of their own, which pick between the noise z's draws,
-core/draws.py); and, unless switched off, the generator's warm start, an autoencoder pass (L1 + SSIM
-reconstruction) from which every trial's GAN training begins. On a CPU budget of a few hundred GAN steps
-per trial, a generator starting from noise never learns to draw a face; starting from a reconstruction,
-the paper's losses only have to move identity away.
+core/draws.py); when asked for, the new-people probe (S_e's shape, learnt from two people in three and read
+on the third: how far the set's expressions carry to people never seen); and, unless switched off, the
+generator's warm start, an autoencoder pass (L1 + SSIM reconstruction) from which every trial's GAN
+training begins. On a CPU budget of a few hundred GAN steps per trial, a generator starting from noise
+never learns to draw a face; starting from a reconstruction, the paper's losses only have to move identity
+away.
 
 The networks are independent, so each is one Ray task (`pretrain_task`) and they train side by side
 as far as the machine or cluster holds them: on 2 cores two single-thread networks at a time do more
@@ -29,6 +31,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np
 import ray
 import torch
 import torch.nn.functional as F
@@ -48,9 +51,30 @@ from epd_ray.train.worker import ShardBatches, WorkerSetup, prepare_images, setu
 PROGRESS_LINES = 10  # progress items (each with a validation pass) per network
 
 
+NEW_PEOPLE_PROBE = "new_people_probe"
+PROBE_MIN_PEOPLE = 4  # the probe learns from two people in three: fewer than 3 left to learn from is no test
+
+
+def held_out_people(identity: np.ndarray) -> np.ndarray:
+    """Which faces belong to the people the new-people probe never sees: every third person (index 2, 5, ...)."""
+    return identity % 3 == 2
+
+
+def new_people_faces(train: FaceArrays, val: FaceArrays) -> tuple[FaceArrays, FaceArrays]:
+    """The probe's faces: the train faces of two people in three to learn from, and every train and
+    validation face of the others (never learnt from, so all of them measure it) to be read."""
+    unseen = np.concatenate([held_out_people(train.identity), held_out_people(val.identity)])
+    both = FaceArrays(np.concatenate([train.pixels, val.pixels]), np.concatenate([train.identity, val.identity]),
+                      np.concatenate([train.emotion, val.emotion]))
+    return train.take(np.flatnonzero(~held_out_people(train.identity))), both.take(np.flatnonzero(unseen))
+
+
 def network_specs(cfg: VerifiersConfig, model: ModelConfig, num_identities: int,
-                  image_size: int, num_emotions: int = NUM_EMOTIONS) -> dict[str, dict[str, Any]]:
-    """Kind, constructor arguments, task, seed and steps of every pretrained network, in training order."""
+                  image_size: int, num_emotions: int = NUM_EMOTIONS, *,
+                  emotions_with_people: bool = True) -> dict[str, dict[str, Any]]:
+    """Kind, constructor arguments, task, seed and steps of every pretrained network, in training order.
+    `emotions_with_people`: the emotion networks learn from the faces, whose people the new-people probe
+    can hold out (an emotion-only set such as FER2013 names no people)."""
     specs = {
         "identity_verifier": {"args": {"num_identities": num_identities, "image_size": image_size,
                                        "width": cfg.identity_width}, "task": "identity", "seed": cfg.seed},
@@ -63,6 +87,9 @@ def network_specs(cfg: VerifiersConfig, model: ModelConfig, num_identities: int,
     for i in range(cfg.pickers):  # S_e's shape, seeds of their own (core/draws.py)
         specs[f"{PICKER}_{i}"] = {"kind": PICKER, "args": dict(specs["emotion_evaluator"]["args"]),
                                   "task": "emotion", "seed": cfg.evaluator_seed + 20 + i}
+    if cfg.new_people_probe and emotions_with_people and num_identities >= PROBE_MIN_PEOPLE:
+        specs[NEW_PEOPLE_PROBE] = {"kind": "emotion_evaluator", "args": dict(specs["emotion_evaluator"]["args"]),
+                                   "task": "emotion", "seed": cfg.evaluator_seed + 40}
     for name, spec in specs.items():
         spec.setdefault("kind", name)
         spec.update(steps=cfg.steps, lr=cfg.emotion_lr if spec["task"] == "emotion" else cfg.lr)

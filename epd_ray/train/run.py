@@ -3,7 +3,8 @@
 While it runs, a progress line per network about ten times over (`progress.ProgressFeed`); after it (or
 on reusing the cache), each network's validation score next to chance, and a warning for a network that
 is not clearly above it (`check_pretrained`). With `strict` such a network stops the command and nothing
-goes into the cache.
+goes into the cache. The new-people probe's figure goes next to S_e's, with a warning (never a stop) when
+expressions carry poorly to people never seen (`check_new_people`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from epd_ray.config import ConfigError, ExperimentConfig
 from epd_ray.data.prepare import PreparedData
 from epd_ray.data.shards import load_split
 from epd_ray.runtime import DATA_RESERVE_CPUS, RayRuntime
-from epd_ray.train.pretrain import PretrainInputs, network_specs, pretrain_task
+from epd_ray.train.pretrain import (NEW_PEOPLE_PROBE, PretrainInputs, network_specs, new_people_faces,
+                                    pretrain_task)
 from epd_ray.train.progress import ProgressFeed
 
 # The warm start's reconstruction SSIM below which GAN training starts from visibly blurred faces (the quick
@@ -72,6 +74,22 @@ def check_pretrained(scores: dict[str, float], classes: dict[str, int],
     return lines, warnings
 
 
+def check_new_people(probe: float, seen: float, exp: ExperimentConfig) -> tuple[str, str | None]:
+    """The new-people probe's accuracy on people it never saw next to S_e's on the people it learnt, and a
+    warning when the first falls below `evaluation.min_expression_kept` of the second: S and the pickers
+    learnt expressions the same way, so a deployed model keeps the expressions of new people less than its
+    evaluation, on other photographs of the people it trained on, says."""
+    line = (f"  {NEW_PEOPLE_PROBE:<19} accuracy {probe:.3f} on people it never saw (emotion_evaluator {seen:.3f} "
+            f"on people it learnt)")
+    if probe >= exp.evaluation.min_expression_kept * seen:
+        return line, None
+    return line, (f"{NEW_PEOPLE_PROBE}: an emotion classifier that learnt from this set's other people reads the "
+                  f"expressions of people it never saw at {probe:.3f}, against {seen:.3f} for S_e on the people it "
+                  f"learnt: S and the pickers learn expressions the same way, so on photographs of new people the "
+                  f"model keeps fewer expressions than its evaluation (other photographs of the people it trained "
+                  f"on) says; give it more people, or --emotion-data with a larger emotion set (e.g. FER2013)")
+
+
 def check_batch_fits(field: str, batch_size: int, images: int, workers: int) -> None:
     """Budgets count full batches: a worker whose share of the images cannot fill one would never step."""
     if images // workers < batch_size:
@@ -110,8 +128,10 @@ class PretrainingEstimate:
     train at once: the networks differ in cost (on 2 cores the first to report was the fastest, and an estimate
     from it alone said 636 s of a pretraining that took 1016 s), so it is made again as each network starts."""
 
-    def __init__(self, exp: ExperimentConfig, share_s: float | None, echo, lanes: int = 1):
-        self.total_steps = (4 + exp.verifiers.pickers) * exp.verifiers.steps + exp.model.warm_start_steps
+    def __init__(self, exp: ExperimentConfig, share_s: float | None, echo, lanes: int = 1,
+                 classifiers: int | None = None):
+        classifiers = 4 + exp.verifiers.pickers if classifiers is None else classifiers
+        self.total_steps = classifiers * exp.verifiers.steps + exp.model.warm_start_steps
         self.lanes = lanes
         self.rates: dict[str, tuple[float, int]] = {}  # network: (seconds per step, its steps)
         self.share_s, self.echo, self.warned = share_s, echo, share_s is None
@@ -144,15 +164,25 @@ def pretrain_networks(exp: ExperimentConfig, prepared: PreparedData, *, cache_di
     cache = PretrainedCache(Path(cache_dir))
     out = cache.entry(key)
     emotions = emotion_data(exp, prepared)
-    specs = network_specs(exp.verifiers, exp.model, len(faces.identities), faces.image_size, len(faces.emotions))
+    specs = network_specs(exp.verifiers, exp.model, len(faces.identities), faces.image_size, len(faces.emotions),
+                          emotions_with_people=emotions is prepared)
     classes = {name: len(emotions.info.emotions if spec["task"] == "emotion" else faces.identities)
-               for name, spec in specs.items() if spec["task"] != "reconstruct"}
+               for name, spec in specs.items() if spec["task"] != "reconstruct" and name != NEW_PEOPLE_PROBE}
     if (out / PRETRAINED_FILE).is_file():
         echo(f"pretrained networks: reusing {out}")
         judge_pretrained(cache.scores(key), classes, exp, strict=strict, echo=echo)
         return out / PRETRAINED_FILE
     for data in {prepared.path: prepared, emotions.path: emotions}.values():
         check_batch_fits("verifiers.batch_size", exp.verifiers.batch_size, data.info.images("train"), 1)
+    # The splits go through the object store once (tasks may run on other nodes); the emotion networks
+    # learn from the emotion-labelled set when one is given, the new-people probe from part of the people.
+    faces_of = {path: (load_split(path, "train"), load_split(path, "val")) for path in {prepared.path, emotions.path}}
+    if NEW_PEOPLE_PROBE in specs:
+        faces_of[NEW_PEOPLE_PROBE] = new_people_faces(*faces_of[prepared.path])
+        if len(faces_of[NEW_PEOPLE_PROBE][0]) < exp.verifiers.batch_size:
+            echo(f"{NEW_PEOPLE_PROBE}: left out, its {len(faces_of[NEW_PEOPLE_PROBE][0])} training faces fill no "
+                 f"batch of {exp.verifiers.batch_size}")
+            del specs[NEW_PEOPLE_PROBE], faces_of[NEW_PEOPLE_PROBE]
     unfinished = cache.unfinished(key)
     finished = finished_networks(unfinished, specs)
     todo = [name for name in specs if name not in finished]
@@ -160,23 +190,22 @@ def pretrain_networks(exp: ExperimentConfig, prepared: PreparedData, *, cache_di
     pickers = exp.verifiers.pickers
     echo("pretraining V (VGG-16), S (mini-Xception), evaluators V_e, S_e (ResNet-18 shape)"
          + (f", {pickers} expression picker(s) (ResNet-18 shape)" if pickers else "")
+         + (f", the {NEW_PEOPLE_PROBE} (S_e's shape)" if NEW_PEOPLE_PROBE in specs else "")
          + f"{' and the generator warm start' if exp.model.warm_start_steps else ''} on "
          f"{faces.images('train')} images, {exp.verifiers.steps} steps each"
          + (f", warm start {exp.model.warm_start_steps}" if exp.model.warm_start_steps else "")
          + f"; {lanes} at a time" + (f"; kept from an interrupted run: {', '.join(finished)}" if finished else ""))
-    # The splits go through the object store once (tasks may run on other nodes); the emotion networks
-    # learn from the emotion-labelled set when one is given.
     if emotions is not prepared:
         echo(f"emotion networks learn from {emotions.path} ({emotions.info.images('train')} images)")
-    splits = {path: (ray.put(load_split(path, "train")), ray.put(load_split(path, "val")))
-              for path in {prepared.path, emotions.path}}
-    with ProgressFeed(PretrainingEstimate(exp, time_share_s, echo, lanes)) as feed:
+    splits = {source: tuple(ray.put(split) for split in pair) for source, pair in faces_of.items()}
+    classifiers = sum(spec["task"] != "reconstruct" for spec in specs.values())
+    with ProgressFeed(PretrainingEstimate(exp, time_share_s, echo, lanes, classifiers)) as feed:
         inputs = PretrainInputs(specs, exp.verifiers.batch_size, exp.verifiers.augment, exp.train.precision,
                                 exp.train.channels_last, feed.queue)
         task = pretrain_task.options(num_cpus=cpus, num_gpus=1 if exp.train.use_gpu else 0,
                                      max_retries=exp.train.max_failures)
-        running = {task.remote(name, inputs, cpus,
-                               *splits[(emotions if specs[name]["task"] == "emotion" else prepared).path]): name
+        running = {task.remote(name, inputs, cpus, *splits[name if name in splits else (
+                       emotions if specs[name]["task"] == "emotion" else prepared).path]): name
                    for name in todo}
         try:
             while running:
@@ -227,11 +256,14 @@ def pretraining_lanes(exp: ExperimentConfig, runtime: RayRuntime, networks: int)
 
 def judge_pretrained(scores: dict[str, float], classes: dict[str, int], exp: ExperimentConfig, *, strict: bool,
                      echo) -> None:
+    scores = dict(scores)
+    probe = scores.pop(NEW_PEOPLE_PROBE, None)
     lines, warnings = check_pretrained(scores, classes, exp)
+    generalises = check_new_people(probe, scores["emotion_evaluator"], exp) if probe is not None else None
     echo("pretrained networks, validation split:")
-    for line in lines:
+    for line in lines + ([generalises[0]] if generalises else []):
         echo(line)
-    for warning in warnings:
+    for warning in warnings + ([generalises[1]] if generalises and generalises[1] else []):
         echo(f"warning: {warning}")
     if strict and warnings:
         raise PretrainingError(f"--strict: {len(warnings)} pretrained network(s) not to be trusted, stopping "
