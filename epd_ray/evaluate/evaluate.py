@@ -119,10 +119,11 @@ def generator_method(generator: nn.Module, seed: int) -> Method:
 
 def load_judges(pretrained_path: Path, device: torch.device, manifest: DatasetManifest,
                 dataset_dir: Path) -> dict[str, tuple[nn.Module, nn.Module]]:
-    """The judges' (identity, emotion) classifier pairs, refused when they were trained on other people or
-    other classes than the data set holds: an identity classifier cannot name people it never learnt, and
-    its figures on them would be noise, not privacy. Faces of new people are judged with networks
-    pretrained on their own train split (`epd-ray pretrain --data DIR`)."""
+    """The judges' (identity, emotion) classifier pairs, refused when they tell another number of people or
+    expressions apart than the data set holds, or cannot read its image size: pretrained on another set. An
+    identity classifier cannot name people it never learnt, and its figures on them would be noise, not
+    privacy. (A set of as many other people passes this check; the pretrained file records no names.) Faces
+    of new people are judged with networks pretrained on their own train split (`epd-ray pretrain --data DIR`)."""
     networks = load_checkpoint(pretrained_path)["networks"]
     missing = [k for pair in JUDGES.values() for k in pair if k not in networks]
     if missing:
