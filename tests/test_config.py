@@ -327,11 +327,15 @@ def test_time_budgets_read_as_seconds_minutes_or_hours():
 
 
 def test_pretraining_over_its_share_of_the_budget_is_warned_about_once_with_the_slowest_networks_estimate():
+    from epd_ray.train.pretrain import network_specs
     from epd_ray.train.run import PretrainingEstimate
+
+    def specs(exp):
+        return network_specs(exp.verifiers, exp.model, 4, 32)
 
     said: list[str] = []
     exp = load_config("smoke")  # 4 x 250 verifier steps + 300 warm-start steps
-    estimate = PretrainingEstimate(exp, share_s=60.0, echo=said.append)
+    estimate = PretrainingEstimate(specs(exp), share_s=60.0, echo=said.append)
     item = {"network": "identity_verifier", "task": "identity", "step": 25, "steps": 250, "loss": 1.0,
             "val_score": 0.5, "elapsed_s": 5.0, "left_s": 45.0}
     estimate(item)
@@ -339,19 +343,20 @@ def test_pretraining_over_its_share_of_the_budget_is_warned_about_once_with_the_
     warnings = [line for line in said if line.startswith("warning:")]
     assert len(warnings) == 1 and "~260 s" in warnings[0] and "(60 s)" in warnings[0]
     quiet: list[str] = []
-    PretrainingEstimate(exp, share_s=None, echo=quiet.append)(item)
+    PretrainingEstimate(specs(exp), share_s=None, echo=quiet.append)(item)
     assert len(quiet) == 1 and not quiet[0].startswith("warning")
     # A slower network that starts later raises the estimate: its own rate for its steps, and the slowest
     # rate for the steps of the networks not yet seen (0.2 x 250 + 0.4 x 250 + 0.4 x 800 = 470 s).
     later: list[str] = []
-    estimate = PretrainingEstimate(exp, share_s=300.0, echo=later.append)
+    estimate = PretrainingEstimate(specs(exp), share_s=300.0, echo=later.append)
     estimate(item)
     assert not any(line.startswith("warning:") for line in later)
     estimate({**item, "network": "emotion_verifier", "elapsed_s": 10.0})
     assert "~470 s" in later[-1] and "(300 s)" in later[-1]
     # the expression pickers' steps count too: 0.2 x (6 x 250 + 300) = 360 s
     counted: list[str] = []
-    PretrainingEstimate(load_config("smoke", {"verifiers.pickers": 2}), share_s=60.0, echo=counted.append)(item)
+    PretrainingEstimate(specs(load_config("smoke", {"verifiers.pickers": 2})), share_s=60.0,
+                        echo=counted.append)(item)
     assert "~360 s" in counted[-1]
 
 

@@ -131,13 +131,13 @@ def load_judges(pretrained_path: Path, device: torch.device, manifest: DatasetMa
                               f"(has {', '.join(networks) or 'none'}); pass the pretrained networks file")
     judges = {name: tuple(build_from_record(networks[k], pretrained_path).to(device).eval() for k in pair)
               for name, pair in JUDGES.items()}
-    probe = torch.zeros(1, 3, manifest.image_size, manifest.image_size, device=device)
+    blank = torch.zeros(1, 3, manifest.image_size, manifest.image_size, device=device)
     wanted = {"people": len(manifest.identities), "expressions": len(manifest.emotions)}
     for pair, nets in zip(JUDGES.values(), judges.values()):
         for name, net, what in zip(pair, nets, ("people", "expressions")):
             try:
                 with torch.no_grad():
-                    classes = net(probe).shape[1]
+                    classes = net(blank).shape[1]
             except RuntimeError:
                 raise EvaluationError(f"{pretrained_path}: its {name} cannot read {dataset_dir}'s "
                                       f"{manifest.image_size} px faces; pass networks pretrained on this data set "

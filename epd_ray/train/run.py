@@ -128,10 +128,8 @@ class PretrainingEstimate:
     train at once: the networks differ in cost (on 2 cores the first to report was the fastest, and an estimate
     from it alone said 636 s of a pretraining that took 1016 s), so it is made again as each network starts."""
 
-    def __init__(self, exp: ExperimentConfig, share_s: float | None, echo, lanes: int = 1,
-                 classifiers: int | None = None):
-        classifiers = 4 + exp.verifiers.pickers if classifiers is None else classifiers
-        self.total_steps = classifiers * exp.verifiers.steps + exp.model.warm_start_steps
+    def __init__(self, specs: dict[str, dict[str, Any]], share_s: float | None, echo, lanes: int = 1):
+        self.total_steps = sum(spec["steps"] for spec in specs.values())  # every network's (`network_specs`)
         self.lanes = lanes
         self.rates: dict[str, tuple[float, int]] = {}  # network: (seconds per step, its steps)
         self.share_s, self.echo, self.warned = share_s, echo, share_s is None
@@ -198,8 +196,7 @@ def pretrain_networks(exp: ExperimentConfig, prepared: PreparedData, *, cache_di
     if emotions is not prepared:
         echo(f"emotion networks learn from {emotions.path} ({emotions.info.images('train')} images)")
     splits = {source: tuple(ray.put(split) for split in pair) for source, pair in faces_of.items()}
-    classifiers = sum(spec["task"] != "reconstruct" for spec in specs.values())
-    with ProgressFeed(PretrainingEstimate(exp, time_share_s, echo, lanes, classifiers)) as feed:
+    with ProgressFeed(PretrainingEstimate(specs, time_share_s, echo, lanes)) as feed:
         inputs = PretrainInputs(specs, exp.verifiers.batch_size, exp.verifiers.augment, exp.train.precision,
                                 exp.train.channels_last, feed.queue)
         task = pretrain_task.options(num_cpus=cpus, num_gpus=1 if exp.train.use_gpu else 0,
@@ -259,11 +256,15 @@ def judge_pretrained(scores: dict[str, float], classes: dict[str, int], exp: Exp
     scores = dict(scores)
     probe = scores.pop(NEW_PEOPLE_PROBE, None)
     lines, warnings = check_pretrained(scores, classes, exp)
-    generalises = check_new_people(probe, scores["emotion_evaluator"], exp) if probe is not None else None
+    advice = []  # warned about, never a reason for --strict to stop
+    if probe is not None:
+        line, warning = check_new_people(probe, scores["emotion_evaluator"], exp)
+        lines.append(line)
+        advice += [warning] if warning else []
     echo("pretrained networks, validation split:")
-    for line in lines + ([generalises[0]] if generalises else []):
+    for line in lines:
         echo(line)
-    for warning in warnings + ([generalises[1]] if generalises and generalises[1] else []):
+    for warning in warnings + advice:
         echo(f"warning: {warning}")
     if strict and warnings:
         raise PretrainingError(f"--strict: {len(warnings)} pretrained network(s) not to be trusted, stopping "
