@@ -359,6 +359,9 @@ def fit_gan(exp: ExperimentConfig, config: dict[str, Any], setup: WorkerSetup, s
             prepare_model: Callable[[torch.nn.Module], torch.nn.Module] = lambda module: module) -> None:
     """A run's rounds from its session's latest checkpoint (or the start) to the end of the budget."""
     weights, mu = trial_params(config)
+    # The checkpoints record the loss this run trained with, the trial's weights included (an ablation's
+    # `diversity` = 0 is not among the searched params that they also record).
+    exp = exp.model_copy(update={"loss": LossConfig.model_validate(weights.to_dict())})
     inputs: GanInputs = config["inputs"]
     payload, start_round = session.restore()
     if payload is not None and start_round >= rounds(exp.train):
