@@ -1,16 +1,18 @@
 """`epd-ray ablate RUN_DIR`: the paper's ablations of a tuned run, trained with one budget, judged one way.
 
-Three GAN runs from the run's best parameters (`best/model_card.json`): `tuned` (those parameters),
-`without_ssim` (Phi = 0) and `without_emotion` (lambda3 = 0: no emotion verifier in the loss, PPGAN-like).
-All three share the run's budget: its resolved config (steps, batch size, learning rates, model size,
+GAN runs from the run's best parameters (`best/model_card.json`): `tuned` (those parameters),
+`without_ssim` (Phi = 0) and `without_emotion` (lambda3 = 0: no emotion verifier in the loss, PPGAN-like), and
+when the run trained with `loss.diversity` (the term epd-ray adds to the paper's loss), `without_diversity`
+(diversity = 0: the paper's loss), which shows what that term buys against the parrot attack.
+All share the run's budget: its resolved config (steps, batch size, learning rates, model size,
 seed), its prepared data and its pretrained verifiers and generator warm start, taken from the cache
 (pretrained again only if the cache lost them, by the same seeded code).
 
 The tuned model is retrained here, not taken from `best/`: `best/` is a trial's round picked among all
 trials of a search (which ASHA may have cut short), so its budget and selection are not those of the other
-two. Retrained by the same code with the same seed, the three runs differ in the ablated term only.
+runs. Retrained by the same code with the same seed, the runs differ in the ablated term only.
 
-The runs are trials of one Ray Tune experiment (a grid over the three variants: no search, no early stopping),
+The runs are trials of one Ray Tune experiment (a grid over the variants: no search, no early stopping),
 so they run side by side as the search's trials do, and train as they do (`run_trial`); each is judged at the
 round the run's search would have judged it (`summarise`: highest validation J, or the last round in pareto
 mode). Evaluation is the report's: the test split, the tuned mu for all three, the independent evaluators
@@ -43,8 +45,9 @@ from epd_ray.train.gan import GanInputs
 from epd_ray.tune.search import (budget, concurrent_trials, is_pareto, run_trial, summarise, trains_in_trial,
                                  trial_resources, trial_run_config)
 
-# variant -> what it changes in the tuned parameters
-VARIANTS: dict[str, dict[str, float]] = {"tuned": {}, "without_ssim": {"phi": 0.0}, "without_emotion": {"lambda3": 0.0}}
+# variant -> what it changes in the tuned loss weights
+VARIANTS: dict[str, dict[str, float]] = {"tuned": {}, "without_ssim": {"phi": 0.0}, "without_emotion": {"lambda3": 0.0},
+                                         "without_diversity": {"diversity": 0.0}}
 # The paper's Table I (emotion MSE) for the same three: EPD-Net, without SSIM, PPGAN.
 PAPER_EMOTION_MSE = {"tuned": 0.0099, "without_ssim": 0.0241, "without_emotion": 0.0257}
 
@@ -82,8 +85,12 @@ def read_tuned_run(run_dir: Path) -> tuple[ExperimentConfig, dict[str, Any]]:
     return exp, card
 
 
-def variant_params(params: dict[str, float]) -> dict[str, dict[str, float]]:
-    return {name: {**{k: float(params[k]) for k in SEARCHED_KEYS}, **change} for name, change in VARIANTS.items()}
+def variant_params(params: dict[str, float], diversity: float) -> dict[str, dict[str, float]]:
+    """Each variant's loss weights and mu: the tuned ones (`params`, and the run's `loss.diversity`), one term
+    off. `without_diversity` only when the run had that term on: otherwise it would repeat `tuned`."""
+    tuned = {**{k: float(params[k]) for k in SEARCHED_KEYS}, "diversity": float(diversity)}
+    return {name: {**tuned, **change} for name, change in VARIANTS.items()
+            if diversity > 0 or name != "without_diversity"}
 
 
 def train_variant(config: dict[str, Any], *, variants: dict[str, dict[str, float]], **trial_inputs: Any) -> None:
@@ -107,7 +114,7 @@ def run_ablation(run_dir: Path, *, address: str | None = None, echo=print) -> Ab
         raise AblationError(f"{inputs.prepared.path}: data content {data_hash} is not the run's "
                             f"({card['data']['content_hash']}); the ablation must train on the same faces")
 
-    variants = variant_params(card["params"])
+    variants = variant_params(card["params"], exp.loss.diversity)
     echo(f"ablation: {', '.join(variants)}; {budget(exp.train)} each on "
          f"{inputs.prepared.info.images('train')} training images, seed {exp.train.seed}")
     trainable = ray.tune.with_resources(

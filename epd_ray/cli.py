@@ -320,8 +320,9 @@ def ablate(
     run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="an `epd-ray tune` run folder"),
     address: Optional[str] = typer.Option(None, "--address", help="join this Ray cluster ('auto' for the local one)"),
 ) -> None:
-    """Retrain the tuned model, without SSIM (Phi = 0) and without the emotion verifier (lambda3 = 0) on the
-    run's budget; evaluate all three on the test split into RUN_DIR/ablation/."""
+    """Retrain the tuned model, without SSIM (Phi = 0), without the emotion verifier (lambda3 = 0) and, when the
+    run trained with it, without L_diversity, on the run's budget; evaluate them on the test split into
+    RUN_DIR/ablation/."""
     if address:
         os.environ.setdefault("RAY_AUTH_MODE", "token")  # before Ray is imported, as for `tune`
     from epd_ray.ablation import AblationError, run_ablation

@@ -1,5 +1,5 @@
 """A tiny tune in pareto mode (real Ray Tune, 2 trials x 2 rounds), then `epd-ray ablate` on it
-(three real GAN runs) and `epd-ray report` with the ablation table."""
+(four real GAN runs: the tune trains with `loss.diversity`) and `epd-ray report` with the ablation table."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from epd_ray.config import SEARCHED_KEYS
 from epd_ray.evaluate.report import FIGURES
 
 ROUNDS = 2  # the tiny experiment's 6 steps in rounds of 3
+DIVERSITY = 0.5
+VARIANTS = ["tuned", "without_ssim", "without_emotion", "without_diversity"]
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +26,9 @@ def pareto_run(ray_runtime, tiny_experiment, tiny_data, tiny_pretrained, tmp_pat
 
     exp = tiny_experiment.model_copy(update={
         "cache_dir": str(tiny_pretrained.parents[2]),  # the fixture's cache: verifiers are reused, not retrained
-        # half a CPU per Train worker: both trials, then all three ablation runs, at once on 2 cores
+        # half a CPU per Train worker: both trials, then all four ablation runs, at once on 2 cores
         "train": tiny_experiment.train.model_copy(update={"cpus_per_worker": 0.5}),
+        "loss": tiny_experiment.loss.model_copy(update={"diversity": DIVERSITY}),
         "search": tiny_experiment.search.model_copy(update={"objective": "pareto", "num_samples": 2})})
     said: list[str] = []
     run = run_tune(exp, tmp_path_factory.mktemp("pareto") / "run", prepared_dir=tiny_data.path, echo=said.append)
@@ -97,20 +100,33 @@ def test_tune_report_holds_every_baseline_and_figure(pareto_run):
     assert result.exit_code == 0 and "evaluating" not in result.output, result.output
 
 
-def test_ablation_retrains_three_variants_on_one_budget(ablated):
+def test_ablation_variants_leave_out_diversity_when_the_run_trained_without_it():
+    from epd_ray.ablation import variant_params
+
+    params = {k: 0.5 for k in SEARCHED_KEYS}
+    assert list(variant_params(params, 0.0)) == VARIANTS[:3]
+    variants = variant_params(params, DIVERSITY)
+    assert list(variants) == VARIANTS
+    assert variants["without_diversity"] == {**params, "diversity": 0.0}
+    assert variants["without_ssim"] == {**params, "diversity": DIVERSITY, "phi": 0.0}
+
+
+def test_ablation_retrains_four_variants_on_one_budget(ablated):
     output, exp, run, said = ablated
     card = json.loads((output / "best" / "model_card.json").read_text())
     metrics = json.loads((output / "ablation" / "metrics.json").read_text())
-    assert list(metrics["methods"]) == ["tuned", "without_ssim", "without_emotion"]
-    tuned = {k: card["params"][k] for k in SEARCHED_KEYS}
-    expected = {"tuned": tuned, "without_ssim": {**tuned, "phi": 0.0}, "without_emotion": {**tuned, "lambda3": 0.0}}
+    assert list(metrics["methods"]) == VARIANTS
+    tuned = {**{k: card["params"][k] for k in SEARCHED_KEYS}, "diversity": DIVERSITY}
+    expected = {"tuned": tuned, "without_ssim": {**tuned, "phi": 0.0}, "without_emotion": {**tuned, "lambda3": 0.0},
+                "without_diversity": {**tuned, "diversity": 0.0}}
     for name, params in expected.items():
         variant = metrics["variants"][name]
         assert variant["params"] == pytest.approx(params)
         assert variant["rounds_trained"] == ROUNDS and variant["judged_round"] == ROUNDS  # pareto run: last round
         payload = load_checkpoint(Path(variant["checkpoint"]))  # the ablated term really was off in training
-        assert payload["params"] == pytest.approx(params)
-        assert payload["experiment"] == exp.to_dict()
+        assert payload["params"] == pytest.approx({k: params[k] for k in SEARCHED_KEYS})
+        loss = {k: v for k, v in params.items() if k != "mu"}
+        assert payload["experiment"] == {**exp.to_dict(), "loss": pytest.approx(loss)}
         for judge in ("evaluators", "verifiers"):
             assert 0.0 <= metrics["methods"][name][judge]["objective"] <= 1.0
     assert metrics["mu"] == pytest.approx(tuned["mu"]) and metrics["split"] == "test"
@@ -119,7 +135,7 @@ def test_ablation_retrains_three_variants_on_one_budget(ablated):
     assert metrics["budget"]["pretrained_path"] == card["pretrained_path"]  # from the cache, not retrained
     assert not any("pretraining" in line for line in said)
     table = pq.read_table(output / "ablation" / "per_image.parquet")
-    assert table.num_rows == 3 * metrics["images"]
+    assert table.num_rows == len(VARIANTS) * metrics["images"]
     assert not list(output.glob(".ablation.tmp*"))
 
 
@@ -130,20 +146,25 @@ def test_report_adds_the_ablation_tables_from_its_metrics(ablated):
     metrics = json.loads((output / "ablation" / "metrics.json").read_text())
     text = (output / "report" / "report.md").read_text()
     assert "## Ablations" in text
-    rows = [line for line in text.splitlines() if line.startswith(("| tuned |", "| without_ssim |",
-                                                                   "| without_emotion |"))]
-    assert len(rows) == 6  # the judged round on the test split, then the last round on the validation split
-    for row, (name, judged) in zip(rows[:3], metrics["methods"].items()):
-        assert row.startswith(f"| {name} |")
+    rows = [line for line in text.splitlines() if line.startswith(tuple(f"| {name} |" for name in VARIANTS))]
+    assert len(rows) == 2 * len(VARIANTS)  # the judged round on the test split, then the last round on validation
+    for row, (name, judged) in zip(rows[:len(VARIANTS)], metrics["methods"].items()):
+        assert row.startswith(f"| {name} | {judged_weights(metrics['variants'][name]['params'])} |")
         for key in ("objective", "deid_rate", "emotion_mse", "ssim"):
             assert f"{judged['evaluators'][key]:.4f}" in row, key
-    for row, (name, run) in zip(rows[3:], metrics["variants"].items()):
+    for row, (name, run) in zip(rows[len(VARIANTS):], metrics["variants"].items()):
         last = run["last_round_validation"]
         assert row.startswith(f"| {name} | {ROUNDS} |") and last["round"] == ROUNDS
         for key in ("objective", "emotion_mse", "ssim"):
             assert f"{last[key]:.4f}" in row, key
     tuned, no_emotion = (metrics["methods"][k]["evaluators"]["emotion_mse"] for k in ("tuned", "without_emotion"))
     assert f"emotion MSE: {no_emotion:.4g} against {tuned:.4g} tuned" in text
+    tuned, no_diversity = (metrics["methods"][k]["parrot"]["reidentified"] for k in ("tuned", "without_diversity"))
+    assert f"the parrot attack names at rank 1 (evaluators embedding): {no_diversity:.4g} against {tuned:.4g}" in text
+
+
+def judged_weights(params: dict[str, float]) -> str:
+    return " | ".join(f"{params[k]:.3f}" for k in ("phi", "lambda3", "diversity"))
 
 
 def test_ablate_refuses_a_folder_it_cannot_use(ablated, tmp_path):
