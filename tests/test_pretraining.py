@@ -14,7 +14,7 @@ import epd_ray.data.shards as shards
 from epd_ray.config import load_config
 from epd_ray.core.images import to_tensor
 from epd_ray.core.synthetic import make_synthetic_faces
-from epd_ray.train.pretrain import augment
+from epd_ray.core.augment import augment
 from epd_ray.train.run import check_pretrained, clearly_above_chance
 from epd_ray.train.worker import ShardBatches, WorkerSetup
 
