@@ -23,6 +23,8 @@ Decomposition of the EPD-Net step, all measured in the same rounds as the full s
   contrastive and cross-entropy losses, as inside the step.
 - "+diversity": the full step with `loss.diversity` 0.5 (not in the paper; the `faces` preset's), which draws
   each face of the batch twice.
+- "+views": the full step with `train.verifier_views` (not in the paper; the `faces` preset's), V and S reading
+  a randomly transformed view of G's output.
 The verifiers' share is (full - G+D part) / full; V + S alone is printed beside it as a check.
 
 Timing: every variant of one (size, precision) runs once per round, round after round (so a burst of load
@@ -245,7 +247,7 @@ class EpdStep:
     """One batch of `gan_loop`: D step, then G step through D, V and S (or through D alone: `verifiers=False`)."""
 
     def __init__(self, size: int, ngf: int, ndf: int, setup: WorkerSetup, identities: int, verifier_width: float,
-                 diversity: float = 0.0):
+                 diversity: float = 0.0, verifier_views: bool = False):
         exp = load_config("quick", {"model.ngf": ngf, "model.ndf": ndf, "model.n_layers": 3, "model.norm": "batch",
                                     "model.dropout": 0.5})
         self.setup = setup
@@ -262,7 +264,7 @@ class EpdStep:
         self.opt_g = torch.optim.Adam(generator.parameters(), lr=exp.train.lr, betas=betas)
         self.opt_d = torch.optim.Adam(discriminator.parameters(), lr=exp.train.lr, betas=betas)
         self.steps = GanSteps(generator, discriminator, self.identity_verifier, self.emotion_verifier, self.opt_g,
-                              self.opt_d, self.weights, setup, ema_decay=0.999)
+                              self.opt_d, self.weights, setup, ema_decay=0.999, verifier_views=verifier_views)
 
     def __call__(self, x, y_real, identity, emotion, verifiers: bool = True) -> None:
         if verifiers:  # exactly gan_loop's step
@@ -423,6 +425,7 @@ def measure(size: int, precision: str, args: argparse.Namespace, device: torch.d
     reference = Pix2PixStep(size, args.ngf, args.ndf, device, precision, args.channels_last)
     epd = EpdStep(size, args.ngf, args.ndf, setup, args.identities, args.verifier_width)
     diverse = EpdStep(size, args.ngf, args.ndf, setup, args.identities, args.verifier_width, diversity=0.5)
+    viewed = EpdStep(size, args.ngf, args.ndf, setup, args.identities, args.verifier_width, verifier_views=True)
     fake = epd.fake_for_verifiers(x)
     n = 8192 if device.type == "cuda" else 2048
     a, b = (torch.randn(n, n, device=device).to(machine.DTYPES[precision]) for _ in range(2))
@@ -434,6 +437,8 @@ def measure(size: int, precision: str, args: argparse.Namespace, device: torch.d
                        count_parameters(epd.generator) + count_parameters(epd.discriminator)),
         "epd_diversity": Variant("epd_diversity", lambda: diverse(x, y, identity, emotion),
                                  count_parameters(diverse.generator) + count_parameters(diverse.discriminator)),
+        "epd_views": Variant("epd_views", lambda: viewed(x, y, identity, emotion),
+                             count_parameters(viewed.generator) + count_parameters(viewed.discriminator)),
         "epd_gd": Variant("epd_gd", lambda: epd(x, y, identity, emotion, verifiers=False),
                           count_parameters(epd.generator) + count_parameters(epd.discriminator)),
         "V": Variant("V", lambda: epd.identity_part(fake, identity), count_parameters(epd.identity_verifier)),
@@ -483,9 +488,10 @@ def print_tables(results: list[Measured], args: argparse.Namespace) -> None:
     print("   Ratios are medians of per-round ratios (both steps ran in each round). G+D part: the EPD-Net step")
     print("   without V and S in L_G. Verifiers' share: (EPD-Net - G+D part) / EPD-Net; V+S alone: their forward +")
     print("   backward timed on their own, over the EPD-Net step. +diversity: the step with loss.diversity > 0 (each")
-    print("   face drawn twice), over the EPD-Net step.")
+    print("   face drawn twice), over the EPD-Net step; +views: the step with train.verifier_views, over it.")
     head = (f"{'px':>4} {'prec':>5} {'rounds':>6} {'pix2pix ref':>14} {'EPD-Net':>14} {'EPD/ref':>8} "
-            f"{'+diversity':>10} {'div/EPD':>7} {'G+D part':>9} {'GD/ref':>7} {'V f+b':>8} {'S f+b':>7} "
+            f"{'+diversity':>10} {'div/EPD':>7} {'+views':>8} {'views/EPD':>9} {'G+D part':>9} {'GD/ref':>7} "
+            f"{'V f+b':>8} {'S f+b':>7} "
             f"{'verif. share':>13} {'V+S alone':>10} {'load':>5}")
     print(head)
     print("-" * len(head))
@@ -497,7 +503,8 @@ def print_tables(results: list[Measured], args: argparse.Namespace) -> None:
               f"{ms(v['reference'].median):>8} ±{v['reference'].spread * 100:>3.0f}% "
               f"{ms(v['epd'].median):>8} ±{v['epd'].spread * 100:>3.0f}% "
               f"{per_round(v['epd'], v['reference']):>7.2f}x {ms(v['epd_diversity'].median):>10} "
-              f"{per_round(v['epd_diversity'], v['epd']):>6.2f}x {ms(v['epd_gd'].median):>9} "
+              f"{per_round(v['epd_diversity'], v['epd']):>6.2f}x {ms(v['epd_views'].median):>8} "
+              f"{per_round(v['epd_views'], v['epd']):>8.2f}x {ms(v['epd_gd'].median):>9} "
               f"{per_round(v['epd_gd'], v['reference']):>6.2f}x {ms(v['V'].median):>8} {ms(v['S'].median):>7} "
               f"{share * 100:>12.0f}% {alone * 100:>9.0f}% {r.load:>5.1f}", flush=True)
 

@@ -197,6 +197,10 @@ class TrainConfig(_Strict):
                                           "face's real pair alike")
     max_shift: int = Field(0, ge=0, le=32, description="shift faces by up to this many px at random, each face's "
                                                        "real pair alike")
+    verifier_views: bool = Field(False, description="show the generator's output to V and S through the "
+                                 "verifiers' own training transforms (mirror, rotation, scale, shift, blur, noise; "
+                                 "new draws every step), so that the loss rewards a change of identity and an "
+                                 "expression that survive them, not pixels only V and S read (not in the paper)")
     ema_half_life_steps: float = Field(15.0, ge=0, description="half-life, in steps, of the generator's weight "
                                                                "average that is scored and published (0: the raw "
                                                                "weights)")

@@ -15,14 +15,15 @@ from epd_ray.train.gan import GanSteps, ema_decay
 from epd_ray.train.worker import WorkerSetup
 
 
-def _steps(decay: float, weights: LossWeights = LossWeights()) -> GanSteps:
+def _steps(decay: float, weights: LossWeights = LossWeights(), verifier_views: bool = False) -> GanSteps:
     torch.manual_seed(0)
     generator, discriminator = UNetGenerator(image_size=32, ngf=8), PatchDiscriminator(ndf=8)
     verifiers = [IdentityVerifier(4, 32, 0.125).eval().requires_grad_(False),
                  EmotionVerifier().eval().requires_grad_(False)]
     setup = WorkerSetup(0, 1, torch.device("cpu"), "fp32", channels_last=False)
     return GanSteps(generator, discriminator, *verifiers, torch.optim.Adam(generator.parameters(), lr=1e-2),
-                    torch.optim.Adam(discriminator.parameters(), lr=1e-2), weights, setup, ema_decay=decay)
+                    torch.optim.Adam(discriminator.parameters(), lr=1e-2), weights, setup, ema_decay=decay,
+                    verifier_views=verifier_views)
 
 
 READER = draw_readers({"emotion_verifier": network_record("emotion_verifier", EmotionVerifier())})
@@ -58,6 +59,27 @@ def test_with_a_diversity_weight_each_face_is_drawn_twice_and_the_draws_compared
     losses = steps.round_losses()
     # photographs 0 and 1 are one person, and with two draws every face is a pair with its other draw
     assert 0.0 < losses["loss_diversity"] <= 1.0
+
+
+@pytest.mark.parametrize("views", [False, True])
+def test_with_verifier_views_v_and_s_read_one_transformed_view_of_each_draw_and_g_learns_through_it(views):
+    # lambda1 = 0: no adversarial or SSIM term, so all G's gradient comes through what V and S read
+    steps = _steps(0.0, LossWeights(lambda1=0.0), verifier_views=views)
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(name: str):
+        def hook(module, args, out) -> None:  # the first call only: G's draw, then what V and S read of it
+            seen.setdefault(name, (out if name == "fake" else args[0]).detach().clone())
+        return hook
+
+    for name, module in (("fake", steps.generator), ("identity", steps.identity_verifier),
+                         ("emotion", steps.emotion_verifier)):
+        module.register_forward_hook(keep(name))
+    steps.step(*_batch())
+    assert torch.equal(seen["identity"], seen["emotion"])  # both judge the same view
+    assert torch.equal(seen["identity"], seen["fake"]) is not views
+    assert seen["identity"].shape == seen["fake"].shape and seen["identity"].abs().max() <= 1
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in steps.generator.parameters())
 
 
 def test_the_published_generator_is_the_moving_average_of_the_weights():

@@ -30,6 +30,7 @@ import torch
 from epd_ray.artifacts import DatasetManifest
 from epd_ray.checkpoints import build_from_record, draw_readers, load_checkpoint, network_record, published_payload
 from epd_ray.config import SEARCHED_KEYS, EvaluationConfig, ExperimentConfig, LossConfig, TrainConfig
+from epd_ray.core.augment import augment
 from epd_ray.core.draws import BestOfDraws
 from epd_ray.core.losses import LossWeights, discriminator_loss, generator_loss
 from epd_ray.core.networks import build_network
@@ -133,8 +134,9 @@ class GanSteps:
     """
 
     def __init__(self, generator, discriminator, identity_verifier, emotion_verifier, opt_g, opt_d,
-                 weights: LossWeights, setup: WorkerSetup, ema_decay: float = 0.0):
+                 weights: LossWeights, setup: WorkerSetup, ema_decay: float = 0.0, verifier_views: bool = False):
         self.generator, self.discriminator = generator, discriminator
+        self.verifier_views = verifier_views
         self.identity_verifier, self.emotion_verifier = identity_verifier, emotion_verifier
         self.opt_g, self.opt_d = opt_g, opt_d
         self.weights, self.setup = weights, setup
@@ -171,9 +173,10 @@ class GanSteps:
         # reducer out of a pass that produces no gradients for it.
         critic = unwrap(self.discriminator).requires_grad_(False)
         with autocast(setup.device, setup.precision):
+            seen = augment(fake) if self.verifier_views else fake
             loss_g, parts = generator_loss(
-                critic(x, fake), x, fake, self.identity_verifier(fake), identity,
-                self.emotion_verifier(fake), emotion, self.weights)
+                critic(x, fake), x, fake, self.identity_verifier(seen), identity,
+                self.emotion_verifier(seen), emotion, self.weights)
         self.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         self.opt_g.step()
@@ -298,7 +301,8 @@ class GanRun:
                            frozen(build_from_record(pretrained["emotion_evaluator"]), setup),
                            FaceRecogniser() if inputs.recogniser_gallery is not None else None)
         self.steps = GanSteps(generator, discriminator, identity_verifier, emotion_verifier, opt_g, opt_d, weights,
-                              setup, ema_decay=ema_decay(exp.train.ema_half_life_steps))
+                              setup, ema_decay=ema_decay(exp.train.ema_half_life_steps),
+                              verifier_views=exp.train.verifier_views)
         if payload is not None and self.steps.generator_ema is not None:
             self.steps.generator_ema.load_state_dict(payload["networks"]["generator"]["state_dict"])
 
