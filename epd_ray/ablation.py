@@ -15,7 +15,7 @@ runs. Retrained by the same code with the same seed, the runs differ in the abla
 The runs are trials of one Ray Tune experiment (a grid over the variants: no search, no early stopping),
 so they run side by side as the search's trials do, and train as they do (`run_trial`); each is judged at the
 round the run's search would have judged it (`summarise`: highest validation J, or the last round in pareto
-mode). Evaluation is the report's: the test split, the tuned mu for all three, the independent evaluators
+mode). Evaluation is the report's: the test split, the tuned mu for all, the independent evaluators
 (main figures) and the training verifiers. The results go to RUN_DIR/ablation/ (metrics.json,
 per_image.parquet, samples.npz), written whole or not at all; `epd-ray report RUN_DIR` then adds the ablation
 table.

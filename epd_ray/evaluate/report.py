@@ -175,8 +175,8 @@ def ablation_findings(ev: dict[str, dict[str, float]], paper: dict[str, float], 
 
 
 def diversity_findings(methods: dict[str, dict[str, Any]], where: str) -> list[str]:
-    """What dropping L_diversity did against the attacker it is there for, the parrot (gallery of the tool's
-    own output), and against the main judge's plain gallery."""
+    """What dropping L_diversity did against the attacker it is there for: the parrot, whose gallery holds the
+    tool's own output for the people it knows."""
     if not {"tuned", "without_diversity"} <= set(methods):
         return []
     a, b = (methods[k]["parrot"]["reidentified"] for k in ("without_diversity", "tuned"))

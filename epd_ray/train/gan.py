@@ -4,13 +4,14 @@ III-IV).
 Per batch: one discriminator step on the real pair (x, y) against the fake pair (x, G(x, z)), then one
 generator step on L_G = lambda1 (L_adv + Phi L_ssim) + lambda2 L_contrastive + lambda3 L_CE through the
 frozen verifiers V and S (with `loss.diversity` > 0, each face drawn twice and + L_diversity, see
-core/losses.py). The budget is `train.steps` optimiser steps in rounds of `train.report_every`
+core/losses.py; with `train.verifier_views`, V and S read each draw through a random transform of
+core/augment.py). The budget is `train.steps` optimiser steps in rounds of `train.report_every`
 (passing over the shard as often as that takes, so a small and a large set get the same updates). Per
 round: rank 0 scores the generator on the validation split under the main judge (the objective J that the
 search maximises: the pretrained recogniser on real faces, the independent evaluators on synthetic ones; see
-evaluate/judges.py) and checkpoints G, D, their optimisers, the round and the resolved config; the round is
-what Tune counts as one training iteration. A non-finite loss stops the trial with a recorded
-reason and a finite penalty (J = 0), so the search goes on.
+evaluate/judges.py) and checkpoints G, D, their optimisers, the round and the resolved config (its loss
+the run's weights); the round is what Tune counts as one training iteration. A non-finite loss stops the
+trial with a recorded reason and a finite penalty (J = 0), so the search goes on.
 """
 
 from __future__ import annotations
