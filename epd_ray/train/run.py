@@ -196,14 +196,19 @@ def pretrain_networks(exp: ExperimentConfig, prepared: PreparedData, *, cache_di
     if emotions is not prepared:
         echo(f"emotion networks learn from {emotions.path} ({emotions.info.images('train')} images)")
     splits = {source: tuple(ray.put(split) for split in pair) for source, pair in faces_of.items()}
+
+    def faces_for(name: str) -> tuple:
+        """The (train, val) splits a network learns from: the probe's own, else its task's data set."""
+        if name in splits:
+            return splits[name]
+        return splits[(emotions if specs[name]["task"] == "emotion" else prepared).path]
+
     with ProgressFeed(PretrainingEstimate(specs, time_share_s, echo, lanes)) as feed:
         inputs = PretrainInputs(specs, exp.verifiers.batch_size, exp.verifiers.augment, exp.train.precision,
                                 exp.train.channels_last, feed.queue)
         task = pretrain_task.options(num_cpus=cpus, num_gpus=1 if exp.train.use_gpu else 0,
                                      max_retries=exp.train.max_failures)
-        running = {task.remote(name, inputs, cpus, *splits[name if name in splits else (
-                       emotions if specs[name]["task"] == "emotion" else prepared).path]): name
-                   for name in todo}
+        running = {task.remote(name, inputs, cpus, *faces_for(name)): name for name in todo}
         try:
             while running:
                 done, _ = ray.wait(list(running), num_returns=1)
