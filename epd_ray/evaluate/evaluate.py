@@ -370,7 +370,8 @@ def targets_line(targets: dict[str, Any] | None) -> str | None:
             advice.append("a median filter gives identities back: the change is partly noise, not another face")
         if named["parrot"] > targets["max_reidentified"]:
             advice.append("whoever holds the model can still name people (it turns each into a consistent "
-                          "stand-in): keep it private; training with loss.diversity (the faces preset's) lowers this")
+                          "stand-in): keep it private; a higher loss.diversity (the paper's is 0; the faces preset "
+                          "raises it) varies the stand-ins and lowers this")
     if not targets["expression_met"]:
         # kept counts only faces whose unchanged image the judge reads right: what is lost, the change lost
         advice.append("expressions are lost: the judge reads them on the unchanged faces, so the generator's "
