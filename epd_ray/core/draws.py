@@ -44,6 +44,26 @@ The most surely read draw, not any draw read right: publishing the first draw th
 original's expression (as random as the noise z, which a parrot attacker's gallery would share less)
 kept 0.79-0.80 and named 0.43-0.45 by the parrot; the first read with probability >= 0.8 kept 0.88-0.91
 and named 0.37-0.48.
+
+Other rules, on 48 seeded draws per face of one model the `faces` preset trained (picks among 32 of them,
+averaged over 20 random subsets; JAFFE val / test, 67 faces each), kept as S_e reads it:
+
+    rule                                                  kept (S_e)    kept (FER reader)  dlib rank-1
+    one draw                                              0.74 / 0.75   0.40 / 0.55        0.18 / 0.17
+    the pickers' mean probability (this module)           0.90 / 0.90   0.34 / 0.55        0.16 / 0.13
+    their geometric mean                                  0.89 / 0.91   0.36 / 0.54        0.14 / 0.14
+    their minimum                                         0.90 / 0.90   0.34 / 0.53        0.16 / 0.13
+    nearest to the original's probabilities (L2)          0.93 / 0.86   0.38 / 0.47        0.24 / 0.15
+    nearest to the original's probabilities (KL)          0.91 / 0.83   0.35 / 0.52        0.19 / 0.15
+    the pickers and the FER-2013 reader                   0.89 / 0.88   0.84 / 0.85        0.22 / 0.18
+    the FER-2013 reader alone                             0.74 / 0.80   0.94 / 0.93        0.14 / 0.13
+
+None beats the pickers' mean on both splits. The pretrained FER-2013 reader (`evaluate/expression_reader.py`,
+a judge) reads only 0.45-0.48 of JAFFE's unchanged faces right, and the two kinds of reader pick different draws:
+each raises only its own figure. On people the model never saw (a model trained on 7 of JAFFE's people,
+read on the other 3 by an S_e pretrained on those 3), S_e kept 0.45 / 0.41 of one draw, 0.54 / 0.45 of the
+pickers' pick, 0.50 / 0.41 with the reader among them and 0.39 / 0.26 of the reader's alone. So the reader
+stays a judge and picks nothing.
 """
 
 from __future__ import annotations
