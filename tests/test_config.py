@@ -406,3 +406,15 @@ def test_the_first_trial_is_the_papers_point_the_configs_own_or_none(first, expe
         assert points == []
     else:
         assert [{k: points[0][k] for k in expected}] == [pytest.approx(expected)]
+
+
+def test_a_batch_larger_than_a_workers_share_of_the_images_is_refused_with_the_batch_that_fits():
+    from epd_ray.train.run import check_batch_fits
+
+    check_batch_fits("verifiers.batch_size", 22, 22, 1)  # one full batch: fits
+    with pytest.raises(ConfigError, match=r"verifiers\.batch_size: 32 is more than the 22 .*batch_size=22$"):
+        check_batch_fits("verifiers.batch_size", 32, 22, 1)
+    with pytest.raises(ConfigError, match=r"--set train\.batch_size=11$"):
+        check_batch_fits("train.batch_size", 16, 22, 2)
+    with pytest.raises(ConfigError, match="use fewer workers or more images"):
+        check_batch_fits("train.batch_size", 2, 3, 2)

@@ -91,10 +91,13 @@ def check_new_people(probe: float, seen: float, exp: ExperimentConfig) -> tuple[
 
 
 def check_batch_fits(field: str, batch_size: int, images: int, workers: int) -> None:
-    """Budgets count full batches: a worker whose share of the images cannot fill one would never step."""
-    if images // workers < batch_size:
+    """Budgets count full batches: a worker whose share of the images cannot fill one would never step. The
+    message names the largest batch that fits, so a small set (22 training faces) needs one more command only."""
+    share = images // workers
+    if share < batch_size:
+        fix = f"lower it: --set {field}={share}" if share >= 2 else "use fewer workers or more images"
         raise ConfigError(f"{field}: {batch_size} is more than the {images} training image(s) give each of "
-                          f"{workers} worker(s); lower it")
+                          f"{workers} worker(s); {fix}")
 
 
 def progress_line(item: dict) -> str:
