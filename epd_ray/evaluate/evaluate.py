@@ -33,7 +33,7 @@ from epd_ray.checkpoints import CheckpointError, build_from_record, load_checkpo
 from epd_ray.config import EvaluationConfig
 from epd_ray.core.baselines import gaussian_blur, k_same_pixel, no_change, pixelate
 from epd_ray.core.images import to_tensor, to_uint8
-from epd_ray.core.metrics import DEFAULT_MU_GRID, compute_metrics, distance_to_all, mu_sweep
+from epd_ray.core.metrics import DEFAULT_MU_GRID, compute_metrics, distance_to_all, mu_sweep, wilson_interval
 from epd_ray.core.precision import usable_cpus
 from epd_ray.core.scoring import Method, class_logits, class_probabilities, deidentify_pixels, ssim_values
 from epd_ray.data.shards import SPLITS, FaceArrays, load_split, read_manifest
@@ -329,6 +329,9 @@ def target_verdict(metrics: dict[str, Any], cfg: EvaluationConfig) -> dict[str, 
     `cfg.min_expression_kept`. Beating the baselines says a model is the best choice at hand, not that it
     is good enough; this says which target it misses. On real faces the pretrained reader's figure is shown
     beside S_e's but does not decide: it reads only some of a set's unchanged faces (about half of JAFFE's).
+
+    Met and missed go by the figures; `intervals` (95%, `wilson_interval`) say how far the split's size
+    lets them be trusted, and `undecided` names each target whose interval holds its threshold.
     """
     judged = metrics["methods"].get(GENERATOR_METHOD)
     if judged is None:
@@ -337,25 +340,49 @@ def target_verdict(metrics: dict[str, Any], cfg: EvaluationConfig) -> dict[str, 
     named = {judge: judged[judge]["reidentified"] for judge in (main, *ATTACKS) if judge in judged}
     kept = judged[main]["expression_kept"]
     people = (metrics.get("gallery") or {}).get("identities")
-    return {"judge": main, "reidentified": named, "max_reidentified": cfg.max_reidentified,
-            "chance": 1.0 / people if people else None,
-            "expression_kept": kept, "reader_expression_kept": judged.get("reader", {}).get("expression_kept"),
-            "min_expression_kept": cfg.min_expression_kept,
-            "privacy_met": max(named.values()) <= cfg.max_reidentified,
-            "expression_met": kept >= cfg.min_expression_kept}
+    verdict = {"judge": main, "reidentified": named, "max_reidentified": cfg.max_reidentified,
+               "chance": 1.0 / people if people else None,
+               "expression_kept": kept, "reader_expression_kept": judged.get("reader", {}).get("expression_kept"),
+               "min_expression_kept": cfg.min_expression_kept,
+               "privacy_met": max(named.values()) <= cfg.max_reidentified,
+               "expression_met": kept >= cfg.min_expression_kept}
+    faces = judged[main].get("num_probes")
+    if faces:
+        readable = round(judged[main]["emotion_accuracy_original"] * faces)  # kept's denominator
+        intervals = {judge: wilson_interval(share, judged[judge]["num_probes"]) for judge, share in named.items()}
+        intervals["expression_kept"] = wilson_interval(kept, readable)
+        thresholds = {**{judge: cfg.max_reidentified for judge in named}, "expression_kept": cfg.min_expression_kept}
+        verdict.update(faces=faces, readable=readable, intervals=intervals,
+                       undecided=[name for name, (low, high) in intervals.items() if low <= thresholds[name] <= high])
+    return verdict
 
 
 def targets_line(targets: dict[str, Any] | None) -> str | None:
     """One line: both targets met, or a warning naming each one missed, its figures and what may help."""
     if targets is None:
         return None
-    by = ", ".join(f"{ATTACKS.get(judge, judge)} {share:.3f}" for judge, share in targets["reidentified"].items())
+    intervals = targets.get("intervals", {})
+
+    def figure(name: str, share: float) -> str:
+        low_high = intervals.get(name)
+        return f"{share:.3f}" + (f" ({low_high[0]:.2f}-{low_high[1]:.2f})" if low_high else "")
+
+    by = ", ".join(f"{ATTACKS.get(judge, judge)} {figure(judge, share)}"
+                   for judge, share in targets["reidentified"].items())
     reader = targets["reader_expression_kept"]
-    kept = f"{targets['expression_kept']:.3f}" + (f" (pretrained reader {reader:.3f})" if reader is not None else "")
+    kept = figure("expression_kept", targets["expression_kept"]) + (
+        f", pretrained reader {reader:.3f}" if reader is not None else "")
     privacy = f"named at rank 1 by {by} (target at most {targets['max_reidentified']:.2f})"
     expression = f"expression kept {kept} (target at least {targets['min_expression_kept']:.2f})"
+    size = ""
+    if intervals:
+        size = (f"; in brackets 95% intervals over the {targets['faces']} faces judged "
+                f"({targets['readable']} for kept: those whose unchanged expression is read right)")
+        if targets["undecided"]:
+            names = ", ".join("kept" if n == "expression_kept" else ATTACKS.get(n, n) for n in targets["undecided"])
+            size += f"; too few faces to tell whether these targets are met: {names}; judge on more faces"
     if targets["privacy_met"] and targets["expression_met"]:
-        return f"targets: met: {privacy}; {expression}"
+        return f"targets: met: {privacy}; {expression}{size}"
     advice = []
     chance = targets.get("chance")
     named = targets["reidentified"]
@@ -377,7 +404,7 @@ def targets_line(targets: dict[str, Any] | None) -> str | None:
         advice.append("expressions are lost: the judge reads them on the unchanged faces, so the generator's "
                       "changes take them away; S, the verifier that steers it, learns them from this data set "
                       "alone: give it more people and images, or --emotion-data with a larger emotion set")
-    return f"warning: targets missed: {privacy}; {expression}; " + "; ".join(advice)
+    return f"warning: targets missed: {privacy}; {expression}; " + "; ".join(advice) + size
 
 
 def method_settings(cfg: EvaluationConfig, methods: dict[str, Any], k: int = KSAME_K) -> dict[str, Any]:
