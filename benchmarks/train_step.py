@@ -25,6 +25,8 @@ Decomposition of the EPD-Net step, all measured in the same rounds as the full s
   each face of the batch twice.
 - "+views": the full step with `train.verifier_views` (not in the paper; the `faces` preset's), V and S reading
   a randomly transformed view of G's output.
+- "+3 S": the full step with `verifiers.emotion_verifiers` 3 (not in the paper; the `faces` preset's), L_CE
+  through the mean probability of three mini-Xceptions.
 The verifiers' share is (full - G+D part) / full; V + S alone is printed beside it as a check.
 
 Timing: every variant of one (size, precision) runs once per round, round after round (so a burst of load
@@ -65,7 +67,7 @@ from benchmarks import machine  # noqa: E402
 from epd_ray.config import load_config  # noqa: E402
 from epd_ray.core.losses import (LossWeights, adversarial_loss, contrastive_identity_loss,  # noqa: E402
                                  emotion_loss, ssim_loss)
-from epd_ray.core.networks import EmotionVerifier, IdentityVerifier, count_parameters  # noqa: E402
+from epd_ray.core.networks import EmotionVerifier, ExpressionReaders, IdentityVerifier, count_parameters  # noqa: E402
 from epd_ray.core.precision import autocast  # noqa: E402
 from epd_ray.train.gan import GanSteps, build_gan, frozen  # noqa: E402
 from epd_ray.train.worker import WorkerSetup, prepare_images  # noqa: E402
@@ -247,7 +249,7 @@ class EpdStep:
     """One batch of `gan_loop`: D step, then G step through D, V and S (or through D alone: `verifiers=False`)."""
 
     def __init__(self, size: int, ngf: int, ndf: int, setup: WorkerSetup, identities: int, verifier_width: float,
-                 diversity: float = 0.0, verifier_views: bool = False):
+                 diversity: float = 0.0, verifier_views: bool = False, emotion_verifiers: int = 1):
         exp = load_config("quick", {"model.ngf": ngf, "model.ndf": ndf, "model.n_layers": 3, "model.norm": "batch",
                                     "model.dropout": 0.5})
         self.setup = setup
@@ -259,7 +261,8 @@ class EpdStep:
                 module.to(memory_format=torch.channels_last)
         self.generator, self.discriminator = generator, discriminator
         self.identity_verifier = frozen(IdentityVerifier(identities, size, verifier_width), setup)
-        self.emotion_verifier = frozen(EmotionVerifier(), setup)
+        self.emotion_verifier = frozen(EmotionVerifier() if emotion_verifiers == 1 else ExpressionReaders(
+            [{"kind": "emotion_verifier", "config": {}}] * emotion_verifiers), setup)
         betas = (exp.train.beta1, exp.train.beta2)
         self.opt_g = torch.optim.Adam(generator.parameters(), lr=exp.train.lr, betas=betas)
         self.opt_d = torch.optim.Adam(discriminator.parameters(), lr=exp.train.lr, betas=betas)
@@ -426,6 +429,7 @@ def measure(size: int, precision: str, args: argparse.Namespace, device: torch.d
     epd = EpdStep(size, args.ngf, args.ndf, setup, args.identities, args.verifier_width)
     diverse = EpdStep(size, args.ngf, args.ndf, setup, args.identities, args.verifier_width, diversity=0.5)
     viewed = EpdStep(size, args.ngf, args.ndf, setup, args.identities, args.verifier_width, verifier_views=True)
+    three_s = EpdStep(size, args.ngf, args.ndf, setup, args.identities, args.verifier_width, emotion_verifiers=3)
     fake = epd.fake_for_verifiers(x)
     n = 8192 if device.type == "cuda" else 2048
     a, b = (torch.randn(n, n, device=device).to(machine.DTYPES[precision]) for _ in range(2))
@@ -439,6 +443,8 @@ def measure(size: int, precision: str, args: argparse.Namespace, device: torch.d
                                  count_parameters(diverse.generator) + count_parameters(diverse.discriminator)),
         "epd_views": Variant("epd_views", lambda: viewed(x, y, identity, emotion),
                              count_parameters(viewed.generator) + count_parameters(viewed.discriminator)),
+        "epd_3s": Variant("epd_3s", lambda: three_s(x, y, identity, emotion),
+                          count_parameters(three_s.generator) + count_parameters(three_s.discriminator)),
         "epd_gd": Variant("epd_gd", lambda: epd(x, y, identity, emotion, verifiers=False),
                           count_parameters(epd.generator) + count_parameters(epd.discriminator)),
         "V": Variant("V", lambda: epd.identity_part(fake, identity), count_parameters(epd.identity_verifier)),
@@ -488,9 +494,11 @@ def print_tables(results: list[Measured], args: argparse.Namespace) -> None:
     print("   Ratios are medians of per-round ratios (both steps ran in each round). G+D part: the EPD-Net step")
     print("   without V and S in L_G. Verifiers' share: (EPD-Net - G+D part) / EPD-Net; V+S alone: their forward +")
     print("   backward timed on their own, over the EPD-Net step. +diversity: the step with loss.diversity > 0 (each")
-    print("   face drawn twice), over the EPD-Net step; +views: the step with train.verifier_views, over it.")
+    print("   face drawn twice), over the EPD-Net step; +views: the step with train.verifier_views, over it; +3 S:")
+    print("   the step with verifiers.emotion_verifiers 3, over it.")
     head = (f"{'px':>4} {'prec':>5} {'rounds':>6} {'pix2pix ref':>14} {'EPD-Net':>14} {'EPD/ref':>8} "
-            f"{'+diversity':>10} {'div/EPD':>7} {'+views':>8} {'views/EPD':>9} {'G+D part':>9} {'GD/ref':>7} "
+            f"{'+diversity':>10} {'div/EPD':>7} {'+views':>8} {'views/EPD':>9} {'+3 S':>6} {'3S/EPD':>6} "
+            f"{'G+D part':>9} {'GD/ref':>7} "
             f"{'V f+b':>8} {'S f+b':>7} "
             f"{'verif. share':>13} {'V+S alone':>10} {'load':>5}")
     print(head)
@@ -504,7 +512,8 @@ def print_tables(results: list[Measured], args: argparse.Namespace) -> None:
               f"{ms(v['epd'].median):>8} ±{v['epd'].spread * 100:>3.0f}% "
               f"{per_round(v['epd'], v['reference']):>7.2f}x {ms(v['epd_diversity'].median):>10} "
               f"{per_round(v['epd_diversity'], v['epd']):>6.2f}x {ms(v['epd_views'].median):>8} "
-              f"{per_round(v['epd_views'], v['epd']):>8.2f}x {ms(v['epd_gd'].median):>9} "
+              f"{per_round(v['epd_views'], v['epd']):>8.2f}x {ms(v['epd_3s'].median):>6} "
+              f"{per_round(v['epd_3s'], v['epd']):>5.2f}x {ms(v['epd_gd'].median):>9} "
               f"{per_round(v['epd_gd'], v['reference']):>6.2f}x {ms(v['V'].median):>8} {ms(v['S'].median):>7} "
               f"{share * 100:>12.0f}% {alone * 100:>9.0f}% {r.load:>5.1f}", flush=True)
 

@@ -179,8 +179,8 @@ def pretrained_key(exp: ExperimentConfig, content_hash: str) -> str:
     model = exp.model.model_dump(mode="json", include={"ngf", "norm", "dropout", "warm_start_steps",
                                                        "warm_start_lr"})
     verifiers = exp.verifiers.model_dump(mode="json")
-    for added in ("pickers", "new_people_probe"):  # off: the key of caches from before the option existed
-        if not verifiers[added]:
+    for added, off in (("pickers", 0), ("new_people_probe", False), ("emotion_verifiers", 1)):
+        if verifiers[added] == off:  # the key of caches from before the option existed
             del verifiers[added]
     if verifiers.pop("emotion_data", None):
         verifiers["emotion_data_hash"] = read_manifest(Path(exp.verifiers.emotion_data))["content_hash"]

@@ -81,6 +81,7 @@ def load_network(path: Path, name: str) -> nn.Module:
 
 
 READER = "expression_reader"  # the network that picks between draws (core/draws.py), next to the generator
+EMOTION_VERIFIER = "emotion_verifier"  # S, and its siblings `emotion_verifier_<i>` when L_CE reads several
 PICKER = "expression_picker"  # pretrained networks `expression_picker_<i>`: the readers that pick between draws
 READERS = "expression_readers"  # the kind of READER's record: `networks.ExpressionReaders`
 
@@ -93,11 +94,18 @@ def readers_record(members: list[dict[str, Any]], views: bool) -> dict[str, Any]
     return {"kind": READERS, "config": config, "state_dict": state}
 
 
+def emotion_verifiers(pretrained: dict[str, Any]) -> dict[str, Any]:
+    """The record of what the generator's L_CE reads through: S, or S and its siblings `emotion_verifier_<i>`
+    (`verifiers.emotion_verifiers`) as one ensemble of their mean probabilities."""
+    members = [record for name, record in sorted(pretrained.items()) if name.startswith(EMOTION_VERIFIER)]
+    return members[0] if len(members) == 1 else readers_record(members, views=False)
+
+
 def draw_readers(pretrained: dict[str, Any]) -> dict[str, Any]:
     """The record of the readers that pick between draws, from the pretrained networks' records: the
     expression pickers, each reading an image once; without them S, over six views (core/draws.py)."""
     pickers = [record for name, record in sorted(pretrained.items()) if name.startswith(PICKER)]
-    return readers_record(pickers, views=False) if pickers else readers_record([pretrained["emotion_verifier"]], True)
+    return readers_record(pickers, views=False) if pickers else readers_record([pretrained[EMOTION_VERIFIER]], True)
 
 
 def published_payload(generator: dict[str, Any], reader: dict[str, Any] | None, draws: int) -> dict[str, Any]:

@@ -121,6 +121,10 @@ class VerifiersConfig(_Strict):
     emotion_data: str | None = Field(None, description="a prepared emotion-labelled set (e.g. FER2013) that S, "
                                                        "S_e and the pickers learn from instead of the face set's train "
                                                        "split")
+    emotion_verifiers: int = Field(1, ge=1, le=8, description="emotion verifiers S that L_CE reads through: the "
+                                   "paper's one mini-Xception, or more of its shape with seeds of their own, L_CE "
+                                   "then on the mean of their probabilities (not in the paper; train/gan.py): an "
+                                   "expression that several S read is more often one the judges read too")
     pickers: int = Field(0, ge=0, le=8, description="expression pickers: emotion classifiers of their own seeds (S_e's "
                                                   "shape) trained beside S that pick between the model.draws draws "
                                                   "(core/draws.py); 0: S picks")

@@ -29,11 +29,12 @@ def ray_runtime():
     ray.shutdown()
 
 
-# 28 training images: 2 verifier steps (batches of 16) for each network, one expression picker and the
-# new-people probe among them, 2 warm-start steps, and 6 GAN steps (batches of 8) in 2 rounds of 3.
+# 28 training images: 2 verifier steps (batches of 16) for each network, a second emotion verifier, one
+# expression picker and the new-people probe among them, 2 warm-start steps, and 6 GAN steps (batches of 8) in
+# 2 rounds of 3.
 TINY = {"data.num_identities": 4, "data.variations": 3, "verifiers.steps": 2, "verifiers.pickers": 1,
-        "verifiers.new_people_probe": True, "model.warm_start_steps": 2, "train.steps": 6,
-        "train.report_every": 3, "train.batch_size": 8}
+        "verifiers.emotion_verifiers": 2, "verifiers.new_people_probe": True, "model.warm_start_steps": 2,
+        "train.steps": 6, "train.report_every": 3, "train.batch_size": 8}
 
 
 @pytest.fixture(scope="session")

@@ -50,6 +50,7 @@ def test_pretrained_key_follows_the_settings_and_the_pretraining_version(tmp_pat
     verifiers.pop("emotion_data")
     verifiers.pop("pickers")  # without pickers or the new-people probe, the key of the caches written before
     verifiers.pop("new_people_probe")
+    verifiers.pop("emotion_verifiers")  # one S, the paper's: the key of the caches written before the option
     settings = {"verifiers": verifiers, "generator": model, "version": PRETRAINING_VERSION}
     assert pretrained_key(exp, "abc") == f"abc-{stable_hash(settings)}"
     pickers = exp.model_copy(update={"verifiers": exp.verifiers.model_copy(update={"pickers": 2})})
@@ -58,6 +59,9 @@ def test_pretrained_key_follows_the_settings_and_the_pretraining_version(tmp_pat
     probe = exp.model_copy(update={"verifiers": exp.verifiers.model_copy(update={"new_people_probe": True})})
     with_probe = {**settings, "verifiers": {**verifiers, "new_people_probe": True}}
     assert pretrained_key(probe, "abc") == f"abc-{stable_hash(with_probe)}"
+    three = exp.model_copy(update={"verifiers": exp.verifiers.model_copy(update={"emotion_verifiers": 3})})
+    with_three = {**settings, "verifiers": {**verifiers, "emotion_verifiers": 3}}
+    assert pretrained_key(three, "abc") == f"abc-{stable_hash(with_three)}"
     assert pretrained_key(exp, "abc") != f"abc-{stable_hash({**settings, 'version': PRETRAINING_VERSION - 1})}"
     assert default_cache_dir(str(tmp_path)) == tmp_path
 

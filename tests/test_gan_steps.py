@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from epd_ray.checkpoints import draw_readers, load_deidentifier, network_record
+from epd_ray.checkpoints import build_from_record, draw_readers, emotion_verifiers, load_deidentifier, network_record
 from epd_ray.core.losses import LossWeights, discriminator_loss
 from epd_ray.core.networks import EmotionVerifier, IdentityVerifier, PatchDiscriminator, ResNetClassifier, UNetGenerator
 from epd_ray.train.gan import GanSteps, ema_decay
@@ -124,6 +124,21 @@ def test_with_several_draws_a_checkpoint_carries_the_readers_that_pick_between_t
             assert all(torch.equal(value, record["state_dict"][key]) for key, value in member.state_dict().items())
 
 
+def test_l_ce_reads_through_s_alone_or_through_the_mean_probability_of_s_and_its_siblings():
+    torch.manual_seed(0)
+    siblings = {name: network_record("emotion_verifier", EmotionVerifier())
+                for name in ("emotion_verifier", "emotion_verifier_1", "emotion_verifier_2")}
+    picker = {"expression_picker_0": network_record("expression_picker", ResNetClassifier(7, 4, grey=True))}
+    alone = {"emotion_verifier": siblings["emotion_verifier"], **picker}
+    assert emotion_verifiers(alone) is alone["emotion_verifier"]
+    ensemble = build_from_record(emotion_verifiers({**siblings, **picker})).eval()
+    singles = [build_from_record(record).eval() for record in siblings.values()]
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        mean = torch.stack([torch.softmax(net(x), dim=1) for net in singles]).mean(0)
+        assert torch.allclose(ensemble(x).exp(), mean, atol=1e-6)  # the picker is not among them
+
+
 def _experiment(overrides: dict | None = None):
     from epd_ray.config import load_config
     return load_config("smoke", overrides or {})
@@ -203,7 +218,8 @@ def test_the_gan_loop_runs_in_process_rounds_reports_and_resumes(tmp_path):
     from epd_ray.train.worker import ShardBatches
 
     exp = load_config("smoke", {"data.num_identities": 4, "data.variations": 3, "train.batch_size": 8,
-                                "train.steps": 4, "train.report_every": 2, "verifiers.pickers": 1, "model.draws": 2})
+                                "train.steps": 4, "train.report_every": 2, "verifiers.pickers": 1, "model.draws": 2,
+                                "verifiers.emotion_verifiers": 2})
     data = prepare_dataset(exp.data, tmp_path / "data", echo=lambda *_: None).info
     specs = network_specs(exp.verifiers, exp.model, len(data.identities), data.image_size, len(data.emotions))
     save_checkpoint(tmp_path / "pretrained.pt", {"networks": {  # untrained: the loop's shape is what counts

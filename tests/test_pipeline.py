@@ -92,10 +92,12 @@ def test_an_augmented_stream_hands_each_batch_its_draws_to_jitter_the_real_pair_
 
 def test_networks_are_pretrained_once_and_reused(ray_runtime, tiny_experiment, tiny_data, tiny_pretrained):
     payload = load_checkpoint(tiny_pretrained)
-    assert set(payload["networks"]) == {"identity_verifier", "emotion_verifier", "identity_evaluator",
-                                        "emotion_evaluator", "expression_picker_0", "new_people_probe", "generator"}
+    assert set(payload["networks"]) == {"identity_verifier", "emotion_verifier", "emotion_verifier_1",
+                                        "identity_evaluator", "emotion_evaluator", "expression_picker_0",
+                                        "new_people_probe", "generator"}
     assert set(payload["val_score"]) == set(payload["networks"])
     assert payload["networks"]["identity_verifier"]["kind"] == "identity_verifier"
+    assert payload["networks"]["emotion_verifier_1"]["kind"] == "emotion_verifier"
     assert payload["networks"]["expression_picker_0"]["kind"] == "expression_picker"
     mtime = tiny_pretrained.stat().st_mtime_ns
     said = []

@@ -18,8 +18,8 @@ from epd_ray.core.augment import augment
 from epd_ray.train.run import check_pretrained, clearly_above_chance
 from epd_ray.train.worker import ShardBatches, WorkerSetup
 
-NETWORKS = ("identity_verifier", "emotion_verifier", "identity_evaluator", "emotion_evaluator", "expression_picker_0",
-            "new_people_probe", "generator")
+NETWORKS = ("identity_verifier", "emotion_verifier", "emotion_verifier_1", "identity_evaluator", "emotion_evaluator",
+            "expression_picker_0", "new_people_probe", "generator")
 
 
 @pytest.mark.parametrize("rows", [20, 300])
@@ -34,6 +34,20 @@ def test_a_step_budget_takes_the_same_number_of_full_batches_at_any_data_size(ro
     per_pass = rows // 8
     first, second = (torch.cat([b["identity"] for b in batches[k * per_pass:(k + 1) * per_pass]]) for k in (0, 1))
     assert len(set(first.tolist())) == per_pass * 8 and not torch.equal(first, second)
+
+
+def test_more_emotion_verifiers_are_mini_xceptions_of_seeds_of_their_own():
+    from epd_ray.train.pretrain import network_specs
+
+    exp = load_config("smoke", {"verifiers.emotion_verifiers": 3})
+    specs = network_specs(exp.verifiers, exp.model, 4, 32)
+    siblings = [specs[f"emotion_verifier_{i}"] for i in (1, 2)]
+    assert all(s["kind"] == "emotion_verifier" and s["task"] == "emotion" for s in siblings)
+    assert all(s["args"] == specs["emotion_verifier"]["args"] and s["lr"] == exp.verifiers.emotion_lr for s in siblings)
+    emotion_seeds = [spec["seed"] for spec in specs.values() if spec["task"] == "emotion"]
+    assert len(set(emotion_seeds)) == len(emotion_seeds) == 4
+    assert not any(name.startswith("emotion_verifier_") for name in network_specs(load_config("smoke").verifiers,
+                                                                                  exp.model, 4, 32))
 
 
 def test_the_expression_pickers_are_emotion_evaluators_of_seeds_of_their_own():
@@ -145,7 +159,7 @@ def test_pretraining_shows_progress_per_network_while_it_runs_then_the_verdict(t
     assert min(rows[-1][0] for rows in progress.values()) < verdict - 0.2
     verdicts = lines[lines.index("pretrained networks, validation split:") + 1:]
     assert sum("validation accuracy" in line and "chance" in line and not line.startswith("warning")
-               for line in verdicts) == 5 and any("reconstruction SSIM" in line for line in verdicts)
+               for line in verdicts) == 6 and any("reconstruction SSIM" in line for line in verdicts)
     assert any(line.startswith("  new_people_probe") and "on people it never saw" in line for line in verdicts)
     # 2 steps per network: the warm start cannot reconstruct faces yet, and says so
     assert any(line.startswith("warning: generator (warm start)") for line in lines)

@@ -2,15 +2,16 @@
 III-IV).
 
 Per batch: one discriminator step on the real pair (x, y) against the fake pair (x, G(x, z)), then one
-generator step on L_G = lambda1 (L_adv + Phi L_ssim) + lambda2 L_contrastive + lambda3 L_CE through the
-frozen verifiers V and S (with `loss.diversity` > 0, each face drawn twice and + L_diversity, see
-core/losses.py; with `train.verifier_views`, V and S read each draw through a random transform of
-core/augment.py). The budget is `train.steps` optimiser steps in rounds of `train.report_every`
-(passing over the shard as often as that takes, so a small and a large set get the same updates). Per
-round: rank 0 scores the generator on the validation split under the main judge (the objective J that the
-search maximises: the pretrained recogniser on real faces, the independent evaluators on synthetic ones; see
-evaluate/judges.py) and checkpoints G, D, their optimisers, the round and the resolved config (its loss
-the run's weights); the round is what Tune counts as one training iteration. A non-finite loss stops the
+generator step on L_G = lambda1 (L_adv + Phi L_ssim) + lambda2 L_contrastive + lambda3 L_CE through the frozen
+verifiers V and S (with `loss.diversity` > 0, each face drawn twice and + L_diversity, see core/losses.py;
+with `train.verifier_views`, V and S read each draw through a random transform of core/augment.py; with
+`verifiers.emotion_verifiers` > 1, S is that many mini-Xceptions read as one, the mean of their probabilities,
+`checkpoints.emotion_verifiers`). The budget is `train.steps` optimiser steps in rounds of
+`train.report_every` (passing over the shard as often as that takes, so a small and a large set get the same
+updates). Per round: rank 0 scores the generator on the validation split under the main judge (the objective J
+that the search maximises: the pretrained recogniser on real faces, the independent evaluators on synthetic
+ones; see evaluate/judges.py) and checkpoints G, D, their optimisers, the round and the resolved config (its
+loss the run's weights); the round is what Tune counts as one training iteration. A non-finite loss stops the
 trial with a recorded reason and a finite penalty (J = 0), so the search goes on.
 """
 
@@ -29,7 +30,8 @@ import ray.train.torch
 import torch
 
 from epd_ray.artifacts import DatasetManifest
-from epd_ray.checkpoints import build_from_record, draw_readers, load_checkpoint, network_record, published_payload
+from epd_ray.checkpoints import (build_from_record, draw_readers, emotion_verifiers, load_checkpoint, network_record,
+                                 published_payload)
 from epd_ray.config import SEARCHED_KEYS, EvaluationConfig, ExperimentConfig, LossConfig, TrainConfig
 from epd_ray.core.augment import augment
 from epd_ray.core.draws import BestOfDraws
@@ -275,7 +277,7 @@ class GanRun:
         generator, discriminator = build_gan(exp, inputs.image_size)
         pretrained = fetch(inputs.pretrained)
         identity_verifier = frozen(build_from_record(pretrained["identity_verifier"]), setup)
-        emotion_verifier = frozen(build_from_record(pretrained["emotion_verifier"]), setup)
+        emotion_verifier = frozen(build_from_record(emotion_verifiers(pretrained)), setup)
         self.reader_record = draw_readers(pretrained)  # picks between draws (core/draws.py)
         self.reader = frozen(build_from_record(self.reader_record), setup)
         betas = (exp.train.beta1, exp.train.beta2)

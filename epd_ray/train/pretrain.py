@@ -1,15 +1,15 @@
 """Pretraining: the verifiers, the evaluators and the generator's warm start, each a Ray task.
 
-Every network trains from scratch on the train split: the identity verifier V (VGG-16) and emotion
-verifier S (mini-Xception) that the GAN loss uses; the independent evaluators V_e and S_e (ResNet-18
-shape, other seeds) that only ever measure; the expression pickers when asked for (`verifiers.pickers`:
-emotion classifiers of S_e's shape and seeds of their own, which pick between the noise z's draws,
-core/draws.py); when asked for, the new-people probe (S_e's shape, learnt from two people in three and read
-on the third: how far the set's expressions carry to people never seen); and, unless switched off, the
-generator's warm start, an autoencoder pass (L1 + SSIM reconstruction) from which every trial's GAN
-training begins. On a CPU budget of a few hundred GAN steps per trial, a generator starting from noise
-never learns to draw a face; starting from a reconstruction, the paper's losses only have to move identity
-away.
+Every network trains from scratch on the train split: the identity verifier V (VGG-16) and emotion verifier S
+(mini-Xception) that the GAN loss uses, and S's siblings when asked for (`verifiers.emotion_verifiers`: more
+mini-Xceptions of seeds of their own, which L_CE reads with S); the independent evaluators V_e and S_e
+(ResNet-18 shape, other seeds) that only ever measure; the expression pickers when asked for
+(`verifiers.pickers`: emotion classifiers of S_e's shape and seeds of their own, which pick between the noise
+z's draws, core/draws.py); when asked for, the new-people probe (S_e's shape, learnt from two people in three
+and read on the third: how far the set's expressions carry to people never seen); and, unless switched off,
+the generator's warm start, an autoencoder pass (L1 + SSIM reconstruction) from which every trial's GAN
+training begins. On a CPU budget of a few hundred GAN steps per trial, a generator starting from noise never
+learns to draw a face; starting from a reconstruction, the paper's losses only have to move identity away.
 
 The networks are independent, so each is one Ray task (`pretrain_task`) and they train side by side
 as far as the machine or cluster holds them: on 2 cores two single-thread networks at a time do more
@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from ray.util.queue import Queue
 
-from epd_ray.checkpoints import PICKER, network_record
+from epd_ray.checkpoints import EMOTION_VERIFIER, PICKER, network_record
 from epd_ray.config import ModelConfig, VerifiersConfig
 from epd_ray.core.augment import augment
 from epd_ray.core.labels import NUM_EMOTIONS
@@ -84,6 +84,9 @@ def network_specs(cfg: VerifiersConfig, model: ModelConfig, num_identities: int,
         "emotion_evaluator": {"args": {"num_classes": num_emotions, "base_width": cfg.evaluator_width,
                                        "grey": True}, "task": "emotion", "seed": cfg.evaluator_seed + 1},
     }
+    for i in range(1, cfg.emotion_verifiers):  # S's shape, seeds of their own (checkpoints.emotion_verifiers)
+        specs[f"{EMOTION_VERIFIER}_{i}"] = {"kind": EMOTION_VERIFIER, "args": dict(specs[EMOTION_VERIFIER]["args"]),
+                                            "task": "emotion", "seed": cfg.seed + 100 + i}
     for i in range(cfg.pickers):  # S_e's shape, seeds of their own (core/draws.py)
         specs[f"{PICKER}_{i}"] = {"kind": PICKER, "args": dict(specs["emotion_evaluator"]["args"]),
                                   "task": "emotion", "seed": cfg.evaluator_seed + 20 + i}

@@ -189,7 +189,9 @@ def pretrain_networks(exp: ExperimentConfig, prepared: PreparedData, *, cache_di
     todo = [name for name in specs if name not in finished]
     lanes, cpus = pretraining_lanes(exp, runtime, len(todo))
     pickers = exp.verifiers.pickers
-    echo("pretraining V (VGG-16), S (mini-Xception), evaluators V_e, S_e (ResNet-18 shape)"
+    siblings = exp.verifiers.emotion_verifiers - 1
+    echo("pretraining V (VGG-16), S (mini-Xception)" + (f" and {siblings} more of its shape" if siblings else "")
+         + ", evaluators V_e, S_e (ResNet-18 shape)"
          + (f", {pickers} expression picker(s) (ResNet-18 shape)" if pickers else "")
          + (f", the {NEW_PEOPLE_PROBE} (S_e's shape)" if NEW_PEOPLE_PROBE in specs else "")
          + f"{' and the generator warm start' if exp.model.warm_start_steps else ''} on "
