@@ -64,6 +64,14 @@ each raises only its own figure. On people the model never saw (a model trained 
 read on the other 3 by an S_e pretrained on those 3), S_e kept 0.45 / 0.41 of one draw, 0.54 / 0.45 of the
 pickers' pick, 0.50 / 0.41 with the reader among them and 0.39 / 0.26 of the reader's alone. So the reader
 stays a judge and picks nothing.
+
+Where the pickers' pick loses the expression (that model, 48 fresh draws): they read the original as S_e
+does on 66 of 66 val and 65 of 66 test faces, so the misses are draws they read as the original's
+expression with probability ~1.0 while S_e reads another (their probabilities of it correlate 0.45-0.48
+across a face's draws). Scores that do not saturate near 1.0 (the mean logit margin, the mean log-odds,
+probabilities at temperature 4) kept 0.90 / 0.91-0.92 against the mean probability's 0.89 / 0.89: within
+one face on val, so the rule stays. What did lift kept was a generator trained to keep expressions that
+more networks read: `verifiers.emotion_verifiers` (README).
 """
 
 from __future__ import annotations
