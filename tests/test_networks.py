@@ -1,5 +1,6 @@
 """Shapes, structure and runtime contracts of the EPD-Net networks (the paper's section III)."""
 
+import copy
 import json
 
 import pytest
@@ -19,6 +20,7 @@ from epd_ray.core.networks import (
     UNetGenerator,
     build_network,
     count_parameters,
+    fold_batch_norms,
     init_weights,
 )
 
@@ -217,6 +219,28 @@ def test_build_network_roundtrip_from_config(kind):
     clone.load_state_dict(net.state_dict())
     assert clone.config == net.config
     assert count_parameters(clone) == count_parameters(net)
+
+
+@pytest.mark.parametrize("network", [
+    lambda: IdentityVerifier(5, 32, 0.25), EmotionVerifier, lambda: ResNetClassifier(7, 8, grey=True),
+    lambda: ExpressionReaders([{"kind": "emotion_verifier", "config": {}},
+                               {"kind": "expression_picker", "config": {"num_classes": 7, "base_width": 8}}]),
+])
+def test_folding_batch_norms_into_convolutions_keeps_what_a_frozen_network_computes(network):
+    torch.manual_seed(0)
+    original = network()
+    for module in original.modules():  # trained-looking statistics, not the initial identity map
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.normal_()
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.normal_()
+            module.bias.data.normal_()
+    folded = fold_batch_norms(copy.deepcopy(original))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    x = images(3, 32)
+    with torch.no_grad():
+        expected = original.eval()(x)
+        assert torch.allclose(folded(x), expected, atol=1e-4 * (1 + expected.abs().max()))
 
 
 def test_build_network_unknown_kind_lists_known():

@@ -36,7 +36,7 @@ from epd_ray.config import SEARCHED_KEYS, EvaluationConfig, ExperimentConfig, Lo
 from epd_ray.core.augment import augment
 from epd_ray.core.draws import BestOfDraws
 from epd_ray.core.losses import LossWeights, discriminator_loss, generator_loss
-from epd_ray.core.networks import build_network
+from epd_ray.core.networks import build_network, fold_batch_norms
 from epd_ray.core.precision import autocast, usable_cpus
 from epd_ray.core.metrics import compute_metrics
 from epd_ray.core.scoring import class_probabilities, deidentify_pixels, ssim_values
@@ -102,7 +102,7 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def frozen(module: torch.nn.Module, setup: WorkerSetup) -> torch.nn.Module:
-    module = module.to(setup.device).eval()
+    module = fold_batch_norms(module).to(setup.device)
     if setup.channels_last:
         module = module.to(memory_format=torch.channels_last)
     for p in module.parameters():
