@@ -296,6 +296,8 @@ def evaluate(
     k: int = typer.Option(10, "--k", help="k of k-Same-Pixel (nearest train faces of other identities)"),
     judge: Optional[str] = typer.Option(None, "--judge", help="main judge: auto | evaluators | recogniser; default "
                                         "the run's (auto: the pretrained recogniser on real faces)"),
+    probes: Optional[int] = typer.Option(None, "--probes", help="judge at most this many faces of the split, as "
+                                         "many of every person (0: all); default the run's evaluation.test_probes"),
 ) -> None:
     """Measure a checkpoint or a classical baseline on a split with every judge: the objective J (zero for doing
     nothing), the pretrained recogniser, the parrot attack and the paper's figures, with a mu sweep."""
@@ -305,11 +307,13 @@ def evaluate(
     try:
         evaluation, paths = evaluate_command(model, out, baselines=baseline, data=data, pretrained=pretrained,
                                              split=split, mu=mu, blur_sigma=blur_sigma,
-                                             pixelate_blocks=pixelate_blocks, k=k, judge=judge, echo=typer.echo)
+                                             pixelate_blocks=pixelate_blocks, k=k, judge=judge, probes=probes,
+                                             echo=typer.echo)
     except (*USER_ERRORS, CheckpointError, EvaluationError) as exc:
         fail(str(exc))
     m = evaluation.metrics
-    typer.echo(f"{split} split, {m['images']} images, every judge (mu = {m['mu']:.3f} for the paper's figures):")
+    judged = m["images"] if m["images"] == m["split_images"] else f"{m['images']} of its {m['split_images']}"
+    typer.echo(f"{split} split, {judged} images, every judge (mu = {m['mu']:.3f} for the paper's figures):")
     for line in summary_lines(m):
         typer.echo(line)
     typer.echo(f"done: {paths['metrics']}, {paths['per_image']}")

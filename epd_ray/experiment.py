@@ -26,16 +26,18 @@ from typing import Any
 
 import pyarrow.fs
 
-from epd_ray.artifacts import RunFolder, RunMarker, atomic_write_text, default_cache_dir
+from epd_ray.artifacts import DatasetManifest, RunFolder, RunMarker, atomic_write_text, default_cache_dir
 from epd_ray.checkpoints import READER, load_checkpoint, load_deidentifier, published_payload, save_checkpoint
-from epd_ray.config import (EVALUATION_RESERVE, EVALUATION_RESERVE_MIN_S, PRETRAIN_SHARE, ExperimentConfig,
-                            load_config)
+from epd_ray.config import (EVALUATION_CORE_S_PER_FACE, EVALUATION_RESERVE, EVALUATION_RESERVE_MIN_S, PRETRAIN_SHARE,
+                            ExperimentConfig, load_config)
+from epd_ray.core.precision import usable_cpus
 from epd_ray.data.prepare import PreparedData, cached_dataset
 from epd_ray.data.shards import read_manifest
 from epd_ray.data.stream import materialized_split
 from epd_ray.evaluate.evaluate import (GENERATOR_METHOD, Evaluation, baseline_methods, generator_method,
                                        method_settings, run_evaluation, summary_lines, targets_line, verdict_line,
                                        write_evaluation)
+from epd_ray.evaluate.judges import main_judge, uses_recogniser
 from epd_ray.evaluate.report import ALL_BASELINES, build_report, trial_history
 from epd_ray.provenance import package_versions
 from epd_ray.runtime import RayRuntime, resolve_storage, start_ray, storage_filesystem
@@ -223,7 +225,9 @@ def _search_and_report(exp: ExperimentConfig, output: Path, prepared_dir: Path |
     outcome = run_search(exp, train_data=stages.train_data,
                          inputs=GanInputs.put(prepared.path, pretrained_path, exp.evaluation),
                          runtime=runtime, storage_path=storage, resume=resume, fixed=fixed,
-                         time_budget_s=budget and search_time_budget(budget, time.time() - started, echo), echo=echo)
+                         time_budget_s=budget and search_time_budget(
+                             budget, time.time() - started, evaluation_reserve(budget, exp, prepared.info), echo),
+                         echo=echo)
     echo(f"{'train' if fixed else 'search'}: done in {outcome.wall_seconds:.0f} s; best trial {outcome.best.trial_id} "
          f"J={outcome.best.metrics['objective']:.3f} (validation)")
 
@@ -245,10 +249,20 @@ def _search_and_report(exp: ExperimentConfig, output: Path, prepared_dir: Path |
     return TuneRun(output, best_dir, report_path.parent, runtime.dashboard_url, wall)
 
 
-def search_time_budget(budget: float, spent: float, echo=print) -> float:
-    """The search's share of a whole-command time budget: what is left after `spent` seconds, less the
-    evaluation's reserve; at least that reserve, so that a budget spent already still trains a round or so."""
+def evaluation_reserve(budget: float, exp: ExperimentConfig, manifest: DatasetManifest) -> float:
+    """Seconds the closing evaluation keeps of a whole-command time budget: a share of it, or on real faces
+    what judging the test faces (at most `evaluation.test_probes`) is expected to take on these cores."""
     reserve = max(EVALUATION_RESERVE * budget, EVALUATION_RESERVE_MIN_S)
+    if not uses_recogniser(main_judge(exp.evaluation.judge, manifest.source), manifest.source):
+        return reserve
+    faces = manifest.images("test")
+    faces = min(faces, exp.evaluation.test_probes) if exp.evaluation.test_probes else faces
+    return max(reserve, faces * EVALUATION_CORE_S_PER_FACE / usable_cpus())
+
+
+def search_time_budget(budget: float, spent: float, reserve: float, echo=print) -> float:
+    """The search's share of a whole-command time budget: what is left after `spent` seconds, less the
+    evaluation's `reserve`; at least that reserve, so that a budget spent already still trains a round or so."""
     left = budget - spent - reserve
     if left < reserve:
         echo(f"time budget: {spent:.0f} s of {budget:.0f} s spent before the search; it gets {reserve:.0f} s anyway "

@@ -360,6 +360,28 @@ def test_pretraining_over_its_share_of_the_budget_is_warned_about_once_with_the_
     assert "~360 s" in counted[-1]
 
 
+def test_the_evaluation_keeps_what_judging_a_large_real_test_split_takes_and_a_share_of_the_budget_otherwise():
+    from epd_ray.artifacts import DatasetManifest
+    from epd_ray.config import EVALUATION_CORE_S_PER_FACE, EVALUATION_RESERVE
+    from epd_ray.core.precision import usable_cpus
+    from epd_ray.experiment import evaluation_reserve
+
+    def manifest(source: str, test: int) -> DatasetManifest:
+        return DatasetManifest(image_size=64, identities=("a", "b"), emotions=("happy", "sad"), num_images=3 * test,
+                               splits={s: {"images": test} for s in ("train", "val", "test")}, shards={},
+                               content_hash="x", source=source)
+
+    exp, budget = load_config("faces"), 1500.0
+    share = EVALUATION_RESERVE * budget
+    assert evaluation_reserve(budget, exp, manifest("folder", 60)) == share  # a JAFFE-sized split
+    capped = exp.evaluation.test_probes * EVALUATION_CORE_S_PER_FACE / usable_cpus()
+    assert evaluation_reserve(budget, exp, manifest("folder", 5000)) == pytest.approx(max(share, capped))
+    whole = load_config("faces", {"evaluation.test_probes": 0})
+    assert evaluation_reserve(budget, whole, manifest("folder", 5000)) == pytest.approx(
+        max(share, 5000 * EVALUATION_CORE_S_PER_FACE / usable_cpus()))
+    assert evaluation_reserve(budget, exp, manifest("synthetic", 5000)) == share  # judged by the fast evaluators
+
+
 def test_a_budget_that_ended_the_search_marks_the_cut_trials_and_counts_those_never_started():
     from epd_ray.tune import search
     from epd_ray.tune.search import TrialSummary, budget_cuts

@@ -118,6 +118,17 @@ def test_evaluate_each_baseline(world, baseline, name):
             assert judged["privacy"] == 0.0 and judged["objective"] == 0.0
 
 
+def test_a_capped_evaluation_judges_as_many_faces_of_every_person_and_says_how_many_of_the_split(world):
+    out = world["root"] / "capped"
+    result = invoke("evaluate", "--model", world["generator"], *common(world), "--probes", IDS, "--out", out)
+    assert result.exit_code == 0, result.output
+    metrics = check_outputs(out, {"epd-net"}, IDS)
+    assert metrics["split_images"] == world["test_images"] > IDS
+    table = pq.read_table(out / "per_image.parquet").to_pandas()
+    assert sorted(table.identity) == list(range(IDS))  # one face of every person
+    assert f"{IDS} of its {world['test_images']} faces" in result.output
+
+
 def test_mu_sweep_is_monotonic(model_eval):
     sweep = json.loads((model_eval / "metrics.json").read_text())["mu_sweep"]["epd-net"]
     assert sweep["mu"] == sorted(sweep["mu"]) and len(sweep["mu"]) > 10

@@ -56,6 +56,13 @@ class FaceArrays:
         chosen = [rng.permutation(np.flatnonzero(self.identity == ident))[:count] for ident in np.unique(self.identity)]
         return self.take(np.sort(np.concatenate(chosen)) if chosen else np.empty(0, np.int64))
 
+    def at_most(self, count: int) -> "FaceArrays":
+        """All faces if they are `count` or fewer (or `count` is 0), else as many of every identity as `count`
+        allows, at least one each: a split judged within a bounded cost with every person in it."""
+        if not count or len(self) <= count:
+            return self
+        return self.per_identity(max(1, count // len(np.unique(self.identity))))
+
 
 def split_per_identity(identity: np.ndarray, emotion: np.ndarray, shares: tuple[float, float, float],
                        seed: int) -> np.ndarray:

@@ -194,7 +194,11 @@ def run_evaluation(methods: dict[str, Method | KSameMethod], *, dataset_dir: Pat
     every judge of `evaluate.judges`. `metrics["main_judge"]` names the one whose J the search maximised.
     `echo` gets a line per method judged: on a large split each takes minutes."""
     device = device or torch.device("cpu")
-    faces = load_split(dataset_dir, split)
+    whole = load_split(dataset_dir, split)
+    faces = whole.at_most(cfg.test_probes)
+    if echo is not None and len(faces) < len(whole):
+        echo(f"{split} evaluation: {len(faces)} of its {len(whole)} faces, as many of every person "
+             "(evaluation.test_probes)")
     manifest = DatasetManifest.load(dataset_dir)
     source = manifest.source
     main = main_judge(cfg.judge, source)
@@ -277,10 +281,10 @@ def run_evaluation(methods: dict[str, Method | KSameMethod], *, dataset_dir: Pat
             if echo is not None:
                 echo(f"{split} evaluation: {method_name} judged ({number}/{len(methods)}, {len(faces)} faces) "
                      f"in {time.time() - started:.0f} s")
-    metrics = {"split": split, "images": len(faces), "mu": mu, "ssim_weight": cfg.ssim_weight, "methods": results,
-               "main_judge": main, "data_source": source, "gallery": {"split": "train", "images": len(gallery_faces),
-                                                                      "per_identity": cfg.gallery_per_identity,
-                                                                      "identities": num_identities},
+    metrics = {"split": split, "images": len(faces), "split_images": len(whole), "mu": mu,
+               "ssim_weight": cfg.ssim_weight, "methods": results, "main_judge": main, "data_source": source,
+               "gallery": {"split": "train", "images": len(gallery_faces), "per_identity": cfg.gallery_per_identity,
+                           "identities": num_identities},
                "mu_sweep_judge": SWEEP_JUDGE, "mu_sweep": sweeps, "sample_index": index.tolist(),
                "inputs": {"dataset_dir": str(dataset_dir), "pretrained_path": str(pretrained_path)}}
     metrics["verdict"] = baseline_verdict(metrics)
@@ -491,7 +495,7 @@ def find_pretrained(card: dict[str, Any]) -> Path | None:
 
 def resolve_setup(model: Path | None, *, data: Path | None = None, pretrained: Path | None = None,
                   split: str = "test", mu: float | None = None, blur_sigma: float | None = None,
-                  pixelate_blocks: int | None = None, judge: str | None = None,
+                  pixelate_blocks: int | None = None, judge: str | None = None, probes: int | None = None,
                   need_generator: bool = True) -> EvaluationSetup:
     """Everything `epd-ray evaluate` needs, from a run folder or checkpoint and the options that override it."""
     from epd_ray.deploy.export import resolve_source
@@ -521,7 +525,8 @@ def resolve_setup(model: Path | None, *, data: Path | None = None, pretrained: P
     values = {**(config.get("evaluation") or {}),
               **({"blur_sigma": blur_sigma} if blur_sigma is not None else {}),
               **({"pixelate_blocks": pixelate_blocks} if pixelate_blocks is not None else {}),
-              **({"judge": judge} if judge is not None else {})}
+              **({"judge": judge} if judge is not None else {}),
+              **({"test_probes": probes} if probes is not None else {})}
     try:
         cfg = EvaluationConfig.model_validate(values)
     except ValueError as exc:
@@ -536,7 +541,7 @@ def resolve_setup(model: Path | None, *, data: Path | None = None, pretrained: P
 def evaluate_command(model: Path | None, out: Path, *, baselines: Sequence[str] = (), data: Path | None = None,
                      pretrained: Path | None = None, split: str = "test", mu: float | None = None,
                      blur_sigma: float | None = None, pixelate_blocks: int | None = None, k: int = KSAME_K,
-                     judge: str | None = None, include_model: bool | None = None,
+                     judge: str | None = None, probes: int | None = None, include_model: bool | None = None,
                      extra: dict[str, Any] | None = None,
                      echo: Callable[[str], None] | None = None) -> tuple[Evaluation, dict[str, Path]]:
     """`epd-ray evaluate`: the model (without --baseline) or the given baselines; write the results to `out`.
@@ -549,7 +554,8 @@ def evaluate_command(model: Path | None, out: Path, *, baselines: Sequence[str] 
     include_model = not baselines if include_model is None else include_model
     methods: dict[str, Any] = {}
     setup = resolve_setup(model, data=data, pretrained=pretrained, split=split, mu=mu, blur_sigma=blur_sigma,
-                          pixelate_blocks=pixelate_blocks, judge=judge, need_generator=include_model)
+                          pixelate_blocks=pixelate_blocks, judge=judge, probes=probes,
+                          need_generator=include_model)
     if include_model:
         deidentifier = load_deidentifier(load_checkpoint(setup.checkpoint), setup.checkpoint)
         methods[GENERATOR_METHOD] = generator_method(deidentifier, seed=setup.seed)

@@ -231,7 +231,10 @@ def render_report(metrics: dict[str, Any], trials: list[dict[str, Any]], *, titl
     lines = [f"# {title}", ""]
     lines += notes + [""]
     main = metrics.get("main_judge", "evaluators")
-    lines += [f"Split `{metrics['split']}` ({metrics['images']} images). J = privacy x utility: privacy is the "
+    whole = metrics.get("split_images", metrics["images"])
+    judged = (f"{metrics['images']} images" if whole == metrics["images"] else
+              f"{metrics['images']} of its {whole} images, as many of every person: `evaluation.test_probes`")
+    lines += [f"Split `{metrics['split']}` ({judged}). J = privacy x utility: privacy is the "
               "share of the faces a judge names at rank 1 in the original that it no longer names after "
               "de-identification; utility is the share of expressions read correctly in the original that are "
               f"still read correctly (by S_e), times SSIM^{metrics['ssim_weight']}. Doing nothing scores 0.", ""]

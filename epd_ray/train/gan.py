@@ -74,8 +74,7 @@ class GanInputs:
         evaluation = evaluation or EvaluationConfig()
         manifest = DatasetManifest.load(dataset_dir)
         train, val = load_split(dataset_dir, "train"), load_split(dataset_dir, "val")
-        if len(val) > evaluation.val_probes:
-            val = val.per_identity(max(1, evaluation.val_probes // len(np.unique(val.identity))))
+        val = val.at_most(evaluation.val_probes)
         judge = main_judge(evaluation.judge, manifest.source)
         gallery = val_recognised = None
         if judge == "recogniser":
