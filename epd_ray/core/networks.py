@@ -477,10 +477,10 @@ def fold_batch_norms(module: nn.Module) -> nn.Module:
 
     In eval mode a batch norm is a fixed per-channel affine map, so the convolution can apply it: the
     frozen verifiers and readers of the GAN step then skip a normalisation forward and backward per layer
-    (7% of a `faces` step with three emotion verifiers on 2 CPU threads). "Before" is registration order,
-    which is data-flow order in every classifier here (Sequential stages, torchvision's BasicBlock); a
-    Sequential ending in a convolution (the separable convolutions) counts as that convolution. The caller
-    must not train the result: its batch norms are gone.
+    (`python -m benchmarks.train_step`: the V and S columns). "Before" is registration order, which is
+    data-flow order in every classifier here (Sequential stages, torchvision's BasicBlock); a Sequential
+    ending in a convolution (the separable convolutions) counts as that convolution. The caller must not
+    train the result: its batch norms are gone.
     """
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
@@ -488,12 +488,12 @@ def fold_batch_norms(module: nn.Module) -> nn.Module:
     for parent in list(module.modules()):
         names = [name for name, _ in parent.named_children()]
         for before, name in zip(names, names[1:]):
-            norm = getattr(parent, name)
+            norm, previous = getattr(parent, name), getattr(parent, before)
             if not isinstance(norm, nn.BatchNorm2d):
                 continue
             owner, key = parent, before
-            if isinstance(getattr(owner, key), nn.Sequential) and len(getattr(owner, key)):
-                owner, key = getattr(owner, key), str(len(getattr(owner, key)) - 1)
+            if isinstance(previous, nn.Sequential) and len(previous):
+                owner, key = previous, str(len(previous) - 1)
             conv = getattr(owner, key)
             if isinstance(conv, nn.Conv2d):
                 setattr(owner, key, fuse_conv_bn_eval(conv, norm))
