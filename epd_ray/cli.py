@@ -302,7 +302,7 @@ def evaluate(
     """Measure a checkpoint or a classical baseline on a split with every judge: the objective J (zero for doing
     nothing), the pretrained recogniser, the parrot attack and the paper's figures, with a mu sweep."""
     from epd_ray.checkpoints import CheckpointError
-    from epd_ray.evaluate.evaluate import EvaluationError, evaluate_command, summary_lines
+    from epd_ray.evaluate.evaluate import EvaluationError, evaluate_command, judged_images, summary_lines
 
     try:
         evaluation, paths = evaluate_command(model, out, baselines=baseline, data=data, pretrained=pretrained,
@@ -312,8 +312,7 @@ def evaluate(
     except (*USER_ERRORS, CheckpointError, EvaluationError) as exc:
         fail(str(exc))
     m = evaluation.metrics
-    judged = m["images"] if m["images"] == m["split_images"] else f"{m['images']} of its {m['split_images']}"
-    typer.echo(f"{split} split, {judged} images, every judge (mu = {m['mu']:.3f} for the paper's figures):")
+    typer.echo(f"{split} split, {judged_images(m)} images, every judge (mu = {m['mu']:.3f} for the paper's figures):")
     for line in summary_lines(m):
         typer.echo(line)
     typer.echo(f"done: {paths['metrics']}, {paths['per_image']}")

@@ -443,6 +443,12 @@ def summary_lines(metrics: dict[str, Any]) -> list[str]:
     return lines + [line for line in said if line]
 
 
+def judged_images(metrics: dict[str, Any]) -> str:
+    """How many of the split's images were judged: "67", or "600 of its 1200" under `evaluation.test_probes`."""
+    whole = metrics.get("split_images", metrics["images"])
+    return str(metrics["images"]) if whole == metrics["images"] else f"{metrics['images']} of its {whole}"
+
+
 def _unchanged_rank1(metrics: dict[str, Any], judge_name: str) -> float:
     return next(iter(metrics["methods"].values()))[judge_name]["reidentified_original"]
 

@@ -21,7 +21,7 @@ from PIL import Image
 from epd_ray.artifacts import RunFolder, atomic_write_text
 from epd_ray.core.metrics import pareto_front
 from epd_ray.evaluate.evaluate import (GENERATOR_METHOD, METRICS_FILE, SAMPLES_FILE, SWEEP_JUDGE,
-                                       evaluate_command, targets_line)
+                                       evaluate_command, judged_images, targets_line)
 
 COLUMNS = [("objective", "J (evaluators)"), ("deid_rate", "D(mu)"), ("switching_deid_rate", "S(mu)"),
            ("genuine_acceptance", "G(mu)"), ("emotion_preserved", "E"), ("emotion_mse", "emotion MSE"),
@@ -231,9 +231,9 @@ def render_report(metrics: dict[str, Any], trials: list[dict[str, Any]], *, titl
     lines = [f"# {title}", ""]
     lines += notes + [""]
     main = metrics.get("main_judge", "evaluators")
-    whole = metrics.get("split_images", metrics["images"])
-    judged = (f"{metrics['images']} images" if whole == metrics["images"] else
-              f"{metrics['images']} of its {whole} images, as many of every person: `evaluation.test_probes`")
+    capped = metrics["images"] < metrics.get("split_images", 0)
+    judged = f"{judged_images(metrics)} images" + (", as many of every person: `evaluation.test_probes`"
+                                                   if capped else "")
     lines += [f"Split `{metrics['split']}` ({judged}). J = privacy x utility: privacy is the "
               "share of the faces a judge names at rank 1 in the original that it no longer names after "
               "de-identification; utility is the share of expressions read correctly in the original that are "
