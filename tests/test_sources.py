@@ -152,12 +152,13 @@ def test_rafd_source_keeps_chosen_angles_and_gazes_and_leaves_contempt_out(tmp_p
     assert frontal.manifest["emotions"][-1] == "contemptuous"
 
 
-def test_photographs_in_a_folder_are_cut_to_the_head_when_asked(tmp_path):
-    """A folder of photographs (skimage's astronaut, a real face about a fifth of the frame wide) prepared
-    with `data.face_crop=head`: every face is cut out as `deidentify` cuts it, and fills the training image;
-    a photograph without a face is rejected by name. Taken as they are (the default for folders), the faces
-    are too small for the detector to find again at the training size, and preparation warns that these look
-    like photographs; face crops get no such warning."""
+def test_a_folder_of_photographs_is_cut_to_the_head_and_a_folder_of_face_crops_taken_whole(tmp_path):
+    """A folder of photographs (skimage's astronaut, a real face about a fifth of the frame wide), prepared
+    as it comes (`data.face_crop=auto`): the sampled heads span little of each image, so every face is cut
+    out as `deidentify` cuts it and fills the training image, preparation says why, and a photograph without
+    a face is rejected by name. With `data.face_crop=square` the images are taken whole and the faces are too
+    small for the detector to find again at the training size. The head crops written out as a folder of
+    their own are face crops: auto takes them whole."""
     from skimage import data
 
     from epd_ray.faces import make_detector
@@ -173,30 +174,29 @@ def test_photographs_in_a_folder_are_cut_to_the_head_when_asked(tmp_path):
                 (folder / f"{k}.png").write_bytes(_png(np.ascontiguousarray(window[:, ::-1] if k % 2 else window)))
     (tmp_path / "photos" / "p0" / "happy" / "wall.png").write_bytes(_png(np.full((420, 420, 3), 128, np.uint8)))
 
-    head = prepare_dataset(_data("folder", tmp_path / "photos", image_size=64, face_crop="head"), tmp_path / "head")
+    said: list[str] = []
+    head = prepare_dataset(_data("folder", tmp_path / "photos", image_size=64), tmp_path / "head", echo=said.append)
     assert head.manifest["num_images"] == 18
     assert _rejects(head.path) == {"p0/happy/wall.png": NO_FACE}
+    assert head.manifest["intake"]["face_crop"] == "head"
+    assert any("in 18 of the 19 images sampled the head spans less than 60%" in line for line in said)
     detector = make_detector("centerface")
     head_train = load_split(head.path, "train")
     widths = [max((b.w for b in detector.detect(face)), default=0) for face in head_train.pixels]
     assert min(widths) >= 0.4 * 64  # the face (half the side in width), not the room around it
 
-    said: list[str] = []
-    whole = prepare_dataset(_data("folder", tmp_path / "photos", image_size=64), tmp_path / "whole", echo=said.append)
-    assert whole.manifest["num_images"] == 19  # the wall too: a folder is taken as face crops unless told
+    whole = prepare_dataset(_data("folder", tmp_path / "photos", image_size=64, face_crop="square"), tmp_path / "whole")
+    assert whole.manifest["num_images"] == 19 and whole.manifest["intake"]["face_crop"] == "square"
     assert all(max((b.w for b in detector.detect(face)), default=0) < 0.3 * 64
                for face in load_split(whole.path, "train").pixels)
-    warning = next(line for line in said if "look like photographs" in line)
-    assert "in 18 of 19 images measured" in warning and "data.face_crop=head" in warning
-    assert warning.removeprefix("warning: ") in whole.manifest["warnings"]
-    crops = tmp_path / "crops"  # the head crops written out as a folder of their own: faces fill them
+    crops = tmp_path / "crops"
     for i, (face, ident) in enumerate(zip(head_train.pixels, head_train.identity)):
         folder = crops / f"p{ident}" / EMOTION_DIRS[i % 2]
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{i}.png").write_bytes(_png(face))
     said.clear()
-    prepare_dataset(_data("folder", crops, image_size=64), tmp_path / "crops_prepared", echo=said.append)
-    assert not any("look like photographs" in line for line in said)
+    taken = prepare_dataset(_data("folder", crops, image_size=64), tmp_path / "crops_prepared", echo=said.append)
+    assert taken.manifest["intake"]["face_crop"] == "square" and not any("sampled" in line for line in said)
 
 
 def test_fer2013_rows_become_an_emotion_only_set_split_by_usage(tmp_path):

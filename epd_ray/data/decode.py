@@ -104,6 +104,11 @@ def square_crop(image: Image.Image, box: tuple[int, int, int, int] | None = None
     return image.crop((left, top, left + side, top + side))
 
 
+def read_rgb(data: bytes, max_pixels: int) -> tuple[Image.Image, str]:
+    """Bytes of an image file -> the upright 8-bit RGB image, and the mode it was converted from ("" for RGB)."""
+    return to_rgb(ImageOps.exif_transpose(open_image(data, max_pixels)))
+
+
 def decode_face(data: bytes, size: int, *, max_pixels: int, min_side: int | None = None,
                 crop=square_crop) -> Face:
     """Bytes of an image file -> a `size` x `size` RGB face.
@@ -112,8 +117,7 @@ def decode_face(data: bytes, size: int, *, max_pixels: int, min_side: int | None
     A crop whose side is under `min_side` (default `size`) is rejected as too small: upscaling it would
     train on blur.
     """
-    image = open_image(data, max_pixels)
-    image, converted_from = to_rgb(ImageOps.exif_transpose(image))
+    image, converted_from = read_rgb(data, max_pixels)
     face = crop(image)
     side = min(face.size)
     if side < (size if min_side is None else min_side):

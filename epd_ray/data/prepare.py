@@ -30,9 +30,9 @@ from epd_ray.core.synthetic import make_synthetic_faces
 from epd_ray.data import sources
 from epd_ray.data.sources import DataError
 from epd_ray.data.decode import (DUPLICATE, MISSING, NO_FACE, UNDECODABLE, UNKNOWN_LABEL, UNLABELLED, Face,
-                                 Rejected, decode_face, square_crop)
+                                 Rejected, decode_face, read_rgb, square_crop)
 from epd_ray.data.shards import MANIFEST, SPLITS, read_manifest, split_per_identity, write_dataset
-from epd_ray.faces import Detector, face_region, make_detector
+from epd_ray.faces import Box, Detector, face_region, make_detector
 
 REJECTS_FILE = "rejects.csv"
 NO_IDENTITY = -1  # FER2013 rows: an emotion label and no person
@@ -61,11 +61,11 @@ class Intake:
     rejects: list[tuple[str, str, str]] = field(default_factory=list)
     converted: Counter = field(default_factory=Counter)
     skipped: dict[str, int] = field(default_factory=dict)
-    face_widths: list[float | None] = field(default_factory=list)  # see `measured_square_crop`
+    face_crop: str = "square"  # how every face was cut from its image: "head" or "square"
 
     def summary(self) -> dict:
         return {"accepted": len(self.pixels), "rejected": dict(Counter(r for _, r, _ in self.rejects)),
-                "converted": dict(self.converted), "skipped": dict(self.skipped)}
+                "converted": dict(self.converted), "skipped": dict(self.skipped), "face_crop": self.face_crop}
 
 
 def dataset_key(data: DataConfig) -> str:
@@ -117,7 +117,10 @@ def prepare_dataset(data: DataConfig, out: Path, *, strict: bool = False,
         return PreparedData(out, manifest, reused=False)
 
     classes = sources.emotion_classes(data.include_contempt)
-    intake = take_in(data, classes, strict=strict)
+    face_crop, why = chosen_face_crop(data)
+    if why:
+        echo(why)
+    intake = take_in(data, classes, face_crop, strict=strict)
     if not intake.pixels:
         raise DataError(f"{data.path}: no usable face among {len(intake.rejects)} file(s); "
                         f"rejected: {intake.summary()['rejected'] or 'none'}")
@@ -126,7 +129,6 @@ def prepare_dataset(data: DataConfig, out: Path, *, strict: bool = False,
                         dtype=np.int64)
     emotion = np.array(intake.emotion, dtype=np.int64)
     split, warnings = assign_splits(identity, emotion, intake.split, data, identity_names, classes)
-    warnings += [line for line in [photographs_warning(intake.face_widths)] if line]
     for line in warnings:
         echo(f"warning: {line}")
     manifest = write_dataset(
@@ -151,16 +153,13 @@ def items_of(data: DataConfig, skipped: dict[str, int]) -> Iterable[sources.Item
         raise DataError(str(exc)) from None
 
 
-def take_in(data: DataConfig, classes: tuple[str, ...], *, strict: bool) -> Intake:
-    """Judge every candidate once: accepted with its labels, or rejected with file and reason."""
-    intake = Intake()
+def take_in(data: DataConfig, classes: tuple[str, ...], face_crop: str, *, strict: bool) -> Intake:
+    """Judge every candidate once: accepted with its labels, or rejected with file and reason. Every face is
+    cut from its image by `face_crop` ("head" or "square", see `chosen_face_crop`)."""
+    intake = Intake(face_crop=face_crop)
     first_of: dict[str, str] = {}  # content digest -> first file with those bytes
-    if data.face_crop == "head" or (data.face_crop == "auto" and data.source == "rafd"):
-        crop = functools.partial(head_crop, detector=make_detector(data.face_detector, min_face=24),
-                                 rafd_frame=data.source == "rafd")
-    else:
-        crop = functools.partial(measured_square_crop, detector=make_detector(data.face_detector),
-                                 widths=intake.face_widths)
+    crop = (functools.partial(head_crop, detector=head_detector(data), rafd_frame=data.source == "rafd")
+            if face_crop == "head" else square_crop)
     for item in items_of(data, intake.skipped):
         try:
             emotion, face, digest = judge_item(item, data, classes, crop)
@@ -208,21 +207,44 @@ def judge_item(item: sources.Item, data: DataConfig, classes: tuple[str, ...], c
     return emotion, face, hashlib.sha256(raw).hexdigest()
 
 
-def head_crop(image: Image.Image, detector: Detector, rafd_frame: bool = False) -> Image.Image:
-    """The head in a full frame: the square `epd-ray deidentify` cuts around the largest detected face (of
-    side at least an eighth of the frame's; `faces.face_region`, hair and chin included), so the generator
-    trains on the framing it will be given; moved inside the frame where it would cross the border. With no
-    face found, a RaFD frame falls back to a fixed box where RaFD's frontal camera puts the head (centred,
-    upper half); any other image is rejected."""
+DETECT_SIDE = 384  # faces are looked for on a copy of at most this shorter side: the same cost for any camera
+PHOTOGRAPH_SAMPLE = 32  # images of a folder or manifest whose heads choose the crop (data.face_crop=auto)
+PHOTOGRAPH_HEAD_SHARE = 0.6  # a head spanning less of the image's shorter side: a photograph, not a face crop
+
+
+def head_detector(data: DataConfig) -> Detector:
+    return make_detector(data.face_detector, min_face=24)
+
+
+def largest_face(image: Image.Image, detector: Detector) -> Box | None:
+    """The largest face whose width is at least an eighth of the image's shorter side, in the image's pixels.
+    It is looked for on a copy of shorter side DETECT_SIDE at most: a face that large is still 48 px wide
+    there, and a 12-megapixel photograph costs what a small one does."""
     width, height = image.size
-    boxes = [b for b in detector.detect(np.asarray(image)) if b.w >= min(width, height) // 8]
-    if boxes:
-        box = max(boxes, key=lambda b: b.area)
+    scale = min(1.0, DETECT_SIDE / min(width, height))
+    probe = image if scale == 1.0 else image.resize((max(1, round(width * scale)), max(1, round(height * scale))),
+                                                    Image.Resampling.BILINEAR)
+    boxes = [b for b in detector.detect(np.asarray(probe)) if b.w >= min(probe.size) // 8]
+    if not boxes:
+        return None
+    box = max(boxes, key=lambda b: b.area)
+    return Box(round(box.x / scale), round(box.y / scale), round(box.w / scale), round(box.h / scale), box.score)
+
+
+def head_crop(image: Image.Image, detector: Detector, rafd_frame: bool = False) -> Image.Image:
+    """The head in a full frame: the square `epd-ray deidentify` cuts around the largest detected face
+    (`largest_face`; `faces.face_region`, hair and chin included), so the generator trains on the framing it
+    will be given; moved inside the frame where it would cross the border. With no face found, a RaFD frame
+    falls back to a fixed box where RaFD's frontal camera puts the head (centred, upper half); any other
+    image is rejected."""
+    width, height = image.size
+    box = largest_face(image, detector)
+    if box is not None:
         side, cx, cy = face_region(box).side, box.x + box.w / 2, box.y + box.h / 2
     elif rafd_frame:
         side, cx, cy = int(min(width, 0.62 * width)), width / 2, 0.42 * height
     else:
-        raise Rejected(NO_FACE, f"{type(detector).__name__} found none of side at least {min(width, height) // 8} "
+        raise Rejected(NO_FACE, f"{type(detector).__name__} found none of width at least {min(width, height) // 8} "
                                 "px (data.face_crop=square takes the image as it is)")
     side = min(side, width, height)
     left = int(min(max(0, cx - side / 2), width - side))
@@ -230,33 +252,38 @@ def head_crop(image: Image.Image, detector: Detector, rafd_frame: bool = False) 
     return image.crop((left, top, left + side, top + side))
 
 
-PHOTOGRAPH_SAMPLE = 32  # images taken whole whose faces are measured
-PHOTOGRAPH_FACE_WIDTH = 0.3  # a face narrower than this share of its image: a photograph, not a face crop
-PHOTOGRAPH_PROBE_SIDE = 320  # larger images are measured at this side: the cost stays the same for any camera
+def chosen_face_crop(data: DataConfig) -> tuple[str, str]:
+    """How every face of the set is cut from its image, "head" or "square", and, where `data.face_crop=auto`
+    chose the head for a folder or manifest, the line that says why.
 
-
-def measured_square_crop(image: Image.Image, detector: Detector, widths: list[float | None]) -> Image.Image:
-    """The centred square, and for the first PHOTOGRAPH_SAMPLE images the width of the largest face found in
-    it as a share of its side (None: no face), appended to `widths` for `photographs_warning`."""
-    face = square_crop(image)
-    if len(widths) < PHOTOGRAPH_SAMPLE:
-        probe = face if face.size[0] <= PHOTOGRAPH_PROBE_SIDE else face.resize((PHOTOGRAPH_PROBE_SIDE,) * 2)
-        boxes = detector.detect(np.asarray(probe))
-        widths.append(max(b.w for b in boxes) / probe.size[0] if boxes else None)
-    return face
-
-
-def photographs_warning(widths: list[float | None]) -> str | None:
-    """A warning when images taken whole look like photographs of people rather than face crops: faces are
-    found in most of the sample and most of them are narrower than PHOTOGRAPH_FACE_WIDTH of the image. The
-    networks would then learn from a face a few pixels wide at the training size."""
-    found = [w for w in widths if w is not None]
-    small = sum(w < PHOTOGRAPH_FACE_WIDTH for w in found)
-    if len(found) * 2 <= len(widths) or small * 2 <= len(found):
-        return None
-    return (f"in {small} of {len(widths)} images measured the face is narrower than {PHOTOGRAPH_FACE_WIDTH:.0%} "
-            "of the image: these look like photographs, not face crops; --set data.face_crop=head cuts each "
-            "to the head, as `epd-ray deidentify` cuts faces")
+    `auto` cuts RaFD's full frames to the head and takes FER2013's crops whole. A folder or manifest may
+    hold face crops or photographs of people: in the first PHOTOGRAPH_SAMPLE images the head `deidentify`
+    would cut is measured against the image's shorter side, and when most of the heads found (in most of
+    the images) span less than PHOTOGRAPH_HEAD_SHARE of it, the images are photographs and every face is
+    cut to the head. Taken whole, a RaFD frame's face would be about 20 px wide at 64 px."""
+    if data.face_crop != "auto":
+        return data.face_crop, ""
+    if data.source != "folder" and data.source != "manifest":
+        return ("head" if data.source == "rafd" else "square"), ""
+    detector, shares = head_detector(data), []
+    for item in items_of(data, {}):
+        if len(shares) == PHOTOGRAPH_SAMPLE:
+            break
+        try:
+            image, _ = read_rgb(item.read(), data.max_image_pixels) if item.read else (None, "")
+        except (Rejected, OSError):  # judged, and listed, when the set is taken in
+            continue
+        if image is not None:
+            box = largest_face(image, detector)
+            shares.append(face_region(box).side / min(image.size) if box else None)
+    found = [share for share in shares if share is not None]
+    small = sum(share < PHOTOGRAPH_HEAD_SHARE for share in found)
+    if len(found) * 2 <= len(shares) or small * 2 <= len(found):
+        return "square", ""
+    return "head", (f"in {small} of the {len(shares)} images sampled the head spans less than "
+                    f"{PHOTOGRAPH_HEAD_SHARE:.0%} of the image: these are photographs, and every face is cut to "
+                    "the head as `epd-ray deidentify` cuts faces (data.face_crop=auto; data.face_crop=square "
+                    "takes each image whole)")
 
 
 def assign_splits(identity: np.ndarray, emotion: np.ndarray, fixed: list[str | None], data: DataConfig,
@@ -306,6 +333,8 @@ def summary_line(prepared: PreparedData) -> str:
         parts = [f"accepted {intake['accepted']}", f"rejected {rejected}"
                  + (f" ({', '.join(f'{k}: {v}' for k, v in sorted(intake['rejected'].items()))}; see "
                     f"{Path(prepared.path) / REJECTS_FILE})" if rejected else "")]
+        if intake.get("face_crop") == "head":
+            parts.append("each face cut to the head")
         if intake["converted"]:
             parts.append("converted to RGB " + ", ".join(f"{k}: {v}" for k, v in sorted(intake["converted"].items())))
         if intake["skipped"]:
