@@ -210,10 +210,15 @@ def test_an_interrupted_pretraining_trains_only_the_networks_it_had_not_finished
     assert not unfinished.exists()
 
 
-def test_train_network_runs_without_ray_on_faces_in_memory():
+def test_train_network_runs_without_ray_on_faces_in_memory(monkeypatch):
     """The loop inside every pretraining task, called in-process as tests and benchmarks do: the step budget,
-    about ten progress items with a validation score each, and the network handed back ready to judge."""
+    about ten progress items with a validation score each, and the network handed back ready to judge. The
+    progress items score a bounded share of every person's validation faces, so a large set's pretraining
+    does not slow down; the last scores them all."""
+    from epd_ray.train import pretrain
     from epd_ray.train.pretrain import network_specs, train_network
+
+    monkeypatch.setattr(pretrain, "PROGRESS_VAL_FACES", 6)
 
     exp = load_config("smoke")
     faces = make_synthetic_faces(3, 2, 32, seed=0)
@@ -225,3 +230,4 @@ def test_train_network_runs_without_ray_on_faces_in_memory():
                                  augmented=True, on_progress=items.append)
     assert [item["step"] for item in items] == list(range(2, 21, 2))
     assert not model.training and 0.0 <= score <= 1.0 and score == items[-1]["val_score"]
+    assert [item["val_faces"] for item in items] == [6] * 9 + [len(arrays)]  # 2 of each of the 3 people, then all
