@@ -112,7 +112,12 @@ class VerifiersConfig(_Strict):
 
     identity_width: float = Field(0.25, gt=0, le=1.0, description="VGG-16 channel multiplier")
     evaluator_width: int = Field(16, ge=4, le=64, description="ResNet-18 base width of the evaluators")
-    steps: int = Field(300, ge=1, description="optimiser steps per network (the same updates at any data size)")
+    steps: int = Field(300, ge=1, description="optimiser steps per network (the same updates at any data size, "
+                                              "unless `min_passes` asks for more)")
+    min_passes: float = Field(0.0, ge=0, description="on a large set, a classifier trains for at least this many "
+                              "passes over its training images (up to `max_steps`): `steps` alone leaves it "
+                              "half-learnt there (train/pretrain.classifier_steps); 0: `steps` at any size")
+    max_steps: int | None = Field(None, ge=1, description="the most steps `min_passes` may give a classifier")
     batch_size: int = Field(32, ge=2)
     lr: float = Field(5e-4, gt=0, description="identity networks (VGG-16 needs a small one from scratch)")
     emotion_lr: float = Field(2e-3, gt=0, description="emotion networks (mini-Xception: 0.90 at 5e-4, 1.00 at 2e-3)")

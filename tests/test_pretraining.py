@@ -231,3 +231,18 @@ def test_train_network_runs_without_ray_on_faces_in_memory(monkeypatch):
     assert [item["step"] for item in items] == list(range(2, 21, 2))
     assert not model.training and 0.0 <= score <= 1.0 and score == items[-1]["val_score"]
     assert [item["val_faces"] for item in items] == [6] * 9 + [len(arrays)]  # 2 of each of the 3 people, then all
+
+
+def test_a_classifier_takes_its_steps_on_a_small_set_and_enough_to_see_each_face_min_passes_times_on_a_large_one():
+    """`verifiers.steps` is a floor that does not depend on the set's size; the faces preset's `min_passes`
+    adds steps once a set is large enough that the floor would show each face only a few times, up to
+    `max_steps`. Presets without it keep the same steps at any size."""
+    from epd_ray.train.pretrain import classifier_steps
+
+    faces = load_config("faces").verifiers
+    assert (faces.steps, faces.min_passes, faces.batch_size) == (600, 10, 32)
+    assert classifier_steps(faces, 79) == classifier_steps(faces, 1900) == 600  # JAFFE, and up to 1,920 faces
+    assert classifier_steps(faces, 5678) == 1775  # 10 passes of 5,678 faces at 32 a batch
+    assert classifier_steps(faces, 100_000) == faces.max_steps == 2400
+    quick = load_config("quick").verifiers
+    assert classifier_steps(quick, 79) == classifier_steps(quick, 100_000) == quick.steps

@@ -19,8 +19,9 @@ that tests and benchmarks call in-process; the driver (`train/run.py`) keeps eac
 restart trains only what is missing.
 
 Budgets are optimiser steps (`verifiers.steps`, `model.warm_start_steps`), not epochs: a network takes
-that many batches, passing over a small set as often as it takes, so 150 and 8,000 images both get the
-updates they need. About ten times per network the task sends the driver a progress item (step, loss,
+that many batches, passing over a small set as often as it takes, so 150 images get the updates they need;
+with `verifiers.min_passes` a classifier on a large set takes more, enough to see each face that many times
+(`classifier_steps`). About ten times per network the task sends the driver a progress item (step, loss,
 validation score, time) through `progress.send`.
 """
 
@@ -70,6 +71,16 @@ def new_people_faces(train: FaceArrays, val: FaceArrays) -> tuple[FaceArrays, Fa
     both = FaceArrays(np.concatenate([train.pixels, val.pixels]), np.concatenate([train.identity, val.identity]),
                       np.concatenate([train.emotion, val.emotion]))
     return train.take(np.flatnonzero(~held_out_people(train.identity))), both.take(np.flatnonzero(unseen))
+
+
+def classifier_steps(cfg: VerifiersConfig, train_images: int) -> int:
+    """A classifier's optimiser steps: `cfg.steps`, or, on a set large enough, `cfg.min_passes` passes over its
+    `train_images` (at most `cfg.max_steps`). Steps alone suit small sets, which epochs starve; a fixed count
+    starves large ones instead: on 8,094 images (5,678 training faces) S read 0.80 of the validation
+    expressions after 600 steps (3.4 passes) and 0.97 after 1,800, where JAFFE's 79 training faces took it to
+    0.87 in 600."""
+    passes = math.ceil(cfg.min_passes * train_images / cfg.batch_size)
+    return max(cfg.steps, min(passes, cfg.max_steps or passes))
 
 
 def network_specs(cfg: VerifiersConfig, model: ModelConfig, num_identities: int,
@@ -186,7 +197,8 @@ def train_network(name: str, spec: dict[str, Any], train: FaceArrays, val: FaceA
         model.train()
         elapsed = time.monotonic() - started
         on_progress({"network": name, "task": spec["task"], "step": step, "steps": total, "loss": mean_loss,
-                     "val_score": score, "val_faces": len(judged), "elapsed_s": elapsed, "left_s": elapsed / step * (total - step)})
+                     "val_score": score, "val_faces": len(judged), "elapsed_s": elapsed,
+                     "left_s": elapsed / step * (total - step)})
     return model.eval(), score
 
 

@@ -19,12 +19,12 @@ import ray
 from epd_ray.artifacts import (PRETRAINED_FILE, DatasetManifest, SCORES_FILE, PretrainedCache, atomic_folder,
                                pretrained_key)
 from epd_ray.checkpoints import PICKER, CheckpointError, load_checkpoint, save_checkpoint
-from epd_ray.config import ConfigError, ExperimentConfig
+from epd_ray.config import ConfigError, ExperimentConfig, VerifiersConfig
 from epd_ray.data.prepare import PreparedData
 from epd_ray.data.shards import load_split
 from epd_ray.runtime import DATA_RESERVE_CPUS, RayRuntime
-from epd_ray.train.pretrain import (NEW_PEOPLE_PROBE, PretrainInputs, network_specs, new_people_faces,
-                                    pretrain_task)
+from epd_ray.train.pretrain import (NEW_PEOPLE_PROBE, PretrainInputs, classifier_steps, network_specs,
+                                    new_people_faces, pretrain_task)
 from epd_ray.train.progress import ProgressFeed
 
 # The warm start's reconstruction SSIM below which GAN training starts from visibly blurred faces (the quick
@@ -184,6 +184,14 @@ def pretrain_networks(exp: ExperimentConfig, prepared: PreparedData, *, cache_di
             echo(f"{NEW_PEOPLE_PROBE}: left out, its {len(faces_of[NEW_PEOPLE_PROBE][0])} training faces fill no "
                  f"batch of {exp.verifiers.batch_size}")
             del specs[NEW_PEOPLE_PROBE], faces_of[NEW_PEOPLE_PROBE]
+
+    def source_of(name: str):
+        """Where a network's (train, val) faces are in `faces_of`: the probe's own, else its task's data set."""
+        return name if name in faces_of else (emotions if specs[name]["task"] == "emotion" else prepared).path
+
+    for name, spec in specs.items():
+        if spec["task"] != "reconstruct":
+            spec["steps"] = classifier_steps(exp.verifiers, len(faces_of[source_of(name)][0]))
     unfinished = cache.unfinished(key)
     finished = finished_networks(unfinished, specs)
     todo = [name for name in specs if name not in finished]
@@ -195,25 +203,19 @@ def pretrain_networks(exp: ExperimentConfig, prepared: PreparedData, *, cache_di
          + (f", {pickers} expression picker(s) (ResNet-18 shape)" if pickers else "")
          + (f", the {NEW_PEOPLE_PROBE} (S_e's shape)" if NEW_PEOPLE_PROBE in specs else "")
          + f"{' and the generator warm start' if exp.model.warm_start_steps else ''} on "
-         f"{faces.images('train')} images, {exp.verifiers.steps} steps each"
+         f"{faces.images('train')} images, {steps_said(specs, exp.verifiers)}"
          + (f", warm start {exp.model.warm_start_steps}" if exp.model.warm_start_steps else "")
          + f"; {lanes} at a time" + (f"; kept from an interrupted run: {', '.join(finished)}" if finished else ""))
     if emotions is not prepared:
         echo(f"emotion networks learn from {emotions.path} ({emotions.info.images('train')} images)")
     splits = {source: tuple(ray.put(split) for split in pair) for source, pair in faces_of.items()}
 
-    def faces_for(name: str) -> tuple:
-        """The (train, val) splits a network learns from: the probe's own, else its task's data set."""
-        if name in splits:
-            return splits[name]
-        return splits[(emotions if specs[name]["task"] == "emotion" else prepared).path]
-
     with ProgressFeed(PretrainingEstimate(specs, time_share_s, echo, lanes)) as feed:
         inputs = PretrainInputs(specs, exp.verifiers.batch_size, exp.verifiers.augment, exp.train.precision,
                                 exp.train.channels_last, feed.queue)
         task = pretrain_task.options(num_cpus=cpus, num_gpus=1 if exp.train.use_gpu else 0,
                                      max_retries=exp.train.max_failures)
-        running = {task.remote(name, inputs, cpus, *faces_for(name)): name for name in todo}
+        running = {task.remote(name, inputs, cpus, *splits[source_of(name)]): name for name in todo}
         try:
             while running:
                 done, _ = ray.wait(list(running), num_returns=1)
@@ -233,6 +235,16 @@ def pretrain_networks(exp: ExperimentConfig, prepared: PreparedData, *, cache_di
     shutil.rmtree(unfinished, ignore_errors=True)
     echo(f"pretrained networks -> {out}")
     return out / PRETRAINED_FILE
+
+
+def steps_said(specs: dict[str, Any], cfg: VerifiersConfig) -> str:
+    """The classifiers' steps for the pretraining line: one number, or the range `verifiers.min_passes` gave."""
+    steps = sorted({spec["steps"] for spec in specs.values() if spec["task"] != "reconstruct"})
+    if steps == [cfg.steps]:
+        return f"{cfg.steps} steps each"
+    return (f"{steps[0]}{f'-{steps[-1]}' if len(steps) > 1 else ''} steps each "
+            f"(verifiers.min_passes: {cfg.min_passes:g} passes over each one's training faces, steps {cfg.steps} to "
+            f"{cfg.max_steps or 'any'})")
 
 
 def finished_networks(unfinished: Path, specs: dict[str, Any]) -> dict[str, tuple[dict[str, Any], float]]:
