@@ -152,7 +152,8 @@ class PretrainingEstimate:
             self.warned = True
             self.echo(f"warning: pretraining will take ~{estimate:.0f} s, more than its share ({self.share_s:.0f} s) "
                       f"of the time budget; the search gets what is left. Pretrain once beforehand with `epd-ray "
-                      f"pretrain` (cached, then reused), or lower verifiers.steps / model.warm_start_steps")
+                      f"pretrain` (cached, then reused), or lower verifiers.steps / verifiers.min_passes / "
+                      "model.warm_start_steps")
 
 
 def pretrain_networks(exp: ExperimentConfig, prepared: PreparedData, *, cache_dir: Path, runtime: RayRuntime,
