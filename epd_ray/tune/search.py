@@ -49,7 +49,6 @@ from ray.tune.stopper import TimeoutStopper
 from epd_ray.artifacts import RunFolder
 from epd_ray.config import SEARCHED_KEYS, ExperimentConfig, TrainConfig
 from epd_ray.core.metrics import pareto_front
-from epd_ray.core.precision import threads_for
 from epd_ray.data.stream import augmented
 from epd_ray.runtime import DATA_RESERVE_CPUS, RayRuntime, data_config, sigint_guard, storage_filesystem
 from epd_ray.train.gan import GanInputs, gan_in_trial, gan_loop, rounds
@@ -138,16 +137,6 @@ def trial_resources(exp: ExperimentConfig, runtime: RayRuntime) -> dict[str, flo
     if trains_in_trial(exp):
         return {"CPU": exp.train.cpus_per_worker, **({"GPU": 1} if exp.train.use_gpu else {})}
     return runtime.trial_driver_resources()
-
-
-def lone_trial(exp: ExperimentConfig, runtime: RayRuntime) -> ExperimentConfig:
-    """`epd-ray train`'s one trial: where it trains in its own process on CPUs, it holds every CPU of the
-    largest node that the data tasks leave, and its torch threads follow. `train.cpus_per_worker` is the share
-    of each of a search's concurrent trials; alone, that share would leave it one thread of 2 cores."""
-    if exp.train.use_gpu or not trains_in_trial(exp):
-        return exp
-    cpus = max(exp.train.cpus_per_worker, runtime.largest_node_cpus - DATA_RESERVE_CPUS)
-    return exp.model_copy(update={"train": exp.train.model_copy(update={"cpus_per_worker": cpus})})
 
 
 def gan_trainer(exp: ExperimentConfig, params: dict[str, float], *, train_data: ray.data.Dataset, inputs: GanInputs,
@@ -328,7 +317,6 @@ def run_search(exp: ExperimentConfig, *, train_data: ray.data.Dataset, inputs: G
     best is picked among the rounds reported by then.
     """
     started = time.time()
-    exp = lone_trial(exp, runtime) if fixed else exp
     waits_for = rounds(exp.train) if exp.search.finish_one_trial else None
     concurrency = 1 if fixed else concurrent_trials(exp, runtime)
     trainable = ray.tune.with_resources(
@@ -342,9 +330,7 @@ def run_search(exp: ExperimentConfig, *, train_data: ray.data.Dataset, inputs: G
         tuner = ray.tune.Tuner.restore(saved, trainable, resume_unfinished=True, restart_errored=True)
     else:
         if fixed:
-            echo(f"train: one setting, {budget(exp.train)}"
-                 + ("" if exp.train.use_gpu else f", {threads_for(exp.train.cpus_per_worker)} torch thread(s) a worker")
-                 + ": "
+            echo(f"train: one setting, {budget(exp.train)}: "
                  + ", ".join(f"{k}={v:.3g}" for k, v in fixed.items()))
         else:
             stopping = ("no early stopping (pareto: privacy and utility)" if is_pareto(exp)
