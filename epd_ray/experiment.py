@@ -265,8 +265,8 @@ def search_time_budget(budget: float, spent: float, reserve: float, echo=print) 
     evaluation's `reserve`; at least that reserve, so that a budget spent already still trains a round or so."""
     left = budget - spent - reserve
     if left < reserve:
-        echo(f"time budget: {spent:.0f} s of {budget:.0f} s spent before the search; it gets {reserve:.0f} s anyway "
-             "(the run will end late)")
+        echo(f"time budget: {spent:.0f} s of {budget:.0f} s spent before the search and {reserve:.0f} s kept for the "
+             f"evaluation and report; the search gets {reserve:.0f} s anyway (the run will end late)")
         return reserve
     echo(f"time budget: {spent:.0f} s of {budget:.0f} s spent before the search; it gets {left:.0f} s, "
          f"{reserve:.0f} s are kept for the evaluation and report")
