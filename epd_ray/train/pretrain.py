@@ -86,9 +86,10 @@ def classifier_steps(cfg: VerifiersConfig, train_images: int) -> int:
 def network_specs(cfg: VerifiersConfig, model: ModelConfig, num_identities: int,
                   image_size: int, num_emotions: int = NUM_EMOTIONS, *,
                   emotions_with_people: bool = True) -> dict[str, dict[str, Any]]:
-    """Kind, constructor arguments, task, seed and steps of every pretrained network, in training order.
-    `emotions_with_people`: the emotion networks learn from the faces, whose people the new-people probe
-    can hold out (an emotion-only set such as FER2013 names no people)."""
+    """Kind, constructor arguments, task, seed and steps of every pretrained network, in training order (the
+    classifiers' `verifiers.steps`, which `train/run.py` raises by `classifier_steps` once it knows how many
+    faces each learns from). `emotions_with_people`: the emotion networks learn from the faces, whose people
+    the new-people probe can hold out (an emotion-only set such as FER2013 names no people)."""
     specs = {
         "identity_verifier": {"args": {"num_identities": num_identities, "image_size": image_size,
                                        "width": cfg.identity_width}, "task": "identity", "seed": cfg.seed},
