@@ -491,3 +491,19 @@ def test_video_is_h264_at_the_input_fps_and_size_with_its_audio(tmp_path, model_
     assert result.exit_code == 0 and (tmp_path / "rough.mp4").stat().st_size < (tmp_path / "out.mp4").stat().st_size
     result = CliRunner().invoke(app, [*base, str(tmp_path / "bad.mp4"), "--crf", "60"])
     assert result.exit_code == 2 and "--crf" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("margin", [0.0, 0.1, 0.25])
+def test_the_blend_mask_replaces_the_face_to_near_its_box_edge_and_fades_out_before_the_square_edge(margin):
+    """A face cut with little or no margin (the square on the box itself) is still replaced up to its box's
+    outer tenth, hairline and chin, and the new face fades out before the edge of the square it was drawn in."""
+    from epd_ray.deploy.faces import face_mask
+    from epd_ray.faces import Box, face_region
+
+    box = Box(100, 100, 150, 200)  # a face box taller than wide, as CenterFace's are
+    region = face_region(box, margin)
+    mask = face_mask(region)
+    cx, top, bottom = box.x + box.w // 2 - region.x0, box.y - region.y0, box.y + box.h - region.y0
+    assert mask[top + box.h // 10, cx] > 0.85 and mask[bottom - box.h // 10, cx] > 0.85
+    assert mask[region.side // 2, region.side // 2] == pytest.approx(1.0)
+    assert max(mask[0].max(), mask[-1].max(), mask[:, 0].max(), mask[:, -1].max()) < 0.15

@@ -44,17 +44,21 @@ def face_mask(region: Region, feather: float = 0.08) -> np.ndarray:
 
     The ellipse covers the detected box with some room (Haar boxes cut the chin and forehead), turned by the
     face's roll when the detector gave landmarks; the edge is feathered with a Gaussian of `feather` * side,
-    placed so the box itself stays fully replaced.
+    placed so the box itself stays fully replaced where the square leaves room around it. Where it leaves
+    little (a small margin), the feather narrows to fit between the box's outer tenth and the square's edge
+    (the ellipse's edge 1.5 sigma from each), so the face is replaced up to a tenth of the box from its edge,
+    hairline and chin, however small the margin.
     """
     s, b = region.side, region.box
     cx, cy = b.x + b.w / 2.0 - region.x0, b.y + b.h / 2.0 - region.y0
-    sigma = max(1.0, feather * s)
+    room = s / 2.0 - 0.4 * max(b.w, b.h)  # from the box's outer tenth to the square's edge
+    sigma = max(1.0, min(feather * s, room / 3.0))
     ax = min(b.w * 0.62 + sigma, s / 2.0 - 1.5 * sigma)
     ay = min(b.h * 0.72 + sigma, s / 2.0 - 1.5 * sigma)
     mask = np.zeros((s, s), np.float32)
     cv2.ellipse(mask, (int(round(cx)), int(round(cy))), (max(1, int(ax)), max(1, int(ay))), b.roll, 0, 360, 1.0, -1)
     k = 2 * int(np.ceil(3 * sigma)) + 1
-    return cv2.GaussianBlur(mask, (k, k), sigma)
+    return cv2.GaussianBlur(mask, (k, k), sigma, borderType=cv2.BORDER_CONSTANT)
 
 
 def paste(image: np.ndarray, region: Region, face: np.ndarray, mask: np.ndarray) -> None:
