@@ -42,11 +42,11 @@ class DataConfig(_Strict):
     rafd_angles: tuple[str, ...] = Field(("090",), description="rafd: camera angles kept (000 045 090 135 180)")
     rafd_gazes: tuple[str, ...] = Field(("frontal", "left", "right"), description="rafd: gazes kept")
     face_crop: Literal["auto", "head", "square"] = Field(
-        "auto", description="how each face is cut from its image: head = the largest detected face grown to take "
-                            "in hair and chin, as `epd-ray deidentify` cuts faces (full frames; an image with no "
-                            "face found is rejected); square = the centred square (images that are face crops "
-                            "already); auto = head for rafd and for a folder or manifest of photographs (in most "
-                            "of the first 32 images the head spans under 60% of the image), square otherwise")
+        "auto", description="how each face is cut from its image: head = the square around the largest detected "
+                            "face, as `epd-ray deidentify` cuts faces (full frames; an image with no face found is "
+                            "rejected); square = the centred square (images that are face crops already); auto = "
+                            "head for rafd and for a folder or manifest of photographs (in most of the first 32 "
+                            "images the face spans under 80% of the image), square otherwise")
     face_detector: Literal["centerface", "haar"] = Field(
         "centerface", description="face detector of the head crop (rafd_detector, its old name, is read too)",
         validation_alias=AliasChoices("face_detector", "rafd_detector"))

@@ -32,7 +32,7 @@ from epd_ray.data.sources import DataError
 from epd_ray.data.decode import (DUPLICATE, MISSING, NO_FACE, UNDECODABLE, UNKNOWN_LABEL, UNLABELLED, Face,
                                  Rejected, decode_face, read_rgb, square_crop)
 from epd_ray.data.shards import MANIFEST, SPLITS, read_manifest, split_per_identity, write_dataset
-from epd_ray.faces import Box, Detector, face_region, make_detector
+from epd_ray.faces import FACE_MARGIN, Box, Detector, face_region, make_detector
 
 REJECTS_FILE = "rejects.csv"
 NO_IDENTITY = -1  # FER2013 rows: an emotion label and no person
@@ -69,7 +69,8 @@ class Intake:
 
 
 def dataset_key(data: DataConfig) -> str:
-    return f"{data.source}-{data.image_size}px-{stable_hash(data.model_dump(mode='json'))}"
+    """The cache folder's name: the settings and the framing faces are cut with (`faces.FACE_MARGIN`)."""
+    return f"{data.source}-{data.image_size}px-{stable_hash({**data.model_dump(mode='json'), 'margin': FACE_MARGIN})}"
 
 
 def cached_dataset(data: DataConfig, cache_dir: Path, *, echo: Callable[[str], None] = print) -> PreparedData:
@@ -158,8 +159,8 @@ def take_in(data: DataConfig, classes: tuple[str, ...], face_crop: str, *, stric
     cut from its image by `face_crop` ("head" or "square", see `chosen_face_crop`)."""
     intake = Intake(face_crop=face_crop)
     first_of: dict[str, str] = {}  # content digest -> first file with those bytes
-    crop = (functools.partial(head_crop, detector=head_detector(data), rafd_frame=data.source == "rafd")
-            if face_crop == "head" else square_crop)
+    crop = (functools.partial(head_crop, detector=head_detector(data), rafd_frame=data.source == "rafd",
+                              min_side=data.image_size) if face_crop == "head" else square_crop)
     for item in items_of(data, intake.skipped):
         try:
             emotion, face, digest = judge_item(item, data, classes, crop)
@@ -209,7 +210,11 @@ def judge_item(item: sources.Item, data: DataConfig, classes: tuple[str, ...], c
 
 DETECT_SIDE = 384  # faces are looked for on a copy of at most this shorter side: the same cost for any camera
 PHOTOGRAPH_SAMPLE = 32  # images of a folder or manifest whose heads choose the crop (data.face_crop=auto)
-PHOTOGRAPH_HEAD_SHARE = 0.6  # a head spanning less of the image's shorter side: a photograph, not a face crop
+# A face spanning less of the image's shorter side: a photograph, not a face crop. The square `face_region` cuts
+# spans 0.60-0.74 of JAFFE's head-and-shoulders frames, 0.88-0.98 of its face crops (64 and 128 px) and
+# 0.84-0.89 of the crops this preparation writes (CenterFace's box grows and shrinks a little with the scale).
+PHOTOGRAPH_FACE_SHARE = 0.8
+RAFD_FACE = (0.42, 0.5, 0.42)  # where RaFD's frontal camera puts the face: side and centre x / width, centre y / height
 
 
 def head_detector(data: DataConfig) -> Detector:
@@ -231,22 +236,23 @@ def largest_face(image: Image.Image, detector: Detector) -> Box | None:
     return Box(round(box.x / scale), round(box.y / scale), round(box.w / scale), round(box.h / scale), box.score)
 
 
-def head_crop(image: Image.Image, detector: Detector, rafd_frame: bool = False) -> Image.Image:
-    """The head in a full frame: the square `epd-ray deidentify` cuts around the largest detected face
-    (`largest_face`; `faces.face_region`, hair and chin included), so the generator trains on the framing it
-    will be given; moved inside the frame where it would cross the border. With no face found, a RaFD frame
-    falls back to a fixed box where RaFD's frontal camera puts the head (centred, upper half); any other
-    image is rejected."""
+def head_crop(image: Image.Image, detector: Detector, rafd_frame: bool = False, min_side: int = 0) -> Image.Image:
+    """The face in a full frame: the square `epd-ray deidentify` cuts around the largest detected face
+    (`largest_face`; `faces.face_region`), so the generator trains on the framing it will be given; moved
+    inside the frame where it would cross the border, and grown to `min_side` (the training size) around a
+    face smaller than that, which would otherwise be rejected as too small. With no face found, a RaFD frame
+    falls back to a fixed box where RaFD's frontal camera puts the face (RAFD_FACE); any other image is
+    rejected."""
     width, height = image.size
     box = largest_face(image, detector)
-    if box is not None:
-        side, cx, cy = face_region(box).side, box.x + box.w / 2, box.y + box.h / 2
-    elif rafd_frame:
-        side, cx, cy = int(min(width, 0.62 * width)), width / 2, 0.42 * height
-    else:
+    if box is None and rafd_frame:
+        side, x, y = round(RAFD_FACE[0] * width), round(RAFD_FACE[1] * width), round(RAFD_FACE[2] * height)
+        box = Box(x - side // 2, y - side // 2, side, side)
+    if box is None:
         raise Rejected(NO_FACE, f"{type(detector).__name__} found none of width at least {min(width, height) // 8} "
                                 "px (data.face_crop=square takes the image as it is)")
-    side = min(side, width, height)
+    region = face_region(box)
+    side, cx, cy = min(max(region.side, min_side), width, height), box.x + box.w / 2, box.y + box.h / 2
     left = int(min(max(0, cx - side / 2), width - side))
     top = int(min(max(0, cy - side / 2), height - side))
     return image.crop((left, top, left + side, top + side))
@@ -256,11 +262,12 @@ def chosen_face_crop(data: DataConfig) -> tuple[str, str]:
     """How every face of the set is cut from its image, "head" or "square", and, where `data.face_crop=auto`
     chose the head for a folder or manifest, the line that says why.
 
-    `auto` cuts RaFD's full frames to the head and takes FER2013's crops whole. A folder or manifest may
-    hold face crops or photographs of people: in the first PHOTOGRAPH_SAMPLE images the head `deidentify`
-    would cut is measured against the image's shorter side, and when most of the heads found (in most of
-    the images) span less than PHOTOGRAPH_HEAD_SHARE of it, the images are photographs and every face is
-    cut to the head. Taken whole, a RaFD frame's face would be about 20 px wide at 64 px."""
+    `auto` cuts RaFD's full frames to the face and takes FER2013's crops whole. A folder or manifest may
+    hold face crops or photographs of people: in the first PHOTOGRAPH_SAMPLE images the square `deidentify`
+    would cut is measured against the image's shorter side, and when most of the faces found (in most of
+    the images) span less than PHOTOGRAPH_FACE_SHARE of it, the images are photographs and every face is
+    cut out. Taken whole, a RaFD frame's face would be about 20 px wide at 64 px; JAFFE's head-and-shoulders
+    frames (the face two thirds of the side) are cut too, and face crops (the face the whole side) are not."""
     if data.face_crop != "auto":
         return data.face_crop, ""
     if data.source != "folder" and data.source != "manifest":
@@ -277,13 +284,13 @@ def chosen_face_crop(data: DataConfig) -> tuple[str, str]:
             box = largest_face(image, detector)
             shares.append(face_region(box).side / min(image.size) if box else None)
     found = [share for share in shares if share is not None]
-    small = sum(share < PHOTOGRAPH_HEAD_SHARE for share in found)
+    small = sum(share < PHOTOGRAPH_FACE_SHARE for share in found)
     if len(found) * 2 <= len(shares) or small * 2 <= len(found):
         return "square", ""
-    return "head", (f"in {small} of the {len(shares)} images sampled the head spans less than "
-                    f"{PHOTOGRAPH_HEAD_SHARE:.0%} of the image: these are photographs, and every face is cut to "
-                    "the head as `epd-ray deidentify` cuts faces (data.face_crop=auto; data.face_crop=square "
-                    "takes each image whole)")
+    return "head", (f"in {small} of the {len(shares)} images sampled the face spans less than "
+                    f"{PHOTOGRAPH_FACE_SHARE:.0%} of the image: these are photographs, and every face is cut out "
+                    "as `epd-ray deidentify` cuts faces (data.face_crop=auto; data.face_crop=square takes each "
+                    "image whole)")
 
 
 def assign_splits(identity: np.ndarray, emotion: np.ndarray, fixed: list[str | None], data: DataConfig,
