@@ -87,16 +87,16 @@ def test_folder_source_gives_identities_emotions_and_per_identity_splits(tmp_pat
     assert (prepared.path / REJECTS_FILE).read_text().strip() == "file,reason,detail"
 
 
-@pytest.mark.parametrize("fmt", ["csv", "parquet"])
-def test_manifest_source_reads_csv_and_parquet_with_relative_paths(tmp_path, fmt):
+@pytest.mark.parametrize("fmt, column", [("csv", "emotion"), ("parquet", "emotion"), ("csv", "expression")])
+def test_manifest_source_reads_csv_and_parquet_with_relative_paths(tmp_path, fmt, column):
     _folder_tree(tmp_path / "faces")
-    rows = [{"path": f"faces/p{i}/{e}/{k}.png", "identity": f"person-{i}", "emotion": e.upper()}
+    rows = [{"path": f"faces/p{i}/{e}/{k}.png", "identity": f"person-{i}", column: e.upper()}
             for i in range(3) for e in EMOTION_DIRS for k in range(4)]
-    rows.append({"path": "faces/p0/happy/404.png", "identity": "person-0", "emotion": "happy"})
+    rows.append({"path": "faces/p0/happy/404.png", "identity": "person-0", column: "happy"})
     manifest = tmp_path / f"labels.{fmt}"
     if fmt == "csv":
         with manifest.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=["path", "identity", "emotion"])
+            writer = csv.DictWriter(handle, fieldnames=["path", "identity", column])
             writer.writeheader()
             writer.writerows(rows)
     else:

@@ -5,7 +5,7 @@ image. Decoding, cropping, conversion and every reject reason live in `decode.py
 (duplicates, rejects, counts, splits, shards) in `prepare.py`, so all formats are judged the same way.
 
 - `folder`: `<root>/<identity>/<emotion>/<image>`.
-- `manifest`: a CSV or Parquet file with columns `path,identity,emotion`, paths relative to the file.
+- `manifest`: a CSV or Parquet file with columns `path,identity,emotion` (or `expression`), paths relative to the file.
 - `rafd`: Radboud Faces file names `Rafd{angle}_{subject}_{group}_{gender}_{emotion}_{gaze}.jpg`, with a
   choice of camera angles and gazes; contemptuous is kept out unless asked for.
 - `fer2013`: the Kaggle CSV `emotion,pixels,Usage` (48x48 grey); no identities: emotion pretraining only.
@@ -104,8 +104,12 @@ def folder_items(root: Path) -> Iterator[Item]:
         yield Item(str(path.relative_to(root)), identity, emotion, read=_reader(path))
 
 
+EMOTION_COLUMNS = ("emotion", "expression")  # a manifest's emotion column, by either name (JAFFE's says expression)
+
+
 def manifest_items(manifest: Path) -> Iterator[Item]:
-    """Rows of a CSV or Parquet manifest `path,identity,emotion`; relative paths start at its folder."""
+    """Rows of a CSV or Parquet manifest `path,identity,emotion` (or `expression`); relative paths start at its
+    folder."""
     manifest = Path(manifest)
     if not manifest.is_file():
         raise DataError(f"{manifest}: no such manifest file")
@@ -118,14 +122,15 @@ def manifest_items(manifest: Path) -> Iterator[Item]:
         with manifest.open(newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
             rows, columns = list(reader), set(reader.fieldnames or [])
-    missing = {"path", "identity", "emotion"} - columns
+    emotion_column = next((name for name in EMOTION_COLUMNS if name in columns), "emotion")
+    missing = {"path", "identity", emotion_column} - columns
     if missing:
         raise DataError(f"{manifest}: manifest lacks column(s) {', '.join(sorted(missing))} "
-                          "(needs path,identity,emotion)")
+                          "(needs path,identity,emotion; the emotion column may be called expression)")
     for row in rows:
         raw = str(row["path"] or "").strip()
         path = Path(raw) if Path(raw).is_absolute() else manifest.parent / raw
-        identity, emotion = (str(row[k] if row[k] is not None else "").strip() for k in ("identity", "emotion"))
+        identity, emotion = (str(row[k] if row[k] is not None else "").strip() for k in ("identity", emotion_column))
         yield Item(raw or "<empty path>", identity, emotion, read=_reader(path) if raw else None)
 
 
