@@ -260,7 +260,7 @@ def head_crop(image: Image.Image, detector: Detector, rafd_frame: bool = False, 
 
 def chosen_face_crop(data: DataConfig) -> tuple[str, str]:
     """How every face of the set is cut from its image, "head" or "square", and, where `data.face_crop=auto`
-    chose the head for a folder or manifest, the line that says why.
+    chose the head crop for a folder or manifest, the line that says why.
 
     `auto` cuts RaFD's full frames to the face and takes FER2013's crops whole. A folder or manifest may
     hold face crops or photographs of people: in the first PHOTOGRAPH_SAMPLE images the square `deidentify`
@@ -341,7 +341,7 @@ def summary_line(prepared: PreparedData) -> str:
                  + (f" ({', '.join(f'{k}: {v}' for k, v in sorted(intake['rejected'].items()))}; see "
                     f"{Path(prepared.path) / REJECTS_FILE})" if rejected else "")]
         if intake.get("face_crop") == "head":
-            parts.append("each face cut to the head")
+            parts.append("each face cut out on its detected box")
         if intake["converted"]:
             parts.append("converted to RGB " + ", ".join(f"{k}: {v}" for k, v in sorted(intake["converted"].items())))
         if intake["skipped"]:
