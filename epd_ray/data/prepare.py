@@ -209,7 +209,7 @@ def judge_item(item: sources.Item, data: DataConfig, classes: tuple[str, ...], c
 
 
 DETECT_SIDE = 384  # faces are looked for on a copy of at most this shorter side: the same cost for any camera
-PHOTOGRAPH_SAMPLE = 32  # images of a folder or manifest whose heads choose the crop (data.face_crop=auto)
+PHOTOGRAPH_SAMPLE = 32  # images of a folder or manifest whose faces choose the crop (data.face_crop=auto)
 # A face spanning less of the image's shorter side: a photograph, not a face crop. The square `face_region` cuts
 # spans 0.60-0.74 of JAFFE's head-and-shoulders frames, 0.88-0.98 of its face crops (64 and 128 px) and
 # 0.84-0.89 of the crops this preparation writes (CenterFace's box grows and shrinks a little with the scale).
