@@ -161,6 +161,12 @@ class DatasetManifest:
         """How many faces `split` holds."""
         return int(self.splits[split]["images"])
 
+    @property
+    def face_margin(self) -> float | None:
+        """The context its faces were cut with, as `epd-ray deidentify --margin` (`prepare.Framing`); None
+        where it was not measured (synthetic faces, FER2013's rows, a set prepared before it was recorded)."""
+        return (self.raw.get("intake") or {}).get("face_margin")
+
 
 # --------------------------------------------------------------------------------------------------
 # the pretrained-network cache
@@ -313,6 +319,7 @@ class ModelSpec:
     parameters: int | None = None
     input: str | None = None
     draws: int = 1
+    face_margin: float | None = None  # the context its training faces were cut with: `deidentify`'s default margin
     format: str = MODEL_FORMAT
     version: int = MODEL_VERSION
     kind: str = "generator"
@@ -327,12 +334,12 @@ class ModelSpec:
             return None
         return cls(config=raw["config"], sha256=raw.get("sha256"), weights=raw["weights"],
                    parameters=raw.get("parameters"), input=raw.get("input"), draws=raw.get("draws", 1),
-                   version=raw.get("version", MODEL_VERSION))
+                   face_margin=raw.get("face_margin"), version=raw.get("version", MODEL_VERSION))
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": self.format, "version": self.version, "kind": self.kind, "config": self.config,
                 "weights": self.weights, "sha256": self.sha256, "parameters": self.parameters, "input": self.input,
-                "draws": self.draws}
+                "draws": self.draws, "face_margin": self.face_margin}
 
     def save(self, folder: Path) -> None:
         atomic_write_json(Path(folder) / self.FILE, self.to_dict(), newline=True)

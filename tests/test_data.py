@@ -227,6 +227,19 @@ def test_same_config_in_same_folder_is_reused_untouched(tmp_path):
     assert out.stat().st_ino == inode
 
 
+def test_a_folder_an_older_preparation_wrote_is_prepared_again(tmp_path):
+    """Same settings and inputs, but written before the preparation recorded what it now records (the
+    framing's margin): reusing it would hand training a manifest without it."""
+    out = tmp_path / "out"
+    prepare_dataset(SMALL, out)
+    manifest = json.loads((out / MANIFEST).read_text())
+    del manifest["preparation"]
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    again = prepare_dataset(SMALL, out)
+    assert again.reused is False and read_manifest(out)["preparation"] == again.manifest["preparation"]
+    assert prepare_dataset(SMALL, out).reused is True
+
+
 def test_different_config_in_same_folder_is_rewritten(tmp_path):
     out = tmp_path / "out"
     first = prepare_dataset(SMALL, out)

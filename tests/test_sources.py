@@ -188,7 +188,8 @@ def test_a_folder_of_photographs_is_cut_to_the_head_and_a_folder_of_face_crops_t
     out as `deidentify` cuts it and fills the training image, preparation says why, and a photograph without
     a face is rejected by name. With `data.face_crop=square` the images are taken whole and the faces are too
     small for the detector to find again at the training size. The head crops written out as a folder of
-    their own are face crops: auto takes them whole."""
+    their own are face crops: auto takes them whole. Each set records the context left around its faces,
+    the margin `deidentify` cuts faces with for a model trained on it."""
     from skimage import data
 
     from epd_ray.faces import make_detector
@@ -209,7 +210,7 @@ def test_a_folder_of_photographs_is_cut_to_the_head_and_a_folder_of_face_crops_t
                            echo=said.append)
     assert head.manifest["num_images"] == 18
     assert _rejects(head.path) == {"p0/happy/wall.png": NO_FACE}
-    assert head.manifest["intake"]["face_crop"] == "head"
+    assert head.manifest["intake"]["face_crop"] == "head" and head.manifest["intake"]["face_margin"] == 0.0
     assert any("in 18 of the 19 images sampled the face spans less than 80%" in line for line in said)
     detector = make_detector("centerface")
     head_train = load_split(head.path, "train")
@@ -218,6 +219,7 @@ def test_a_folder_of_photographs_is_cut_to_the_head_and_a_folder_of_face_crops_t
 
     whole = prepare_dataset(_data("folder", tmp_path / "photos", image_size=64, face_crop="square"), tmp_path / "whole")
     assert whole.manifest["num_images"] == 19 and whole.manifest["intake"]["face_crop"] == "square"
+    assert whole.manifest["intake"]["face_margin"] > 1.0  # the face a fifth of the frame: deidentify cuts the same
     assert all(max((b.w for b in detector.detect(face)), default=0) < 0.3 * 64
                for face in load_split(whole.path, "train").pixels)
     crops = tmp_path / "crops"
@@ -229,6 +231,7 @@ def test_a_folder_of_photographs_is_cut_to_the_head_and_a_folder_of_face_crops_t
     taken = prepare_dataset(_data("folder", crops, image_size=64, face_crop="auto"), tmp_path / "crops_prepared",
                             echo=said.append)
     assert taken.manifest["intake"]["face_crop"] == "square" and not any("sampled" in line for line in said)
+    assert 0.0 <= taken.manifest["intake"]["face_margin"] < 0.15  # the box is (nearly) the whole crop
 
 
 def test_fer2013_rows_become_an_emotion_only_set_split_by_usage(tmp_path):

@@ -49,10 +49,22 @@ class PreparedData:
         return DatasetManifest.from_dict(self.manifest)
 
 
+@dataclass(frozen=True)
+class Framing:
+    """How every face of a set is cut from its image, and the context that leaves around the face: what a
+    model trained on the set expects `epd-ray deidentify` to cut (its `--margin`)."""
+
+    face_crop: str  # "head" or "square"
+    margin: float | None  # around the detected box, a fraction of its larger side on every side
+    #                       (`faces.face_region`'s margin); None where no face was measured
+    why: str = ""  # where `data.face_crop=auto` chose the head crop for a folder or manifest, the line that says why
+
+
 @dataclass
 class Intake:
     """What came in: accepted faces with their labels, and an account of everything else."""
 
+    framing: Framing  # how every face was cut from its image
     pixels: list[np.ndarray] = field(default_factory=list)
     identity: list[str] = field(default_factory=list)
     emotion: list[int] = field(default_factory=list)
@@ -61,16 +73,23 @@ class Intake:
     rejects: list[tuple[str, str, str]] = field(default_factory=list)
     converted: Counter = field(default_factory=Counter)
     skipped: dict[str, int] = field(default_factory=dict)
-    face_crop: str = "square"  # how every face was cut from its image: "head" or "square"
 
     def summary(self) -> dict:
         return {"accepted": len(self.pixels), "rejected": dict(Counter(r for _, r, _ in self.rejects)),
-                "converted": dict(self.converted), "skipped": dict(self.skipped), "face_crop": self.face_crop}
+                "converted": dict(self.converted), "skipped": dict(self.skipped),
+                "face_crop": self.framing.face_crop, "face_margin": self.framing.margin}
+
+
+# What a prepared folder holds beyond its settings and inputs: a folder of another version is prepared again
+# (2: faces under DETECT_MIN_SIDE looked for enlarged, and the framing's margin recorded in `intake`).
+PREPARATION_VERSION = 2
 
 
 def dataset_key(data: DataConfig) -> str:
-    """The cache folder's name: the settings and the framing faces are cut with (`faces.FACE_MARGIN`)."""
-    return f"{data.source}-{data.image_size}px-{stable_hash({**data.model_dump(mode='json'), 'margin': FACE_MARGIN})}"
+    """The cache folder's name: the settings, the framing faces are cut with (`faces.FACE_MARGIN`) and the
+    preparation's version."""
+    settings = {**data.model_dump(mode="json"), "margin": FACE_MARGIN, "version": PREPARATION_VERSION}
+    return f"{data.source}-{data.image_size}px-{stable_hash(settings)}"
 
 
 def cached_dataset(data: DataConfig, cache_dir: Path, *, echo: Callable[[str], None] = print) -> PreparedData:
@@ -105,9 +124,11 @@ def prepare_dataset(data: DataConfig, out: Path, *, strict: bool = False,
     fingerprint = input_fingerprint(data)
     if (out / MANIFEST).is_file():
         manifest = read_manifest(out)
-        if manifest.get("config") == data.model_dump(mode="json") and manifest.get("inputs", "") == fingerprint:
+        if manifest.get("config") == data.model_dump(mode="json") and manifest.get("inputs", "") == fingerprint \
+                and manifest.get("preparation", 1) == PREPARATION_VERSION:
             return PreparedData(out, manifest, reused=True)
-    extra = {"source": data.source, "config": data.model_dump(mode="json"), "inputs": fingerprint}
+    extra = {"source": data.source, "config": data.model_dump(mode="json"), "inputs": fingerprint,
+             "preparation": PREPARATION_VERSION}
     if data.source == "synthetic":
         faces = make_synthetic_faces(data.num_identities, data.variations, data.image_size, seed=data.seed)
         split = split_per_identity(faces.identity, faces.emotion, data.splits, seed=data.seed)
@@ -118,10 +139,10 @@ def prepare_dataset(data: DataConfig, out: Path, *, strict: bool = False,
         return PreparedData(out, manifest, reused=False)
 
     classes = sources.emotion_classes(data.include_contempt)
-    face_crop, why = chosen_face_crop(data)
-    if why:
-        echo(why)
-    intake = take_in(data, classes, face_crop, strict=strict)
+    framing = chosen_framing(data)
+    if framing.why:
+        echo(framing.why)
+    intake = take_in(data, classes, framing, strict=strict)
     if not intake.pixels:
         raise DataError(f"{data.path}: no usable face among {len(intake.rejects)} file(s); "
                         f"rejected: {intake.summary()['rejected'] or 'none'}")
@@ -154,13 +175,13 @@ def items_of(data: DataConfig, skipped: dict[str, int]) -> Iterable[sources.Item
         raise DataError(str(exc)) from None
 
 
-def take_in(data: DataConfig, classes: tuple[str, ...], face_crop: str, *, strict: bool) -> Intake:
+def take_in(data: DataConfig, classes: tuple[str, ...], framing: Framing, *, strict: bool) -> Intake:
     """Judge every candidate once: accepted with its labels, or rejected with file and reason. Every face is
-    cut from its image by `face_crop` ("head" or "square", see `chosen_face_crop`)."""
-    intake = Intake(face_crop=face_crop)
+    cut from its image as `framing` says (see `chosen_framing`)."""
+    intake = Intake(framing=framing)
     first_of: dict[str, str] = {}  # content digest -> first file with those bytes
     crop = (functools.partial(head_crop, detector=head_detector(data), rafd_frame=data.source == "rafd",
-                              min_side=data.image_size) if face_crop == "head" else square_crop)
+                              min_side=data.image_size) if framing.face_crop == "head" else square_crop)
     for item in items_of(data, intake.skipped):
         try:
             emotion, face, digest = judge_item(item, data, classes, crop)
@@ -209,10 +230,11 @@ def judge_item(item: sources.Item, data: DataConfig, classes: tuple[str, ...], c
 
 
 DETECT_SIDE = 384  # faces are looked for on a copy of at most this shorter side: the same cost for any camera
+DETECT_MIN_SIDE = 128  # ... and at least this one: CenterFace's box shrinks on small faces
 PHOTOGRAPH_SAMPLE = 32  # images of a folder or manifest whose faces choose the crop (data.face_crop=auto)
 # A face spanning less of the image's shorter side: a photograph, not a face crop. The square `face_region` cuts
-# spans 0.60-0.74 of JAFFE's head-and-shoulders frames, 0.88-0.98 of its face crops (64 and 128 px) and
-# 0.84-0.89 of the crops this preparation writes (CenterFace's box grows and shrinks a little with the scale).
+# spans 0.60-0.74 of JAFFE's head-and-shoulders frames, 0.96-0.97 (median) of its face crops (64 and 128 px) and
+# 0.89-1.0 of the 64 px crops this preparation writes (each measured at DETECT_MIN_SIDE at least).
 PHOTOGRAPH_FACE_SHARE = 0.8
 RAFD_FACE = (0.42, 0.5, 0.42)  # where RaFD's frontal camera puts the face: side and centre x / width, centre y / height
 
@@ -224,9 +246,13 @@ def head_detector(data: DataConfig) -> Detector:
 def largest_face(image: Image.Image, detector: Detector) -> Box | None:
     """The largest face whose width is at least an eighth of the image's shorter side, in the image's pixels.
     It is looked for on a copy of shorter side DETECT_SIDE at most: a face that large is still 48 px wide
-    there, and a 12-megapixel photograph costs what a small one does."""
+    there, and a 12-megapixel photograph costs what a small one does. A small image (a face crop) is
+    enlarged to DETECT_MIN_SIDE first: CenterFace draws a face under ~100 px a tenth smaller than the same
+    face larger (JAFFE's 64 px crops: 0.875 of the side against 0.96-0.97 at 128 and 256 px), and a model is
+    deployed on faces in photographs, where they are larger."""
     width, height = image.size
-    scale = min(1.0, DETECT_SIDE / min(width, height))
+    short = min(width, height)
+    scale = min(DETECT_SIDE, max(DETECT_MIN_SIDE, short)) / short
     probe = image if scale == 1.0 else image.resize((max(1, round(width * scale)), max(1, round(height * scale))),
                                                     Image.Resampling.BILINEAR)
     boxes = [b for b in detector.detect(np.asarray(probe)) if b.w >= min(probe.size) // 8]
@@ -258,20 +284,37 @@ def head_crop(image: Image.Image, detector: Detector, rafd_frame: bool = False, 
     return image.crop((left, top, left + side, top + side))
 
 
-def chosen_face_crop(data: DataConfig) -> tuple[str, str]:
-    """How every face of the set is cut from its image, "head" or "square", and, where `data.face_crop=auto`
-    chose the head crop for a folder or manifest, the line that says why.
+def chosen_framing(data: DataConfig) -> Framing:
+    """How every face of the set is cut from its image, "head" or "square", and the margin that leaves.
 
     `auto` cuts RaFD's full frames to the face and takes FER2013's crops whole. A folder or manifest may
     hold face crops or photographs of people: in the first PHOTOGRAPH_SAMPLE images the square `deidentify`
     would cut is measured against the image's shorter side, and when most of the faces found (in most of
     the images) span less than PHOTOGRAPH_FACE_SHARE of it, the images are photographs and every face is
     cut out. Taken whole, a RaFD frame's face would be about 20 px wide at 64 px; JAFFE's head-and-shoulders
-    frames (the face two thirds of the side) are cut too, and face crops (the face the whole side) are not."""
-    if data.face_crop != "auto":
-        return data.face_crop, ""
-    if data.source != "folder" and data.source != "manifest":
-        return ("head" if data.source == "rafd" else "square"), ""
+    frames (the face two thirds of the side) are cut too, and face crops (the face the whole side) are not.
+
+    A head crop leaves `faces.FACE_MARGIN`; an image taken whole leaves what its face box does not span, the
+    median over the sampled images (`whole_image_margin`).
+    """
+    if data.face_crop == "head" or (data.face_crop == "auto" and data.source == "rafd"):
+        return Framing("head", FACE_MARGIN)
+    if data.source == "fer2013":  # rows of 48x48 pixels, face crops already
+        return Framing("square", None)
+    shares = sampled_face_shares(data)
+    found = [share for share in shares if share is not None]
+    small = sum(share * (1.0 + 2.0 * FACE_MARGIN) < PHOTOGRAPH_FACE_SHARE for share in found)
+    if data.face_crop == "square" or len(found) * 2 <= len(shares) or small * 2 <= len(found):
+        return Framing("square", whole_image_margin(found))
+    return Framing("head", FACE_MARGIN, (
+        f"in {small} of the {len(shares)} images sampled the face spans less than {PHOTOGRAPH_FACE_SHARE:.0%} of the "
+        "image: these are photographs, and every face is cut out as `epd-ray deidentify` cuts faces "
+        "(data.face_crop=auto; data.face_crop=square takes each image whole)"))
+
+
+def sampled_face_shares(data: DataConfig) -> list[float | None]:
+    """For each of the first PHOTOGRAPH_SAMPLE images that can be read: the largest face box's larger side
+    over the image's shorter side, None where no face is found."""
     detector, shares = head_detector(data), []
     for item in items_of(data, {}):
         if len(shares) == PHOTOGRAPH_SAMPLE:
@@ -282,15 +325,16 @@ def chosen_face_crop(data: DataConfig) -> tuple[str, str]:
             continue
         if image is not None:
             box = largest_face(image, detector)
-            shares.append(face_region(box).side / min(image.size) if box else None)
-    found = [share for share in shares if share is not None]
-    small = sum(share < PHOTOGRAPH_FACE_SHARE for share in found)
-    if len(found) * 2 <= len(shares) or small * 2 <= len(found):
-        return "square", ""
-    return "head", (f"in {small} of the {len(shares)} images sampled the face spans less than "
-                    f"{PHOTOGRAPH_FACE_SHARE:.0%} of the image: these are photographs, and every face is cut out "
-                    "as `epd-ray deidentify` cuts faces (data.face_crop=auto; data.face_crop=square takes each "
-                    "image whole)")
+            shares.append(max(box.w, box.h) / min(image.size) if box else None)
+    return shares
+
+
+def whole_image_margin(shares: list[float]) -> float | None:
+    """The margin (`faces.face_region`'s) at which the square cut around a face is the whole image, for
+    images whose face box spans `shares` of the shorter side: the median image's, none below 0."""
+    if not shares:
+        return None
+    return round(max(0.0, (1.0 / float(np.median(shares)) - 1.0) / 2.0), 3)
 
 
 def assign_splits(identity: np.ndarray, emotion: np.ndarray, fixed: list[str | None], data: DataConfig,
@@ -342,6 +386,8 @@ def summary_line(prepared: PreparedData) -> str:
                     f"{Path(prepared.path) / REJECTS_FILE})" if rejected else "")]
         if intake.get("face_crop") == "head":
             parts.append("each face cut out on its detected box")
+        elif intake.get("face_margin") is not None:
+            parts.append(f"each image taken whole, {intake['face_margin']:.2f} of the face's side around it")
         if intake["converted"]:
             parts.append("converted to RGB " + ", ".join(f"{k}: {v}" for k, v in sorted(intake["converted"].items())))
         if intake["skipped"]:
