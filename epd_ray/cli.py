@@ -16,7 +16,6 @@ import yaml
 
 from epd_ray.config import ConfigError, default_preset, load_config, preset_names
 from epd_ray.data.sources import DataError
-from epd_ray.faces import FACE_MARGIN
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="EPD-Net face de-identification, trained and tuned with Ray.")
@@ -237,8 +236,9 @@ def deidentify_command(
     scale_factor: float = typer.Option(1.1, "--scale-factor", help="Haar pyramid step (> 1; smaller finds more)"),
     cascade: Optional[Path] = typer.Option(None, "--cascade", help="an OpenCV cascade XML instead of the bundled "
                                            "one (with --detector haar)"),
-    margin: float = typer.Option(FACE_MARGIN, "--margin", help="context around each detected face, fraction of its "
-                                 "side (training crops of `data.face_crop=head` take the default)"),
+    margin: Optional[float] = typer.Option(None, "--margin", help="context around each detected face, fraction of "
+                                           "its side; default: the context the model's training faces had "
+                                           "(its generator.json), else 0"),
     on_no_face: str = typer.Option("blur", "--on-no-face", help="image with no face found: blur | copy | skip"),
     detect_every: int = typer.Option(1, "--detect-every", help="video: detect on every N-th frame, track faces "
                                      "in between"),

@@ -325,7 +325,8 @@ def write_best(best_dir: Path, exp: ExperimentConfig, outcome: SearchOutcome, pr
         "targets": metrics["targets"],
         "test_metrics": metrics["methods"][GENERATOR_METHOD],
         "data": {"content_hash": prepared.info.content_hash, "path": str(prepared.path),
-                 "image_size": prepared.info.image_size, "identities": len(prepared.info.identities)},
+                 "image_size": prepared.info.image_size, "identities": len(prepared.info.identities),
+                 "face_margin": prepared.info.face_margin},
         "config": exp.to_dict(),
         "versions": package_versions(),
     }

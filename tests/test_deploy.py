@@ -201,6 +201,36 @@ def test_export_of_a_run_folder_copies_its_model_card(tmp_path, trial_checkpoint
     assert json.loads((out / "model_card.json").read_text())["trial"] == "t1"
 
 
+def test_deidentify_cuts_faces_with_the_margin_the_model_s_training_faces_had(tmp_path, trial_checkpoint, faces):
+    """A run trained on faces with room around them (its model card says how much): the exported model
+    carries that margin and `deidentify` cuts faces with it, so the generator gets the framing it learnt;
+    --margin still decides, and a model that does not say cuts at the default (the box itself)."""
+    best = tmp_path / "run" / "best"
+    best.mkdir(parents=True)
+    (best / "generator.pt").write_bytes(trial_checkpoint.read_bytes())
+    (best / "model_card.json").write_text(json.dumps({"data": {"face_margin": 0.4}}))
+    model = export_model(tmp_path / "run", tmp_path / "model")
+    assert json.loads((model / "generator.json").read_text())["face_margin"] == 0.4
+    assert "0.40 of the detected face's side" in (model / "README.md").read_text()
+    plain = export_model(trial_checkpoint, tmp_path / "plain")
+    assert json.loads((plain / "generator.json").read_text())["face_margin"] is None
+
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(scene(faces[0], 100, at=(110, 70))).save(src / "one.png")
+    changed, said = {}, {}
+    for name, folder, margin in (("trained", model, None), ("told", model, 0.0), ("plain", plain, None)):
+        summary = deidentify(folder, src, tmp_path / name, options(margin=margin))
+        assert summary.faces_replaced == 1 and summary.margin == (0.4 if name == "trained" else 0.0)
+        out = np.array(Image.open(tmp_path / name / "one.png")).astype(int)
+        changed[name] = np.abs(out - np.array(Image.open(src / "one.png")).astype(int)).sum(axis=2) > 8
+        said[name] = "\n".join(summary.lines())
+    assert "margin of 0.40 of their side (as the model's training faces were)" in said["trained"]
+    assert "margin of 0.00 of their side\n" in said["plain"] + "\n" and "training faces" not in said["plain"]
+    assert changed["trained"].sum() > 1.5 * changed["plain"].sum()  # the square, and so the blend, is larger
+    assert np.array_equal(changed["told"], changed["plain"])
+
+
 def test_export_refuses_a_non_empty_folder_and_a_missing_source(tmp_path, trial_checkpoint):
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "keep.txt").write_text("mine")

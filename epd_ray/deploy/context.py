@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from epd_ray.deploy.engine import FaceEngine
 from epd_ray.deploy.export import DeployError
-from epd_ray.faces import DETECTORS, FACE_MARGIN, Detector
+from epd_ray.faces import DETECTORS, Detector
 
 ON_NO_FACE = ("blur", "copy", "skip")
 
@@ -30,7 +30,9 @@ class DeidentifyOptions:
     detector_threshold: int = 5  # Haar minNeighbors: higher finds fewer faces and fewer false ones
     scale_factor: float = 1.1  # Haar image pyramid step
     cascade: Path | None = None  # a user-given OpenCV cascade XML instead of the bundled frontal-face one
-    margin: float = FACE_MARGIN  # added around the detected box on each side, as a fraction of its side
+    # added around the detected box on each side, as a fraction of its side; None: the margin the model's
+    # training faces were cut with (`export.training_margin`), else FACE_MARGIN
+    margin: float | None = None
     on_no_face: str = "blur"  # blur | copy | skip for an image (video: the frame) with no face found
     detect_every: int = 1  # video: run the detector on every n-th frame, track faces in between
     track_hold: int = 10  # video: frames a track the detector misses stays covered (past its next detection pass)
@@ -64,7 +66,7 @@ class DeidentifyOptions:
             raise DeployError(f"--detector-threshold must be >= 0, got {self.detector_threshold}")
         if not self.scale_factor > 1.0:
             raise DeployError(f"--scale-factor must be > 1, got {self.scale_factor}")
-        if not 0.0 <= self.margin <= 1.0:
+        if self.margin is not None and not 0.0 <= self.margin <= 1.0:
             raise DeployError(f"--margin must be in [0, 1], got {self.margin}")
         if self.batch_size < 1:
             raise DeployError(f"--batch-size must be >= 1, got {self.batch_size}")
@@ -94,6 +96,8 @@ class Summary:
     failed: list[tuple[str, str]] = field(default_factory=list)  # (relative name, reason)
     unsupported: list[str] = field(default_factory=list)  # files in the folder that are not images or videos
     warnings: list[str] = field(default_factory=list)
+    margin: float | None = None  # the margin faces were cut with
+    margin_from_model: bool = False  # ... as the model's training faces were (not --margin, not the default)
 
     def lines(self, per_file_limit: int = 20) -> list[str]:
         """The summary as printed; faces per file too when there are at most `per_file_limit` files."""
@@ -104,6 +108,9 @@ class Summary:
                + (f", covered by tracking alone: {self.faces_tracked}" if self.videos else "")
                + (f", blurred past --max-faces: {self.faces_blurred}" if self.faces_blurred else ""),
                f"files with no face: {len(self.no_face)}"]
+        if self.margin is not None and self.faces_found:
+            out.append(f"faces cut with a margin of {self.margin:.2f} of their side"
+                       + (" (as the model's training faces were)" if self.margin_from_model else ""))
         if 0 < len(self.per_file) <= per_file_limit:
             out += [f"  {rel}: {n} face{'s' if n != 1 else ''}" for rel, n in self.per_file.items()]
         if self.no_face:
@@ -123,7 +130,7 @@ class Summary:
                 "faces_tracked": self.faces_tracked, "faces_blurred": self.faces_blurred, "written": self.written,
                 "per_file": dict(self.per_file), "no_face": list(self.no_face),
                 "skipped": list(self.skipped), "failed": [list(f) for f in self.failed],
-                "unsupported": list(self.unsupported), "warnings": list(self.warnings)}
+                "unsupported": list(self.unsupported), "warnings": list(self.warnings), "margin": self.margin}
 
 
 def _listing(names: list[str], limit: int = 10) -> str:

@@ -1,7 +1,8 @@
 """`epd-ray deidentify MODEL INPUT OUTPUT`: de-identify an image, a folder of images and videos, or a video.
 
 Full images: faces found with CenterFace (or OpenCV's Haar cascade, `detector="haar"`), each cut out as a
-square with a margin, resized to the model's size, de-identified with its own noise seed, resized back and
+square with a margin (by default the one the model's training faces were cut with, so the generator is given
+the framing it learnt), resized to the model's size, de-identified with its own noise seed, resized back and
 blended in with a feathered elliptical mask turned by the face's roll. `aligned=True`: every image (or
 frame) is a face crop that goes straight through.
 
@@ -18,7 +19,7 @@ Safety rules, checked before anything is written:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -31,10 +32,10 @@ from epd_ray.core.draws import BestOfDraws
 from epd_ray.deploy.batching import Batcher, Job
 from epd_ray.deploy.context import ON_NO_FACE, Context, DeidentifyOptions, Summary
 from epd_ray.deploy.engine import FaceEngine
-from epd_ray.deploy.export import DeployError, load_model
+from epd_ray.deploy.export import DeployError, load_model, training_margin
 from epd_ray.deploy.faces import blur_face, blur_image, seed_for
 from epd_ray.deploy.video import process_video
-from epd_ray.faces import face_region, make_detector
+from epd_ray.faces import FACE_MARGIN, face_region, make_detector
 
 __all__ = ["ON_NO_FACE", "Context", "DeidentifyOptions", "Summary", "deidentify", "plan", "read_image", "write_image"]
 
@@ -131,6 +132,11 @@ def deidentify(model: Path, input_path: Path, output: Path, options: DeidentifyO
 
     try:
         deidentifier = load_model(model)
+        if options.margin is None:  # cut faces as the model's training faces were cut
+            trained = training_margin(model)
+            options = replace(options, margin=FACE_MARGIN if trained is None else trained)
+            summary.margin_from_model = trained is not None
+        summary.margin = options.margin
         if options.draws is not None:  # the user's trade of expressions kept for speed
             if options.draws > 1 and deidentifier.reader is None:
                 raise DeployError(f"--draws {options.draws}: {model} was trained to draw once per face and carries "

@@ -83,6 +83,7 @@ def export_model(source: Path, out: Path) -> Path:
             deidentifier.draws))
         spec = ModelSpec(config=config, weights=WEIGHTS_FILE, sha256=sha256_file(staging / WEIGHTS_FILE),
                          parameters=count_parameters(generator), draws=deidentifier.draws,
+                         face_margin=training_margin(checkpoint_path),
                          input="RGB face crop, float NCHW in [-1, 1] "
                                f"({config['image_size']}x{config['image_size']} px); output the same")
         spec.save(staging)
@@ -97,7 +98,7 @@ def export_model(source: Path, out: Path) -> Path:
                 "versions": package_versions(),
             }
             (staging / CARD_FILE).write_text(json.dumps(card, indent=2, default=str) + "\n")
-        (staging / "README.md").write_text(_readme(config, spec.parameters, spec.draws))
+        (staging / "README.md").write_text(_readme(config, spec))
     return out
 
 
@@ -107,14 +108,17 @@ def _tensor_record(kind: str, module: torch.nn.Module) -> dict[str, Any]:
     return {**record, "state_dict": {k: v.detach().cpu().clone() for k, v in record["state_dict"].items()}}
 
 
-def _readme(config: dict[str, Any], parameters: int, draws: int) -> str:
-    size = config["image_size"]
-    picked = (f" Each face is drawn {draws} times (the noise z) and the draw published is the one its expression "
-              "readers read most surely as the expression they read in the original." if draws > 1 else "")
+def _readme(config: dict[str, Any], spec: ModelSpec) -> str:
+    size, parameters = config["image_size"], spec.parameters
+    notes = (f" Each face is drawn {spec.draws} times (the noise z) and the draw published is the one its expression "
+              "readers read most surely as the expression they read in the original." if spec.draws > 1 else "")
+    if spec.face_margin is not None:
+        notes += (f" It learnt faces cut with {spec.face_margin:.2f} of the detected face's side around it on every "
+                   "side, and `deidentify` cuts faces so unless `--margin` says otherwise.")
     return (
         "# EPD-Net face de-identification generator\n\n"
         f"A pix2pix U-Net generator ({parameters:,} parameters, {size}x{size} px faces, ngf {config['ngf']}, "
-        f"{config['norm']} norm) exported by `epd-ray export`.{picked}\n\n"
+        f"{config['norm']} norm) exported by `epd-ray export`.{notes}\n\n"
         "Use: `epd-ray deidentify THIS_FOLDER INPUT OUTPUT` (INPUT an image, a folder or a video; "
         "`--aligned` for face crops).\n\n"
         "From Python: `from epd_ray.deploy import load_model; model = load_model('THIS_FOLDER')`, a torch "
@@ -122,6 +126,37 @@ def _readme(config: dict[str, Any], parameters: int, draws: int) -> str:
         f"Files: `{WEIGHTS_FILE}` (tensors only, read with `torch.load(weights_only=True)`), `{SPEC_FILE}` "
         f"(config that rebuilds the network and the weights' SHA-256), `{CARD_FILE}` (where it came from).\n"
     )
+
+
+def read_spec(model: Path) -> ModelSpec:
+    """A model folder's `generator.json`; FileNotFoundError or CheckpointError naming what is wrong."""
+    spec_path = Path(model) / SPEC_FILE
+    if not Path(model).is_dir():
+        raise FileNotFoundError(f"{model}: no such model folder")
+    if not spec_path.is_file():
+        raise FileNotFoundError(f"{model}: not a model folder ({SPEC_FILE} missing; make one with "
+                                "`epd-ray export RUN_DIR --out MODEL_DIR`)")
+    try:
+        spec = ModelSpec.from_dict(json.loads(spec_path.read_text()))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{spec_path}: unreadable model spec ({exc})") from None
+    if spec is None:
+        raise CheckpointError(f"{spec_path}: not an epd-ray generator spec")
+    return spec
+
+
+def training_margin(model: Path) -> float | None:
+    """The context the model's training faces were cut with (`prepare.Framing`), which `deidentify` cuts
+    faces with unless told otherwise: a model folder's `generator.json` says it, a checkpoint file's model
+    card beside it; None where neither does (a model of synthetic faces, or exported before it was kept)."""
+    model = Path(model)
+    if model.is_dir():
+        return read_spec(model).face_margin
+    card = model.parent / CARD_FILE
+    try:
+        return (json.loads(card.read_text()).get("data") or {}).get("face_margin") if card.is_file() else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
 
 
 def load_model(model: Path, device: torch.device | str = "cpu") -> BestOfDraws:
@@ -135,18 +170,7 @@ def load_model(model: Path, device: torch.device | str = "cpu") -> BestOfDraws:
     if model.is_file():  # a checkpoint file (RUN/best/generator.pt or a trial checkpoint)
         deidentifier = load_deidentifier(load_checkpoint(model), model)
     else:
-        spec_path = model / SPEC_FILE
-        if not model.is_dir():
-            raise FileNotFoundError(f"{model}: no such model folder")
-        if not spec_path.is_file():
-            raise FileNotFoundError(f"{model}: not a model folder ({SPEC_FILE} missing; make one with "
-                                    "`epd-ray export RUN_DIR --out MODEL_DIR`)")
-        try:
-            spec = ModelSpec.from_dict(json.loads(spec_path.read_text()))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{spec_path}: unreadable model spec ({exc})") from None
-        if spec is None:
-            raise CheckpointError(f"{spec_path}: not an epd-ray generator spec")
+        spec = read_spec(model)
         weights = model / Path(spec.weights).name  # never follow a path out of the folder
         if not weights.is_file():
             raise CheckpointError(f"{weights}: weights file missing")
