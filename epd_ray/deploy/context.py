@@ -106,11 +106,11 @@ class Summary:
                f"{self.written} written",
                f"faces found: {self.faces_found}, faces replaced: {self.faces_replaced}"
                + (f", covered by tracking alone: {self.faces_tracked}" if self.videos else "")
-               + (f", blurred past --max-faces: {self.faces_blurred}" if self.faces_blurred else ""),
-               f"files with no face: {len(self.no_face)}"]
+               + (f", blurred past --max-faces: {self.faces_blurred}" if self.faces_blurred else "")]
         if self.margin is not None and self.faces_found:
             out.append(f"faces cut with a margin of {self.margin:.2f} of their side"
                        + (" (as the model's training faces were)" if self.margin_from_model else ""))
+        out.append(f"files with no face: {len(self.no_face)}")
         if 0 < len(self.per_file) <= per_file_limit:
             out += [f"  {rel}: {n} face{'s' if n != 1 else ''}" for rel, n in self.per_file.items()]
         if self.no_face:
