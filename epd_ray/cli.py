@@ -47,11 +47,12 @@ def parse_overrides(pairs: list[str]) -> dict[str, object]:
     return overrides
 
 
-def parse_label_map(text: str) -> dict[str, str]:
+def parse_pairs(option: str, text: str, form: str, example: str) -> dict[str, str]:
+    """`A=B,C=D` as {A: B, C: D}; a malformed one fails naming the option, its form and an example."""
     pairs = [pair.partition("=") for pair in text.split(",") if pair.strip()]
-    if not pairs or any(not sep or not label.strip() or not name.strip() for label, sep, name in pairs):
-        fail(f"--label-map {text}: expected LABEL=CLASS[,LABEL=CLASS...], for example mad=angry,joy=happy")
-    return {label.strip(): name.strip() for label, _, name in pairs}
+    if not pairs or any(not sep or not key.strip() or not value.strip() for key, sep, value in pairs):
+        fail(f"{option} {text}: expected {form}[,{form}...], for example {example}")
+    return {key.strip(): value.strip() for key, _, value in pairs}
 
 
 ConfigOption = Annotated[Optional[str], typer.Option(
@@ -149,6 +150,9 @@ def data_prepare(
     config: Optional[str] = typer.Option(None, "--config", "-c", help="take the data section of this preset/file"),
     label_map: Optional[str] = typer.Option(None, "--label-map", help="the set's own emotion labels to class names, "
                                             "e.g. mad=angry,joy=happy (anger, happiness, surprise... are known)"),
+    columns: Optional[str] = typer.Option(None, "--columns", help="a manifest's columns by role, where not one of "
+                                          "their usual names, e.g. path=picture,emotion=mood (path, file, image...; "
+                                          "identity, subject, person...; emotion, expression, label... are found)"),
     set_: list[str] = typer.Option([], "--set", help="override a data key, e.g. --set data.rafd_angles=[090,045]"),
 ) -> None:
     """Write Parquet shards, dataset.json (classes, splits, counts, content hash) and rejects.csv."""
@@ -156,7 +160,10 @@ def data_prepare(
 
     overrides = parse_overrides(set_)
     for key, value in (("source", source), ("path", path and str(path)), ("image_size", size),
-                       ("label_map", label_map and parse_label_map(label_map))):
+                       ("label_map", label_map and parse_pairs("--label-map", label_map, "LABEL=CLASS",
+                                                               "mad=angry,joy=happy")),
+                       ("manifest_columns", columns and parse_pairs("--columns", columns, "ROLE=COLUMN",
+                                                                    "path=picture,emotion=mood"))):
         if value is not None:
             overrides[f"data.{key}"] = value
     try:

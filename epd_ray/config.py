@@ -53,6 +53,9 @@ class DataConfig(_Strict):
     include_contempt: bool = Field(False, description="keep RaFD's eighth class, contemptuous")
     label_map: dict[str, str] = Field(default_factory=dict, description="the set's own emotion labels to class "
                                       "names (e.g. {mad: angry}), besides the built-in synonyms (anger, happiness...)")
+    manifest_columns: dict[str, str] = Field(default_factory=dict, description="manifest source: the column of "
+                                             "path, identity and emotion where it is not one of their usual names "
+                                             "(e.g. {path: picture, emotion: mood})")
     max_image_pixels: int = Field(50_000_000, ge=1, description="larger images are refused undecoded (bombs)")
     seed: int = 0
     splits: tuple[float, float, float] = (0.7, 0.15, 0.15)
@@ -86,6 +89,14 @@ class DataConfig(_Strict):
             if name not in classes:
                 raise ValueError(f"{label!r} -> {name!r}: not a class ({', '.join(classes)})")
         return mapped
+
+    @field_validator("manifest_columns")
+    @classmethod
+    def _known_roles(cls, v: dict[str, str]) -> dict[str, str]:
+        unknown = set(v) - {"path", "identity", "emotion"}
+        if unknown:
+            raise ValueError(f"{', '.join(sorted(unknown))}: not a manifest column's role (path, identity, emotion)")
+        return v
 
     @field_validator("image_size")
     @classmethod

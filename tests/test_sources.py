@@ -109,10 +109,39 @@ def test_manifest_source_reads_csv_and_parquet_with_relative_paths(tmp_path, fmt
 
 def test_a_manifest_without_the_needed_columns_is_refused_by_name(tmp_path):
     manifest = tmp_path / "labels.csv"
-    manifest.write_text("file,person\na.png,1\n")
-    with pytest.raises(DataError, match=r"labels.csv.*lacks column\(s\) emotion, identity, path"):
+    manifest.write_text("picture,who\na.png,1\n")
+    with pytest.raises(DataError, match=r"labels.csv.*lacks column\(s\) path, identity, emotion .*its columns: "
+                                        r"picture, who\); name yours with --columns"):
         prepare_dataset(_data("manifest", manifest), tmp_path / "out")
+    with pytest.raises(DataError, match=r"labels.csv: no column 'mood' \(data.manifest_columns.emotion\)"):
+        prepare_dataset(_data("manifest", manifest, manifest_columns={"path": "picture", "identity": "who",
+                                                                      "emotion": "mood"}), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_manifest_s_columns_are_found_by_their_usual_names_or_named_by_the_user(tmp_path):
+    """Sets name their columns their own way: file/Subject/label are found as path/identity/emotion (any
+    case) and preparation says which it took; names of the user's own are given with --columns."""
+    from typer.testing import CliRunner
+
+    from epd_ray.cli import app
+
+    _folder_tree(tmp_path / "faces")
+    rows = [(f"faces/p{i}/{e}/{k}.png", f"person-{i}", e) for i in range(3) for e in EMOTION_DIRS for k in range(4)]
+    for name, header in (("usual", "file,Subject,label"), ("own", "picture,who,mood")):
+        (tmp_path / f"{name}.csv").write_text(header + "\n" + "".join(",".join(r) + "\n" for r in rows))
+    said: list[str] = []
+    usual = prepare_dataset(_data("manifest", tmp_path / "usual.csv"), tmp_path / "out_usual", echo=said.append)
+    assert usual.manifest["num_images"] == 24 and usual.manifest["identities"] == ["person-0", "person-1", "person-2"]
+    assert "manifest columns: path from 'file', identity from 'Subject', emotion from 'label'" in said
+    result = CliRunner().invoke(app, ["data", "prepare", "--source", "manifest", "--path", str(tmp_path / "own.csv"),
+                                      "--out", str(tmp_path / "out_own"), "--columns", "path=picture,identity=who,"
+                                      "emotion=mood", "--set", "data.face_crop=square"])
+    assert result.exit_code == 0, result.output
+    assert read_manifest(tmp_path / "out_own")["content_hash"] == usual.manifest["content_hash"]
+    bad = CliRunner().invoke(app, ["data", "prepare", "--source", "manifest", "--path", str(tmp_path / "own.csv"),
+                                   "--out", str(tmp_path / "out_bad"), "--columns", "path"])
+    assert bad.exit_code == 2 and "--columns path: expected ROLE=COLUMN" in bad.stderr
 
 
 def _rafd_frame(face: np.ndarray) -> bytes:

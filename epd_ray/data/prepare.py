@@ -109,7 +109,7 @@ def input_fingerprint(data: DataConfig) -> str:
         h.update(f"{path.relative_to(root) if path != root else path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n"
                  .encode())
     if data.source == "manifest" and root.is_file():  # the images it points to count too
-        for item in sources.manifest_items(root):
+        for item in sources.manifest_items(root, data.manifest_columns):
             target = Path(item.file) if Path(item.file).is_absolute() else root.parent / item.file
             if target.is_file():
                 stat = target.stat()
@@ -139,6 +139,11 @@ def prepare_dataset(data: DataConfig, out: Path, *, strict: bool = False,
         return PreparedData(out, manifest, reused=False)
 
     classes = sources.emotion_classes(data.include_contempt)
+    if data.source == "manifest":
+        column = sources.manifest_columns(Path(data.path), sources.manifest_rows(Path(data.path))[1],
+                                          data.manifest_columns)
+        if any(role != name for role, name in column.items()):
+            echo("manifest columns: " + ", ".join(f"{role} from {name!r}" for role, name in column.items()))
     framing = chosen_framing(data)
     if framing.why:
         echo(framing.why)
@@ -166,7 +171,7 @@ def items_of(data: DataConfig, skipped: dict[str, int]) -> Iterable[sources.Item
         if data.source == "folder":
             return sources.folder_items(Path(data.path))
         if data.source == "manifest":
-            return sources.manifest_items(Path(data.path))
+            return sources.manifest_items(Path(data.path), data.manifest_columns)
         if data.source == "rafd":
             return sources.rafd_items(Path(data.path), angles=data.rafd_angles, gazes=data.rafd_gazes,
                                       include_contempt=data.include_contempt, skipped=skipped)

@@ -17,7 +17,7 @@ import csv
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -104,33 +104,64 @@ def folder_items(root: Path) -> Iterator[Item]:
         yield Item(str(path.relative_to(root)), identity, emotion, read=_reader(path))
 
 
-EMOTION_COLUMNS = ("emotion", "expression")  # a manifest's emotion column, by either name (JAFFE's says expression)
+# A manifest's three columns, each found by the first of its names the manifest holds (any case), unless
+# `data.manifest_columns` names it: JAFFE's says expression, other sets file, subject or label.
+MANIFEST_COLUMNS = {
+    "path": ("path", "file", "filename", "file_name", "image", "image_path", "img"),
+    "identity": ("identity", "subject", "person", "subject_id", "person_id", "id"),
+    "emotion": ("emotion", "expression", "emotion_label", "label"),
+}
 
 
-def manifest_items(manifest: Path) -> Iterator[Item]:
-    """Rows of a CSV or Parquet manifest `path,identity,emotion` (or `expression`); relative paths start at its
-    folder."""
-    manifest = Path(manifest)
+def manifest_columns(manifest: Path, columns: Iterable[str], named: dict[str, str] | None = None) -> dict[str, str]:
+    """The manifest's column for each of path, identity and emotion: the one `named` gives, else the first
+    of its usual names (MANIFEST_COLUMNS) that the manifest holds; DataError naming what is missing."""
+    present = {str(c).strip().lower(): c for c in columns}
+    found, missing = {}, []
+    for role, names in MANIFEST_COLUMNS.items():
+        wanted = (named or {}).get(role)
+        if wanted is not None and wanted.strip().lower() not in present:
+            raise DataError(f"{manifest}: no column {wanted!r} (data.manifest_columns.{role}); its columns: "
+                            f"{', '.join(map(str, columns)) or 'none'}")
+        hit = present.get(wanted.strip().lower()) if wanted is not None else next(
+            (present[n] for n in names if n in present), None)
+        if hit is None:
+            missing.append(role)
+        else:
+            found[role] = hit
+    if missing:
+        raise DataError(f"{manifest}: manifest lacks column(s) {', '.join(missing)} (looked for "
+                        + "; ".join(f"{role}: {', '.join(MANIFEST_COLUMNS[role])}" for role in missing)
+                        + f"; its columns: {', '.join(map(str, columns)) or 'none'}); name yours with "
+                        "--columns path=COLUMN,identity=COLUMN,emotion=COLUMN")
+    return found
+
+
+def manifest_rows(manifest: Path) -> tuple[list[dict], list[str]]:
+    """A CSV or Parquet manifest's rows and its column names."""
     if not manifest.is_file():
         raise DataError(f"{manifest}: no such manifest file")
     if manifest.suffix.lower() == ".parquet":
         import pyarrow.parquet as pq
 
         rows = pq.read_table(manifest).to_pylist()
-        columns = set(rows[0]) if rows else set(pq.read_schema(manifest).names)
-    else:
-        with manifest.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            rows, columns = list(reader), set(reader.fieldnames or [])
-    emotion_column = next((name for name in EMOTION_COLUMNS if name in columns), "emotion")
-    missing = {"path", "identity", emotion_column} - columns
-    if missing:
-        raise DataError(f"{manifest}: manifest lacks column(s) {', '.join(sorted(missing))} "
-                          "(needs path,identity,emotion; the emotion column may be called expression)")
+        return rows, list(rows[0]) if rows else list(pq.read_schema(manifest).names)
+    with manifest.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        return list(reader), list(reader.fieldnames or [])
+
+
+def manifest_items(manifest: Path, named: dict[str, str] | None = None) -> Iterator[Item]:
+    """Rows of a CSV or Parquet manifest of a path, an identity and an emotion per image (columns found by
+    `manifest_columns`); relative paths start at its folder."""
+    manifest = Path(manifest)
+    rows, columns = manifest_rows(manifest)
+    column = manifest_columns(manifest, columns, named)
     for row in rows:
-        raw = str(row["path"] or "").strip()
+        raw = str(row[column["path"]] or "").strip()
         path = Path(raw) if Path(raw).is_absolute() else manifest.parent / raw
-        identity, emotion = (str(row[k] if row[k] is not None else "").strip() for k in ("identity", emotion_column))
+        identity, emotion = (str(row[column[k]] if row[column[k]] is not None else "").strip()
+                             for k in ("identity", "emotion"))
         yield Item(raw or "<empty path>", identity, emotion, read=_reader(path) if raw else None)
 
 
