@@ -119,6 +119,22 @@ def test_a_manifest_without_the_needed_columns_is_refused_by_name(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_contemptuous_faces_of_a_folder_are_left_out_by_choice_as_rafd_s_are(tmp_path):
+    """RaFD-like sets in a folder or manifest carry the eighth expression too: left out and counted (not
+    rejected as an unknown label to be mapped onto another class) unless data.include_contempt keeps it."""
+    _folder_tree(tmp_path / "faces")
+    for ident in range(3):
+        folder = tmp_path / "faces" / f"p{ident}" / "Contempt"
+        folder.mkdir()
+        for k, face in enumerate(_faces_of(ident, "happy")[:3]):  # mirrored: not the happy faces' bytes
+            (folder / f"{k}.png").write_bytes(_png(np.ascontiguousarray(face[:, ::-1])))
+    seven = prepare_dataset(_data("folder", tmp_path / "faces"), tmp_path / "seven")
+    assert seven.manifest["num_images"] == 24 and _rejects(seven.path) == {}
+    assert seven.manifest["intake"]["skipped"] == {"contemptuous left out": 9}
+    eight = prepare_dataset(_data("folder", tmp_path / "faces", include_contempt=True), tmp_path / "eight")
+    assert eight.manifest["num_images"] == 33 and eight.manifest["emotions"][-1] == "contemptuous"
+
+
 def test_a_manifest_s_columns_are_found_by_their_usual_names_or_named_by_the_user(tmp_path):
     """Sets name their columns their own way: file/Subject/label are found as path/identity/emotion (any
     case) and preparation says which it took; names of the user's own are given with --columns."""

@@ -26,6 +26,7 @@ from PIL import Image
 
 from epd_ray.artifacts import DatasetManifest
 from epd_ray.config import DataConfig, stable_hash
+from epd_ray.core.labels import CONTEMPT
 from epd_ray.core.synthetic import make_synthetic_faces
 from epd_ray.data import sources
 from epd_ray.data.sources import DataError
@@ -188,6 +189,10 @@ def take_in(data: DataConfig, classes: tuple[str, ...], framing: Framing, *, str
     crop = (functools.partial(head_crop, detector=head_detector(data), rafd_frame=data.source == "rafd",
                               min_side=data.image_size) if framing.face_crop == "head" else square_crop)
     for item in items_of(data, intake.skipped):
+        if CONTEMPT not in classes and sources.emotion_name(item.emotion, data.label_map) == CONTEMPT:
+            # the eighth class, as RaFD's own layout leaves it out (data.include_contempt keeps it)
+            intake.skipped[sources.CONTEMPT_LEFT_OUT] = intake.skipped.get(sources.CONTEMPT_LEFT_OUT, 0) + 1
+            continue
         try:
             emotion, face, digest = judge_item(item, data, classes, crop)
             if digest in first_of:

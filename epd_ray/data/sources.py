@@ -39,6 +39,7 @@ EMOTION_ALIASES = {
 
 RAFD_NAME = re.compile(r"^Rafd(?P<angle>\d{3})_(?P<subject>\d+)_(?P<group>[A-Za-z]+)_(?P<gender>[A-Za-z]+)_"
                        r"(?P<emotion>[A-Za-z]+)_(?P<gaze>[A-Za-z]+)$")
+CONTEMPT_LEFT_OUT = "contemptuous left out"  # why a contemptuous face is skipped without data.include_contempt
 FER_SPLITS = {"Training": "train", "PublicTest": "val", "PrivateTest": "test"}
 FER_SIZE = 48
 
@@ -69,11 +70,16 @@ def emotion_classes(include_contempt: bool) -> tuple[str, ...]:
     return EMOTIONS + ((CONTEMPT,) if include_contempt else ())
 
 
-def emotion_class(label: str, classes: tuple[str, ...], label_map: dict[str, str] | None = None) -> int | None:
-    """The class index of a label (case-insensitive; the user's `label_map` first, then common spellings);
-    None when outside."""
+def emotion_name(label: str, label_map: dict[str, str] | None = None) -> str:
+    """The class name a label stands for (case-insensitive; the user's `label_map` first, then common
+    spellings), or the label itself, lower-cased."""
     label = label.strip().lower()
-    name = (label_map or {}).get(label) or EMOTION_ALIASES.get(label, label)
+    return (label_map or {}).get(label) or EMOTION_ALIASES.get(label, label)
+
+
+def emotion_class(label: str, classes: tuple[str, ...], label_map: dict[str, str] | None = None) -> int | None:
+    """The class index of a label (`emotion_name`); None when outside."""
+    name = emotion_name(label, label_map)
     return classes.index(name) if name in classes else None
 
 
@@ -178,7 +184,7 @@ def rafd_items(root: Path, *, angles: tuple[str, ...], gazes: tuple[str, ...], i
         emotion = fields["emotion"].lower()
         reason = ("camera angle" if fields["angle"] not in angles else
                   "gaze" if fields["gaze"].lower() not in gazes else
-                  "contemptuous left out" if emotion == CONTEMPT and not include_contempt else "")
+                  CONTEMPT_LEFT_OUT if emotion == CONTEMPT and not include_contempt else "")
         if reason:
             skipped[reason] = skipped.get(reason, 0) + 1
             continue
