@@ -204,7 +204,8 @@ def test_export_of_a_run_folder_copies_its_model_card(tmp_path, trial_checkpoint
 def test_deidentify_cuts_faces_with_the_margin_the_model_s_training_faces_had(tmp_path, trial_checkpoint, faces):
     """A run trained on faces with room around them (its model card says how much): the exported model
     carries that margin and `deidentify` cuts faces with it, so the generator gets the framing it learnt;
-    --margin still decides, and a model that does not say cuts at the default (the box itself)."""
+    --margin still decides (with a warning when it frames faces otherwise), and a model that does not say
+    cuts at the default (the box itself)."""
     best = tmp_path / "run" / "best"
     best.mkdir(parents=True)
     (best / "generator.pt").write_bytes(trial_checkpoint.read_bytes())
@@ -218,15 +219,17 @@ def test_deidentify_cuts_faces_with_the_margin_the_model_s_training_faces_had(tm
     src = tmp_path / "in"
     src.mkdir()
     Image.fromarray(scene(faces[0], 100, at=(110, 70))).save(src / "one.png")
-    changed, said = {}, {}
+    changed, said, warned = {}, {}, {}
     for name, folder, margin in (("trained", model, None), ("told", model, 0.0), ("plain", plain, None)):
         summary = deidentify(folder, src, tmp_path / name, options(margin=margin))
         assert summary.faces_replaced == 1 and summary.margin == (0.4 if name == "trained" else 0.0)
         out = np.array(Image.open(tmp_path / name / "one.png")).astype(int)
         changed[name] = np.abs(out - np.array(Image.open(src / "one.png")).astype(int)).sum(axis=2) > 8
-        said[name] = "\n".join(summary.lines())
+        said[name], warned[name] = "\n".join(summary.lines()), summary.warnings
     assert "margin of 0.40 of their side (as the model's training faces were)" in said["trained"]
     assert "margin of 0.00 of their side\n" in said["plain"] + "\n" and "training faces" not in said["plain"]
+    assert any(w.startswith("--margin 0: the model learnt faces cut with 0.4") for w in warned["told"])
+    assert warned["trained"] == [] and warned["plain"] == []
     assert changed["trained"].sum() > 1.5 * changed["plain"].sum()  # the square, and so the blend, is larger
     assert np.array_equal(changed["told"], changed["plain"])
 

@@ -37,6 +37,8 @@ from epd_ray.deploy.faces import blur_face, blur_image, seed_for
 from epd_ray.deploy.video import process_video
 from epd_ray.faces import FACE_MARGIN, face_region, make_detector
 
+MARGIN_TOLERANCE = 0.05  # a --margin this far from the training faces' margin is warned about
+
 __all__ = ["ON_NO_FACE", "Context", "DeidentifyOptions", "Summary", "deidentify", "plan", "read_image", "write_image"]
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -132,10 +134,13 @@ def deidentify(model: Path, input_path: Path, output: Path, options: DeidentifyO
 
     try:
         deidentifier = load_model(model)
+        trained = training_margin(model)
         if options.margin is None:  # cut faces as the model's training faces were cut
-            trained = training_margin(model)
             options = replace(options, margin=FACE_MARGIN if trained is None else trained)
             summary.margin_from_model = trained is not None
+        elif trained is not None and abs(options.margin - trained) > MARGIN_TOLERANCE:
+            _warn(f"--margin {options.margin:g}: the model learnt faces cut with {trained:g} of their side around "
+                  "them; it is given faces framed otherwise (leave --margin out to cut them as it learnt)")
         summary.margin = options.margin
         if options.draws is not None:  # the user's trade of expressions kept for speed
             if options.draws > 1 and deidentifier.reader is None:
