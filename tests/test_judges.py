@@ -180,6 +180,8 @@ def test_targets_say_which_question_the_model_fails_even_when_it_beats_every_bas
     assert "identity survives" in targets_line(target_verdict(targets_metrics(0.5, 0.6, 0.95), cfg))
     expression_only = targets_line(target_verdict(targets_metrics(0.1, 0.2, 0.641), cfg))
     assert "identity survives" not in expression_only and "expressions are lost" in expression_only
+    assert expression_only.startswith("warning: targets missed: expression kept 0.641")
+    assert "; met: named at rank 1 by recogniser 0.100" in expression_only
     good = target_verdict(targets_metrics(0.1, 0.3, 0.95), cfg)
     assert good["privacy_met"] and good["expression_met"] and targets_line(good).startswith("targets: met:")
     stricter = target_verdict(targets_metrics(0.1, 0.3, 0.95), EvaluationConfig(max_reidentified=0.2))
