@@ -363,7 +363,7 @@ def target_verdict(metrics: dict[str, Any], cfg: EvaluationConfig) -> dict[str, 
 
 def targets_line(targets: dict[str, Any] | None) -> str | None:
     """One line: both targets met, or a warning naming each one missed, its figures and what may help, and
-    the one met apart (a reader of 'missed: named at rank 1 ... 0.21 (at most 0.30)' took privacy for lost)."""
+    the one met after `met:`, so that a figure within its target is never read as missed."""
     if targets is None:
         return None
     intervals = targets.get("intervals", {})
