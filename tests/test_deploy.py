@@ -232,6 +232,9 @@ def test_deidentify_cuts_faces_with_the_margin_the_model_s_training_faces_had(tm
     assert warned["trained"] == [] and warned["plain"] == []
     assert changed["trained"].sum() > 1.5 * changed["plain"].sum()  # the square, and so the blend, is larger
     assert np.array_equal(changed["told"], changed["plain"])
+    options(margin=2.0).check()  # as much as preparation may record for photographs taken whole
+    with pytest.raises(DeployError, match=r"--margin must be in \[0, 2\], got 2.5"):
+        deidentify(model, src, tmp_path / "too_much", options(margin=2.5))
 
 
 def test_export_refuses_a_non_empty_folder_and_a_missing_source(tmp_path, trial_checkpoint):

@@ -33,7 +33,7 @@ from epd_ray.data.sources import DataError
 from epd_ray.data.decode import (DUPLICATE, MISSING, NO_FACE, UNDECODABLE, UNKNOWN_LABEL, UNLABELLED, Face,
                                  Rejected, decode_face, read_rgb, square_crop)
 from epd_ray.data.shards import MANIFEST, SPLITS, read_manifest, split_per_identity, write_dataset
-from epd_ray.faces import FACE_MARGIN, Box, Detector, face_region, make_detector
+from epd_ray.faces import FACE_MARGIN, MAX_MARGIN, Box, Detector, face_region, make_detector
 
 REJECTS_FILE = "rejects.csv"
 NO_IDENTITY = -1  # FER2013 rows: an emotion label and no person
@@ -341,10 +341,11 @@ def sampled_face_shares(data: DataConfig) -> list[float | None]:
 
 def whole_image_margin(shares: list[float]) -> float | None:
     """The margin (`faces.face_region`'s) at which the square cut around a face is the whole image, for
-    images whose face box spans `shares` of the shorter side: the median image's, none below 0."""
+    images whose face box spans `shares` of the shorter side: the median image's, within [0, MAX_MARGIN]
+    (what `deidentify --margin` accepts)."""
     if not shares:
         return None
-    return round(max(0.0, (1.0 / float(np.median(shares)) - 1.0) / 2.0), 3)
+    return round(min(MAX_MARGIN, max(0.0, (1.0 / float(np.median(shares)) - 1.0) / 2.0)), 3)
 
 
 def assign_splits(identity: np.ndarray, emotion: np.ndarray, fixed: list[str | None], data: DataConfig,

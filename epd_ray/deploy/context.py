@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from epd_ray.deploy.engine import FaceEngine
 from epd_ray.deploy.export import DeployError
-from epd_ray.faces import DETECTORS, Detector
+from epd_ray.faces import DETECTORS, MAX_MARGIN, Detector
 
 ON_NO_FACE = ("blur", "copy", "skip")
 
@@ -66,8 +66,8 @@ class DeidentifyOptions:
             raise DeployError(f"--detector-threshold must be >= 0, got {self.detector_threshold}")
         if not self.scale_factor > 1.0:
             raise DeployError(f"--scale-factor must be > 1, got {self.scale_factor}")
-        if self.margin is not None and not 0.0 <= self.margin <= 1.0:
-            raise DeployError(f"--margin must be in [0, 1], got {self.margin}")
+        if self.margin is not None and not 0.0 <= self.margin <= MAX_MARGIN:
+            raise DeployError(f"--margin must be in [0, {MAX_MARGIN:g}], got {self.margin}")
         if self.batch_size < 1:
             raise DeployError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.draws is not None and not 1 <= self.draws <= 64:

@@ -28,6 +28,7 @@ MIN_FACE = {"centerface": 16, "haar": 40}  # default smallest face side, px
 # JAFFE's frames cut with 0.25 (the face two thirds of the side) / 0 the model kept 0.79 / 0.86 of the test
 # expressions (S_e), 0.30 / 0.58 as the pretrained FER-2013 reader reads them, at the same J (README).
 FACE_MARGIN = 0.0
+MAX_MARGIN = 2.0  # the most context a square may take (five times the face's side): more is a scene, not a face
 
 
 @dataclass(frozen=True)
