@@ -23,7 +23,7 @@ CENTERFACE_SHA256 = "09189deaaf8646c5c51a68447e3c744ea1e211798155d4728c20507b9f5
 DETECTORS = ("centerface", "haar")
 MIN_FACE = {"centerface": 16, "haar": 40}  # default smallest face side, px
 # Context around a detected face, a fraction of its larger side on every side: `deidentify` cuts faces so
-# and data preparation cuts faces so, so a generator trains on the framing it is given. None: CenterFace's box
+# and data preparation cuts faces so, so a generator trains on the framing it is given. Zero: CenterFace's box
 # already runs from the hairline to the chin, and at 64 px every pixel of context is one the face loses. On
 # JAFFE's frames cut with 0.25 (the face two thirds of the side) / 0 the model kept 0.79 / 0.86 of the test
 # expressions (S_e), 0.30 / 0.58 as the pretrained FER-2013 reader reads them, at the same J (README).
