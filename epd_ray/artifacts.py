@@ -214,6 +214,12 @@ class PretrainedCache:
     def scores(self, key: str) -> dict[str, float]:
         return json.loads((self.entry(key) / SCORES_FILE).read_text())
 
+    @staticmethod
+    def scores_beside(networks_file: Path | str | None) -> dict[str, float] | None:
+        """The validation scores of a cache entry's networks file; None for a file from elsewhere."""
+        path = Path(networks_file).parent / SCORES_FILE if networks_file else None
+        return json.loads(path.read_text()) if path is not None and path.is_file() else None
+
     def find(self, config: dict[str, Any], content_hash: str) -> Path | None:
         """The networks file a run of `config` (a resolved config dict) on data `content_hash` used: the one
         entry for that data, or among several the one of this config's key; None when not there."""

@@ -213,7 +213,7 @@ def export(
     """Write a self-contained model folder: generator weights (tensors only), config, model card, README."""
     from epd_ray.checkpoints import CheckpointError
     from epd_ray.deploy.export import CARD_FILE, DeployError, export_model
-    from epd_ray.evaluate.evaluate import targets_line
+    from epd_ray.evaluate.verdicts import targets_line
 
     try:
         model_dir = export_model(source, out)

@@ -26,7 +26,8 @@ from typing import Any
 
 import pyarrow.fs
 
-from epd_ray.artifacts import DatasetManifest, RunFolder, RunMarker, atomic_write_text, default_cache_dir
+from epd_ray.artifacts import (DatasetManifest, PretrainedCache, RunFolder, RunMarker, atomic_write_text,
+                              default_cache_dir)
 from epd_ray.checkpoints import READER, load_checkpoint, load_deidentifier, published_payload, save_checkpoint
 from epd_ray.config import (EVALUATION_CORE_S_PER_FACE, EVALUATION_RESERVE, EVALUATION_RESERVE_MIN_S, PRETRAIN_SHARE,
                             ExperimentConfig, load_config)
@@ -34,11 +35,11 @@ from epd_ray.core.precision import usable_cpus
 from epd_ray.data.prepare import PreparedData, cached_dataset
 from epd_ray.data.shards import read_manifest
 from epd_ray.data.stream import materialized_split
-from epd_ray.evaluate.evaluate import (GENERATOR_METHOD, Evaluation, baseline_methods, generator_method,
-                                       method_settings, run_evaluation, summary_lines, targets_line, verdict_line,
-                                       write_evaluation)
+from epd_ray.evaluate.evaluate import (Evaluation, baseline_methods, generator_method, method_settings,
+                                       run_evaluation, summary_lines, write_evaluation)
 from epd_ray.evaluate.judges import main_judge, uses_recogniser
 from epd_ray.evaluate.report import ALL_BASELINES, build_report, trial_history
+from epd_ray.evaluate.verdicts import GENERATOR_METHOD, targets_line, verdict_line
 from epd_ray.provenance import package_versions
 from epd_ray.runtime import RayRuntime, resolve_storage, start_ray, storage_filesystem
 from epd_ray.train.gan import GanInputs
@@ -318,6 +319,7 @@ def write_best(best_dir: Path, exp: ExperimentConfig, outcome: SearchOutcome, pr
         "step": checkpoint["step"],
         "source_checkpoint": outcome.best.checkpoint,
         "pretrained_path": metrics.get("inputs", {}).get("pretrained_path"),
+        "pretrained_scores": PretrainedCache.scores_beside(metrics.get("inputs", {}).get("pretrained_path")),
         "validation_metrics": {k: v for k, v in outcome.best.metrics.items() if isinstance(v, (int, float))},
         "main_judge": metrics["main_judge"],
         "beats_baselines": metrics["verdict"]["beats_baselines"],

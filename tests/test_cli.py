@@ -134,6 +134,9 @@ def test_tune_smoke_end_to_end(tmp_path):
     assert ("targets: met:" in run.stdout) if met else ("warning: targets missed:" in last_lines)
     exported = CliRunner().invoke(app, ["export", str(out), "--out", str(tmp_path / "model")])
     assert exported.exit_code == 0 and "its test evaluation: " in exported.stdout  # whoever ships it is told
+    # ... and whoever deploys it, from the model folder alone, with what pretraining's networks read
+    assert said in (tmp_path / "model" / "README.md").read_text()
+    assert card["pretrained_scores"]["emotion_evaluator"] > 0.0
     report = (out / "report" / "report.md").read_text()
     assert "independent evaluators" in report and "epd-net" in report and "targets" in report
     assert all((out / "report" / name).stat().st_size > 0 for name in FIGURES.values())

@@ -192,13 +192,25 @@ def test_a_grey_photograph_gives_a_grey_face_and_a_colour_one_keeps_its_colour(t
         assert (out[:3, ..., 0] != out[:3, ..., 1]).mean() > 0.25  # colour faces are not made grey
 
 
-def test_export_of_a_run_folder_copies_its_model_card(tmp_path, trial_checkpoint):
+def test_export_of_a_run_folder_copies_its_model_card_and_says_how_it_was_judged(tmp_path, trial_checkpoint):
+    """The model folder travels without its run: its README repeats the run's test verdict, says that the
+    figures are for the people the model learnt from (with the new-people probe's figure when pretraining
+    had one) and how to judge it on others; a model exported without an evaluation says it was not judged."""
     best = tmp_path / "run" / "best"
     best.mkdir(parents=True)
     (best / "generator.pt").write_bytes(trial_checkpoint.read_bytes())
-    (best / "model_card.json").write_text(json.dumps({"model": "from the run", "trial": "t1"}))
+    verdict = {"judge": "recogniser", "beats_baselines": False, "objective": 0.1, "strongest_baseline": "blur",
+               "strongest_baseline_objective": 0.2, "margin": -0.1, "baselines": {"no_change": 0.0, "blur": 0.2}}
+    card = {"model": "from the run", "trial": "t1", "verdict": verdict, "data": {"identities": 7},
+            "pretrained_scores": {"new_people_probe": 0.61, "emotion_evaluator": 0.93}}
+    (best / "model_card.json").write_text(json.dumps(card))
     out = export_model(tmp_path / "run", tmp_path / "model")
     assert json.loads((out / "model_card.json").read_text())["trial"] == "t1"
+    readme = (out / "README.md").read_text()
+    assert "## How it was judged" in readme and "does NOT beat the baselines" in readme
+    assert "people it never saw at 0.61, against 0.93" in readme and "epd-ray evaluate --model" in readme
+    plain = (export_model(trial_checkpoint, tmp_path / "plain") / "README.md").read_text()
+    assert "Not yet: no evaluation came with it" in plain and "beat" not in plain
 
 
 def test_deidentify_cuts_faces_with_the_margin_the_model_s_training_faces_had(tmp_path, trial_checkpoint, faces):

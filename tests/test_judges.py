@@ -14,7 +14,7 @@ from epd_ray.core.metrics import judged_metrics
 from epd_ray.core.scoring import class_probabilities
 from epd_ray.core.synthetic import make_synthetic_faces
 from epd_ray.config import EvaluationConfig
-from epd_ray.evaluate.evaluate import baseline_verdict, target_verdict, targets_line, verdict_line
+from epd_ray.evaluate.verdicts import baseline_verdict, target_verdict, targets_line, verdict_line
 from epd_ray.evaluate.expression_reader import ExpressionReader, reads_any
 from epd_ray.evaluate.judges import (PARALLEL_MIN_FACES, RECOGNISER_THRESHOLD, FaceRecogniser, Gallery, attack_metrics,
                                     denoise, main_judge)

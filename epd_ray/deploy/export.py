@@ -8,7 +8,7 @@ A model folder holds:
 * ``generator.json``: the kind and config that rebuild the network, the weights' file name and SHA-256
   (a tampered or swapped weights file is refused before it is even read), its parameter count;
 * ``model_card.json``: the run's model card when there is one, else a minimal card;
-* ``README.md``: how to use it.
+* ``README.md``: how to use it, and how it was judged.
 
 Plain PyTorch: no Ray, nothing from training.
 """
@@ -28,6 +28,7 @@ from epd_ray.checkpoints import (READERS, CheckpointError, load_checkpoint, load
                                  published_payload, require_network, save_checkpoint)
 from epd_ray.core.draws import BestOfDraws
 from epd_ray.core.networks import UNetGenerator, count_parameters
+from epd_ray.evaluate.verdicts import targets_line, verdict_line
 from epd_ray.provenance import package_versions
 
 WEIGHTS_FILE, SPEC_FILE = ModelSpec.WEIGHTS, ModelSpec.FILE
@@ -89,6 +90,7 @@ def export_model(source: Path, out: Path) -> Path:
         spec.save(staging)
         if card_path is not None:
             shutil.copyfile(card_path, staging / CARD_FILE)
+            card = json.loads(card_path.read_text())
         else:
             card = {
                 "model": "EPD-Net generator (pix2pix U-Net)",
@@ -98,7 +100,7 @@ def export_model(source: Path, out: Path) -> Path:
                 "versions": package_versions(),
             }
             (staging / CARD_FILE).write_text(json.dumps(card, indent=2, default=str) + "\n")
-        (staging / "README.md").write_text(_readme(config, spec))
+        (staging / "README.md").write_text(_readme(config, spec) + _judged(card))
     return out
 
 
@@ -126,6 +128,26 @@ def _readme(config: dict[str, Any], spec: ModelSpec) -> str:
         f"Files: `{WEIGHTS_FILE}` (tensors only, read with `torch.load(weights_only=True)`), `{SPEC_FILE}` "
         f"(config that rebuilds the network and the weights' SHA-256), `{CARD_FILE}` (where it came from).\n"
     )
+
+
+def _judged(card: dict[str, Any]) -> str:
+    """The run's test verdict in words, and what it does not cover: a model folder travels without its run
+    folder, and whoever deploys it should know what it was judged on before trusting it with new people."""
+    said = [line for line in (verdict_line(card.get("verdict")), targets_line(card.get("targets"))) if line]
+    check = ("`epd-ray evaluate --model MODEL --data NEW --pretrained NETWORKS` judges it on a prepared set of "
+             "other people (NETWORKS: `epd-ray pretrain --data NEW`'s networks file, whose judges know them).")
+    if not said:
+        return f"\n## How it was judged\n\nNot yet: no evaluation came with it. {check}\n"
+    faces, people = (card.get("targets") or {}).get("faces"), (card.get("data") or {}).get("identities")
+    split = "On the test split of the set it learnt from" + (
+        f" ({faces} faces: other photographs of the {people} people it trained on)" if faces and people else "")
+    scores = card.get("pretrained_scores") or {}
+    probe, seen = scores.get("new_people_probe"), scores.get("emotion_evaluator")
+    new = ("These figures are for the people it learnt from; it may keep fewer expressions of people it never saw"
+           + (f" (an emotion classifier that learnt from the set's other people read those of people it never saw "
+              f"at {probe:.2f}, against {seen:.2f} for S_e on the people it learnt)" if probe is not None and seen
+              else "") + f". {check}")
+    return "\n## How it was judged\n\n" + f"{split}:\n\n" + "".join(f"- {line}\n" for line in said) + f"\n{new}\n"
 
 
 def read_spec(model: Path) -> ModelSpec:

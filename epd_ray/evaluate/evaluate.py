@@ -33,18 +33,19 @@ from epd_ray.checkpoints import CheckpointError, build_from_record, load_checkpo
 from epd_ray.config import EvaluationConfig
 from epd_ray.core.baselines import gaussian_blur, k_same_pixel, no_change, pixelate
 from epd_ray.core.images import to_tensor, to_uint8
-from epd_ray.core.metrics import DEFAULT_MU_GRID, compute_metrics, distance_to_all, mu_sweep, wilson_interval
+from epd_ray.core.metrics import DEFAULT_MU_GRID, compute_metrics, distance_to_all, mu_sweep
 from epd_ray.core.precision import usable_cpus
 from epd_ray.core.scoring import Method, class_logits, class_probabilities, deidentify_pixels, ssim_values
 from epd_ray.data.shards import SPLITS, FaceArrays, load_split, read_manifest
 from epd_ray.evaluate.expression_reader import ExpressionReader, reader_metrics, reads_any
 from epd_ray.evaluate.judges import (FaceRecogniser, Gallery, attack_metrics, denoise, main_judge,
                                      recogniser_metrics, uses_recogniser)
+from epd_ray.evaluate.verdicts import (GENERATOR_METHOD, baseline_verdict, target_verdict, targets_line,
+                                       verdict_line)
 
 JUDGES = {"evaluators": ("identity_evaluator", "emotion_evaluator"),
           "verifiers": ("identity_verifier", "emotion_verifier")}
 SWEEP_JUDGE = "evaluators"
-GENERATOR_METHOD = "epd-net"
 KSAME_K = 10
 TOP_K = 5
 SAMPLES = 8
@@ -53,9 +54,6 @@ METRICS_FILE, PER_IMAGE_FILE, SAMPLES_FILE = "metrics.json", "per_image.parquet"
 BASELINE_NAMES = {"identity": "no_change", "no_change": "no_change", "blur": "blur", "pixelate": "pixelate",
                   "ksame": "ksame"}
 
-
-# The attackers beside the main judge, as the targets line names them (see `evaluate.judges`).
-ATTACKS = {"parrot": "the parrot attack", "denoised": "the denoising attacker"}
 
 
 class EvaluationError(ValueError):
@@ -291,127 +289,6 @@ def run_evaluation(methods: dict[str, Method | KSameMethod], *, dataset_dir: Pat
     metrics["targets"] = target_verdict(metrics, cfg)
     per_image = pa.concat_tables(tables) if tables else pa.table({})
     return Evaluation(metrics, per_image, sample_pixels, index)
-
-
-def baseline_verdict(metrics: dict[str, Any]) -> dict[str, Any] | None:
-    """Whether the model beats every baseline evaluated with it on J under the main judge (None: no model or
-    no baseline in this evaluation). A model no better than doing nothing, blurring or pixelating is
-    reported as such, never as success."""
-    methods, main = metrics["methods"], metrics["main_judge"]
-    baselines = {name: judged[main]["objective"] for name, judged in methods.items() if name != GENERATOR_METHOD}
-    if GENERATOR_METHOD not in methods or not baselines:
-        return None
-    model = methods[GENERATOR_METHOD][main]["objective"]
-    strongest = max(baselines, key=baselines.get)
-    return {"judge": main, "beats_baselines": bool(model > baselines[strongest]), "objective": model,
-            "strongest_baseline": strongest, "strongest_baseline_objective": baselines[strongest],
-            "margin": model - baselines[strongest], "baselines": baselines}
-
-
-def verdict_line(verdict: dict[str, Any] | None) -> str | None:
-    """One line that says whether the model beat the baselines, or None when there is nothing to compare."""
-    if verdict is None:
-        return None
-    figures = ", ".join(f"{name} {j:.3f}" for name, j in verdict["baselines"].items())
-    if verdict["beats_baselines"]:
-        return (f"verdict: the model beats every baseline under the {verdict['judge']} judge: "
-                f"J {verdict['objective']:.3f} against {figures}")
-    return (f"warning: the model does NOT beat the baselines under the {verdict['judge']} judge: J "
-            f"{verdict['objective']:.3f} against {figures} ({verdict['margin']:+.3f} behind "
-            f"{verdict['strongest_baseline']}); it is no better at hiding identity while keeping expression than "
-            "that baseline: train longer, widen the search, or check the pretraining warnings")
-
-
-def target_verdict(metrics: dict[str, Any], cfg: EvaluationConfig) -> dict[str, Any] | None:
-    """Whether the model answers its users' two questions well enough to share the faces (None: no model).
-
-    Would a face recogniser still find the person: the share of de-identified faces named at rank 1 by the
-    main judge, by the parrot attack (an attacker who knows the tool) and by the denoising attacker (a
-    median filter first), at most `cfg.max_reidentified`. A judge that guesses among the gallery's N people
-    names 1/N at rank 1, so on a set of few people (3: 0.33) the target lies below chance: `chance` says so.
-    Can the expression still be read: the share kept by the main judge's emotion reader (S_e), at least
-    `cfg.min_expression_kept`. Beating the baselines says a model is the best choice at hand, not that it
-    is good enough; this says which target it misses. On real faces the pretrained reader's figure is shown
-    beside S_e's but does not decide: it reads only some of a set's unchanged faces (about half of JAFFE's).
-
-    Met and missed go by the figures; `intervals` (95%, `wilson_interval`) say how far the split's size
-    lets them be trusted, and `undecided` names each target whose interval holds its threshold.
-    """
-    judged = metrics["methods"].get(GENERATOR_METHOD)
-    if judged is None:
-        return None
-    main = metrics["main_judge"]
-    named = {judge: judged[judge]["reidentified"] for judge in (main, *ATTACKS) if judge in judged}
-    kept = judged[main]["expression_kept"]
-    people = (metrics.get("gallery") or {}).get("identities")
-    verdict = {"judge": main, "reidentified": named, "max_reidentified": cfg.max_reidentified,
-               "chance": 1.0 / people if people else None,
-               "expression_kept": kept, "reader_expression_kept": judged.get("reader", {}).get("expression_kept"),
-               "min_expression_kept": cfg.min_expression_kept,
-               "privacy_met": max(named.values()) <= cfg.max_reidentified,
-               "expression_met": kept >= cfg.min_expression_kept}
-    faces = judged[main].get("num_probes")
-    if faces:
-        readable = round(judged[main]["emotion_accuracy_original"] * faces)  # kept's denominator
-        intervals = {judge: wilson_interval(share, judged[judge]["num_probes"]) for judge, share in named.items()}
-        intervals["expression_kept"] = wilson_interval(kept, readable)
-        thresholds = {**{judge: cfg.max_reidentified for judge in named}, "expression_kept": cfg.min_expression_kept}
-        verdict.update(faces=faces, readable=readable, intervals=intervals,
-                       undecided=[name for name, (low, high) in intervals.items() if low <= thresholds[name] <= high])
-    return verdict
-
-
-def targets_line(targets: dict[str, Any] | None) -> str | None:
-    """One line: both targets met, or a warning naming each one missed, its figures and what may help, and
-    the one met after `met:`, so that a figure within its target is never read as missed."""
-    if targets is None:
-        return None
-    intervals = targets.get("intervals", {})
-
-    def figure(name: str, share: float) -> str:
-        low_high = intervals.get(name)
-        return f"{share:.3f}" + (f" ({low_high[0]:.2f}-{low_high[1]:.2f})" if low_high else "")
-
-    by = ", ".join(f"{ATTACKS.get(judge, judge)} {figure(judge, share)}"
-                   for judge, share in targets["reidentified"].items())
-    reader = targets["reader_expression_kept"]
-    kept = figure("expression_kept", targets["expression_kept"]) + (
-        f", pretrained reader {reader:.3f}" if reader is not None else "")
-    privacy = f"named at rank 1 by {by} (target at most {targets['max_reidentified']:.2f})"
-    expression = f"expression kept {kept} (target at least {targets['min_expression_kept']:.2f})"
-    size = ""
-    if intervals:
-        size = (f"; in brackets 95% intervals over the {targets['faces']} faces judged "
-                f"({targets['readable']} for kept: those whose unchanged expression is read right)")
-        if targets["undecided"]:
-            names = ", ".join("kept" if n == "expression_kept" else ATTACKS.get(n, n) for n in targets["undecided"])
-            size += f"; too few faces to tell whether these targets are met: {names}; judge on more faces"
-    if targets["privacy_met"] and targets["expression_met"]:
-        return f"targets: met: {privacy}; {expression}{size}"
-    advice = []
-    chance = targets.get("chance")
-    named = targets["reidentified"]
-    if chance is not None and chance >= targets["max_reidentified"]:
-        advice.append(f"a guess among the gallery's {round(1 / chance)} people names {chance:.2f} at rank 1, at or "
-                      "above the target: judge privacy on a set of more people")
-    elif named[targets["judge"]] > targets["max_reidentified"]:
-        advice.append("identity survives: train longer or search more (train.steps, search.num_samples, "
-                      "--time-budget)")
-    else:
-        if named.get("denoised", 0) > targets["max_reidentified"]:
-            advice.append("a median filter gives identities back: the change is partly noise, not another face")
-        if named["parrot"] > targets["max_reidentified"]:
-            advice.append("whoever holds the model can still name people (it turns each into a consistent "
-                          "stand-in): keep it private; a higher loss.diversity (the paper's is 0; the faces preset "
-                          "raises it) varies the stand-ins and lowers this")
-    if not targets["expression_met"]:
-        # kept counts only faces whose unchanged image the judge reads right: what is lost, the change lost
-        advice.append("expressions are lost: the judge reads them on the unchanged faces, so the generator's "
-                      "changes take them away; S, the verifier that steers it, learns them from this data set "
-                      "alone: give it more people and images, or --emotion-data with a larger emotion set")
-    parts = ((privacy, targets["privacy_met"]), (expression, targets["expression_met"]))
-    missed, met = "; ".join(p for p, ok in parts if not ok), "; ".join(p for p, ok in parts if ok)
-    return f"warning: targets missed: {missed}; " + (f"met: {met}; " if met else "") + "; ".join(advice) + size
 
 
 def method_settings(cfg: EvaluationConfig, methods: dict[str, Any], k: int = KSAME_K) -> dict[str, Any]:

@@ -20,8 +20,8 @@ from PIL import Image
 
 from epd_ray.artifacts import RunFolder, atomic_write_text
 from epd_ray.core.metrics import pareto_front
-from epd_ray.evaluate.evaluate import (GENERATOR_METHOD, METRICS_FILE, SAMPLES_FILE, SWEEP_JUDGE,
-                                       evaluate_command, judged_images, targets_line)
+from epd_ray.evaluate.evaluate import METRICS_FILE, SAMPLES_FILE, SWEEP_JUDGE, evaluate_command, judged_images
+from epd_ray.evaluate.verdicts import GENERATOR_METHOD, targets_line
 
 COLUMNS = [("objective", "J (evaluators)"), ("deid_rate", "D(mu)"), ("switching_deid_rate", "S(mu)"),
            ("genuine_acceptance", "G(mu)"), ("emotion_preserved", "E"), ("emotion_mse", "emotion MSE"),
