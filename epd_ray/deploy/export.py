@@ -146,7 +146,8 @@ def _judged(card: dict[str, Any]) -> str:
     new = ("These figures are for the people it learnt from; it may keep fewer expressions of people it never saw"
            + (f" (an emotion classifier that learnt from the set's other people read those of people it never saw "
               f"at {probe:.2f}, against {seen:.2f} for S_e on the people it learnt)" if probe is not None and seen
-              else "") + f". {check}")
+              else "") + ". A generator that learnt from a few people keeps far fewer: on JAFFE, one trained on 7 "
+           f"people kept 0.45-0.52 of 3 others' expressions against 0.83 of its own people's. {check}")
     return "\n## How it was judged\n\n" + f"{split}:\n\n" + "".join(f"- {line}\n" for line in said) + f"\n{new}\n"
 
 
