@@ -55,7 +55,6 @@ BASELINE_NAMES = {"identity": "no_change", "no_change": "no_change", "blur": "bl
                   "ksame": "ksame"}
 
 
-
 class EvaluationError(ValueError):
     """A mistake the user can fix (missing model, data or pretrained networks, unknown baseline)."""
 
