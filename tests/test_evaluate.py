@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from epd_ray.artifacts import DatasetManifest
 from epd_ray.checkpoints import network_record, save_checkpoint
 from epd_ray.cli import app
 from epd_ray.config import DataConfig
@@ -20,6 +21,7 @@ from epd_ray.core.networks import build_network
 from epd_ray.core.synthetic import make_synthetic_faces
 from epd_ray.data.prepare import prepare_dataset
 from epd_ray.data.shards import load_split
+from epd_ray.evaluate.evaluate import load_judges
 from epd_ray.evaluate.report import FIGURES, GRID_PAD, ORIGINAL_ROW, reader_table
 
 JUDGE_KEYS = {"cmc_misclassification", "emotion_mse", "emotion_preserved", "ssim", "objective", "privacy", "utility",
@@ -31,8 +33,9 @@ PER_IMAGE_COLUMNS = {"method", "index", "identity", "emotion", "ssim"} | {
 IDS = 4
 
 
-def save_judges(path: Path, identities: int) -> Path:
-    """A pretrained-networks file with untrained judges that tell `identities` people apart."""
+def save_judges(path: Path, identities: int, names: list[str] | None = None) -> Path:
+    """A pretrained-networks file with untrained judges that tell `identities` people apart (`names`: whom,
+    as pretraining records it)."""
     nets = {"identity_verifier": build_network("identity_verifier", num_identities=identities, image_size=32,
                                                width=0.125),
             "emotion_verifier": build_network("emotion_verifier"),
@@ -40,7 +43,8 @@ def save_judges(path: Path, identities: int) -> Path:
                                                 blocks=(1, 1)),
             "emotion_evaluator": build_network("emotion_evaluator", num_classes=NUM_EMOTIONS, base_width=4,
                                                blocks=(1, 1), grey=True)}
-    save_checkpoint(path, {"networks": {name: network_record(name, net) for name, net in nets.items()}})
+    save_checkpoint(path, {"networks": {name: network_record(name, net) for name, net in nets.items()},
+                           **({"identities": names} if names is not None else {})})
     return path
 
 
@@ -233,6 +237,14 @@ def test_judges_pretrained_on_other_people_are_refused_naming_the_file_and_what_
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and str(others) in lines[0] and f"{IDS + 1} people" in lines[0], lines
     assert "epd-ray pretrain --data" in lines[0] and not (tmp_path / "out").exists()
+    # as many people, but others: the file names whom its networks learnt, and they are not these
+    strangers = save_judges(tmp_path / "strangers.pt", IDS, names=["ann", "bob", "cy", "dee"])
+    result = invoke("evaluate", "--model", world["generator"], "--data", world["data"], "--pretrained", strangers,
+                    "--out", tmp_path / "out")
+    assert result.exit_code == 2 and "learnt other people (ann, bob, cy, dee)" in result.stderr, result.output
+    manifest = DatasetManifest.load(world["data"])
+    own = save_judges(tmp_path / "own.pt", IDS, names=list(manifest.identities))
+    assert set(load_judges(own, torch.device("cpu"), manifest, world["data"])) == {"evaluators", "verifiers"}
 
 
 def test_report_of_missing_run_is_one_line_exit_2(tmp_path):

@@ -204,6 +204,7 @@ def test_an_interrupted_pretraining_trains_only_the_networks_it_had_not_finished
     assert any(f"kept from an interrupted run: {', '.join(kept)}" in line for line in said)
     payload = load_checkpoint(path)
     assert list(payload["networks"]) == list(done["networks"])  # the training order, whatever finished first
+    assert payload["identities"] == list(tiny_data.info.identities)  # whom V and V_e tell apart, for evaluate
     for name in kept:
         for key, tensor in done["networks"][name]["state_dict"].items():
             assert torch.equal(payload["networks"][name]["state_dict"][key], tensor)

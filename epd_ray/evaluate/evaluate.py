@@ -116,12 +116,21 @@ def generator_method(generator: nn.Module, seed: int) -> Method:
 
 def load_judges(pretrained_path: Path, device: torch.device, manifest: DatasetManifest,
                 dataset_dir: Path) -> dict[str, tuple[nn.Module, nn.Module]]:
-    """The judges' (identity, emotion) classifier pairs, refused when they tell another number of people or
-    expressions apart than the data set holds, or cannot read its image size: pretrained on another set. An
-    identity classifier cannot name people it never learnt, and its figures on them would be noise, not
-    privacy. (A set of as many other people passes this check; the pretrained file records no names.) Faces
+    """The judges' (identity, emotion) classifier pairs, refused when they learnt other people than the data set
+    holds (the pretrained file names them; files from before it did are checked by the number of people), tell
+    another number of expressions apart, or cannot read its image size: pretrained on another set. An identity
+    classifier cannot name people it never learnt, and its figures on them would be noise, not privacy. Faces
     of new people are judged with networks pretrained on their own train split (`epd-ray pretrain --data DIR`)."""
-    networks = load_checkpoint(pretrained_path)["networks"]
+    payload = load_checkpoint(pretrained_path)
+    networks, learnt = payload["networks"], payload.get("identities")
+    redo = (f"Judge this one with networks pretrained on it (`epd-ray pretrain --data {dataset_dir}`, then "
+            "--pretrained)")
+    if learnt is not None and list(learnt) != list(manifest.identities):
+        def people(names) -> str:
+            return ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
+        raise EvaluationError(f"{pretrained_path}: its identity networks learnt other people ({people(learnt)}) than "
+                              f"{dataset_dir} holds ({people(manifest.identities)}): these networks were pretrained "
+                              f"on another data set. {redo}")
     missing = [k for pair in JUDGES.values() for k in pair if k not in networks]
     if missing:
         raise CheckpointError(f"{pretrained_path}: holds no network {', '.join(missing)} "
@@ -137,13 +146,11 @@ def load_judges(pretrained_path: Path, device: torch.device, manifest: DatasetMa
                     classes = net(blank).shape[1]
             except RuntimeError:
                 raise EvaluationError(f"{pretrained_path}: its {name} cannot read {dataset_dir}'s "
-                                      f"{manifest.image_size} px faces; pass networks pretrained on this data set "
-                                      f"(`epd-ray pretrain --data {dataset_dir}`)") from None
+                                      f"{manifest.image_size} px faces. {redo}") from None
             if classes != wanted[what]:
                 raise EvaluationError(
                     f"{pretrained_path}: its {name} tells {classes} {what} apart, {dataset_dir} holds "
-                    f"{wanted[what]}: these networks were pretrained on another data set. Judge this one with "
-                    f"networks pretrained on it (`epd-ray pretrain --data {dataset_dir}`, then --pretrained)")
+                    f"{wanted[what]}: these networks were pretrained on another data set. {redo}")
     return judges
 
 

@@ -229,8 +229,9 @@ def pretrain_networks(exp: ExperimentConfig, prepared: PreparedData, *, cache_di
                 ray.cancel(ref, force=True)
     with atomic_folder(out) as tmp:  # nothing half-written, nothing untrusted (a raise here), in the cache
         scores = {name: finished[name][1] for name in specs}
+        # the people the identity networks tell apart, in class order: `evaluate` judges no other people with them
         save_checkpoint(tmp / PRETRAINED_FILE, {"networks": {name: finished[name][0] for name in specs},
-                                                "val_score": scores})
+                                                "val_score": scores, "identities": list(faces.identities)})
         (tmp / SCORES_FILE).write_text(json.dumps(scores, indent=2))
         judge_pretrained(scores, classes, exp, strict=strict, echo=echo)
     shutil.rmtree(unfinished, ignore_errors=True)
