@@ -184,13 +184,16 @@ def pretrain(
                                                 help="a prepared emotion-labelled set (e.g. `data prepare --source "
                                                      "fer2013`) for the emotion networks: S, S_e, the pickers"),
     set_: list[str] = typer.Option([], "--set", help="override a config key, e.g. --set verifiers.steps=500"),
+    judges_only: bool = typer.Option(False, "--judges-only", help="only V, S, V_e and S_e: the networks "
+                                     "`epd-ray evaluate --pretrained` judges a model with on this set (its people)"),
     strict: StrictOption = False,
 ) -> None:
     """Pretrain V, S, the evaluators V_e, S_e and the warm start into the cache that `tune` reuses."""
+    from epd_ray.config import JUDGES_ONLY
     from epd_ray.experiment import Interrupted, run_pretrain
     from epd_ray.train.run import PretrainingError
 
-    overrides = parse_overrides(set_)
+    overrides = {**(JUDGES_ONLY if judges_only else {}), **parse_overrides(set_)}
     if emotion_data is not None:
         overrides["verifiers.emotion_data"] = str(emotion_data)
     try:
@@ -200,6 +203,10 @@ def pretrain(
         fail(str(exc))
     except Interrupted as exc:
         stopped(str(exc))
+    if judges_only:
+        typer.echo(f"done: judges in {path} (`epd-ray evaluate --model MODEL --data {data or 'DATA'} "
+                   f"--pretrained {path}` judges a model on these people)")
+        return
     typer.echo(f"done: pretrained networks in {path} (`epd-ray tune` with the same settings reuses them"
                + (f"; add --set verifiers.emotion_data={emotion_data}" if emotion_data else "") + ")")
 

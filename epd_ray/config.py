@@ -280,6 +280,13 @@ class Range(_Strict):
 PRETRAIN_SHARE = 0.4
 EVALUATION_RESERVE, EVALUATION_RESERVE_MIN_S = 0.1, 15.0
 EVALUATION_CORE_S_PER_FACE = 2.5
+
+# What `epd-ray pretrain --judges-only` leaves out: the networks that only GAN training uses (S's siblings, the
+# pickers, the new-people probe, the warm start). `evaluate` needs V, S, V_e and S_e, so judging a model on a
+# set of other people costs four networks, not ten; the settings differ, so `tune` never takes such a cache
+# entry for its own.
+JUDGES_ONLY = {"verifiers.emotion_verifiers": 1, "verifiers.pickers": 0, "verifiers.new_people_probe": False,
+               "model.warm_start_steps": 0}
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600}
 
 

@@ -247,3 +247,25 @@ def test_a_classifier_takes_its_steps_on_a_small_set_and_enough_to_see_each_face
     assert classifier_steps(faces, 100_000) == faces.max_steps == 2400
     quick = load_config("quick").verifiers
     assert classifier_steps(quick, 79) == classifier_steps(quick, 100_000) == quick.steps
+
+
+def test_judges_only_pretrains_the_four_networks_evaluate_judges_with_under_a_key_of_their_own(
+        ray_runtime, tiny_experiment, tiny_data, tmp_path):
+    """Judging a model on a set of other people needs V, S, V_e and S_e trained on them, not the six networks
+    only GAN training uses; the entry's key differs from a full pretraining's, so `tune` never takes it."""
+    from epd_ray.artifacts import pretrained_key
+    from epd_ray.checkpoints import load_checkpoint
+    from epd_ray.config import JUDGES_ONLY
+    from epd_ray.evaluate.evaluate import load_judges
+    from epd_ray.train.run import pretrain_networks
+
+    settings = {f"{section}.{key}": value for section in ("verifiers", "model")
+                for key, value in getattr(tiny_experiment, section).model_dump().items()}
+    judges = load_config("smoke", {**settings, **JUDGES_ONLY})
+    said: list[str] = []
+    path = pretrain_networks(judges, tiny_data, cache_dir=tmp_path / "cache", runtime=ray_runtime, echo=said.append)
+    assert list(load_checkpoint(path)["networks"]) == ["identity_verifier", "emotion_verifier", "identity_evaluator",
+                                                       "emotion_evaluator"]
+    content = tiny_data.info.content_hash
+    assert pretrained_key(judges, content) != pretrained_key(tiny_experiment, content)
+    assert set(load_judges(path, torch.device("cpu"), tiny_data.info, tiny_data.path)) == {"evaluators", "verifiers"}

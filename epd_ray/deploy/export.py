@@ -135,7 +135,8 @@ def _judged(card: dict[str, Any]) -> str:
     folder, and whoever deploys it should know what it was judged on before trusting it with new people."""
     said = [line for line in (verdict_line(card.get("verdict")), targets_line(card.get("targets"))) if line]
     check = ("`epd-ray evaluate --model MODEL --data NEW --pretrained NETWORKS` judges it on a prepared set of "
-             "other people (NETWORKS: `epd-ray pretrain --data NEW`'s networks file, whose judges know them).")
+             "other people (NETWORKS: the file `epd-ray pretrain --data NEW --judges-only` writes, whose judges "
+             "know them).")
     if not said:
         return f"\n## How it was judged\n\nNot yet: no evaluation came with it. {check}\n"
     faces, people = (card.get("targets") or {}).get("faces"), (card.get("data") or {}).get("identities")

@@ -123,8 +123,8 @@ def load_judges(pretrained_path: Path, device: torch.device, manifest: DatasetMa
     of new people are judged with networks pretrained on their own train split (`epd-ray pretrain --data DIR`)."""
     payload = load_checkpoint(pretrained_path)
     networks, learnt = payload["networks"], payload.get("identities")
-    redo = (f"Judge this one with networks pretrained on it (`epd-ray pretrain --data {dataset_dir}`, then "
-            "--pretrained)")
+    redo = (f"Judge this one with networks pretrained on it (`epd-ray pretrain --data {dataset_dir} --judges-only`, "
+            "then --pretrained)")
     if learnt is not None and list(learnt) != list(manifest.identities):
         def people(names) -> str:
             return ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
