@@ -82,15 +82,16 @@ def export_model(source: Path, out: Path) -> Path:
             _tensor_record(record["kind"], generator),
             _tensor_record(READERS, reader) if reader is not None else None,
             deidentifier.draws))
+        run_card = read_card(card_path)
         spec = ModelSpec(config=config, weights=WEIGHTS_FILE, sha256=sha256_file(staging / WEIGHTS_FILE),
                          parameters=count_parameters(generator), draws=deidentifier.draws,
-                         face_margin=training_margin(checkpoint_path),
+                         face_margin=_card_margin(run_card),
                          input="RGB face crop, float NCHW in [-1, 1] "
                                f"({config['image_size']}x{config['image_size']} px); output the same")
         spec.save(staging)
         if card_path is not None:
             shutil.copyfile(card_path, staging / CARD_FILE)
-            card = json.loads(card_path.read_text())
+            card = run_card or {}
         else:
             card = {
                 "model": "EPD-Net generator (pix2pix U-Net)",
@@ -176,11 +177,23 @@ def training_margin(model: Path) -> float | None:
     model = Path(model)
     if model.is_dir():
         return read_spec(model).face_margin
-    card = model.parent / CARD_FILE
+    return _card_margin(read_card(model.parent / CARD_FILE))
+
+
+def read_card(card: Path | None) -> dict[str, Any] | None:
+    """A model card's contents; None where there is none or it cannot be read (a card only describes: never a
+    reason to fail)."""
+    if card is None or not Path(card).is_file():
+        return None
     try:
-        return (json.loads(card.read_text()).get("data") or {}).get("face_margin") if card.is_file() else None
+        card = json.loads(card.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
+    return card if isinstance(card, dict) else None
+
+
+def _card_margin(card: dict[str, Any] | None) -> float | None:
+    return ((card or {}).get("data") or {}).get("face_margin")
 
 
 def load_model(model: Path, device: torch.device | str = "cpu") -> BestOfDraws:

@@ -370,10 +370,6 @@ class EvaluationSetup:
     seed: int
 
 
-def _read_card(card_path: Path | None) -> dict[str, Any]:
-    return json.loads(Path(card_path).read_text()) if card_path is not None else {}
-
-
 def find_pretrained(card: dict[str, Any]) -> Path | None:
     """The pretrained networks a run used: recorded in its model card, else its cache entry for the data."""
     recorded = card.get("pretrained_path")
@@ -390,14 +386,14 @@ def resolve_setup(model: Path | None, *, data: Path | None = None, pretrained: P
                   pixelate_blocks: int | None = None, judge: str | None = None, probes: int | None = None,
                   need_generator: bool = True) -> EvaluationSetup:
     """Everything `epd-ray evaluate` needs, from a run folder or checkpoint and the options that override it."""
-    from epd_ray.deploy.export import resolve_source
+    from epd_ray.deploy.export import read_card, resolve_source
 
     checkpoint, card = None, {}
     if model is not None:
         if not Path(model).exists():
             raise FileNotFoundError(f"{model}: no such run folder or checkpoint file (--model)")
         checkpoint, card_path = resolve_source(Path(model))
-        card = _read_card(card_path)
+        card = read_card(card_path) or {}
     elif need_generator:
         raise EvaluationError("--model is needed (a run folder or a generator checkpoint) unless --baseline is given")
     if split not in SPLITS:
