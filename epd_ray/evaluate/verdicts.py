@@ -132,8 +132,8 @@ def targets_line(targets: dict[str, Any] | None) -> str | None:
         advice.append("expressions are lost: the judge reads them on the unchanged faces, so the generator's "
                       "changes take them away; trained on few people it keeps the expressions of the faces it "
                       "learnt by heart, not expressions as such, and S, the verifier that steers it, learns them "
-                      "from this data set alone: give it more people (more photographs of the same people did "
-                      "not help on JAFFE), and --emotion-data with a larger emotion set")
+                      "from this data set alone: give it more people (varied copies of the same people's "
+                      "photographs kept fewer on a JAFFE stand-in), and --emotion-data with a larger emotion set")
     parts = ((privacy, targets["privacy_met"]), (expression, targets["expression_met"]))
     missed, met = "; ".join(p for p, ok in parts if not ok), "; ".join(p for p, ok in parts if ok)
     return f"warning: targets missed: {missed}; " + (f"met: {met}; " if met else "") + "; ".join(advice) + size
