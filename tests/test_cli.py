@@ -135,7 +135,9 @@ def test_tune_smoke_end_to_end(tmp_path):
     exported = CliRunner().invoke(app, ["export", str(out), "--out", str(tmp_path / "model")])
     assert exported.exit_code == 0 and "its test evaluation: " in exported.stdout  # whoever ships it is told
     # ... and whoever deploys it, from the model folder alone, with what pretraining's networks read
-    assert said in (tmp_path / "model" / "README.md").read_text()
+    readme = (tmp_path / "model" / "README.md").read_text()
+    assert said in readme
+    assert f"faces: SSIM {metrics['methods']['epd-net']['evaluators']['ssim']:.2f} to the unchanged face (" in readme
     assert card["pretrained_scores"]["emotion_evaluator"] > 0.0
     report = (out / "report" / "report.md").read_text()
     assert "independent evaluators" in report and "epd-net" in report and "targets" in report

@@ -14,7 +14,7 @@ from epd_ray.core.metrics import judged_metrics
 from epd_ray.core.scoring import class_probabilities
 from epd_ray.core.synthetic import make_synthetic_faces
 from epd_ray.config import EvaluationConfig
-from epd_ray.evaluate.verdicts import baseline_verdict, target_verdict, targets_line, verdict_line
+from epd_ray.evaluate.verdicts import baseline_verdict, faces_line, target_verdict, targets_line, verdict_line
 from epd_ray.evaluate.expression_reader import ExpressionReader, reads_any
 from epd_ray.evaluate.judges import (PARALLEL_MIN_FACES, RECOGNISER_THRESHOLD, FaceRecogniser, Gallery, attack_metrics,
                                     denoise, main_judge)
@@ -157,6 +157,24 @@ def test_verdict_says_when_the_model_is_no_better_than_a_baseline():
     assert ahead["beats_baselines"] is True and verdict_line(ahead).startswith("verdict:")
     assert baseline_verdict({"main_judge": "recogniser",
                              "methods": {"blur": {"recogniser": {"objective": 0.1}}}}) is None
+
+
+def test_faces_line_says_how_far_the_published_faces_are_from_the_input_beside_the_baselines():
+    """J rewards hiding people and keeping expressions, not faces a user would share: JAFFE's model scored
+    SSIM 0.44 against blur's 0.54 with visibly speckled faces. The verdict keeps each method's SSIM and the
+    share in which the recogniser's detector still finds a face, and the line puts them side by side."""
+    metrics = {"main_judge": "recogniser", "methods": {
+        name: {"recogniser": {"objective": j, "ssim": ssim, "face_found": found}}
+        for name, j, ssim, found in (("epd-net", 0.57, 0.44, 0.96), ("no_change", 0.0, 1.0, 1.0),
+                                     ("blur", 0.08, 0.54, 0.07))}}
+    verdict = baseline_verdict(metrics)
+    assert verdict["ssim"] == {"epd-net": 0.44, "no_change": 1.0, "blur": 0.54}
+    line = faces_line(verdict)
+    assert line.startswith("faces: SSIM 0.44 to the unchanged face (no_change 1.00, blur 0.54)")
+    assert "finds a face in 0.96 of them (no_change 1.00, blur 0.07)" in line
+    assert "epd-ray report" in line and "\n" not in line
+    # a card written before the verdict kept SSIM says nothing rather than something wrong
+    assert faces_line(baseline_verdict(verdict_metrics(0.5))) is None and faces_line(None) is None
 
 
 def targets_metrics(named: float, parrot: float, kept: float, denoised: float = 0.2, people: int = 10) -> dict:

@@ -28,7 +28,7 @@ from epd_ray.checkpoints import (READERS, CheckpointError, load_checkpoint, load
                                  published_payload, require_network, save_checkpoint)
 from epd_ray.core.draws import BestOfDraws
 from epd_ray.core.networks import UNetGenerator, count_parameters
-from epd_ray.evaluate.verdicts import targets_line, verdict_line
+from epd_ray.evaluate.verdicts import faces_line, targets_line, verdict_line
 from epd_ray.provenance import package_versions
 
 WEIGHTS_FILE, SPEC_FILE = ModelSpec.WEIGHTS, ModelSpec.FILE
@@ -134,7 +134,8 @@ def _readme(config: dict[str, Any], spec: ModelSpec) -> str:
 def _judged(card: dict[str, Any]) -> str:
     """The run's test verdict in words, and what it does not cover: a model folder travels without its run
     folder, and whoever deploys it should know what it was judged on before trusting it with new people."""
-    said = [line for line in (verdict_line(card.get("verdict")), targets_line(card.get("targets"))) if line]
+    said = [line for line in (verdict_line(card.get("verdict")), targets_line(card.get("targets")),
+                              faces_line(card.get("verdict"))) if line]
     check = ("`epd-ray evaluate --model MODEL --data NEW --pretrained NETWORKS` judges it on a prepared set of "
              "other people (NETWORKS: the file `epd-ray pretrain --data NEW --judges-only` writes, whose judges "
              "know them).")
