@@ -172,7 +172,7 @@ def test_faces_line_says_how_far_the_published_faces_are_from_the_input_beside_t
     line = faces_line(verdict)
     assert line.startswith("faces: SSIM 0.44 to the unchanged face (no_change 1.00, blur 0.54)")
     assert "finds a face in 0.96 of them (no_change 1.00, blur 0.07)" in line
-    assert "epd-ray report" in line and "\n" not in line
+    assert "report/samples.png" in line and "\n" not in line
     # a card written before the verdict kept SSIM says nothing rather than something wrong
     assert faces_line(baseline_verdict(verdict_metrics(0.5))) is None and faces_line(None) is None
 

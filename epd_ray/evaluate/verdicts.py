@@ -1,5 +1,6 @@
 """What an evaluation concludes, in figures and in words: whether the model beats the classical baselines,
-whether it meets the targets that answer its users' two questions, and the lines that say so. Kept apart from
+whether it meets the targets that answer its users' two questions, how far its faces are from the input,
+and the lines that say so. Kept apart from
 the judging itself (`evaluate.evaluate`) so that a model folder can state its verdict without the judges.
 """
 
@@ -65,7 +66,7 @@ def faces_line(verdict: dict[str, Any] | None) -> str | None:
     line = f"faces: SSIM {ssim[GENERATOR_METHOD]:.2f} to the unchanged face{others(ssim)}"
     if GENERATOR_METHOD in found:
         line += f"; the recogniser's detector finds a face in {found[GENERATOR_METHOD]:.2f} of them{others(found)}"
-    return line + "; look at the de-identified samples (`epd-ray report RUN`) before sharing faces"
+    return line + "; look at the de-identified samples (the run's report/samples.png) before sharing faces"
 
 
 def target_verdict(metrics: dict[str, Any], cfg: EvaluationConfig) -> dict[str, Any] | None:
