@@ -1,7 +1,7 @@
 """What an evaluation concludes, in figures and in words: whether the model beats the classical baselines,
 whether it meets the targets that answer its users' two questions, how far its faces are from the input,
-and the lines that say so. Kept apart from
-the judging itself (`evaluate.evaluate`) so that a model folder can state its verdict without the judges.
+and the lines that say so. Kept apart from the judging itself (`evaluate.evaluate`) so that a model folder
+can state its verdict without the judges.
 """
 
 from __future__ import annotations
