@@ -166,6 +166,8 @@ class ModelConfig(_Strict):
     n_layers: int = Field(3, ge=1, le=5)
     norm: Literal["batch", "instance"] = "batch"
     dropout: float = Field(0.5, ge=0, lt=1)
+    median_output: bool = Field(False, description="pass the generator's output through a 3x3 median, in training "
+                                                   "as in publication (not in the paper; core/networks.py)")
     draws: int = Field(1, ge=1, le=64, description="draws of the noise z per face when de-identifying (validation, "
                                                    "evaluation, deployment); the one published is the draw the "
                                                    "expression readers (verifiers.pickers, else S) read most surely as "

@@ -3,11 +3,13 @@
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from epd_ray.core.draws import BestOfDraws
+from epd_ray.core.images import to_tensor, to_uint8
 from epd_ray.core.labels import NUM_EMOTIONS
 from epd_ray.core.networks import (
     NETWORKS,
@@ -22,7 +24,9 @@ from epd_ray.core.networks import (
     count_parameters,
     fold_batch_norms,
     init_weights,
+    median3,
 )
+from epd_ray.evaluate.judges import denoise
 
 torch.set_num_threads(2)
 
@@ -95,6 +99,33 @@ def test_generator_instance_norm_and_batch_of_one():
     assert g(images(1, 32)).shape == (1, 3, 32, 32)
     with pytest.raises(ValueError, match="norm"):
         UNetGenerator(32, norm="layer")
+
+
+def test_median_output_generator_publishes_the_3x3_median_of_its_output_and_rebuilds_from_its_config():
+    g = UNetGenerator(32, ngf=4, median_output=True).eval()
+    g.deterministic = True
+    plain = build_network("generator", **{**g.config, "median_output": False}).eval()
+    plain.load_state_dict(g.state_dict())  # the median has no weights: a plain warm start loads as it is
+    plain.deterministic = True
+    x = images(2, 32)
+    with torch.no_grad():
+        y, raw = g(x), plain(x)
+    assert torch.equal(y, median3(raw)) and not torch.equal(y, raw)
+    rebuilt = build_network("generator", **g.config).eval()
+    rebuilt.load_state_dict(g.state_dict())
+    rebuilt.deterministic = True
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), y)
+    assert "median_output" not in UNetGenerator(32, ngf=4).config  # generators saved before it rebuild as they were
+    g.train()
+    g(x).mean().backward()  # the losses reach the weights through the median
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in g.parameters())
+
+
+def test_median3_is_the_denoising_attackers_median_inside_the_border():
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    ours = to_uint8(median3(to_tensor(pixels)))
+    assert np.array_equal(ours[:, 1:-1, 1:-1], denoise(pixels)[:, 1:-1, 1:-1])
 
 
 def test_pix2pix_init_std():

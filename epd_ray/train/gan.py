@@ -89,7 +89,7 @@ class GanInputs:
 
 def build_gan(exp: ExperimentConfig, image_size: int) -> tuple[torch.nn.Module, torch.nn.Module]:
     generator = build_network("generator", image_size=image_size, ngf=exp.model.ngf, norm=exp.model.norm,
-                              dropout=exp.model.dropout)
+                              dropout=exp.model.dropout, median_output=exp.model.median_output)
     discriminator = build_network("discriminator", ndf=exp.model.ndf, n_layers=exp.model.n_layers,
                                   norm=exp.model.norm)
     return generator, discriminator  # both initialised as pix2pix does, in their constructors

@@ -111,7 +111,7 @@ def network_specs(cfg: VerifiersConfig, model: ModelConfig, num_identities: int,
     for name, spec in specs.items():
         spec.setdefault("kind", name)
         spec.update(steps=cfg.steps, lr=cfg.emotion_lr if spec["task"] == "emotion" else cfg.lr)
-    if model.warm_start_steps:
+    if model.warm_start_steps:  # model.median_output has no weights: one warm start serves with or without it
         specs["generator"] = {"kind": "generator", "args": {"image_size": image_size, "ngf": model.ngf,
                                                             "norm": model.norm, "dropout": model.dropout},
                               "task": "reconstruct", "seed": cfg.seed + 2, "steps": model.warm_start_steps,
