@@ -53,7 +53,8 @@ def faces_line(verdict: dict[str, Any] | None) -> str | None:
     """What the published faces look like beside the baselines' (None: no SSIM in the verdict, as in cards
     written before it was kept): J says how well a model hides people and keeps expressions, not whether
     its faces are ones a user would share. On JAFFE the faces preset's model scored SSIM 0.44 against blur's
-    0.54, and its faces are visibly speckled, though a face detector still finds 0.96 of them."""
+    0.54 before `model.median_output` (0.47 with it), its faces visibly speckled (smoothed and blotched with
+    it), though a face detector still found 0.96 of them (1.00)."""
     ssim = (verdict or {}).get("ssim") or {}
     if GENERATOR_METHOD not in ssim:
         return None
