@@ -106,9 +106,9 @@ class UNetGenerator(nn.Module):
     the output is tanh in [-1, 1].
 
     `median_output` passes that output through a 3x3 median (per channel, edges reflected), in training as
-    in publication, so the losses judge the face that is published. Not in the paper: through the verifiers
-    alone the generator hides people in a fine speckle (8 grey levels of mean |grey - its 3x3 median| on
-    JAFFE, the originals 3.8), which a median cannot carry (README, "What those faces look like").
+    in publication, so the losses judge the face that is published. Not in the paper: steered by the
+    verifiers alone, the generator partly hides people in a fine speckle (8 grey levels of mean |grey - its
+    3x3 median| on JAFFE, the originals 3.8) that the median takes out (README, "What those faces look like").
 
     Noise z: `NoiseDropout(dropout)` after the decoder blocks right outside the innermost one, up to three
     of them (pix2pix's three 8*ngf up-blocks at 256 px, i.e. the 2->4, 4->8 and 8->16 px levels), but never
