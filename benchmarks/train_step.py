@@ -27,6 +27,8 @@ Decomposition of the EPD-Net step, all measured in the same rounds as the full s
   a randomly transformed view of G's output.
 - "+3 S": the full step with `verifiers.emotion_verifiers` 3 (not in the paper; the `faces` preset's), L_CE
   through the mean probability of three mini-Xceptions.
+- "+median": the full step with `model.median_output` (not in the paper; the `faces` preset's), G's output
+  through a 3x3 median that every loss reads and the backward pass goes through.
 The verifiers' share is (full - G+D part) / full; V + S alone is printed beside it as a check.
 
 Timing: every variant of one (size, precision) runs once per round, round after round (so a burst of load
@@ -249,9 +251,10 @@ class EpdStep:
     """One batch of `gan_loop`: D step, then G step through D, V and S (or through D alone: `verifiers=False`)."""
 
     def __init__(self, size: int, ngf: int, ndf: int, setup: WorkerSetup, identities: int, verifier_width: float,
-                 diversity: float = 0.0, verifier_views: bool = False, emotion_verifiers: int = 1):
+                 diversity: float = 0.0, verifier_views: bool = False, emotion_verifiers: int = 1,
+                 median_output: bool = False):
         exp = load_config("quick", {"model.ngf": ngf, "model.ndf": ndf, "model.n_layers": 3, "model.norm": "batch",
-                                    "model.dropout": 0.5})
+                                    "model.dropout": 0.5, "model.median_output": median_output})
         self.setup = setup
         self.weights = LossWeights(diversity=diversity)  # the paper's point: lambdas 1, phi 0.25, alpha 1
         generator, discriminator = build_gan(exp, size)
@@ -430,6 +433,7 @@ def measure(size: int, precision: str, args: argparse.Namespace, device: torch.d
     diverse = EpdStep(size, args.ngf, args.ndf, setup, args.identities, args.verifier_width, diversity=0.5)
     viewed = EpdStep(size, args.ngf, args.ndf, setup, args.identities, args.verifier_width, verifier_views=True)
     three_s = EpdStep(size, args.ngf, args.ndf, setup, args.identities, args.verifier_width, emotion_verifiers=3)
+    median_step = EpdStep(size, args.ngf, args.ndf, setup, args.identities, args.verifier_width, median_output=True)
     fake = epd.fake_for_verifiers(x)
     n = 8192 if device.type == "cuda" else 2048
     a, b = (torch.randn(n, n, device=device).to(machine.DTYPES[precision]) for _ in range(2))
@@ -445,6 +449,9 @@ def measure(size: int, precision: str, args: argparse.Namespace, device: torch.d
                              count_parameters(viewed.generator) + count_parameters(viewed.discriminator)),
         "epd_3s": Variant("epd_3s", lambda: three_s(x, y, identity, emotion),
                           count_parameters(three_s.generator) + count_parameters(three_s.discriminator)),
+        "epd_median": Variant("epd_median", lambda: median_step(x, y, identity, emotion),
+                              count_parameters(median_step.generator)
+                              + count_parameters(median_step.discriminator)),
         "epd_gd": Variant("epd_gd", lambda: epd(x, y, identity, emotion, verifiers=False),
                           count_parameters(epd.generator) + count_parameters(epd.discriminator)),
         "V": Variant("V", lambda: epd.identity_part(fake, identity), count_parameters(epd.identity_verifier)),
@@ -495,7 +502,8 @@ def print_tables(results: list[Measured], args: argparse.Namespace) -> None:
     print("   without V and S in L_G. Verifiers' share: (EPD-Net - G+D part) / EPD-Net; V+S alone: their forward +")
     print("   backward timed on their own, over the EPD-Net step. +diversity: the step with loss.diversity > 0 (each")
     print("   face drawn twice), over the EPD-Net step; +views: the step with train.verifier_views, over it; +3 S:")
-    print("   the step with verifiers.emotion_verifiers 3, over it.")
+    print("   the step with verifiers.emotion_verifiers 3, over it; +median: the step with model.median_output, over")
+    print("   it.")
     head = (f"{'px':>4} {'prec':>5} {'rounds':>6} {'pix2pix ref':>14} {'EPD-Net':>14} {'EPD/ref':>8} "
             f"{'+diversity':>10} {'div/EPD':>7} {'+views':>8} {'views/EPD':>9} {'+3 S':>6} {'3S/EPD':>6} "
             f"{'G+D part':>9} {'GD/ref':>7} "
@@ -513,7 +521,8 @@ def print_tables(results: list[Measured], args: argparse.Namespace) -> None:
               f"{per_round(v['epd'], v['reference']):>7.2f}x {ms(v['epd_diversity'].median):>10} "
               f"{per_round(v['epd_diversity'], v['epd']):>6.2f}x {ms(v['epd_views'].median):>8} "
               f"{per_round(v['epd_views'], v['epd']):>8.2f}x {ms(v['epd_3s'].median):>6} "
-              f"{per_round(v['epd_3s'], v['epd']):>5.2f}x {ms(v['epd_gd'].median):>9} "
+              f"{per_round(v['epd_3s'], v['epd']):>5.2f}x {ms(v['epd_median'].median):>7} "
+              f"{per_round(v['epd_median'], v['epd']):>6.2f}x {ms(v['epd_gd'].median):>9} "
               f"{per_round(v['epd_gd'], v['reference']):>6.2f}x {ms(v['V'].median):>8} {ms(v['S'].median):>7} "
               f"{share * 100:>12.0f}% {alone * 100:>9.0f}% {r.load:>5.1f}", flush=True)
 
