@@ -35,6 +35,7 @@ from epd_ray.deploy import DeidentifyOptions, FaceEngine, deidentify, export_mod
 from epd_ray.deploy.faces import blur_face
 from epd_ray.deploy.video import Encoder
 from epd_ray.faces import DETECTORS, face_region, make_detector
+from epd_ray.train.gan import build_gan
 from epd_ray.train.pretrain import network_specs
 
 from benchmarks.detector_recall import CANVAS, paste_face, photos
@@ -64,14 +65,15 @@ def faces_per_second(model: BestOfDraws | UNetGenerator, device: str, precision:
 
 
 def preset_model(draws: int, pickers: int) -> BestOfDraws:
-    """The `faces` preset's de-identifier (64 px, its generator and readers' shapes, random weights: speed
-    does not depend on them) drawing `draws` times, its readers `pickers` expression pickers (0: S)."""
+    """The `faces` preset's de-identifier (64 px, its generator as training builds it, its 3x3 median
+    included, and its readers' shapes; random weights: speed does not depend on them) drawing `draws` times,
+    its readers `pickers` expression pickers (0: S)."""
     exp = load_config("faces", {"verifiers.pickers": pickers, "model.draws": draws})
     specs = network_specs(exp.verifiers, exp.model, num_identities=10, image_size=64)
     torch.manual_seed(0)
     networks = {name: network_record(spec["kind"], build_network(spec["kind"], **spec["args"]))
                 for name, spec in specs.items()}
-    generator = build_from_record(networks["generator"])
+    generator = build_gan(exp, image_size=64)[0]
     reader = build_from_record(draw_readers(networks)) if draws > 1 else None
     return BestOfDraws(generator, reader, draws).eval()
 
