@@ -185,6 +185,14 @@ def test_report_files_numbers_and_no_originals(world, fake_run):
             assert " | ".join(f"{v:.4f}" for v in m["cmc_misclassification"]) in text
     for name in FIGURES.values():
         assert f"]({name})" in text
+    model = metrics["methods"]["epd-net"]["evaluators"]
+    counts = np.array(model["expression_confusion"])  # rows: the expressions S_e reads right unchanged
+    assert counts.shape == (len(metrics["emotions"]),) * 2
+    assert counts.sum() == round(model["emotion_accuracy_original"] * metrics["images"])
+    assert np.trace(counts) / counts.sum() == pytest.approx(model["expression_kept"])
+    assert "## Expressions kept, one by one" in text
+    for i, (name, row) in enumerate(zip(metrics["emotions"], counts)):
+        assert (f"| {name} | {row[i]} of {row.sum()} " if row.sum() else f"| {name} | - |") in text
 
     originals = load_split(world["data"], "test").pixels[metrics["sample_index"]]
     scale = -(-96 // 32)
@@ -287,7 +295,7 @@ def test_real_faces_are_judged_by_the_recogniser_and_read_by_the_pretrained_expr
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
     for judged in metrics["methods"].values():
-        assert set(judged["reader"]) == {"read_original", "read", "expression_kept"}
+        assert set(judged["reader"]) == {"read_original", "read", "expression_kept", "expression_confusion"}
     judged = metrics["methods"]["no_change"]
     assert metrics["main_judge"] == "recogniser" == judged["parrot"]["embedding"] == judged["denoised"]["embedding"]
     for name in ("evaluators", "verifiers", "recogniser", "parrot", "denoised"):

@@ -15,6 +15,7 @@ from epd_ray.core.metrics import (
     distance_to_all,
     emotion_mse,
     emotion_preserved,
+    expression_confusion,
     expression_kept,
     genuine_acceptance,
     identity_distances,
@@ -150,6 +151,14 @@ def test_expression_kept_counts_only_expressions_read_in_the_original():
     assert expression_kept([0, 1, 2, 0], [0, 1, 2, 3], emotion) == pytest.approx(3 / 4)
     assert expression_kept([0, 1, 6, 6], [0, 1, 5, 5], emotion) == pytest.approx(1.0)  # 2 readable, both kept
     assert expression_kept([0, 1, 2, 3], [6, 6, 6, 6], emotion) == 0.0  # none readable: nothing kept
+
+
+def test_expression_confusion_counts_the_readable_faces_by_what_they_are_read_as_after():
+    emotion = np.array([0, 0, 1, 1, 2])
+    read_after = [0, 2, 1, 0, 2]
+    counts = expression_confusion(read_after, [0, 0, 1, 1, 1], emotion, num_classes=3)  # the last: misread
+    assert counts == [[1, 0, 1], [1, 1, 0], [0, 0, 0]]
+    assert np.trace(counts) / np.sum(counts) == pytest.approx(expression_kept(read_after, [0, 0, 1, 1, 1], emotion))
 
 
 def _evaluation():

@@ -183,6 +183,21 @@ def expression_kept(pred_deid: ArrayLike, pred_orig: ArrayLike, emotion: ArrayLi
     return float(np.mean(deid[readable] == labels[readable])) if readable.any() else 0.0
 
 
+def expression_confusion(pred_deid: ArrayLike, pred_orig: ArrayLike, emotion: ArrayLike,
+                         num_classes: int) -> list[list[int]]:
+    """Counts over the probes whose expression the emotion judge reads correctly in the original: row i is
+    that expression, column j the one it reads after de-identification. The diagonal is what
+    `expression_kept` counts; the rest says which expressions a method loses, and as what they are read
+    instead: one figure cannot tell a model that loses every expression a little from one that turns every
+    surprise into fear."""
+    orig, deid = _predictions(pred_orig), _predictions(pred_deid)
+    labels = _labels(emotion, orig.shape[0])
+    readable = orig == labels
+    counts = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(counts, (labels[readable], deid[readable]), 1)
+    return counts.tolist()
+
+
 def utility_score(kept: float, ssim: float, w: float = 0.25) -> float:
     """Expression kept times max(SSIM, 0)^w, the utility half of J."""
     return float(kept * max(float(ssim), 0.0) ** w)

@@ -33,7 +33,7 @@ from epd_ray.checkpoints import CheckpointError, build_from_record, load_checkpo
 from epd_ray.config import EvaluationConfig
 from epd_ray.core.baselines import gaussian_blur, k_same_pixel, no_change, pixelate
 from epd_ray.core.images import to_tensor, to_uint8
-from epd_ray.core.metrics import DEFAULT_MU_GRID, compute_metrics, distance_to_all, mu_sweep
+from epd_ray.core.metrics import DEFAULT_MU_GRID, compute_metrics, distance_to_all, expression_confusion, mu_sweep
 from epd_ray.core.precision import usable_cpus
 from epd_ray.core.scoring import Method, class_logits, class_probabilities, deidentify_pixels, ssim_values
 from epd_ray.data.shards import SPLITS, FaceArrays, load_split, read_manifest
@@ -262,6 +262,8 @@ def run_evaluation(methods: dict[str, Method | KSameMethod], *, dataset_dir: Pat
                 if judge_name == SWEEP_JUDGE:
                     sweeps[method_name] = mu_sweep(id_orig, id_deid, faces.identity, mu_grid)
             emo_deid = class_probabilities(judges["evaluators"][1], deid, **kw)
+            judged["evaluators"]["expression_confusion"] = expression_confusion(emo_deid, emo_orig, faces.emotion,
+                                                                                len(manifest.emotions))
             shared = dict(identity=faces.identity, emotion_probs_orig=emo_orig, emotion_probs_deid=emo_deid,
                           emotion=faces.emotion, ssim=ssim, ssim_weight=cfg.ssim_weight)
             if recogniser is not None:
@@ -285,8 +287,8 @@ def run_evaluation(methods: dict[str, Method | KSameMethod], *, dataset_dir: Pat
             if echo is not None:
                 echo(f"{split} evaluation: {method_name} judged ({number}/{len(methods)}, {len(faces)} faces) "
                      f"in {time.time() - started:.0f} s")
-    metrics = {"split": split, "images": len(faces), "split_images": len(whole), "mu": mu,
-               "ssim_weight": cfg.ssim_weight, "methods": results, "main_judge": main, "data_source": source,
+    metrics = {"split": split, "images": len(faces), "split_images": len(whole), "emotions": list(manifest.emotions),
+               "mu": mu, "ssim_weight": cfg.ssim_weight, "methods": results, "main_judge": main, "data_source": source,
                "gallery": {"split": "train", "images": len(gallery_faces), "per_identity": cfg.gallery_per_identity,
                            "identities": num_identities},
                "mu_sweep_judge": SWEEP_JUDGE, "mu_sweep": sweeps, "sample_index": index.tolist(),

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from epd_ray.core.labels import EMOTIONS
-from epd_ray.core.metrics import accuracy, expression_kept
+from epd_ray.core.metrics import accuracy, expression_confusion, expression_kept
 from epd_ray.core.networks import EmotionVerifier
 
 WEIGHTS = Path(__file__).with_name("fer2013_mini_xception.npz")
@@ -111,9 +111,10 @@ class ExpressionReader(nn.Module):
         return logits.masked_fill(self.unknown, float("-inf"))
 
 
-def reader_metrics(probs_orig: Any, probs_deid: Any, emotion: np.ndarray) -> dict[str, float]:
+def reader_metrics(probs_orig: Any, probs_deid: Any, emotion: np.ndarray) -> dict[str, Any]:
     """What the reader makes of a method: the share of originals it reads correctly, the share of the
-    de-identified faces, and expression kept (of those it read correctly in the original, the share it
-    still reads correctly), the figure that sits beside S_e's."""
+    de-identified faces, expression kept (of those it read correctly in the original, the share it
+    still reads correctly), the figure that sits beside S_e's, and its counts per expression."""
     return {"read_original": accuracy(probs_orig, emotion), "read": accuracy(probs_deid, emotion),
-            "expression_kept": expression_kept(probs_deid, probs_orig, emotion)}
+            "expression_kept": expression_kept(probs_deid, probs_orig, emotion),
+            "expression_confusion": expression_confusion(probs_deid, probs_orig, emotion, probs_orig.shape[1])}

@@ -132,6 +132,30 @@ def reader_table(metrics: dict[str, Any]) -> list[str]:
             *_table(["method", "read correctly", "expression kept (reader)", "expression kept (S_e)"], rows), ""]
 
 
+def expressions_table(metrics: dict[str, Any]) -> list[str]:
+    """The model's expression kept one expression at a time, and what S_e (and the pretrained reader) read
+    the lost ones as instead; nothing for an evaluation without the model or from before the counts."""
+    judged = metrics["methods"].get(GENERATOR_METHOD, {})
+    counts, names = judged.get("evaluators", {}).get("expression_confusion"), metrics.get("emotions")
+    if counts is None or not names:
+        return []
+    reader = judged.get("reader", {}).get("expression_confusion")
+
+    def kept(row: list[int], i: int) -> str:
+        return f"{row[i]} of {sum(row)} ({row[i] / sum(row):.2f})" if sum(row) else "-"
+
+    rows = []
+    for i, name in enumerate(names):
+        lost = sorted(((n, names[j]) for j, n in enumerate(counts[i]) if j != i and n), reverse=True)
+        rows.append([name, kept(counts[i], i), ", ".join(f"{other} {n}" for n, other in lost) or "-",
+                     kept(reader[i], i) if reader else "-"])
+    return ["## Expressions kept, one by one", "",
+            "Of the test faces whose expression S_e reads correctly unchanged, how many the model keeps, and what "
+            "S_e reads the others as instead; the pretrained reader's count of its own correctly read faces "
+            "beside it. An expression lost far more often than the others is one the model turns into another.",
+            "", *_table(["expression", "kept (S_e)", "read instead (S_e)", "kept (reader)"], rows), ""]
+
+
 def trials_table(trials: list[dict[str, Any]]) -> list[str]:
     keys = sorted({k for t in trials for k in t["params"]})
     header = ["trial", "status", "rounds"] + keys + ["J", "D", "E", "SSIM"]
@@ -255,6 +279,7 @@ def render_report(metrics: dict[str, Any], trials: list[dict[str, Any]], *, titl
     lines += figure("cmc", "CMC misclassification at ranks 1-5 (paper Fig. 4)")
     lines += figure("ssim", "mean SSIM(x, x') per method (paper Fig. 5)")
     lines += reader_table(metrics)
+    lines += expressions_table(metrics)
     lines += ["## Emotion preservation (paper Table I)", ""] + emotion_table(metrics) + [""]
     if "mu_sweep" in figures:
         lines += [f"## D, S and G against mu ({metrics.get('mu_sweep_judge', SWEEP_JUDGE)})", "",
