@@ -210,6 +210,23 @@ def test_targets_say_which_question_the_model_fails_even_when_it_beats_every_bas
     assert target_verdict({"main_judge": "recogniser", "methods": {"blur": {}}}, cfg) is None
 
 
+def test_targets_name_the_expression_the_model_loses_most_and_what_it_becomes():
+    """On JAFFE the model kept 8-9 of every expression's 8-10 faces but 6 of 10 surprised and neutral ones,
+    read as fear: the line names the expression lost most, so a user knows which faces to check."""
+    cfg = EvaluationConfig()
+    metrics = targets_metrics(0.1, 0.2, 0.8)
+    metrics["emotions"] = ["happy", "surprised", "fearful"]
+    metrics["methods"]["epd-net"]["evaluators"] = {"expression_confusion": [[5, 0, 0], [1, 6, 3], [0, 1, 4]]}
+    verdict = target_verdict(metrics, cfg)
+    assert verdict["most_lost_expression"] == {"expression": "surprised", "kept": 6, "readable": 10,
+                                               "read_as": {"fearful": 3, "happy": 1}}
+    assert ("expressions are lost (most of all surprised: 6 of 10 kept, the others read as fearful 3, happy 1): "
+            in targets_line(verdict))
+    metrics["methods"]["epd-net"]["evaluators"]["expression_confusion"] = [[5, 0, 0], [0, 10, 0], [0, 0, 4]]
+    assert target_verdict(metrics, cfg)["most_lost_expression"] is None  # nothing lost: nothing to name
+    assert target_verdict(targets_metrics(0.1, 0.2, 0.8), cfg)["most_lost_expression"] is None  # not counted
+
+
 def test_targets_say_when_the_test_split_is_too_small_to_tell_whether_a_target_is_met():
     """JAFFE's test split: 58 of the 66 expressions read right unchanged were kept (0.879), just under 0.9;
     on 66 faces that spans 0.78-0.94, so the line says the split cannot tell, while the parrot's 0.52 of 67

@@ -70,6 +70,22 @@ def faces_line(verdict: dict[str, Any] | None) -> str | None:
     return line + "; look at the de-identified samples (the run's report/samples.png) before sharing faces"
 
 
+def most_lost_expression(metrics: dict[str, Any], judged: dict[str, Any]) -> dict[str, Any] | None:
+    """The expression S_e keeps least often in the model's faces (of those it reads right unchanged; on a tie
+    the one with more faces), how many, and what it reads the lost ones as; None when nothing was lost or the
+    evaluation did not count by expression."""
+    counts, names = judged.get("evaluators", {}).get("expression_confusion"), metrics.get("emotions")
+    if not counts or not names:
+        return None
+    shares = [(row[i] / sum(row), -sum(row), i) for i, row in enumerate(counts) if sum(row)]
+    if not shares or min(shares)[0] == 1.0:
+        return None
+    i = min(shares)[2]
+    lost = sorted(((n, j) for j, n in enumerate(counts[i]) if j != i and n), key=lambda t: (-t[0], t[1]))
+    return {"expression": names[i], "kept": counts[i][i], "readable": sum(counts[i]),
+            "read_as": {names[j]: n for n, j in lost}}
+
+
 def target_verdict(metrics: dict[str, Any], cfg: EvaluationConfig) -> dict[str, Any] | None:
     """Whether the model answers its users' two questions well enough to share the faces (None: no model).
 
@@ -97,7 +113,8 @@ def target_verdict(metrics: dict[str, Any], cfg: EvaluationConfig) -> dict[str, 
                "expression_kept": kept, "reader_expression_kept": judged.get("reader", {}).get("expression_kept"),
                "min_expression_kept": cfg.min_expression_kept,
                "privacy_met": max(named.values()) <= cfg.max_reidentified,
-               "expression_met": kept >= cfg.min_expression_kept}
+               "expression_met": kept >= cfg.min_expression_kept,
+               "most_lost_expression": most_lost_expression(metrics, judged)}
     faces = judged[main].get("num_probes")
     if faces:
         readable = round(judged[main]["emotion_accuracy_original"] * faces)  # kept's denominator
@@ -154,7 +171,10 @@ def targets_line(targets: dict[str, Any] | None) -> str | None:
                           "raises it) varies the stand-ins and lowers this")
     if not targets["expression_met"]:
         # kept counts only faces whose unchanged image the judge reads right: what is lost, the change lost
-        advice.append("expressions are lost: the judge reads them on the unchanged faces, so the generator's "
+        lost = targets.get("most_lost_expression")
+        most = (f" (most of all {lost['expression']}: {lost['kept']} of {lost['readable']} kept, the others read as "
+                + ", ".join(f"{name} {n}" for name, n in lost["read_as"].items()) + ")") if lost else ""
+        advice.append(f"expressions are lost{most}: the judge reads them on the unchanged faces, so the generator's "
                       "changes take them away; trained on few people it keeps the expressions of the faces it "
                       "learnt by heart, not expressions as such, and S, the verifier that steers it, learns them "
                       "from this data set alone: give it more people (varied copies of the same people's "
