@@ -21,7 +21,7 @@ from PIL import Image
 from epd_ray.artifacts import RunFolder, atomic_write_text
 from epd_ray.core.metrics import pareto_front
 from epd_ray.evaluate.evaluate import METRICS_FILE, SAMPLES_FILE, SWEEP_JUDGE, evaluate_command, judged_images
-from epd_ray.evaluate.verdicts import GENERATOR_METHOD, targets_line
+from epd_ray.evaluate.verdicts import GENERATOR_METHOD, read_instead, targets_line
 
 COLUMNS = [("objective", "J (evaluators)"), ("deid_rate", "D(mu)"), ("switching_deid_rate", "S(mu)"),
            ("genuine_acceptance", "G(mu)"), ("emotion_preserved", "E"), ("emotion_mse", "emotion MSE"),
@@ -146,8 +146,8 @@ def expressions_table(metrics: dict[str, Any]) -> list[str]:
 
     rows = []
     for i, name in enumerate(names):
-        lost = sorted(((n, names[j]) for j, n in enumerate(counts[i]) if j != i and n), reverse=True)
-        rows.append([name, kept(counts[i], i), ", ".join(f"{other} {n}" for n, other in lost) or "-",
+        lost = read_instead(counts, i, names)
+        rows.append([name, kept(counts[i], i), ", ".join(f"{other} {n}" for other, n in lost.items()) or "-",
                      kept(reader[i], i) if reader else "-"])
     return ["## Expressions kept, one by one", "",
             "Of the test faces whose expression S_e reads correctly unchanged, how many the model keeps, and what "

@@ -6,7 +6,7 @@ can state its verdict without the judges.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from epd_ray.config import EvaluationConfig
 from epd_ray.core.metrics import wilson_interval
@@ -70,6 +70,12 @@ def faces_line(verdict: dict[str, Any] | None) -> str | None:
     return line + "; look at the de-identified samples (the run's report/samples.png) before sharing faces"
 
 
+def read_instead(counts: list[list[int]], i: int, names: Sequence[str]) -> dict[str, int]:
+    """What a judge read the lost faces of expression `i` as (a row of `expression_confusion`), most first."""
+    lost = sorted(((n, j) for j, n in enumerate(counts[i]) if j != i and n), key=lambda t: (-t[0], t[1]))
+    return {names[j]: n for n, j in lost}
+
+
 def most_lost_expression(metrics: dict[str, Any], judged: dict[str, Any]) -> dict[str, Any] | None:
     """The expression S_e keeps least often in the model's faces (of those it reads right unchanged; on a tie
     the one with more faces), how many, and what it reads the lost ones as; None when nothing was lost or the
@@ -81,9 +87,8 @@ def most_lost_expression(metrics: dict[str, Any], judged: dict[str, Any]) -> dic
     if not shares or min(shares)[0] == 1.0:
         return None
     i = min(shares)[2]
-    lost = sorted(((n, j) for j, n in enumerate(counts[i]) if j != i and n), key=lambda t: (-t[0], t[1]))
     return {"expression": names[i], "kept": counts[i][i], "readable": sum(counts[i]),
-            "read_as": {names[j]: n for n, j in lost}}
+            "read_as": read_instead(counts, i, names)}
 
 
 def target_verdict(metrics: dict[str, Any], cfg: EvaluationConfig) -> dict[str, Any] | None:
