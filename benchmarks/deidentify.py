@@ -30,6 +30,7 @@ import torch
 from epd_ray.checkpoints import build_from_record, draw_readers, network_record, save_checkpoint
 from epd_ray.config import load_config
 from epd_ray.core.draws import BestOfDraws
+from epd_ray.core.labels import NUM_EMOTIONS
 from epd_ray.core.networks import UNetGenerator, build_network, count_parameters
 from epd_ray.deploy import DeidentifyOptions, FaceEngine, deidentify, export_model
 from epd_ray.deploy.faces import blur_face
@@ -73,8 +74,8 @@ def preset_model(draws: int, pickers: int) -> BestOfDraws:
     torch.manual_seed(0)
     networks = {name: network_record(spec["kind"], build_network(spec["kind"], **spec["args"]))
                 for name, spec in specs.items() if name != "generator"}  # the warm start's: no median
-    generator = build_gan(exp, image_size=64)[0]
-    reader = build_from_record(draw_readers(networks)) if draws > 1 else None
+    generator = build_gan(exp, image_size=64, emotions=NUM_EMOTIONS)[0]
+    reader = build_from_record(draw_readers(networks)) if draws > 1 or generator.expressions else None
     return BestOfDraws(generator, reader, draws).eval()
 
 

@@ -67,6 +67,7 @@ if __package__ in (None, ""):
 
 from benchmarks import machine  # noqa: E402
 from epd_ray.config import load_config  # noqa: E402
+from epd_ray.core.labels import NUM_EMOTIONS  # noqa: E402
 from epd_ray.core.losses import (LossWeights, adversarial_loss, contrastive_identity_loss,  # noqa: E402
                                  emotion_loss, ssim_loss)
 from epd_ray.core.networks import EmotionVerifier, ExpressionReaders, IdentityVerifier, count_parameters  # noqa: E402
@@ -257,7 +258,7 @@ class EpdStep:
                                     "model.dropout": 0.5, "model.median_output": median_output})
         self.setup = setup
         self.weights = LossWeights(diversity=diversity)  # the paper's point: lambdas 1, phi 0.25, alpha 1
-        generator, discriminator = build_gan(exp, size)
+        generator, discriminator = build_gan(exp, size, NUM_EMOTIONS)
         for module in (generator, discriminator):
             module.to(setup.device)
             if setup.channels_last:
@@ -278,7 +279,7 @@ class EpdStep:
             return
         # The G+D part alone: gan_loop's step without the verifiers' terms of L_G (D frozen the same way).
         setup, weights = self.setup, self.weights
-        fake, _ = self.steps.discriminator_step(x, y_real)
+        fake, _ = self.steps.discriminator_step(x, y_real, emotion)
         critic = self.discriminator.requires_grad_(False)
         with autocast(setup.device, setup.precision):
             loss_g = weights.lambda1 * (adversarial_loss(critic(x, fake)) + weights.phi * ssim_loss(x, fake))

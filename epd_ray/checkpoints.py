@@ -110,11 +110,13 @@ def draw_readers(pretrained: dict[str, Any]) -> dict[str, Any]:
 
 def published_payload(generator: dict[str, Any], reader: dict[str, Any] | None, draws: int) -> dict[str, Any]:
     """The part of a checkpoint that rebuilds the published de-identifier: the generator's record and, with
-    more than one draw, the expression reader's and the number of draws."""
-    if draws == 1:
+    more than one draw or a generator told the expression, the expression reader's and the number of draws."""
+    told = bool(generator["config"].get("expressions"))
+    if draws == 1 and not told:
         return {"networks": {"generator": generator}, "draws": 1}
     if reader is None:
-        raise ValueError(f"{draws} draws need the expression reader's record")
+        need = "a generator told the expression needs" if told else f"{draws} draws need"
+        raise ValueError(f"{need} the expression reader's record")
     return {"networks": {"generator": generator, READER: reader}, "draws": int(draws)}
 
 
@@ -126,7 +128,7 @@ def load_deidentifier(payload: dict[str, Any], path: Path | str) -> BestOfDraws:
     if not isinstance(draws, int) or draws < 1:
         raise CheckpointError(f"{path}: draws must be a whole number >= 1, got {draws!r}")
     reader = None
-    if draws > 1:
+    if draws > 1 or generator.expressions:
         record = require_network(payload, READER, path)
         if record.get("kind") == "emotion_verifier":  # written when S alone picked, over six views
             record = readers_record([record], views=True)

@@ -26,7 +26,8 @@ from epd_ray.cli import app
 from epd_ray.core.networks import EmotionVerifier, UNetGenerator
 from epd_ray.core.synthetic import make_synthetic_faces
 from epd_ray.deploy import DeidentifyOptions, DeployError, FaceEngine, deidentify, export_model, load_model
-from epd_ray.deploy.engine import draw_seeds
+from epd_ray.core.images import to_tensor, to_uint8
+from epd_ray.deploy.engine import draw_seeds, seeded_noise
 from epd_ray.deploy.faces import IoUTracker
 from epd_ray.faces import Box, HaarDetector, make_detector
 
@@ -141,6 +142,35 @@ def test_a_model_of_several_draws_publishes_each_face_s_surest_draw_and_travels_
         assert np.abs(later.astype(int) - single(crops[1:2], draw_seeds([seed], kept)).astype(int)).max() <= 1
         switched += not np.array_equal(later, fresh(crops[1:2], [seed]))
     assert switched  # for some seeds a first look at the later face would have chosen another draw
+
+
+def test_a_model_told_the_expression_travels_with_its_readers_and_draws_the_expression_they_read(tmp_path, faces):
+    """A generator told the expression (`model.expression_input`) needs its readers even for one draw: they
+    read the expression in each original, once per batch, and the generator is told it."""
+    torch.manual_seed(0)
+    generator, reader = UNetGenerator(image_size=32, ngf=4, expressions=7), EmotionVerifier()
+    with torch.no_grad():
+        for p in generator.parameters():  # a generator whose faces differ clearly with the expression told
+            p.mul_(10)
+    checkpoint = tmp_path / "checkpoint.pt"
+    save_checkpoint(checkpoint, {**published_payload(network_record("generator", generator),
+                                                     network_record("emotion_verifier", reader), 1), "round": 0})
+    model = export_model(checkpoint, tmp_path / "model")
+    assert set(torch.load(model / "generator.pt", weights_only=True)["networks"]) == {"generator", "expression_reader"}
+    assert "told the expression" in (model / "README.md").read_text()
+    loaded = load_model(model)
+    crops = np.stack([np.array(Image.fromarray(f).resize((32, 32))) for f in faces[:5]])
+    seeds = [11, 12, 13, 14, 15]
+    published = FaceEngine(loaded, device="cpu", batch_size=2)(crops, seeds)
+    x = to_tensor(crops)
+    with torch.no_grad():
+        reading = loaded.read(x).argmax(1)
+        with seeded_noise(loaded.generator, seeds):
+            told = to_uint8(loaded.generator(x, reading))
+        with seeded_noise(loaded.generator, seeds):
+            other = to_uint8(loaded.generator(x, (reading + 1) % 7))
+    assert np.abs(published.astype(int) - told.astype(int)).max() <= 1
+    assert np.abs(published.astype(int) - other.astype(int)).max() > 1  # what it is told shows
 
 
 def test_draws_may_be_lowered_at_deployment_and_one_is_the_generator_alone(tmp_path, faces):

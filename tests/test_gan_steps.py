@@ -15,9 +15,11 @@ from epd_ray.train.gan import GanSteps, ema_decay
 from epd_ray.train.worker import WorkerSetup
 
 
-def _steps(decay: float, weights: LossWeights = LossWeights(), verifier_views: bool = False) -> GanSteps:
+def _steps(decay: float, weights: LossWeights = LossWeights(), verifier_views: bool = False,
+           expressions: int = 0) -> GanSteps:
     torch.manual_seed(0)
-    generator, discriminator = UNetGenerator(image_size=32, ngf=8), PatchDiscriminator(ndf=8)
+    generator = UNetGenerator(image_size=32, ngf=8, expressions=expressions)
+    discriminator = PatchDiscriminator(ndf=8)
     verifiers = [IdentityVerifier(4, 32, 0.125).eval().requires_grad_(False),
                  EmotionVerifier().eval().requires_grad_(False)]
     setup = WorkerSetup(0, 1, torch.device("cpu"), "fp32", channels_last=False)
@@ -124,6 +126,32 @@ def test_with_several_draws_a_checkpoint_carries_the_readers_that_pick_between_t
             assert all(torch.equal(value, record["state_dict"][key]) for key, value in member.state_dict().items())
 
 
+def test_a_generator_told_the_expression_learns_it_from_the_labels_and_publishes_with_the_readers():
+    """`model.expression_input`: G(x, e, z) is told each face's label in training; its checkpoint carries the
+    readers that read e in the original at publication, even for one draw."""
+    steps = _steps(0.0, expressions=7)
+    code = steps.generator.downs[0][0].weight[:, 3:]
+    with torch.no_grad():
+        code.zero_()  # as from the warm start
+    x, y, identity, _ = _batch()
+    told = []
+    hook = steps.generator.register_forward_pre_hook(lambda _module, args: told.append(args[1]))
+    steps.step(x, y, identity, torch.tensor([4, 5, 6, 0]))
+    hook.remove()
+    assert [t.tolist() for t in told] == [[4, 5, 6, 0]]
+    assert code.abs().sum() > 0  # learnt from the labels through L_CE and the adversarial term
+    payload = steps.checkpoint_payload(0, 1, 0.35, _experiment({"model.expression_input": True}), {}, READER)
+    assert payload["draws"] == 1 and set(payload["networks"]) == {"generator", "expression_reader", "discriminator"}
+    deidentifier = load_deidentifier(payload, "checkpoint")
+    assert deidentifier.draws == 1 and deidentifier.reader is not None and deidentifier.generator.expressions == 7
+    with torch.no_grad():
+        reading = deidentifier.read(x).argmax(1)
+        torch.manual_seed(5)
+        published = deidentifier(x)
+        torch.manual_seed(5)
+        assert torch.equal(published, deidentifier.generator(x, reading))
+
+
 def test_l_ce_reads_through_s_alone_or_through_the_mean_probability_of_s_and_its_siblings():
     torch.manual_seed(0)
     siblings = {name: network_record("emotion_verifier", EmotionVerifier())
@@ -206,9 +234,11 @@ def test_the_real_pair_is_mirrored_and_shifted_exactly_as_its_x():
                           np.stack([face, face]))  # no jitter: the faces as they are
 
 
-def test_the_gan_loop_runs_in_process_rounds_reports_and_resumes(tmp_path):
+@pytest.mark.parametrize("told", [False, True])
+def test_the_gan_loop_runs_in_process_rounds_reports_and_resumes(tmp_path, told):
     """GanRun, the loop every Ray Train worker runs, without Ray: a split in memory, a report hook; a run
-    restored from its last payload goes on with the next round and the optimisers' state."""
+    restored from its last payload goes on with the next round and the optimisers' state. A generator told
+    the expression starts from the warm start's weights too."""
     from epd_ray.checkpoints import save_checkpoint
     from epd_ray.config import load_config
     from epd_ray.core.networks import build_network
@@ -219,7 +249,7 @@ def test_the_gan_loop_runs_in_process_rounds_reports_and_resumes(tmp_path):
 
     exp = load_config("smoke", {"data.num_identities": 4, "data.variations": 3, "train.batch_size": 8,
                                 "train.steps": 4, "train.report_every": 2, "verifiers.pickers": 1, "model.draws": 2,
-                                "verifiers.emotion_verifiers": 2})
+                                "verifiers.emotion_verifiers": 2, "model.expression_input": told})
     data = prepare_dataset(exp.data, tmp_path / "data", echo=lambda *_: None).info
     specs = network_specs(exp.verifiers, exp.model, len(data.identities), data.image_size, len(data.emotions))
     save_checkpoint(tmp_path / "pretrained.pt", {"networks": {  # untrained: the loop's shape is what counts
@@ -240,6 +270,9 @@ def test_the_gan_loop_runs_in_process_rounds_reports_and_resumes(tmp_path):
         run.train(batches, start_round=start_round, report=lambda m, p: reports.append((m, p)),
                   trained=rounds_seen.append if rounds_seen is not None else None)
 
+    warm = GanRun(exp, weights, mu, setup, inputs).steps.generator.state_dict()["downs.0.0.weight"]
+    assert warm.shape[1] == 3 + 7 * told and torch.equal(warm[:, :3], inputs.pretrained["generator"]["state_dict"][
+        "downs.0.0.weight"]) and not warm[:, 3:].any()
     seen: list[int] = []
     train(0, rounds_seen=seen)
     assert [m["round"] for m, _ in reports] == [1, 2] and [m["step"] for m, _ in reports] == [2, 4] and seen == [0, 1]

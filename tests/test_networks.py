@@ -25,6 +25,7 @@ from epd_ray.core.networks import (
     fold_batch_norms,
     init_weights,
     median3,
+    warm_start_state,
 )
 from epd_ray.evaluate.judges import denoise
 
@@ -390,6 +391,41 @@ def test_best_of_draws_publishes_per_face_the_draw_its_reader_reads_surest_as_th
     assert torch.equal(grey[:, 0], grey[:, 1]) and torch.equal(grey[:, 0], grey[:, 2])  # a grey face stays grey
     with pytest.raises(ValueError, match="reader"):
         BestOfDraws(generator, None, draws=2)
+
+
+def test_a_generator_told_the_expression_starts_as_the_warm_start_and_then_draws_what_it_is_told():
+    torch.manual_seed(0)
+    warm, told = UNetGenerator(image_size=32, ngf=4), UNetGenerator(image_size=32, ngf=4, expressions=7)
+    assert "expressions" not in warm.config and told.config["expressions"] == 7
+    told.load_state_dict(warm_start_state(told, warm.state_dict()))
+    assert warm_start_state(warm, warm.state_dict())["downs.0.0.weight"].shape[1] == 3  # not told: as they are
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        for expression in (torch.tensor([0, 1, 2]), torch.tensor([6, 6, 6])):
+            torch.manual_seed(1)
+            first = told(x, expression)
+            torch.manual_seed(1)
+            assert torch.allclose(first, warm(x), atol=1e-6)  # zero weights on the expression: the warm start's faces
+        told.downs[0][0].weight[:, 3:].normal_()
+        torch.manual_seed(1)
+        happy = told(x, torch.tensor([3, 3, 3]))
+        torch.manual_seed(1)
+        sad = told(x, torch.tensor([4, 4, 4]))
+    assert (happy - sad).abs().mean() > 1e-3
+    with pytest.raises(ValueError, match="expression"):
+        told(x)
+    rebuilt = build_network("generator", **told.config)
+    assert rebuilt.expressions == 7
+    reader = ExpressionReaders([{"kind": "emotion_verifier", "config": {}}], views=False).eval()
+    with pytest.raises(ValueError, match="reader"):
+        BestOfDraws(told)
+    one = BestOfDraws(told, reader, draws=1).eval()
+    assert one.reader is reader  # one draw, yet the readers read the expression to tell
+    with torch.no_grad():
+        torch.manual_seed(2)
+        published = one(x)
+        torch.manual_seed(2)
+        assert torch.equal(published, told(x, one.read(x).argmax(1)))
 
 
 def test_expression_readers_read_as_one_the_mean_probabilities_of_their_members():

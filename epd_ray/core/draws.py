@@ -132,8 +132,10 @@ def pick_draws(original: torch.Tensor, drawn: torch.Tensor) -> torch.Tensor:
 
 class BestOfDraws(nn.Module):
     """G(x, z) drawn `draws` times per face, the draw that keeps the expression best published (see the
-    module docstring). `forward` draws z from torch's RNG, as the generator alone does; a caller that seeds
-    each draw itself (deploy/engine.py) calls `draw` under its own noise, then `pick`."""
+    module docstring). A generator told the expression (`model.expression_input`) draws G(x, e, z) with e the
+    readers' reading of the original, so it needs the readers even for one draw. `forward` draws z from
+    torch's RNG, as the generator alone does; a caller that seeds each draw itself (deploy/engine.py) reads
+    `expression_of` once, calls `draw` under its own noise, then `pick`."""
 
     def __init__(self, generator: UNetGenerator, reader: nn.Module | None = None, draws: int = 1):
         super().__init__()
@@ -141,16 +143,28 @@ class BestOfDraws(nn.Module):
             raise ValueError(f"draws must be >= 1, got {draws}")
         if draws > 1 and reader is None:
             raise ValueError(f"{draws} draws need an expression reader to choose between them")
-        self.generator, self.reader = generator, reader if draws > 1 else None
+        if generator.expressions and reader is None:
+            raise ValueError("a generator told the expression needs an expression reader to read it in the original")
+        self.generator, self.reader = generator, reader if draws > 1 or generator.expressions else None
         self.draws = int(draws)
 
     @property
     def config(self) -> dict:
         return self.generator.config
 
-    def draw(self, x: torch.Tensor) -> torch.Tensor:
-        """One draw G(x, z) for the faces `x`, grey where `x` is grey."""
-        return keep_grey(x, self.generator(x))
+    def expression_of(self, x: torch.Tensor) -> torch.Tensor | None:
+        """(N,) the expression the readers read in each of the faces `x`, for a generator told it; else None."""
+        if not self.generator.expressions:
+            return None
+        with torch.no_grad():
+            return self.read(x).argmax(dim=1)
+
+    def draw(self, x: torch.Tensor, expression: torch.Tensor | None = None) -> torch.Tensor:
+        """One draw G(x, z) for the faces `x`, grey where `x` is grey; a generator told the expression is told
+        `expression` (default: `expression_of(x)`)."""
+        if expression is None:
+            expression = self.expression_of(x)
+        return keep_grey(x, self.generator(x, expression))
 
     def read(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C) the readers' class probabilities for `x`."""
@@ -169,6 +183,7 @@ class BestOfDraws(nn.Module):
         return drawn[self.pick(x, drawn), torch.arange(drawn.shape[1], device=drawn.device)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        expression = self.expression_of(x)
         if self.draws == 1:
-            return self.draw(x)
-        return self.choose(x, torch.stack([self.draw(x) for _ in range(self.draws)]))
+            return self.draw(x, expression)
+        return self.choose(x, torch.stack([self.draw(x, expression) for _ in range(self.draws)]))

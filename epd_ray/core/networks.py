@@ -110,6 +110,12 @@ class UNetGenerator(nn.Module):
     verifiers alone, the generator partly hides people in a fine speckle (8 grey levels of mean |grey - its
     3x3 median| on JAFFE, the originals 3.8) that the median takes out (README, "What those faces look like").
 
+    `expressions` > 0 makes it G(x, e, z): it is told the expression e to keep, as that many one-hot channels
+    (+-1, the same at every pixel) beside x. Not in the paper: on a small real set the generator otherwise
+    learns each person's expressions from their pixels, and loses them as it changes the person; told the
+    expression, it draws one for all people alike. The GAN learns from the labels, deployment from the
+    readers' reading of the original (core/draws.py), so no label is needed there.
+
     Noise z: `NoiseDropout(dropout)` after the decoder blocks right outside the innermost one, up to three
     of them (pix2pix's three 8*ngf up-blocks at 256 px, i.e. the 2->4, 4->8 and 8->16 px levels), but never
     in the two finest decoder blocks, so at 32 px two blocks (2->4, 4->8 px) carry it, at >= 64 px three.
@@ -124,6 +130,7 @@ class UNetGenerator(nn.Module):
         in_channels: int = 3,
         out_channels: int = 3,
         median_output: bool = False,
+        expressions: int = 0,
     ):
         super().__init__()
         image_size = _check_image_size(image_size)
@@ -138,6 +145,11 @@ class UNetGenerator(nn.Module):
         if median_output:  # the config of generators from before the option stays as it was
             self.config["median_output"] = True
         self.median_output = bool(median_output)
+        if expressions < 0:
+            raise ValueError(f"expressions must be >= 0, got {expressions!r}")
+        if expressions:  # likewise
+            self.config["expressions"] = int(expressions)
+        self.expressions = int(expressions)
         depth = int(math.log2(image_size))
         self.depth = depth
         widths = [ngf * min(2**i, 8) for i in range(depth)]
@@ -145,7 +157,7 @@ class UNetGenerator(nn.Module):
 
         self.downs = nn.ModuleList()
         for i in range(depth):
-            cin = in_channels if i == 0 else widths[i - 1]
+            cin = in_channels + self.expressions if i == 0 else widths[i - 1]
             layers: list[nn.Module] = []
             if i > 0:
                 layers.append(nn.LeakyReLU(0.2, inplace=False))
@@ -185,9 +197,16 @@ class UNetGenerator(nn.Module):
             if isinstance(m, NoiseDropout):
                 m.deterministic = bool(value)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skips = []
+    def forward(self, x: torch.Tensor, expression: torch.Tensor | None = None) -> torch.Tensor:
+        """G(x, z), or G(x, e, z) with `expression` e ((N,) class indexes) for a generator told the expression;
+        a generator that is not ignores it."""
         h = x
+        if self.expressions:
+            if expression is None:
+                raise ValueError("this generator is told the expression to keep: pass expression (N,) indexes")
+            code = F.one_hot(expression.long(), self.expressions).to(x.dtype).mul(2).sub(1)
+            h = torch.cat([x, code[:, :, None, None].expand(-1, -1, *x.shape[2:])], dim=1)
+        skips = []
         for down in self.downs:
             h = down(h)
             skips.append(h)
@@ -195,6 +214,18 @@ class UNetGenerator(nn.Module):
         for i in range(self.depth - 2, -1, -1):
             h = self.ups[i](torch.cat([skips[i], h], dim=1))
         return median3(h) if self.median_output else h
+
+
+def warm_start_state(generator: UNetGenerator, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The warm start's weights (an autoencoder, not told the expression) for `generator`: a generator told
+    the expression gets zero weights on those channels of its first convolution, so the GAN starts from the
+    autoencoder's faces whatever it is told."""
+    first = "downs.0.0.weight"
+    weight = state[first]
+    if weight.shape[1] == generator.downs[0][0].in_channels:
+        return state
+    zeros = weight.new_zeros(weight.shape[0], generator.expressions, *weight.shape[2:])
+    return {**state, first: torch.cat([weight, zeros], dim=1)}
 
 
 def median3(images: torch.Tensor) -> torch.Tensor:

@@ -106,12 +106,14 @@ class FaceEngine:
         for start in range(0, len(crops), self.batch_size):
             x = to_tensor(crops[start:start + self.batch_size]).to(self.device)
             batch_seeds = list(seeds[start:start + self.batch_size])
+            with autocast(self.device, self.precision):
+                expression = self.model.expression_of(x)
             drawn = []
             for draw in range(self.model.draws if self.noise else 1):
                 noise = (seeded_noise(self.generator, draw_seeds(batch_seeds, draw)) if self.noise
                          else _deterministic(self.generator))
                 with noise, autocast(self.device, self.precision):
-                    drawn.append(self.model.draw(x))
+                    drawn.append(self.model.draw(x, expression))
             drawn = torch.stack(drawn)
             with autocast(self.device, self.precision):
                 picked = self.model.pick(x, drawn).tolist()

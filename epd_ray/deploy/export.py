@@ -115,6 +115,9 @@ def _readme(config: dict[str, Any], spec: ModelSpec) -> str:
     size, parameters = config["image_size"], spec.parameters
     notes = (f" Each face is drawn {spec.draws} times (the noise z) and the draw published is the one its expression "
              "readers read most surely as the expression they read in the original." if spec.draws > 1 else "")
+    if config.get("expressions"):
+        notes += (" The generator is told the expression to keep: the one its expression readers read in the "
+                  "original face.")
     if spec.face_margin is not None:
         notes += (f" It learnt faces cut with {spec.face_margin:.2f} of the detected face's side around it on every "
                   "side, and `deidentify` cuts faces so unless `--margin` says otherwise.")

@@ -36,7 +36,7 @@ from epd_ray.config import SEARCHED_KEYS, EvaluationConfig, ExperimentConfig, Lo
 from epd_ray.core.augment import augment
 from epd_ray.core.draws import BestOfDraws
 from epd_ray.core.losses import LossWeights, discriminator_loss, generator_loss
-from epd_ray.core.networks import build_network, fold_batch_norms
+from epd_ray.core.networks import build_network, fold_batch_norms, warm_start_state
 from epd_ray.core.precision import autocast, usable_cpus
 from epd_ray.core.metrics import compute_metrics
 from epd_ray.core.scoring import class_probabilities, deidentify_pixels, ssim_values
@@ -63,6 +63,7 @@ class GanInputs:
     train_faces: ray.ObjectRef  # FaceArrays
     val_faces: ray.ObjectRef  # FaceArrays
     image_size: int
+    emotions: int  # the data set's expression classes
     judge: str = "evaluators"  # whose J rank 0 reports each round (see evaluate.judges.main_judge)
     recogniser_gallery: Gallery | None = None  # with the recogniser: its gallery and its view of the val
     val_recognised: tuple[np.ndarray, np.ndarray] | None = None  # originals (embeddings, face found), made once
@@ -83,13 +84,16 @@ class GanInputs:
                                      train.per_identity(evaluation.gallery_per_identity), len(manifest.identities))
                 val_recognised = recogniser.embed(val.pixels)
         return cls(pretrained=put(load_checkpoint(Path(pretrained_path))["networks"]), train_faces=put(train),
-                   val_faces=put(val), image_size=manifest.image_size, judge=judge,
+                   val_faces=put(val), image_size=manifest.image_size, emotions=len(manifest.emotions), judge=judge,
                    recogniser_gallery=gallery, val_recognised=val_recognised)
 
 
-def build_gan(exp: ExperimentConfig, image_size: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+def build_gan(exp: ExperimentConfig, image_size: int, emotions: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """G and D of `exp` for faces of `image_size` px; G told the expression among `emotions` classes when
+    `model.expression_input`."""
     generator = build_network("generator", image_size=image_size, ngf=exp.model.ngf, norm=exp.model.norm,
-                              dropout=exp.model.dropout, median_output=exp.model.median_output)
+                              dropout=exp.model.dropout, median_output=exp.model.median_output,
+                              expressions=emotions if exp.model.expression_input else 0)
     discriminator = build_network("discriminator", ndf=exp.model.ndf, n_layers=exp.model.n_layers,
                                   norm=exp.model.norm)
     return generator, discriminator  # both initialised as pix2pix does, in their constructors
@@ -152,11 +156,13 @@ class GanSteps:
         """The generator to score, checkpoint as `generator` and deploy: the average when there is one."""
         return self.generator_ema if self.generator_ema is not None else unwrap(self.generator)
 
-    def discriminator_step(self, x: torch.Tensor, y_real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One D update on (x, y_real) against (x, G(x, z)); returns G(x, z), still attached to G, and L_D."""
+    def discriminator_step(self, x: torch.Tensor, y_real: torch.Tensor,
+                           emotion: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One D update on (x, y_real) against (x, G(x, z)); returns G(x, z), still attached to G, and L_D. A
+        generator told the expression (`model.expression_input`) is told x's label `emotion`."""
         setup = self.setup
         with autocast(setup.device, setup.precision):
-            fake = self.generator(x)
+            fake = self.generator(x, emotion)
             loss_d = discriminator_loss(self.discriminator(x, y_real), self.discriminator(x, fake.detach()))
         self.opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
@@ -168,7 +174,7 @@ class GanSteps:
         setup = self.setup
         if self.weights.diversity > 0:  # two draws of each face, which L_diversity asks to differ in identity
             x, y_real, identity, emotion = (torch.cat([t, t]) for t in (x, y_real, identity, emotion))
-        fake, loss_d = self.discriminator_step(x, y_real)
+        fake, loss_d = self.discriminator_step(x, y_real, emotion)
 
         # D is frozen for the generator step: only the gradient to `fake` is needed, so D's weight
         # gradients (7% of the step's FLOPs) are not computed. Calling the unwrapped module keeps DDP's
@@ -273,7 +279,7 @@ class GanRun:
                  fetch: Callable[[Any], Any] = lambda value: value,
                  prepare_model: Callable[[torch.nn.Module], torch.nn.Module] = lambda module: module):
         self.exp, self.mu, self.setup, self.inputs = exp, mu, setup, inputs
-        generator, discriminator = build_gan(exp, inputs.image_size)
+        generator, discriminator = build_gan(exp, inputs.image_size, inputs.emotions)
         pretrained = fetch(inputs.pretrained)
         identity_verifier = frozen(build_from_record(pretrained["identity_verifier"]), setup)
         emotion_verifier = frozen(build_from_record(emotion_verifiers(pretrained)), setup)
@@ -283,7 +289,7 @@ class GanRun:
         opt_g = torch.optim.Adam(generator.parameters(), lr=exp.train.lr, betas=betas)
         opt_d = torch.optim.Adam(discriminator.parameters(), lr=exp.train.lr, betas=betas)
         if payload is None and "generator" in pretrained:  # the shared warm start (see train/pretrain.py)
-            generator.load_state_dict(pretrained["generator"]["state_dict"])
+            generator.load_state_dict(warm_start_state(generator, pretrained["generator"]["state_dict"]))
         if payload is not None:
             networks = payload["networks"]
             generator.load_state_dict(networks.get("generator_train", networks["generator"])["state_dict"])
