@@ -110,7 +110,8 @@ expression with probability ~1.0 while S_e reads another (their probabilities of
 across a face's draws). Scores that do not saturate near 1.0 (the mean logit margin, the mean log-odds,
 probabilities at temperature 4) kept 0.90 / 0.91-0.92 against the mean probability's 0.89 / 0.89: within
 one face on val, so the rule stays. What did lift kept was a generator trained to keep expressions that
-more networks read: `verifiers.emotion_verifiers` (README).
+more networks read (`verifiers.emotion_verifiers`), and most, one told the expression to keep
+(`model.expression_input`, README): the readers then read it in the original for the generator as well.
 """
 
 from __future__ import annotations
