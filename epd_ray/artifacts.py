@@ -317,7 +317,8 @@ MODEL_VERSION = 1
 class ModelSpec:
     """`generator.json` of a model folder: the config that rebuilds the generator, its weights file and that
     file's SHA-256 (a swapped or changed weights file is refused before it is read), and the draws of its
-    noise per face (the weights file then also holds the expression reader that picks one; core/draws.py)."""
+    noise per face (the weights file then also holds the expression reader that picks one, as it does for a
+    generator told the expression; core/draws.py)."""
 
     config: dict[str, Any]
     sha256: str | None

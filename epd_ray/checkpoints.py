@@ -128,7 +128,7 @@ def load_deidentifier(payload: dict[str, Any], path: Path | str) -> BestOfDraws:
     if not isinstance(draws, int) or draws < 1:
         raise CheckpointError(f"{path}: draws must be a whole number >= 1, got {draws!r}")
     reader = None
-    if draws > 1 or generator.expressions:
+    if draws > 1 or getattr(generator, "expressions", 0):
         record = require_network(payload, READER, path)
         if record.get("kind") == "emotion_verifier":  # written when S alone picked, over six views
             record = readers_record([record], views=True)

@@ -310,8 +310,9 @@ def write_best(best_dir: Path, exp: ExperimentConfig, outcome: SearchOutcome, pr
         "params": checkpoint["params"]})
     card = {
         "model": "EPD-Net generator (pix2pix U-Net)",
-        "weights": "generator.pt (the generator and, with draws > 1, the expression reader that picks between its "
-                   "draws; load with epd_ray.deploy.load_model(path))",
+        "weights": "generator.pt (the generator and, with draws > 1 or a generator told the expression, the "
+                   "expression reader that picks between its draws and reads the expression it is told; load with "
+                   "epd_ray.deploy.load_model(path))",
         "params": outcome.best.params,
         "trial": outcome.best.trial_id,
         "chosen_by": chosen_by(exp, searched),

@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 
 from epd_ray.checkpoints import CheckpointError, load_network, network_record, published_payload, save_checkpoint
 from epd_ray.cli import app
+from epd_ray.core.draws import BestOfDraws
 from epd_ray.core.networks import EmotionVerifier, UNetGenerator
 from epd_ray.core.synthetic import make_synthetic_faces
 from epd_ray.deploy import DeidentifyOptions, DeployError, FaceEngine, deidentify, export_model, load_model
@@ -161,7 +162,11 @@ def test_a_model_told_the_expression_travels_with_its_readers_and_draws_the_expr
     loaded = load_model(model)
     crops = np.stack([np.array(Image.fromarray(f).resize((32, 32))) for f in faces[:5]])
     seeds = [11, 12, 13, 14, 15]
+    reads = []
+    hook = loaded.reader.register_forward_hook(lambda _module, args, _out: reads.append(len(args[0])))
     published = FaceEngine(loaded, device="cpu", batch_size=2)(crops, seeds)
+    hook.remove()
+    assert reads == [2, 2, 1]  # each batch's originals read once: one draw needs no pick
     x = to_tensor(crops)
     with torch.no_grad():
         reading = loaded.read(x).argmax(1)
@@ -171,6 +176,38 @@ def test_a_model_told_the_expression_travels_with_its_readers_and_draws_the_expr
             other = to_uint8(loaded.generator(x, (reading + 1) % 7))
     assert np.abs(published.astype(int) - told.astype(int)).max() <= 1
     assert np.abs(published.astype(int) - other.astype(int)).max() > 1  # what it is told shows
+
+
+def test_a_video_track_is_told_the_expression_read_over_its_recent_frames(faces):
+    """A one-frame misreading does not change a tracked face's expression; one read in two frames running does,
+    and a new track is told at once what its face is read as."""
+    torch.manual_seed(0)
+    generator, reader = UNetGenerator(image_size=32, ngf=4, expressions=7), EmotionVerifier().eval()
+    with torch.no_grad():
+        for p in generator.parameters():  # a generator whose faces differ clearly with the expression told
+            p.mul_(10)
+    engine = FaceEngine(BestOfDraws(generator, reader), device="cpu")
+    crop = np.array(Image.fromarray(faces[0]).resize((32, 32)))[None]
+
+    def read_as(expression: int) -> None:  # the reader reads every face as `expression`, surely
+        with torch.no_grad():
+            reader.head.bias.fill_(-50.0)
+            reader.head.bias[expression] = 50.0
+
+    def told(expression: int, seed: int) -> np.ndarray:
+        with torch.no_grad(), seeded_noise(generator, [seed]):
+            return to_uint8(generator(to_tensor(crop), torch.tensor([expression])))
+
+    def shows(face: np.ndarray, expression: int, seed: int) -> bool:
+        return np.abs(face.astype(int) - told(expression, seed).astype(int)).max() <= 1
+
+    assert not shows(told(2, 7), 5, 7)  # the two expressions give faces apart
+    read_as(2)
+    assert shows(engine(crop, [7]), 2, 7)
+    read_as(5)
+    assert shows(engine(crop, [7]), 2, 7)  # one frame read otherwise: still the track's expression
+    assert shows(engine(crop, [8]), 5, 8)  # a new track: what its face is read as
+    assert shows(engine(crop, [7]), 5, 7)  # two frames running: the track follows
 
 
 def test_draws_may_be_lowered_at_deployment_and_one_is_the_generator_alone(tmp_path, faces):

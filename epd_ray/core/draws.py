@@ -7,7 +7,8 @@ had at least one of 8-32 draws that kept it. So, with `draws` > 1, each face is 
 the draw published is the one the expression readers (`networks.ExpressionReaders`) read most surely as
 the expression they read in the original. No label is needed, so it works on a user's unlabelled
 photographs; the judges then measure the draw published, as they measure a single draw. With one draw (or
-no reader) this is the generator itself. Either way a grey photograph gives a grey face
+no reader) this is the generator itself (told, for a generator told the expression, what the readers read in
+the original). Either way a grey photograph gives a grey face
 (`images.keep_grey`): every draw is made grey before it is read.
 
 The readers are the expression pickers (`verifiers.pickers`): emotion classifiers of S_e's shape and

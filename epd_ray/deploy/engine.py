@@ -6,7 +6,9 @@ face in every video frame. Here each NoiseDropout's mask is drawn per sample fro
 seeded with that face's seed, so a face's output depends on its pixels and its seed only: batch size,
 batch neighbours and run order do not matter, and the same seed gives the same z across frames. A model of
 several draws (core/draws.py) draws each face that many times, seeded from its seed and the draw's number,
-and keeps for a seed the draw it chose the first time it saw that seed: a video track keeps one draw.
+and keeps for a seed the draw it chose the first time it saw that seed: a video track keeps one draw. A
+generator told the expression (`model.expression_input`) is told what the readers read in the face, averaged
+over the seed's recent frames: a track's face follows the person's expression, not a frame's misreading.
 """
 
 from __future__ import annotations
@@ -63,6 +65,9 @@ def seeded_noise(generator: UNetGenerator, seeds: Sequence[int]) -> Iterator[Non
 
 
 KEPT_DRAWS = 4096  # seeds whose draw FaceEngine remembers (the faces of recent frames; far more than tracks)
+# The share of a seed's earlier reading of the expression in the one its next face is told: a one-frame
+# misreading moves no track's expression; one read in two frames running does.
+EXPRESSION_MEMORY = 0.7
 
 
 def draw_seeds(seeds: Sequence[int], draw: int) -> list[int]:
@@ -95,6 +100,8 @@ class FaceEngine:
         # seed -> the draw published for it: a video track (one seed) keeps the draw chosen at its first frame,
         # so its face does not switch between draws from frame to frame
         self._kept_draws: OrderedDict[int, int] = OrderedDict()
+        # seed -> the readers' probabilities of each expression, averaged over its faces so far
+        self._readings: OrderedDict[int, torch.Tensor] = OrderedDict()
 
     @torch.no_grad()
     def __call__(self, crops: np.ndarray, seeds: Sequence[int]) -> np.ndarray:
@@ -106,8 +113,12 @@ class FaceEngine:
         for start in range(0, len(crops), self.batch_size):
             x = to_tensor(crops[start:start + self.batch_size]).to(self.device)
             batch_seeds = list(seeds[start:start + self.batch_size])
-            with autocast(self.device, self.precision):
-                expression = self.model.expression_of(x)
+            expression = None
+            if self.generator.expressions:
+                with autocast(self.device, self.precision):
+                    reading = self.model.read(x)
+                expression = torch.stack([self._tracked_reading(int(seed), probabilities)
+                                          for seed, probabilities in zip(batch_seeds, reading)]).argmax(dim=1)
             drawn = []
             for draw in range(self.model.draws if self.noise else 1):
                 noise = (seeded_noise(self.generator, draw_seeds(batch_seeds, draw)) if self.noise
@@ -122,12 +133,24 @@ class FaceEngine:
         return np.concatenate(out)
 
     def _keep_draw(self, seed: int, draw: int) -> int:
-        """The draw for `seed`: the one kept for it, else `draw` (then kept); the oldest of KEPT_DRAWS forgotten."""
-        kept = self._kept_draws.pop(seed, draw)
-        self._kept_draws[seed] = kept
-        if len(self._kept_draws) > KEPT_DRAWS:
-            self._kept_draws.popitem(last=False)
-        return kept
+        """The draw for `seed`: the one kept for it, else `draw` (then kept)."""
+        return _remember(self._kept_draws, seed, self._kept_draws.get(seed, draw))
+
+    def _tracked_reading(self, seed: int, probabilities: torch.Tensor) -> torch.Tensor:
+        """The expression probabilities `seed`'s face is told: this face's, averaged with the seed's earlier ones."""
+        earlier = self._readings.get(seed)
+        if earlier is not None:
+            probabilities = EXPRESSION_MEMORY * earlier + (1 - EXPRESSION_MEMORY) * probabilities
+        return _remember(self._readings, seed, probabilities)
+
+
+def _remember(memory: OrderedDict, seed: int, value):
+    """`value` stored for `seed` as its newest entry, the oldest of KEPT_DRAWS forgotten; returns `value`."""
+    memory.pop(seed, None)
+    memory[seed] = value
+    if len(memory) > KEPT_DRAWS:
+        memory.popitem(last=False)
+    return value
 
 
 @contextlib.contextmanager

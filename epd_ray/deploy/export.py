@@ -3,8 +3,9 @@
 A model folder holds:
 
 * ``generator.pt``: a tensor-only checkpoint (``{"format", "networks": {"generator": {kind, config,
-  state_dict}, ...}, "draws"}``; with more than one draw also the ``expression_reader`` that picks between
-  them), read with ``torch.load(weights_only=True)``, so loading never unpickles arbitrary objects;
+  state_dict}, ...}, "draws"}``; with more than one draw, or a generator told the expression, also the
+  ``expression_reader`` that picks between draws and reads the expression to tell), read with
+  ``torch.load(weights_only=True)``, so loading never unpickles arbitrary objects;
 * ``generator.json``: the kind and config that rebuild the network, the weights' file name and SHA-256
   (a tampered or swapped weights file is refused before it is even read), its parameter count;
 * ``model_card.json``: the run's model card when there is one, else a minimal card;
@@ -202,7 +203,7 @@ def _card_margin(card: dict[str, Any] | None) -> float | None:
 
 def load_model(model: Path, device: torch.device | str = "cpu") -> BestOfDraws:
     """The de-identifier of a model folder (or of a checkpoint file): its generator and, with more than one
-    draw, the expression reader that picks between draws; in eval mode; never unpickles objects.
+    draw or a generator told the expression, the expression reader; in eval mode; never unpickles objects.
 
     A weights file whose SHA-256 differs from generator.json, or whose config differs from it, or that
     is not a tensor-only epd-ray checkpoint, raises CheckpointError naming the file.
