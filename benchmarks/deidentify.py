@@ -43,8 +43,9 @@ from benchmarks.detector_recall import CANVAS, paste_face, photos
 from benchmarks.machine import describe, runnable_precisions
 
 BATCH = {64: 16, 128: 8, 256: 2}
-DRAWS = ((1, 0, "the generator alone"), (32, 2, "2 pickers, once each"), (32, 0, "S over six views"),
-         (16, 0, "S over six views"))  # (draws, pickers, what reads the draws)
+# (draws, pickers, told the expression, what reads the originals and the draws); the first is the reference
+DRAWS = ((1, 0, False, "the generator alone"), (1, 2, True, "told, 2 pickers read x"),
+         (32, 2, True, "2 pickers, once each"), (32, 0, True, "S over six views"), (16, 0, True, "S over six views"))
 
 
 def faces_per_second(model: BestOfDraws | UNetGenerator, device: str, precision: str, budget: float,
@@ -65,11 +66,11 @@ def faces_per_second(model: BestOfDraws | UNetGenerator, device: str, precision:
             return done / elapsed
 
 
-def preset_model(draws: int, pickers: int) -> BestOfDraws:
+def preset_model(draws: int, pickers: int, told: bool = True) -> BestOfDraws:
     """The `faces` preset's de-identifier (64 px, its generator as training builds it, its 3x3 median
     included, and its readers' shapes; random weights: speed does not depend on them) drawing `draws` times,
-    its readers `pickers` expression pickers (0: S)."""
-    exp = load_config("faces", {"verifiers.pickers": pickers, "model.draws": draws})
+    its readers `pickers` expression pickers (0: S); `told` False: a generator not told the expression."""
+    exp = load_config("faces", {"verifiers.pickers": pickers, "model.draws": draws, "model.expression_input": told})
     specs = network_specs(exp.verifiers, exp.model, num_identities=10, image_size=64)
     torch.manual_seed(0)
     networks = {name: network_record(spec["kind"], build_network(spec["kind"], **spec["args"]))
@@ -167,13 +168,13 @@ def main() -> None:
             print(f"{device:>7} {size:>5} {params:>11,} {BATCH.get(size, 8):>5} "
                   f"{cells.get('fp32', '-'):>9} {cells.get('bf16', '-'):>9}", flush=True)
     print("\ndraws of the noise z per face, the `faces` preset's model (64 px): faces per second, and the time "
-          "a face takes against one draw:")
+          "a face takes against one draw of a generator not told the expression:")
     print(f"{'device':>7} {'draws, readers':>28} {'fp32':>9} {'x one':>7} {'bf16':>9} {'x one':>7}")
     for device in args.devices:
         precisions, _ = runnable_precisions(args.precisions, device, args.force_bf16)
         one = {}
-        for draws, pickers, readers in DRAWS:
-            model = preset_model(draws, pickers)
+        for draws, pickers, told, readers in DRAWS:
+            model = preset_model(draws, pickers, told)
             cells = []
             for precision in ("fp32", "bf16"):
                 if precision not in precisions:
