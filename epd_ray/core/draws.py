@@ -137,7 +137,7 @@ class BestOfDraws(nn.Module):
     module docstring). A generator told the expression (`model.expression_input`) draws G(x, e, z) with e the
     readers' reading of the original, so it needs the readers even for one draw. `forward` draws z from
     torch's RNG, as the generator alone does; a caller that seeds each draw itself (deploy/engine.py) reads
-    `expression_of` once, calls `draw` under its own noise, then `pick`."""
+    the originals once, calls `draw` under its own noise, then `pick` with that reading."""
 
     def __init__(self, generator: UNetGenerator, reader: nn.Module | None = None, draws: int = 1):
         super().__init__()
@@ -172,20 +172,24 @@ class BestOfDraws(nn.Module):
         """(N, C) the readers' class probabilities for `x`."""
         return torch.softmax(self.reader(x).float(), dim=1)
 
-    def pick(self, x: torch.Tensor, drawn: torch.Tensor) -> torch.Tensor:
-        """(N,) index of the draw to publish for each of the faces `x`, out of `drawn` (K, N, C, H, W)."""
+    def pick(self, x: torch.Tensor, drawn: torch.Tensor, original: torch.Tensor | None = None) -> torch.Tensor:
+        """(N,) index of the draw to publish for each of the faces `x`, out of `drawn` (K, N, C, H, W);
+        `original`: `read(x)`, when the caller has read it already (to tell the generator the expression)."""
         k, n = drawn.shape[:2]
         if self.reader is None or k == 1:
             return torch.zeros(n, dtype=torch.long, device=drawn.device)
         with torch.no_grad():
-            return pick_draws(self.read(x), torch.stack([self.read(d.to(x.dtype)) for d in drawn]))
+            original = self.read(x) if original is None else original
+            return pick_draws(original, torch.stack([self.read(d.to(x.dtype)) for d in drawn]))
 
-    def choose(self, x: torch.Tensor, drawn: torch.Tensor) -> torch.Tensor:
+    def choose(self, x: torch.Tensor, drawn: torch.Tensor, original: torch.Tensor | None = None) -> torch.Tensor:
         """The published face per input, out of `drawn` (K, N, C, H, W), the K draws for the faces `x`."""
-        return drawn[self.pick(x, drawn), torch.arange(drawn.shape[1], device=drawn.device)]
+        return drawn[self.pick(x, drawn, original), torch.arange(drawn.shape[1], device=drawn.device)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        expression = self.expression_of(x)
+        with torch.no_grad():  # the originals read once: for the expression told and for the pick
+            original = self.read(x) if self.reader is not None else None
+        expression = original.argmax(dim=1) if self.generator.expressions else None
         if self.draws == 1:
             return self.draw(x, expression)
-        return self.choose(x, torch.stack([self.draw(x, expression) for _ in range(self.draws)]))
+        return self.choose(x, torch.stack([self.draw(x, expression) for _ in range(self.draws)]), original)

@@ -113,10 +113,11 @@ class FaceEngine:
         for start in range(0, len(crops), self.batch_size):
             x = to_tensor(crops[start:start + self.batch_size]).to(self.device)
             batch_seeds = list(seeds[start:start + self.batch_size])
-            expression = None
-            if self.generator.expressions:
+            reading = expression = None
+            if self.model.reader is not None:  # the originals read once: for the expression told and the pick
                 with autocast(self.device, self.precision):
                     reading = self.model.read(x)
+            if self.generator.expressions:
                 expression = torch.stack([self._tracked_reading(int(seed), probabilities)
                                           for seed, probabilities in zip(batch_seeds, reading)]).argmax(dim=1)
             drawn = []
@@ -127,7 +128,7 @@ class FaceEngine:
                     drawn.append(self.model.draw(x, expression))
             drawn = torch.stack(drawn)
             with autocast(self.device, self.precision):
-                picked = self.model.pick(x, drawn).tolist()
+                picked = self.model.pick(x, drawn, reading).tolist()
             picked = [self._keep_draw(int(seed), draw) for seed, draw in zip(batch_seeds, picked)]
             out.append(to_uint8(drawn[picked, torch.arange(len(picked))].float()))
         return np.concatenate(out)
