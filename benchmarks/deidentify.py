@@ -27,7 +27,7 @@ import cv2
 import numpy as np
 import torch
 
-from epd_ray.checkpoints import build_from_record, draw_readers, network_record, save_checkpoint
+from epd_ray.checkpoints import build_from_record, draw_readers, expression_tellers, network_record, save_checkpoint
 from epd_ray.config import load_config
 from epd_ray.core.draws import BestOfDraws
 from epd_ray.core.labels import NUM_EMOTIONS
@@ -77,7 +77,8 @@ def preset_model(draws: int, pickers: int, told: bool = True) -> BestOfDraws:
                 for name, spec in specs.items() if name != "generator"}  # the warm start's: no median
     generator = build_gan(exp, image_size=64, emotions=NUM_EMOTIONS)[0]
     reader = build_from_record(draw_readers(networks)) if draws > 1 or generator.expressions else None
-    return BestOfDraws(generator, reader, draws).eval()
+    teller = build_from_record(expression_tellers(networks)) if generator.expressions else None
+    return BestOfDraws(generator, reader, draws, teller).eval()
 
 
 def video_frames(frames: int) -> list[np.ndarray]:

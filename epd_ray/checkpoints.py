@@ -83,7 +83,8 @@ def load_network(path: Path, name: str) -> nn.Module:
 READER = "expression_reader"  # the network that picks between draws (core/draws.py), next to the generator
 EMOTION_VERIFIER = "emotion_verifier"  # S, and its siblings `emotion_verifier_<i>` when L_CE reads several
 PICKER = "expression_picker"  # pretrained networks `expression_picker_<i>`: the readers that pick between draws
-READERS = "expression_readers"  # the kind of READER's record: `networks.ExpressionReaders`
+READERS = "expression_readers"  # the kind of READER's and TELLER's records: `networks.ExpressionReaders`
+TELLER = "expression_teller"  # the readers of the original whose reading a generator told the expression is told
 
 
 def readers_record(members: list[dict[str, Any]], views: bool) -> dict[str, Any]:
@@ -108,21 +109,34 @@ def draw_readers(pretrained: dict[str, Any]) -> dict[str, Any]:
     return readers_record(pickers, views=False) if pickers else readers_record([pretrained[EMOTION_VERIFIER]], True)
 
 
-def published_payload(generator: dict[str, Any], reader: dict[str, Any] | None, draws: int) -> dict[str, Any]:
+def expression_tellers(pretrained: dict[str, Any]) -> dict[str, Any]:
+    """The record of the readers that read in each original the expression a generator told it is told
+    (`model.expression_input`), from the pretrained networks' records: every emotion classifier pretrained for
+    the generator, S and its siblings and the expression pickers, as one ensemble; not the evaluators, which
+    judge. S is a poor picker because the generator was trained through it, but an original owes it nothing:
+    on people the data set lacks, more readers read more of the expressions right (core/draws.py)."""
+    return readers_record([record for name, record in sorted(pretrained.items())
+                           if name.startswith((EMOTION_VERIFIER, PICKER))], views=False)
+
+
+def published_payload(generator: dict[str, Any], reader: dict[str, Any] | None, draws: int,
+                      teller: dict[str, Any] | None = None) -> dict[str, Any]:
     """The part of a checkpoint that rebuilds the published de-identifier: the generator's record and, with
-    more than one draw or a generator told the expression, the expression reader's and the number of draws."""
+    more than one draw or a generator told the expression, the expression reader's and the number of draws;
+    for a generator told the expression, the tellers' record when there is one (else the readers tell)."""
     told = bool(generator["config"].get("expressions"))
     if draws == 1 and not told:
         return {"networks": {"generator": generator}, "draws": 1}
     if reader is None:
         need = "a generator told the expression needs" if told else f"{draws} draws need"
         raise ValueError(f"{need} the expression reader's record")
-    return {"networks": {"generator": generator, READER: reader}, "draws": int(draws)}
+    tellers = {TELLER: teller} if told and teller is not None else {}
+    return {"networks": {"generator": generator, READER: reader, **tellers}, "draws": int(draws)}
 
 
 def load_deidentifier(payload: dict[str, Any], path: Path | str) -> BestOfDraws:
     """The published de-identifier of a loaded checkpoint (`published_payload`); one draw for checkpoints
-    written before draws existed."""
+    written before draws existed, the readers telling for those written before the tellers."""
     generator = build_from_record(require_network(payload, "generator", path), path)
     draws = payload.get("draws", 1)
     if not isinstance(draws, int) or draws < 1:
@@ -133,4 +147,7 @@ def load_deidentifier(payload: dict[str, Any], path: Path | str) -> BestOfDraws:
         if record.get("kind") == "emotion_verifier":  # written when S alone picked, over six views
             record = readers_record([record], views=True)
         reader = build_from_record(record, path)
-    return BestOfDraws(generator, reader, draws).eval()
+    networks = payload["networks"]
+    teller = (build_from_record(networks[TELLER], path) if getattr(generator, "expressions", 0) and TELLER in networks
+              else None)
+    return BestOfDraws(generator, reader, draws, teller).eval()

@@ -28,7 +28,7 @@ import pyarrow.fs
 
 from epd_ray.artifacts import (DatasetManifest, PretrainedCache, RunFolder, RunMarker, atomic_write_text,
                               default_cache_dir)
-from epd_ray.checkpoints import READER, load_checkpoint, load_deidentifier, published_payload, save_checkpoint
+from epd_ray.checkpoints import READER, TELLER, load_checkpoint, load_deidentifier, published_payload, save_checkpoint
 from epd_ray.config import (EVALUATION_CORE_S_PER_FACE, EVALUATION_RESERVE, EVALUATION_RESERVE_MIN_S, PRETRAIN_SHARE,
                             ExperimentConfig, load_config)
 from epd_ray.core.precision import usable_cpus
@@ -306,13 +306,14 @@ def write_best(best_dir: Path, exp: ExperimentConfig, outcome: SearchOutcome, pr
     checkpoint = load_checkpoint(best_dir / "checkpoint.pt")
     networks = checkpoint["networks"]
     save_checkpoint(best_dir / "generator.pt", {
-        **published_payload(networks["generator"], networks.get(READER), checkpoint.get("draws", 1)),
+        **published_payload(networks["generator"], networks.get(READER), checkpoint.get("draws", 1),
+                            networks.get(TELLER)),
         "params": checkpoint["params"]})
     card = {
         "model": "EPD-Net generator (pix2pix U-Net)",
         "weights": "generator.pt (the generator and, with draws > 1 or a generator told the expression, the "
-                   "expression reader that picks between its draws and reads the expression it is told; load with "
-                   "epd_ray.deploy.load_model(path))",
+                   "expression readers that pick between its draws and the ones that read in the original the "
+                   "expression it is told; load with epd_ray.deploy.load_model(path))",
         "params": outcome.best.params,
         "trial": outcome.best.trial_id,
         "chosen_by": chosen_by(exp, searched),

@@ -21,7 +21,8 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from epd_ray.checkpoints import CheckpointError, load_network, network_record, published_payload, save_checkpoint
+from epd_ray.checkpoints import (CheckpointError, load_network, network_record, published_payload, readers_record,
+                                 save_checkpoint)
 from epd_ray.cli import app
 from epd_ray.core.draws import BestOfDraws
 from epd_ray.core.networks import EmotionVerifier, UNetGenerator
@@ -146,30 +147,43 @@ def test_a_model_of_several_draws_publishes_each_face_s_surest_draw_and_travels_
 
 
 def test_a_model_told_the_expression_travels_with_its_readers_and_draws_the_expression_they_read(tmp_path, faces):
-    """A generator told the expression (`model.expression_input`) needs its readers even for one draw: they
-    read the expression in each original, once per batch, and the generator is told it."""
+    """A generator told the expression (`model.expression_input`) needs its readers even for one draw, and
+    travels with its tellers: they read the expression in each original, once per batch, and the generator is
+    told it."""
     torch.manual_seed(0)
     generator, reader = UNetGenerator(image_size=32, ngf=4, expressions=7), EmotionVerifier()
     with torch.no_grad():
         for p in generator.parameters():  # a generator whose faces differ clearly with the expression told
             p.mul_(10)
+    tellers = [EmotionVerifier() for _ in range(2)]
+    with torch.no_grad():
+        for teller in tellers:  # they read every face as surprised, unlike the reader
+            teller.head.bias.fill_(-20.0)
+            teller.head.bias[6] = 20.0
+    tellers = readers_record([network_record("emotion_verifier", teller) for teller in tellers], views=False)
     checkpoint = tmp_path / "checkpoint.pt"
     save_checkpoint(checkpoint, {**published_payload(network_record("generator", generator),
-                                                     network_record("emotion_verifier", reader), 1), "round": 0})
+                                                     network_record("emotion_verifier", reader), 1, tellers),
+                                 "round": 0})
     model = export_model(checkpoint, tmp_path / "model")
-    assert set(torch.load(model / "generator.pt", weights_only=True)["networks"]) == {"generator", "expression_reader"}
+    assert set(torch.load(model / "generator.pt", weights_only=True)["networks"]) == {
+        "generator", "expression_reader", "expression_teller"}
     assert "told the expression" in (model / "README.md").read_text()
     loaded = load_model(model)
+    assert len(loaded.teller.members) == 2
     crops = np.stack([np.array(Image.fromarray(f).resize((32, 32))) for f in faces[:5]])
     seeds = [11, 12, 13, 14, 15]
-    reads = []
-    hook = loaded.reader.register_forward_hook(lambda _module, args, _out: reads.append(len(args[0])))
+    reads = {"reader": [], "teller": []}
+    hooks = [getattr(loaded, name).register_forward_hook(lambda _module, args, _out, name=name: reads[name].append(
+        len(args[0]))) for name in reads]
     published = FaceEngine(loaded, device="cpu", batch_size=2)(crops, seeds)
-    hook.remove()
-    assert reads == [2, 2, 1]  # each batch's originals read once: one draw needs no pick
+    for hook in hooks:
+        hook.remove()
+    assert reads == {"reader": [], "teller": [2, 2, 1]}  # each batch's originals read once: one draw needs no pick
     x = to_tensor(crops)
     with torch.no_grad():
-        reading = loaded.read(x).argmax(1)
+        reading = loaded.read_original(x).argmax(1)
+        assert reading.tolist() == [6] * 5 and loaded.read(x).argmax(1).tolist() != [6] * 5
         with seeded_noise(loaded.generator, seeds):
             told = to_uint8(loaded.generator(x, reading))
         with seeded_noise(loaded.generator, seeds):

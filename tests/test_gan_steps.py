@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from epd_ray.checkpoints import build_from_record, draw_readers, emotion_verifiers, load_deidentifier, network_record
+from epd_ray.checkpoints import (build_from_record, draw_readers, emotion_verifiers, expression_tellers,
+                                 load_deidentifier, network_record)
 from epd_ray.core.losses import LossWeights, discriminator_loss
 from epd_ray.core.networks import EmotionVerifier, IdentityVerifier, PatchDiscriminator, ResNetClassifier, UNetGenerator
 from epd_ray.train.gan import GanSteps, ema_decay
@@ -140,16 +141,31 @@ def test_a_generator_told_the_expression_learns_it_from_the_labels_and_publishes
     hook.remove()
     assert [t.tolist() for t in told] == [[4, 5, 6, 0]]
     assert code.abs().sum() > 0  # the expression channels learn from the first step
-    payload = steps.checkpoint_payload(0, 1, 0.35, _experiment({"model.expression_input": True}), {}, READER)
+    told_exp = _experiment({"model.expression_input": True})
+    payload = steps.checkpoint_payload(0, 1, 0.35, told_exp, {}, READER)
     assert payload["draws"] == 1 and set(payload["networks"]) == {"generator", "expression_reader", "discriminator"}
-    deidentifier = load_deidentifier(payload, "checkpoint")
+    deidentifier = load_deidentifier(payload, "checkpoint")  # written before the tellers: the readers tell
     assert deidentifier.draws == 1 and deidentifier.reader is not None and deidentifier.generator.expressions == 7
+    assert deidentifier.teller is None
     with torch.no_grad():
         reading = deidentifier.read(x).argmax(1)
         torch.manual_seed(5)
         published = deidentifier(x)
         torch.manual_seed(5)
         assert torch.equal(published, deidentifier.generator(x, reading))
+    pretrained = {name: network_record(kind, module) for name, kind, module in (
+        ("emotion_verifier", "emotion_verifier", EmotionVerifier()),
+        ("emotion_verifier_1", "emotion_verifier", EmotionVerifier()),
+        ("expression_picker_0", "expression_picker", ResNetClassifier(7, 4, grey=True)),
+        ("emotion_evaluator", "emotion_evaluator", ResNetClassifier(7, 4, grey=True)))}
+    tellers = expression_tellers(pretrained)
+    assert [m["kind"] for m in tellers["config"]["members"]] == ["emotion_verifier"] * 2 + ["expression_picker"]
+    payload = steps.checkpoint_payload(0, 1, 0.35, told_exp, {}, draw_readers(pretrained), tellers)
+    assert set(payload["networks"]) == {"generator", "expression_reader", "expression_teller", "discriminator"}
+    deidentifier = load_deidentifier(payload, "checkpoint")
+    assert len(deidentifier.teller.members) == 3 and len(deidentifier.reader.members) == 1
+    assert "expression_teller" not in _steps(0.0).checkpoint_payload(0, 1, 0.35, _experiment({"model.draws": 2}), {},
+                                                                      READER, tellers)["networks"]
 
 
 def test_l_ce_reads_through_s_alone_or_through_the_mean_probability_of_s_and_its_siblings():
@@ -279,6 +295,11 @@ def test_the_gan_loop_runs_in_process_rounds_reports_and_resumes(tmp_path, told)
     metrics, payload = reports[-1]
     assert 0.0 <= metrics["objective"] <= 1.0 and payload["round"] == 1 and payload["step"] == 4
     assert [m["kind"] for m in payload["networks"]["expression_reader"]["config"]["members"]] == ["expression_picker"]
+    if told:  # S, its sibling and the picker read the expression it is told
+        members = payload["networks"]["expression_teller"]["config"]["members"]
+        assert [m["kind"] for m in members] == ["emotion_verifier"] * 2 + ["expression_picker"]
+    else:
+        assert "expression_teller" not in payload["networks"]
     exp = exp.model_copy(update={"train": exp.train.model_copy(update={"steps": 6})})  # `train` reads it
     reports.clear()
     train(2, payload=payload)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from epd_ray.core.draws import BestOfDraws
+from epd_ray.core.draws import BestOfDraws, pick_draws
 from epd_ray.core.images import to_tensor, to_uint8
 from epd_ray.core.labels import NUM_EMOTIONS
 from epd_ray.core.networks import (
@@ -426,6 +426,44 @@ def test_a_generator_told_the_expression_starts_as_the_warm_start_and_then_draws
         published = one(x)
         torch.manual_seed(2)
         assert torch.equal(published, told(x, one.read(x).argmax(1)))
+
+
+def test_a_told_generator_is_told_what_its_tellers_read_in_the_original_and_the_pick_keeps_that():
+    """The tellers (`checkpoints.expression_tellers`) read the original for a generator told the expression; the
+    readers still pick, the draw they read most surely as what the tellers read. An untold generator has none."""
+    torch.manual_seed(0)
+    told = UNetGenerator(image_size=32, ngf=4, expressions=7)
+    with torch.no_grad():
+        told.downs[0][0].weight.mul_(10)  # the expression told shows in the faces
+
+    def reading_all_as(expression: int) -> ExpressionReaders:
+        readers = ExpressionReaders([{"kind": "emotion_verifier", "config": {}}] * 2, views=False).eval()
+        with torch.no_grad():
+            for member in readers.members:
+                member.head.bias.fill_(-20.0)
+                member.head.bias[expression] = 20.0
+        return readers
+
+    reader = ExpressionReaders([{"kind": "emotion_verifier", "config": {}}], views=False).eval()
+    with torch.no_grad():
+        reader.members[0].head.weight.mul_(30)  # readings that differ from draw to draw
+    teller = reading_all_as(5)
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    one = BestOfDraws(told, reader, draws=1, teller=teller).eval()
+    several = BestOfDraws(told, reader, draws=4, teller=teller).eval()
+    with torch.no_grad():
+        assert one.read_original(x).argmax(1).tolist() == [5, 5, 5]
+        assert not torch.allclose(one.read_original(x), one.read(x))
+        torch.manual_seed(2)
+        published = one(x)
+        torch.manual_seed(2)
+        assert torch.equal(published, told(x, torch.tensor([5, 5, 5])))
+        drawn = torch.stack([several.draw(x) for _ in range(4)])
+        read = torch.stack([several.read(d) for d in drawn])
+        picked = pick_draws(several.read_original(x), read)
+        assert torch.equal(several.pick(x, drawn), picked)
+        assert not torch.equal(pick_draws(several.read(x), read), picked)  # the readers' own reading picks others
+    assert BestOfDraws(UNetGenerator(image_size=32, ngf=4), reader, draws=2, teller=teller).teller is None
 
 
 def test_expression_readers_read_as_one_the_mean_probabilities_of_their_members():

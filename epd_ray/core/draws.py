@@ -134,12 +134,14 @@ def pick_draws(original: torch.Tensor, drawn: torch.Tensor) -> torch.Tensor:
 
 class BestOfDraws(nn.Module):
     """G(x, z) drawn `draws` times per face, the draw that keeps the expression best published (see the
-    module docstring). A generator told the expression (`model.expression_input`) draws G(x, e, z) with e the
-    readers' reading of the original, so it needs the readers even for one draw. `forward` draws z from
-    torch's RNG, as the generator alone does; a caller that seeds each draw itself (deploy/engine.py) reads
-    the originals once, calls `draw` under its own noise, then `pick` with that reading."""
+    module docstring). A generator told the expression (`model.expression_input`) draws G(x, e, z) with e what
+    the `teller` (default: the readers) reads in the original, so it needs the readers even for one draw, and
+    its pick keeps the draw the readers read most surely as e. `forward` draws z from torch's RNG, as the
+    generator alone does; a caller that seeds each draw itself (deploy/engine.py) reads the originals once
+    (`read_original`), calls `draw` under its own noise, then `pick` with that reading."""
 
-    def __init__(self, generator: UNetGenerator, reader: nn.Module | None = None, draws: int = 1):
+    def __init__(self, generator: UNetGenerator, reader: nn.Module | None = None, draws: int = 1,
+                 teller: nn.Module | None = None):
         super().__init__()
         if draws < 1:
             raise ValueError(f"draws must be >= 1, got {draws}")
@@ -148,38 +150,38 @@ class BestOfDraws(nn.Module):
         if generator.expressions and reader is None:
             raise ValueError("a generator told the expression needs an expression reader to read it in the original")
         self.generator, self.reader = generator, reader if draws > 1 or generator.expressions else None
+        self.teller = teller if generator.expressions else None
         self.draws = int(draws)
 
     @property
     def config(self) -> dict:
         return self.generator.config
 
-    def expression_of(self, x: torch.Tensor) -> torch.Tensor | None:
-        """(N,) the expression the readers read in each of the faces `x`, for a generator told it; else None."""
-        if not self.generator.expressions:
-            return None
-        with torch.no_grad():
-            return self.read(x).argmax(dim=1)
-
     def draw(self, x: torch.Tensor, expression: torch.Tensor | None = None) -> torch.Tensor:
         """One draw G(x, z) for the faces `x`, grey where `x` is grey; a generator told the expression is told
-        `expression` (default: `expression_of(x)`)."""
-        if expression is None:
-            expression = self.expression_of(x)
+        `expression` (default: what `read_original` reads in `x`)."""
+        if expression is None and self.generator.expressions:
+            with torch.no_grad():
+                expression = self.read_original(x).argmax(dim=1)
         return keep_grey(x, self.generator(x, expression))
 
     def read(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C) the readers' class probabilities for `x`."""
         return torch.softmax(self.reader(x).float(), dim=1)
 
+    def read_original(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C) the class probabilities of the original faces `x`: the tellers' when there are, else the
+        readers'. Their argmax is the expression a told generator is told and the one the pick keeps."""
+        return torch.softmax(self.teller(x).float(), dim=1) if self.teller is not None else self.read(x)
+
     def pick(self, x: torch.Tensor, drawn: torch.Tensor, original: torch.Tensor | None = None) -> torch.Tensor:
         """(N,) index of the draw to publish for each of the faces `x`, out of `drawn` (K, N, C, H, W);
-        `original`: `read(x)`, when the caller has read it already (to tell the generator the expression)."""
+        `original`: `read_original(x)`, when the caller has read it already (to tell the generator the expression)."""
         k, n = drawn.shape[:2]
         if self.reader is None or k == 1:
             return torch.zeros(n, dtype=torch.long, device=drawn.device)
         with torch.no_grad():
-            original = self.read(x) if original is None else original
+            original = self.read_original(x) if original is None else original
             return pick_draws(original, torch.stack([self.read(d.to(x.dtype)) for d in drawn]))
 
     def choose(self, x: torch.Tensor, drawn: torch.Tensor, original: torch.Tensor | None = None) -> torch.Tensor:
@@ -188,7 +190,7 @@ class BestOfDraws(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():  # the originals read once: for the expression told and for the pick
-            original = self.read(x) if self.reader is not None else None
+            original = self.read_original(x) if self.reader is not None else None
         expression = original.argmax(dim=1) if self.generator.expressions else None
         if self.draws == 1:
             return self.draw(x, expression)

@@ -146,7 +146,8 @@ def deidentify(model: Path, input_path: Path, output: Path, options: DeidentifyO
             if options.draws > 1 and deidentifier.reader is None:
                 raise DeployError(f"--draws {options.draws}: {model} was trained to draw once per face and carries "
                                   "no expression readers to pick between draws")
-            deidentifier = BestOfDraws(deidentifier.generator, deidentifier.reader, options.draws).eval()
+            deidentifier = BestOfDraws(deidentifier.generator, deidentifier.reader, options.draws,
+                                       deidentifier.teller).eval()
         engine = FaceEngine(deidentifier, device=options.device, precision=options.precision,
                             batch_size=options.batch_size, noise=options.noise)
         detector = None if options.aligned else make_detector(

@@ -116,7 +116,7 @@ class FaceEngine:
             reading = expression = None
             if self.model.reader is not None:  # the originals read once: for the expression told and the pick
                 with autocast(self.device, self.precision):
-                    reading = self.model.read(x)
+                    reading = self.model.read_original(x)
             if self.generator.expressions:
                 expression = torch.stack([self._tracked_reading(int(seed), probabilities)
                                           for seed, probabilities in zip(batch_seeds, reading)]).argmax(dim=1)

@@ -75,14 +75,14 @@ def export_model(source: Path, out: Path) -> Path:
     if record.get("kind") != "generator":
         raise CheckpointError(f"{checkpoint_path}: network 'generator' is of kind {record.get('kind')!r}")
     deidentifier = load_deidentifier(payload, checkpoint_path)  # proves the records rebuild before writing
-    generator, reader = deidentifier.generator, deidentifier.reader
+    generator, reader, teller = deidentifier.generator, deidentifier.reader, deidentifier.teller
     config = dict(generator.config)
 
     with atomic_folder(out) as staging:  # an empty `out` (checked above) is replaced
         save_checkpoint(staging / WEIGHTS_FILE, published_payload(
             _tensor_record(record["kind"], generator),
             _tensor_record(READERS, reader) if reader is not None else None,
-            deidentifier.draws))
+            deidentifier.draws, _tensor_record(READERS, teller) if teller is not None else None))
         run_card = read_card(card_path)
         spec = ModelSpec(config=config, weights=WEIGHTS_FILE, sha256=sha256_file(staging / WEIGHTS_FILE),
                          parameters=count_parameters(generator), draws=deidentifier.draws,

@@ -30,8 +30,8 @@ import ray.train.torch
 import torch
 
 from epd_ray.artifacts import DatasetManifest
-from epd_ray.checkpoints import (build_from_record, draw_readers, emotion_verifiers, load_checkpoint, network_record,
-                                 published_payload)
+from epd_ray.checkpoints import (build_from_record, draw_readers, emotion_verifiers, expression_tellers,
+                                 load_checkpoint, network_record, published_payload)
 from epd_ray.config import SEARCHED_KEYS, EvaluationConfig, ExperimentConfig, LossConfig, TrainConfig
 from epd_ray.core.augment import augment
 from epd_ray.core.draws import BestOfDraws
@@ -211,10 +211,11 @@ class GanSteps:
         return losses
 
     def checkpoint_payload(self, round_: int, step: int, mu: float, exp: ExperimentConfig, metrics: dict,
-                           reader: dict[str, Any]) -> dict[str, Any]:
-        """What a round's checkpoint holds; `reader`: the record of the readers that pick between draws."""
+                           reader: dict[str, Any], teller: dict[str, Any] | None = None) -> dict[str, Any]:
+        """What a round's checkpoint holds; `reader`: the record of the readers that pick between draws;
+        `teller`: of those that read in the original the expression a told generator is told."""
         published = published_payload(network_record("generator", self.published_generator), reader,
-                                      exp.model.draws)
+                                      exp.model.draws, teller)
         networks = {**published["networks"], "discriminator": network_record("discriminator", self.discriminator)}
         if self.generator_ema is not None:  # the raw weights, to resume training from
             networks["generator_train"] = network_record("generator", self.generator)
@@ -230,22 +231,23 @@ class GanSteps:
         }
 
 
-def validation_metrics(generator: torch.nn.Module, reader: torch.nn.Module, val, identity_evaluator,
-                       emotion_evaluator, *, mu: float, exp: ExperimentConfig, setup: WorkerSetup, inputs: GanInputs,
+def validation_metrics(deidentifier: BestOfDraws, val, identity_evaluator, emotion_evaluator, *, mu: float,
+                       exp: ExperimentConfig, setup: WorkerSetup, inputs: GanInputs,
                        recogniser: FaceRecogniser | None = None) -> dict[str, float]:
     """J and its factors on the validation split, under the main judge; the evaluators' figures always.
 
     With the recogniser as main judge its privacy, utility and J replace the evaluators' (kept as
     `evaluators_objective`); the paper's D, S, G stay the evaluators'. The generator is scored as it is
     published (eval mode: batch norm on its running statistics, the dropout noise z still on, the best of
-    `model.draws` draws as `reader` picks it), never in training mode, whose batch statistics would differ from
-    what `evaluate` and `deidentify` see.
+    `model.draws` draws as `deidentifier` picks it), never in training mode, whose batch statistics would differ
+    from what `evaluate` and `deidentify` see.
     """
     kw = dict(batch_size=exp.evaluation.batch_size, device=setup.device, precision=setup.precision)
+    generator = deidentifier.generator
     was_training = generator.training
     generator.eval()
     try:
-        deid = deidentify_pixels(BestOfDraws(generator, reader, exp.model.draws), val.pixels, **kw)
+        deid = deidentify_pixels(deidentifier, val.pixels, **kw)
     finally:
         generator.train(was_training)
     emotion = (class_probabilities(emotion_evaluator, val.pixels, **kw),
@@ -285,6 +287,8 @@ class GanRun:
         emotion_verifier = frozen(build_from_record(emotion_verifiers(pretrained)), setup)
         self.reader_record = draw_readers(pretrained)  # picks between draws (core/draws.py)
         self.reader = frozen(build_from_record(self.reader_record), setup)
+        self.teller_record = expression_tellers(pretrained) if generator.expressions else None
+        self.teller = frozen(build_from_record(self.teller_record), setup) if self.teller_record else None
         betas = (exp.train.beta1, exp.train.beta2)
         opt_g = torch.optim.Adam(generator.parameters(), lr=exp.train.lr, betas=betas)
         opt_d = torch.optim.Adam(discriminator.parameters(), lr=exp.train.lr, betas=betas)
@@ -342,10 +346,11 @@ class GanRun:
             payload = None
             if self.judges is not None:
                 val, identity_evaluator, emotion_evaluator, recogniser = self.judges
-                metrics.update(validation_metrics(steps.published_generator, self.reader, val, identity_evaluator,
-                                                  emotion_evaluator, mu=self.mu, exp=exp, setup=setup,
-                                                  inputs=self.inputs, recogniser=recogniser))
-                payload = steps.checkpoint_payload(round_, step, self.mu, exp, metrics, self.reader_record)
+                published = BestOfDraws(steps.published_generator, self.reader, exp.model.draws, self.teller)
+                metrics.update(validation_metrics(published, val, identity_evaluator, emotion_evaluator, mu=self.mu,
+                                                  exp=exp, setup=setup, inputs=self.inputs, recogniser=recogniser))
+                payload = steps.checkpoint_payload(round_, step, self.mu, exp, metrics, self.reader_record,
+                                                   self.teller_record)
             report(metrics, payload)
 
 
