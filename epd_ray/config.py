@@ -174,8 +174,9 @@ class ModelConfig(_Strict):
                                                    "the expression they read in the original (core/draws.py). 1: the "
                                                    "generator alone")
     expression_input: bool = Field(False, description="tell the generator the expression to keep: one-hot channels "
-                                   "beside x, the label in training, the expression readers' reading of the "
-                                   "original in publication (not in the paper; core/networks.py)")
+                                   "beside x, the label in training, what S, its siblings and the pickers read "
+                                   "in the original in publication (not in the paper; core/networks.py, "
+                                   "checkpoints.expression_tellers)")
     real_pair: Literal["other_identity_same_emotion", "any_real"] = "other_identity_same_emotion"
     warm_start_steps: int = Field(750, ge=0, description="autoencoder optimiser steps before GAN training; 0: from "
                                                          "noise")

@@ -113,6 +113,19 @@ probabilities at temperature 4) kept 0.90 / 0.91-0.92 against the mean probabili
 one face on val, so the rule stays. What did lift kept was a generator trained to keep expressions that
 more networks read (`verifiers.emotion_verifiers`), and most, one told the expression to keep
 (`model.expression_input`, README): the readers then read it in the original for the generator as well.
+
+Told, the generator draws the expression it is told, right or wrong, and the pickers read fewest originals
+right where it matters: people the data set lacks. So the expression told (and kept by the pick) is what every
+emotion classifier pretrained for the generator reads in the original, S and its siblings with the pickers
+(`checkpoints.expression_tellers`); S flatters draws, not originals. On JAFFE's people a pretraining on 7 of
+them never saw (val / test, 20-21 faces each, `epd-ray evaluate --probes 0` with judges pretrained on them),
+in two splits of the 10 (new: TM, UY, YM / KA, KR, NA): the five read 0.90 / 0.81 and 0.50 / 0.55 of the
+originals right against the pickers' 0.67 / 0.67 and 0.50 / 0.45 (on people they learnt, alike: 0.94 / 1.00
+both on all 10, 0.98 / 0.96 against 0.96 / 0.98 on the second split's 7). Of the faces told right, S_e kept
+0.38-0.88; of those told wrong, 0.00-0.43. Yet the models kept about as many of the new people's expressions
+either way: 0.62 / 0.68 and 0.40 / 0.62 told by the five, 0.62 / 0.63 and 0.40 / 0.62 told by the pickers.
+Reading right is needed but not enough: the generator too learnt its expressions from 7 people, and more
+people (or `--emotion-data`) remain what carries expressions to new ones.
 """
 
 from __future__ import annotations
