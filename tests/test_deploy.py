@@ -146,7 +146,7 @@ def test_a_model_of_several_draws_publishes_each_face_s_surest_draw_and_travels_
     assert switched  # for some seeds a first look at the later face would have chosen another draw
 
 
-def test_a_model_told_the_expression_travels_with_its_readers_and_draws_the_expression_they_read(tmp_path, faces):
+def test_a_model_told_the_expression_travels_with_its_readers_and_tellers_and_draws_what_they_tell(tmp_path, faces):
     """A generator told the expression (`model.expression_input`) needs its readers even for one draw, and
     travels with its tellers: they read the expression in each original, once per batch, and the generator is
     told it."""

@@ -127,9 +127,10 @@ def test_with_several_draws_a_checkpoint_carries_the_readers_that_pick_between_t
             assert all(torch.equal(value, record["state_dict"][key]) for key, value in member.state_dict().items())
 
 
-def test_a_generator_told_the_expression_learns_it_from_the_labels_and_publishes_with_the_readers():
+def test_a_generator_told_the_expression_learns_it_from_the_labels_and_publishes_with_its_readers_and_tellers():
     """`model.expression_input`: G(x, e, z) is told each face's label in training; its checkpoint carries the
-    readers that read e in the original at publication, even for one draw."""
+    readers, even for one draw, and the tellers that read e in the original at publication (S, its siblings and
+    the pickers); a checkpoint written before the tellers lets the readers tell."""
     steps = _steps(0.0, expressions=7)
     code = steps.generator.downs[0][0].weight[:, 3:]
     with torch.no_grad():
@@ -160,6 +161,8 @@ def test_a_generator_told_the_expression_learns_it_from_the_labels_and_publishes
         ("emotion_evaluator", "emotion_evaluator", ResNetClassifier(7, 4, grey=True)))}
     tellers = expression_tellers(pretrained)
     assert [m["kind"] for m in tellers["config"]["members"]] == ["emotion_verifier"] * 2 + ["expression_picker"]
+    assert not tellers["config"]["views"]  # without pickers S and its siblings read over six views, as S picks
+    assert expression_tellers({k: v for k, v in pretrained.items() if k != "expression_picker_0"})["config"]["views"]
     payload = steps.checkpoint_payload(0, 1, 0.35, told_exp, {}, draw_readers(pretrained), tellers)
     assert set(payload["networks"]) == {"generator", "expression_reader", "expression_teller", "discriminator"}
     deidentifier = load_deidentifier(payload, "checkpoint")
@@ -280,8 +283,13 @@ def test_the_gan_loop_runs_in_process_rounds_reports_and_resumes(tmp_path, told)
     weights, mu = trial_params({"experiment": exp.to_dict()})
     reports = []
 
+    told_reads = []  # how many faces the tellers read in each validation round
+
     def train(start_round, payload=None, rounds_seen=None):
         run = GanRun(exp, weights, mu, setup, inputs, payload=payload)
+        assert (run.teller is not None) == told
+        if told:
+            run.teller.register_forward_hook(lambda _module, args, _out: told_reads.append(len(args[0])))
         batches = ShardBatches.in_memory(setup, exp.train.batch_size, inputs.train_faces).forever(seed=0)
         run.train(batches, start_round=start_round, report=lambda m, p: reports.append((m, p)),
                   trained=rounds_seen.append if rounds_seen is not None else None)
@@ -295,6 +303,7 @@ def test_the_gan_loop_runs_in_process_rounds_reports_and_resumes(tmp_path, told)
     metrics, payload = reports[-1]
     assert 0.0 <= metrics["objective"] <= 1.0 and payload["round"] == 1 and payload["step"] == 4
     assert [m["kind"] for m in payload["networks"]["expression_reader"]["config"]["members"]] == ["expression_picker"]
+    assert sum(told_reads) == 2 * len(inputs.val_faces) * told  # validation tells what the tellers read
     if told:  # S, its sibling and the picker read the expression it is told
         members = payload["networks"]["expression_teller"]["config"]["members"]
         assert [m["kind"] for m in members] == ["emotion_verifier"] * 2 + ["expression_picker"]

@@ -463,6 +463,8 @@ def test_a_told_generator_is_told_what_its_tellers_read_in_the_original_and_the_
         picked = pick_draws(several.read_original(x), read)
         assert torch.equal(several.pick(x, drawn), picked)
         assert not torch.equal(pick_draws(several.read(x), read), picked)  # the readers' own reading picks others
+    fewer = several.with_draws(2)  # `deidentify --draws`
+    assert (fewer.draws, fewer.reader, fewer.teller, fewer.training) == (2, reader, teller, False)
     assert BestOfDraws(UNetGenerator(image_size=32, ngf=4), reader, draws=2, teller=teller).teller is None
 
 

@@ -5,10 +5,10 @@ differ most in what the expression keeps: on JAFFE (64 px, 79 training faces) on
 the expressions the independent emotion evaluator S_e read in the originals, while 0.94-1.0 of the faces
 had at least one of 8-32 draws that kept it. So, with `draws` > 1, each face is drawn that many times and
 the draw published is the one the expression readers (`networks.ExpressionReaders`) read most surely as
-the expression they read in the original. No label is needed, so it works on a user's unlabelled
-photographs; the judges then measure the draw published, as they measure a single draw. With one draw (or
-no reader) this is the generator itself (told, for a generator told the expression, what the readers read in
-the original). Either way a grey photograph gives a grey face
+the expression they read in the original (for a generator told the expression, the one it is told: what its
+tellers read there, below). No label is needed, so it works on a user's unlabelled photographs; the judges
+then measure the draw published, as they measure a single draw. With one draw (or no reader) this is the
+generator itself. Either way a grey photograph gives a grey face
 (`images.keep_grey`): every draw is made grey before it is read.
 
 The readers are the expression pickers (`verifiers.pickers`): emotion classifiers of S_e's shape and
@@ -112,7 +112,7 @@ across a face's draws). Scores that do not saturate near 1.0 (the mean logit mar
 probabilities at temperature 4) kept 0.90 / 0.91-0.92 against the mean probability's 0.89 / 0.89: within
 one face on val, so the rule stays. What did lift kept was a generator trained to keep expressions that
 more networks read (`verifiers.emotion_verifiers`), and most, one told the expression to keep
-(`model.expression_input`, README): the readers then read it in the original for the generator as well.
+(`model.expression_input`, README), which is told what is read in the original.
 
 Told, the generator draws the expression it is told, right or wrong, and the pickers read fewest originals
 right where it matters: people the data set lacks. So the expression told (and kept by the pick) is what every
@@ -169,6 +169,10 @@ class BestOfDraws(nn.Module):
     @property
     def config(self) -> dict:
         return self.generator.config
+
+    def with_draws(self, draws: int) -> "BestOfDraws":
+        """The same de-identifier (its generator, readers and tellers) drawing `draws` times per face."""
+        return BestOfDraws(self.generator, self.reader, draws, self.teller).train(self.training)
 
     def draw(self, x: torch.Tensor, expression: torch.Tensor | None = None) -> torch.Tensor:
         """One draw G(x, z) for the faces `x`, grey where `x` is grey; a generator told the expression is told

@@ -113,8 +113,8 @@ class UNetGenerator(nn.Module):
     `expressions` > 0 makes it G(x, e, z): it is told the expression e to keep, as that many one-hot channels
     (+-1, the same at every pixel) beside x. Not in the paper: on a small real set the generator otherwise
     learns each person's expressions from their pixels, and loses them as it changes the person; told the
-    expression, it draws one for all people alike. The GAN learns from the labels, deployment from the
-    readers' reading of the original (core/draws.py), so no label is needed there.
+    expression, it draws one for all people alike. The GAN learns from the labels, deployment from what the
+    tellers read in the original (core/draws.py), so no label is needed there.
 
     Noise z: `NoiseDropout(dropout)` after the decoder blocks right outside the innermost one, up to three
     of them (pix2pix's three 8*ngf up-blocks at 256 px, i.e. the 2->4, 4->8 and 8->16 px levels), but never

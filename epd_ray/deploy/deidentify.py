@@ -28,7 +28,6 @@ from PIL import Image, ImageOps
 
 from epd_ray.artifacts import atomic_file
 from epd_ray.checkpoints import CheckpointError
-from epd_ray.core.draws import BestOfDraws
 from epd_ray.deploy.batching import Batcher, Job
 from epd_ray.deploy.context import ON_NO_FACE, Context, DeidentifyOptions, Summary
 from epd_ray.deploy.engine import FaceEngine
@@ -146,8 +145,7 @@ def deidentify(model: Path, input_path: Path, output: Path, options: DeidentifyO
             if options.draws > 1 and deidentifier.reader is None:
                 raise DeployError(f"--draws {options.draws}: {model} was trained to draw once per face and carries "
                                   "no expression readers to pick between draws")
-            deidentifier = BestOfDraws(deidentifier.generator, deidentifier.reader, options.draws,
-                                       deidentifier.teller).eval()
+            deidentifier = deidentifier.with_draws(options.draws)
         engine = FaceEngine(deidentifier, device=options.device, precision=options.precision,
                             batch_size=options.batch_size, noise=options.noise)
         detector = None if options.aligned else make_detector(

@@ -7,7 +7,7 @@ seeded with that face's seed, so a face's output depends on its pixels and its s
 batch neighbours and run order do not matter, and the same seed gives the same z across frames. A model of
 several draws (core/draws.py) draws each face that many times, seeded from its seed and the draw's number,
 and keeps for a seed the draw it chose the first time it saw that seed: a video track keeps one draw. A
-generator told the expression (`model.expression_input`) is told what the readers read in the face, averaged
+generator told the expression (`model.expression_input`) is told what its tellers read in the face, averaged
 over the seed's recent frames: a track's face follows the person's expression, not a frame's misreading.
 """
 
@@ -100,7 +100,8 @@ class FaceEngine:
         # seed -> the draw published for it: a video track (one seed) keeps the draw chosen at its first frame,
         # so its face does not switch between draws from frame to frame
         self._kept_draws: OrderedDict[int, int] = OrderedDict()
-        # seed -> the readers' probabilities of each expression, averaged over its faces so far
+        # seed -> the tellers' probabilities of each expression (`BestOfDraws.read_original`), averaged over its
+        # faces so far
         self._readings: OrderedDict[int, torch.Tensor] = OrderedDict()
 
     @torch.no_grad()

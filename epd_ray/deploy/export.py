@@ -4,7 +4,8 @@ A model folder holds:
 
 * ``generator.pt``: a tensor-only checkpoint (``{"format", "networks": {"generator": {kind, config,
   state_dict}, ...}, "draws"}``; with more than one draw, or a generator told the expression, also the
-  ``expression_reader`` that picks between draws and reads the expression to tell), read with
+  ``expression_reader`` that picks between draws, and for a generator told the expression the
+  ``expression_teller`` that reads in the original the expression to tell it), read with
   ``torch.load(weights_only=True)``, so loading never unpickles arbitrary objects;
 * ``generator.json``: the kind and config that rebuild the network, the weights' file name and SHA-256
   (a tampered or swapped weights file is refused before it is even read), its parameter count;
@@ -115,10 +116,10 @@ def _tensor_record(kind: str, module: torch.nn.Module) -> dict[str, Any]:
 def _readme(config: dict[str, Any], spec: ModelSpec) -> str:
     size, parameters = config["image_size"], spec.parameters
     notes = (f" Each face is drawn {spec.draws} times (the noise z) and the draw published is the one its expression "
-             "readers read most surely as the expression they read in the original." if spec.draws > 1 else "")
+             "readers read most surely as the expression read in the original." if spec.draws > 1 else "")
     if config.get("expressions"):
-        notes += (" The generator is told the expression to keep: the one its expression readers read in the "
-                  "original face.")
+        notes += (" The generator is told the expression to keep: the one the emotion classifiers it carries read "
+                  "in the original face.")
     if spec.face_margin is not None:
         notes += (f" It learnt faces cut with {spec.face_margin:.2f} of the detected face's side around it on every "
                   "side, and `deidentify` cuts faces so unless `--margin` says otherwise.")
@@ -203,7 +204,8 @@ def _card_margin(card: dict[str, Any] | None) -> float | None:
 
 def load_model(model: Path, device: torch.device | str = "cpu") -> BestOfDraws:
     """The de-identifier of a model folder (or of a checkpoint file): its generator and, with more than one
-    draw or a generator told the expression, the expression reader; in eval mode; never unpickles objects.
+    draw or a generator told the expression, the expression readers (and the tellers of a generator told the
+    expression); in eval mode; never unpickles objects.
 
     A weights file whose SHA-256 differs from generator.json, or whose config differs from it, or that
     is not a tensor-only epd-ray checkpoint, raises CheckpointError naming the file.
