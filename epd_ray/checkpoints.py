@@ -148,7 +148,5 @@ def load_deidentifier(payload: dict[str, Any], path: Path | str) -> BestOfDraws:
         if record.get("kind") == "emotion_verifier":  # written when S alone picked, over six views
             record = readers_record([record], views=True)
         reader = build_from_record(record, path)
-    networks = payload["networks"]
-    teller = (build_from_record(networks[TELLER], path) if getattr(generator, "expressions", 0) and TELLER in networks
-              else None)
-    return BestOfDraws(generator, reader, draws, teller).eval()
+    teller = payload["networks"].get(TELLER)  # written for told generators only (`published_payload`)
+    return BestOfDraws(generator, reader, draws, build_from_record(teller, path) if teller else None).eval()
