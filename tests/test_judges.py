@@ -193,6 +193,10 @@ def test_targets_say_which_question_the_model_fails_even_when_it_beats_every_bas
     line = targets_line(jaffe)
     assert line.startswith("warning: targets missed:") and "\n" not in line
     assert "recogniser 0.104" in line and "parrot attack 0.313" in line and "at most 0.30" in line
+    # the attacker over the target is missed, the two under it are met
+    missed, met = line.split("; met: ")
+    assert "parrot attack 0.313" in missed and "recogniser" not in missed and "denoising" not in missed
+    assert met.startswith("named at rank 1 by recogniser 0.104, the denoising attacker 0.200 (target at most 0.30)")
     assert "expression kept 0.641, pretrained reader 0.400" in line and "--emotion-data" in line
     assert "keep it private" in line and "identity survives" not in line  # the recogniser alone does not name them
     assert "identity survives" in targets_line(target_verdict(targets_metrics(0.5, 0.6, 0.95), cfg))
