@@ -314,3 +314,11 @@ def test_the_gan_loop_runs_in_process_rounds_reports_and_resumes(tmp_path, told)
     train(2, payload=payload)
     assert [(m["round"], m["first_round"], m["step"]) for m, _ in reports] == [(3, 3, 6)]
     assert int(reports[0][1]["optimizers"]["generator"]["state"][0]["step"]) == 6  # went on from 4 steps
+    # only rank 0 scores the rounds: another rank builds no readers, tellers or judges and reports no checkpoint
+    other_setup = WorkerSetup(1, 2, torch.device("cpu"), "fp32", channels_last=False)
+    other = GanRun(exp, weights, mu, other_setup, inputs)
+    assert other.reader is None and other.teller is None and other.judges is None
+    reports.clear()
+    other.train(ShardBatches.in_memory(other_setup, exp.train.batch_size, inputs.train_faces).forever(seed=0),
+                start_round=2, report=lambda m, p: reports.append((m, p)))
+    assert [(m["round"], p) for m, p in reports] == [(3, None)] and "objective" not in reports[0][0]

@@ -282,13 +282,10 @@ class GanRun:
                  prepare_model: Callable[[torch.nn.Module], torch.nn.Module] = lambda module: module):
         self.exp, self.mu, self.setup, self.inputs = exp, mu, setup, inputs
         generator, discriminator = build_gan(exp, inputs.image_size, inputs.emotions)
+        told = bool(generator.expressions)  # read before DDP wraps it
         pretrained = fetch(inputs.pretrained)
         identity_verifier = frozen(build_from_record(pretrained["identity_verifier"]), setup)
         emotion_verifier = frozen(build_from_record(emotion_verifiers(pretrained)), setup)
-        self.reader_record = draw_readers(pretrained)  # picks between draws (core/draws.py)
-        self.reader = frozen(build_from_record(self.reader_record), setup)
-        self.teller_record = expression_tellers(pretrained) if generator.expressions else None
-        self.teller = frozen(build_from_record(self.teller_record), setup) if self.teller_record else None
         betas = (exp.train.beta1, exp.train.beta2)
         opt_g = torch.optim.Adam(generator.parameters(), lr=exp.train.lr, betas=betas)
         opt_d = torch.optim.Adam(discriminator.parameters(), lr=exp.train.lr, betas=betas)
@@ -307,8 +304,13 @@ class GanRun:
         generator, discriminator = prepare_model(generator), prepare_model(discriminator)
 
         self.pool = RealPairPool(fetch(inputs.train_faces), exp.model.real_pair, seed=exp.train.seed + setup.rank)
-        self.judges = None
+        # Only rank 0 scores the rounds and writes the checkpoints: the draws' readers, the tellers and the judges.
+        self.judges = self.reader = self.teller = self.reader_record = self.teller_record = None
         if setup.rank == 0:
+            self.reader_record = draw_readers(pretrained)  # picks between draws (core/draws.py)
+            self.reader = frozen(build_from_record(self.reader_record), setup)
+            self.teller_record = expression_tellers(pretrained) if told else None
+            self.teller = frozen(build_from_record(self.teller_record), setup) if told else None
             self.judges = (fetch(inputs.val_faces), frozen(build_from_record(pretrained["identity_evaluator"]), setup),
                            frozen(build_from_record(pretrained["emotion_evaluator"]), setup),
                            FaceRecogniser() if inputs.recogniser_gallery is not None else None)
