@@ -37,7 +37,8 @@ import ray.tune
 from epd_ray.artifacts import MANIFEST, RunFolder, atomic_folder
 from epd_ray.checkpoints import load_checkpoint, load_deidentifier
 from epd_ray.config import SEARCHED_KEYS, ExperimentConfig, validate_section
-from epd_ray.evaluate.evaluate import generator_method, run_evaluation, summary_lines, write_evaluation
+from epd_ray.core.scoring import generator_method
+from epd_ray.evaluate.evaluate import run_evaluation, summary_lines, write_evaluation
 from epd_ray.evaluate.report import ABLATION_DIR, LAST_EPOCH_COLUMNS
 from epd_ray.experiment import data_and_networks, fetch_checkpoint
 from epd_ray.runtime import resolve_storage, start_ray, storage_filesystem

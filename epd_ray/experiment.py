@@ -32,11 +32,12 @@ from epd_ray.checkpoints import READER, TELLER, load_checkpoint, load_deidentifi
 from epd_ray.config import (EVALUATION_CORE_S_PER_FACE, EVALUATION_RESERVE, EVALUATION_RESERVE_MIN_S, PRETRAIN_SHARE,
                             ExperimentConfig, load_config)
 from epd_ray.core.precision import usable_cpus
+from epd_ray.core.scoring import generator_method
 from epd_ray.data.prepare import PreparedData, cached_dataset
 from epd_ray.data.shards import read_manifest
 from epd_ray.data.stream import materialized_split
-from epd_ray.evaluate.evaluate import (Evaluation, baseline_methods, generator_method, method_settings,
-                                       run_evaluation, summary_lines, write_evaluation)
+from epd_ray.evaluate.evaluate import (Evaluation, baseline_methods, method_settings, run_evaluation, summary_lines,
+                                       write_evaluation)
 from epd_ray.evaluate.judges import main_judge, uses_recogniser
 from epd_ray.evaluate.report import ALL_BASELINES, build_report, trial_history
 from epd_ray.evaluate.verdicts import GENERATOR_METHOD, targets_line, verdict_line

@@ -261,7 +261,7 @@ def test_report_of_missing_run_is_one_line_exit_2(tmp_path):
 
 
 def test_generator_noise_depends_on_its_seed_not_on_what_ran_before():
-    from epd_ray.evaluate.evaluate import generator_method
+    from epd_ray.core.scoring import generator_method
 
     torch.manual_seed(0)
     generator = build_network("generator", image_size=32, ngf=8)

@@ -314,6 +314,19 @@ def test_the_gan_loop_runs_in_process_rounds_reports_and_resumes(tmp_path, told)
     train(2, payload=payload)
     assert [(m["round"], m["first_round"], m["step"]) for m, _ in reports] == [(3, 3, 6)]
     assert int(reports[0][1]["optimizers"]["generator"]["state"][0]["step"]) == 6  # went on from 4 steps
+    # validation draws its own z: a run scored every 2 steps trains as one scored every 4, and scores a model the same
+    trained = []
+    for every in (2, 4):
+        torch.manual_seed(5)
+        run = GanRun(exp.model_copy(update={"train": exp.train.model_copy(update={"steps": 4, "report_every": every})}),
+                     weights, mu, setup, inputs)
+        reports.clear()
+        batches = ShardBatches.in_memory(setup, exp.train.batch_size, inputs.train_faces).forever(seed=0)
+        run.train(batches, start_round=0, report=lambda m, p: reports.append((m, p)))
+        trained.append((run.steps.generator.state_dict(), reports[-1][0]))
+    (every_2, scored_2), (every_4, scored_4) = trained
+    assert all(torch.equal(every_2[k], every_4[k]) for k in every_2)
+    assert scored_2["objective"] == scored_4["objective"] and scored_2["ssim"] == scored_4["ssim"]
     # only rank 0 scores the rounds: another rank builds no readers, tellers or judges and reports no checkpoint
     other_setup = WorkerSetup(1, 2, torch.device("cpu"), "fp32", channels_last=False)
     other = GanRun(exp, weights, mu, other_setup, inputs)

@@ -18,6 +18,26 @@ from epd_ray.core.precision import autocast
 Method = Callable[[torch.Tensor], torch.Tensor]
 
 
+def generator_method(generator: nn.Module, seed: int) -> Method:
+    """The generator as published (a `BestOfDraws`, or the bare generator): eval mode, its dropout noise z
+    still on, drawn from a stream of its own.
+
+    Each call (one batch) reseeds the RNG from that stream inside `fork_rng`, so the images depend on the
+    seed and the batches alone, not on what else ran first (methods, order, other evaluations, training
+    steps), and the caller's RNG is left as it was: a GAN run's validation rounds draw every face's z alike
+    (rounds differ by the model, not by the draws' luck) and leave its training noise untouched.
+    """
+    generator.eval()
+    stream = torch.Generator().manual_seed(seed)
+
+    def deidentify(x: torch.Tensor) -> torch.Tensor:
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+            torch.manual_seed(int(torch.randint(2**62, (1,), generator=stream)))
+            return generator(x)
+
+    return deidentify
+
+
 @torch.no_grad()
 def deidentify_pixels(method: Method, pixels: np.ndarray, *, batch_size: int, device: torch.device,
                       precision: str = "fp32") -> np.ndarray:

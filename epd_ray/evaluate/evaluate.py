@@ -35,7 +35,8 @@ from epd_ray.core.baselines import gaussian_blur, k_same_pixel, no_change, pixel
 from epd_ray.core.images import to_tensor, to_uint8
 from epd_ray.core.metrics import DEFAULT_MU_GRID, compute_metrics, distance_to_all, expression_confusion, mu_sweep
 from epd_ray.core.precision import usable_cpus
-from epd_ray.core.scoring import Method, class_logits, class_probabilities, deidentify_pixels, ssim_values
+from epd_ray.core.scoring import (Method, class_logits, class_probabilities, deidentify_pixels, generator_method,
+                                  ssim_values)
 from epd_ray.data.shards import SPLITS, FaceArrays, load_split, read_manifest
 from epd_ray.evaluate.expression_reader import ExpressionReader, reader_metrics, reads_any
 from epd_ray.evaluate.judges import (FaceRecogniser, Gallery, attack_metrics, denoise, main_judge,
@@ -93,25 +94,6 @@ def baseline_methods(cfg: EvaluationConfig, names: Sequence[str] | None = None, 
             raise EvaluationError("the ksame baseline needs a data set with a train split (its gallery)")
         methods[canonical] = table[canonical]()
     return methods
-
-
-def generator_method(generator: nn.Module, seed: int) -> Method:
-    """The generator as published (a `BestOfDraws`, or the bare generator): eval mode, its dropout noise z
-    still on, drawn from a stream of its own.
-
-    Each call (one batch) reseeds the RNG from that stream inside `fork_rng`, so the images depend on the
-    seed and the batches alone, not on what else ran first (methods, order, other evaluations), and the
-    caller's RNG is left as it was.
-    """
-    generator.eval()
-    stream = torch.Generator().manual_seed(seed)
-
-    def deidentify(x: torch.Tensor) -> torch.Tensor:
-        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-            torch.manual_seed(int(torch.randint(2**62, (1,), generator=stream)))
-            return generator(x)
-
-    return deidentify
 
 
 def load_judges(pretrained_path: Path, device: torch.device, manifest: DatasetManifest,
