@@ -37,7 +37,7 @@ import ray.tune
 from epd_ray.artifacts import MANIFEST, RunFolder, atomic_folder
 from epd_ray.checkpoints import load_checkpoint, load_deidentifier
 from epd_ray.config import SEARCHED_KEYS, ExperimentConfig, validate_section
-from epd_ray.core.scoring import generator_method
+from epd_ray.core.scoring import GeneratorMethod
 from epd_ray.evaluate.evaluate import run_evaluation, summary_lines, write_evaluation
 from epd_ray.evaluate.report import ABLATION_DIR, LAST_EPOCH_COLUMNS
 from epd_ray.experiment import data_and_networks, fetch_checkpoint
@@ -139,8 +139,8 @@ def run_ablation(run_dir: Path, *, address: str | None = None, echo=print) -> Ab
         if trial.checkpoint is None:
             raise RuntimeError(f"ablation run {name} left no checkpoint; see {result.path}")
         local = fetch_checkpoint(storage, trial.checkpoint, fetched / f"{name}.pt")
-        methods[name] = generator_method(load_deidentifier(load_checkpoint(local), trial.checkpoint),
-                                         seed=exp.train.seed)
+        methods[name] = GeneratorMethod(load_deidentifier(load_checkpoint(local), trial.checkpoint),
+                                        seed=exp.train.seed)
         runs[name] = {"params": variants[name], "trial_id": trial.trial_id, "status": trial.status,
                       "rounds_trained": trial.rounds, "judged_round": trial.metrics.get("round"),
                       "checkpoint": trial.checkpoint,

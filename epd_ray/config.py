@@ -244,6 +244,11 @@ class EvaluationConfig(_Strict):
                             "faces), evaluators = V_e/S_e trained here; auto: recogniser unless the data is synthetic")
     gallery_per_identity: int = Field(10, ge=1, description="train-split images per identity in the recogniser's "
                                                             "and the parrot attack's gallery")
+    parrot_draws: int = Field(4, ge=1, description="how many times the parrot attack de-identifies each of its "
+                              "gallery faces with the published model, naming probes by the mean of their "
+                              "embeddings: a stand-in that differs from draw to draw around one per person is "
+                              "found at its centre (JAFFE, one model: 0.21-0.37 of the test faces named over nine "
+                              "galleries of one draw, 0.49 by the mean of four draws); the baselines draw no noise")
     val_probes: int = Field(200, ge=1, description="at most this many val-split faces (a fixed share of every "
                                                    "identity) score each round of every trial: a round's judging "
                                                    "cost stays bounded on large sets (the recogniser takes about "

@@ -32,7 +32,7 @@ from epd_ray.checkpoints import READER, TELLER, load_checkpoint, load_deidentifi
 from epd_ray.config import (EVALUATION_CORE_S_PER_FACE, EVALUATION_RESERVE, EVALUATION_RESERVE_MIN_S, PRETRAIN_SHARE,
                             ExperimentConfig, load_config)
 from epd_ray.core.precision import usable_cpus
-from epd_ray.core.scoring import generator_method
+from epd_ray.core.scoring import GeneratorMethod
 from epd_ray.data.prepare import PreparedData, cached_dataset
 from epd_ray.data.shards import read_manifest
 from epd_ray.data.stream import materialized_split
@@ -287,7 +287,7 @@ def evaluate_best(exp: ExperimentConfig, outcome: SearchOutcome, checkpoint: Pat
                   pretrained_path: Path, echo=print) -> Evaluation:
     """The best model and every baseline (k-Same included) on the test split, as `epd-ray report` does."""
     deidentifier = load_deidentifier(load_checkpoint(checkpoint), checkpoint)
-    methods = {GENERATOR_METHOD: generator_method(deidentifier, seed=exp.train.seed),
+    methods = {GENERATOR_METHOD: GeneratorMethod(deidentifier, seed=exp.train.seed),
                **baseline_methods(exp.evaluation, ALL_BASELINES, dataset_dir=prepared.path)}
     mu = float(outcome.best.params.get("mu", exp.evaluation.mu))
     return run_evaluation(methods, dataset_dir=prepared.path, pretrained_path=pretrained_path, split="test", mu=mu,

@@ -18,24 +18,26 @@ from epd_ray.core.precision import autocast
 Method = Callable[[torch.Tensor], torch.Tensor]
 
 
-def generator_method(generator: nn.Module, seed: int) -> Method:
+class GeneratorMethod:
     """The generator as published (a `BestOfDraws`, or the bare generator): eval mode, its dropout noise z
     still on, drawn from a stream of its own.
 
     Each call (one batch) reseeds the RNG from that stream inside `fork_rng`, so the images depend on the
     seed and the batches alone, not on what else ran first (methods, order, other evaluations, training
     steps), and the caller's RNG is left as it was: a GAN run's validation rounds draw every face's z alike
-    (rounds differ by the model, not by the draws' luck) and leave its training noise untouched.
+    (rounds differ by the model, not by the draws' luck) and leave its training noise untouched. Called again
+    on the same faces it draws anew, as an attacker who runs the published model several times does
+    (`evaluation.parrot_draws`); the baselines, plain functions, give the same faces every time.
     """
-    generator.eval()
-    stream = torch.Generator().manual_seed(seed)
 
-    def deidentify(x: torch.Tensor) -> torch.Tensor:
+    def __init__(self, generator: nn.Module, seed: int) -> None:
+        self.generator = generator.eval()
+        self.stream = torch.Generator().manual_seed(seed)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
         with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-            torch.manual_seed(int(torch.randint(2**62, (1,), generator=stream)))
-            return generator(x)
-
-    return deidentify
+            torch.manual_seed(int(torch.randint(2**62, (1,), generator=self.stream)))
+            return self.generator(x)
 
 
 @torch.no_grad()

@@ -35,7 +35,7 @@ from epd_ray.core.baselines import gaussian_blur, k_same_pixel, no_change, pixel
 from epd_ray.core.images import to_tensor, to_uint8
 from epd_ray.core.metrics import DEFAULT_MU_GRID, compute_metrics, distance_to_all, expression_confusion, mu_sweep
 from epd_ray.core.precision import usable_cpus
-from epd_ray.core.scoring import (Method, class_logits, class_probabilities, deidentify_pixels, generator_method,
+from epd_ray.core.scoring import (GeneratorMethod, Method, class_logits, class_probabilities, deidentify_pixels,
                                   ssim_values)
 from epd_ray.data.shards import SPLITS, FaceArrays, load_split, read_manifest
 from epd_ray.evaluate.expression_reader import ExpressionReader, reader_metrics, reads_any
@@ -259,10 +259,12 @@ def run_evaluation(methods: dict[str, Method | KSameMethod], *, dataset_dir: Pat
                 columns.update(reader_emotion_original=reader_orig.argmax(dim=1).numpy(),
                                reader_emotion_deid=reader_deid.argmax(dim=1).numpy())
             main_deid = rec_deid if main == "recogniser" else embed(deid)
-            parrot_gallery = Gallery(embed(_deidentify(method, gallery_faces, kw)), gallery_faces.identity,
-                                     num_identities)
+            # An attacker who knows the tool runs the model on each gallery face more than once if it draws noise.
+            draws = cfg.parrot_draws if isinstance(method, GeneratorMethod) else 1
+            parrot_gallery = Gallery(np.mean([embed(_deidentify(method, gallery_faces, kw)) for _ in range(draws)],
+                                             axis=0), gallery_faces.identity, num_identities)
             judged["parrot"] = {**attack_metrics(plain_gallery, parrot_gallery, main_orig, main_deid, **shared),
-                                "embedding": main}
+                                "embedding": main, "draws": draws}
             judged["denoised"] = {**attack_metrics(plain_gallery, plain_gallery, denoised_orig,
                                                    embed(denoise(deid)), **shared), "embedding": main}
             tables.append(pa.table(columns))
@@ -430,7 +432,7 @@ def evaluate_command(model: Path | None, out: Path, *, baselines: Sequence[str] 
                           need_generator=include_model)
     if include_model:
         deidentifier = load_deidentifier(load_checkpoint(setup.checkpoint), setup.checkpoint)
-        methods[GENERATOR_METHOD] = generator_method(deidentifier, seed=setup.seed)
+        methods[GENERATOR_METHOD] = GeneratorMethod(deidentifier, seed=setup.seed)
     methods.update(baseline_methods(setup.cfg, list(baselines), dataset_dir=setup.dataset_dir, k=k))
     evaluation = run_evaluation(methods, dataset_dir=setup.dataset_dir, pretrained_path=setup.pretrained_path,
                                 split=split, mu=setup.mu, cfg=setup.cfg, echo=echo)

@@ -32,7 +32,8 @@ JUDGE_COLUMNS = [("objective", "J"), ("privacy", "privacy"), ("utility", "utilit
 JUDGE_ORDER = ("recogniser", "parrot", "denoised", "evaluators", "verifiers")
 JUDGE_NOTES = {
     "recogniser": "dlib's pretrained face recogniser; gallery: the train split's originals",
-    "parrot": "an attacker who knows the tool: the main judge's embedding, gallery of de-identified train faces",
+    "parrot": "an attacker who knows the tool: the main judge's embedding, gallery of de-identified train faces "
+              "(a model's: the mean of `evaluation.parrot_draws` draws each)",
     "denoised": "an attacker who median-filters (3x3) the published face first: the main judge's embedding and gallery",
     "evaluators": "V_e, S_e: trained here from scratch, never in a loss",
     "verifiers": "V, S: the generator was trained against them (flattered)"}

@@ -39,7 +39,7 @@ from epd_ray.core.losses import LossWeights, discriminator_loss, generator_loss
 from epd_ray.core.networks import build_network, fold_batch_norms, warm_start_state
 from epd_ray.core.precision import autocast, usable_cpus
 from epd_ray.core.metrics import compute_metrics
-from epd_ray.core.scoring import class_probabilities, deidentify_pixels, generator_method, ssim_values
+from epd_ray.core.scoring import GeneratorMethod, class_probabilities, deidentify_pixels, ssim_values
 from epd_ray.data.shards import load_split
 from epd_ray.evaluate.judges import FaceRecogniser, Gallery, main_judge, recogniser_metrics
 from epd_ray.train.worker import (TRAIN_SESSION, TUNE_SESSION, RealPairPool, Session, ShardBatches, WorkerSetup,
@@ -240,7 +240,7 @@ def validation_metrics(deidentifier: BestOfDraws, val, identity_evaluator, emoti
     `evaluators_objective`); the paper's D, S, G stay the evaluators'. The generator is scored as it is
     published (eval mode: batch norm on its running statistics, the dropout noise z still on, the best of
     `model.draws` draws as `deidentifier` picks it), never in training mode, whose batch statistics would differ
-    from what `evaluate` and `deidentify` see; its z are drawn as `evaluate` draws them (`generator_method`,
+    from what `evaluate` and `deidentify` see; its z are drawn as `evaluate` draws them (`GeneratorMethod`,
     seeded with `train.seed`): alike in every round, so rounds differ by the model and not by which draws
     the noise gave (drawn from the training's RNG, a JAFFE checkpoint scored J 0.669 in its round and 0.552
     under `evaluate` on the same 67 faces), and without taking numbers from the training's RNG, so how often a
@@ -250,7 +250,7 @@ def validation_metrics(deidentifier: BestOfDraws, val, identity_evaluator, emoti
     generator = deidentifier.generator
     was_training = generator.training
     try:
-        deid = deidentify_pixels(generator_method(deidentifier, exp.train.seed), val.pixels, **kw)
+        deid = deidentify_pixels(GeneratorMethod(deidentifier, exp.train.seed), val.pixels, **kw)
     finally:
         generator.train(was_training)
     emotion = (class_probabilities(emotion_evaluator, val.pixels, **kw),
