@@ -198,7 +198,7 @@ def test_targets_say_which_question_the_model_fails_even_when_it_beats_every_bas
     assert "parrot attack 0.313" in missed and "recogniser" not in missed and "denoising" not in missed
     assert met.startswith("named at rank 1 by recogniser 0.104, the denoising attacker 0.200 (target at most 0.30)")
     assert "expression kept 0.641, pretrained reader 0.400" in line and "--emotion-data" in line
-    assert "keep it private" in line and "identity survives" not in line  # the recogniser alone does not name them
+    assert "as private as the photographs" in line and "identity survives" not in line  # not named by the recogniser
     assert "identity survives" in targets_line(target_verdict(targets_metrics(0.5, 0.6, 0.95), cfg))
     expression_only = targets_line(target_verdict(targets_metrics(0.1, 0.2, 0.641), cfg))
     assert "identity survives" not in expression_only and "expressions are lost" in expression_only
@@ -210,7 +210,8 @@ def test_targets_say_which_question_the_model_fails_even_when_it_beats_every_bas
     assert not stricter["privacy_met"]
     noise = target_verdict(targets_metrics(0.1, 0.2, 0.95, denoised=0.45), cfg)
     assert not noise["privacy_met"] and "the denoising attacker 0.450" in targets_line(noise)
-    assert "median filter gives identities back" in targets_line(noise) and "keep it private" not in targets_line(noise)
+    assert "median filter gives identities back" in targets_line(noise)
+    assert "as private as the photographs" not in targets_line(noise)
     assert target_verdict({"main_judge": "recogniser", "methods": {"blur": {}}}, cfg) is None
 
 
@@ -263,7 +264,7 @@ def test_targets_say_when_a_guess_among_few_people_already_misses_the_privacy_ta
     few = target_verdict(targets_metrics(0.38, 0.4, 0.95, people=3), cfg)
     assert few["chance"] == pytest.approx(1 / 3) and not few["privacy_met"]
     assert "a guess among the gallery's 3 people names 0.33 at rank 1" in targets_line(few)
-    assert "identity survives" not in targets_line(few) and "keep it private" not in targets_line(few)
+    assert "identity survives" not in targets_line(few) and "as private as the photographs" not in targets_line(few)
     many = target_verdict(targets_metrics(0.38, 0.4, 0.95, people=10), cfg)
     assert many["chance"] == pytest.approx(0.1) and "a guess among" not in targets_line(many)
 

@@ -172,9 +172,8 @@ def targets_line(targets: dict[str, Any] | None) -> str | None:
         if named.get("denoised", 0) > targets["max_reidentified"]:
             advice.append("a median filter gives identities back: the change is partly noise, not another face")
         if named["parrot"] > targets["max_reidentified"]:
-            advice.append("whoever holds the model can still name people (it turns each into a consistent "
-                          "stand-in): keep it private; a higher loss.diversity (the paper's is 0; the faces preset "
-                          "raises it) varies the stand-ins and lowers this")
+            advice.append("whoever holds the model can still name people (run on photographs of known people, "
+                          "it gives stand-ins that match theirs): keep the model as private as the photographs")
     if not targets["expression_met"]:
         # kept counts only faces whose unchanged image the judge reads right: what is lost, the change lost
         lost = targets.get("most_lost_expression")
