@@ -362,23 +362,34 @@ def test_pretraining_over_its_share_of_the_budget_is_warned_about_once_with_the_
 
 def test_the_evaluation_keeps_what_judging_a_large_real_test_split_takes_and_a_share_of_the_budget_otherwise():
     from epd_ray.artifacts import DatasetManifest
-    from epd_ray.config import EVALUATION_CORE_S_PER_FACE, EVALUATION_RESERVE
+    from epd_ray.config import EVALUATION_CORE_S_PER_FACE, EVALUATION_RESERVE, PARROT_CORE_S_PER_DRAW
     from epd_ray.core.precision import usable_cpus
     from epd_ray.experiment import evaluation_reserve
 
-    def manifest(source: str, test: int) -> DatasetManifest:
-        return DatasetManifest(image_size=64, identities=("a", "b"), emotions=("happy", "sad"), num_images=3 * test,
+    def manifest(source: str, test: int, people: int = 2) -> DatasetManifest:
+        return DatasetManifest(image_size=64, identities=tuple(f"p{i}" for i in range(people)),
+                               emotions=("happy", "sad"), num_images=3 * test,
                                splits={s: {"images": test} for s in ("train", "val", "test")}, shards={},
                                content_hash="x", source=source)
 
     exp, budget = load_config("faces"), 1500.0
     share = EVALUATION_RESERVE * budget
+
+    def judging(faces: int, gallery: int, draws: int = exp.evaluation.parrot_draws) -> float:
+        return (faces * EVALUATION_CORE_S_PER_FACE + gallery * (draws - 1) * PARROT_CORE_S_PER_DRAW) / usable_cpus()
+
     assert evaluation_reserve(budget, exp, manifest("folder", 60)) == share  # a JAFFE-sized split
-    capped = exp.evaluation.test_probes * EVALUATION_CORE_S_PER_FACE / usable_cpus()
+    capped = judging(exp.evaluation.test_probes, 2 * exp.evaluation.gallery_per_identity)
     assert evaluation_reserve(budget, exp, manifest("folder", 5000)) == pytest.approx(max(share, capped))
     whole = load_config("faces", {"evaluation.test_probes": 0})
     assert evaluation_reserve(budget, whole, manifest("folder", 5000)) == pytest.approx(
-        max(share, 5000 * EVALUATION_CORE_S_PER_FACE / usable_cpus()))
+        max(share, judging(5000, 2 * exp.evaluation.gallery_per_identity)))
+    # the parrot draws a gallery of every person: 67 people cost more than 2 at the same test split
+    many = evaluation_reserve(budget, exp, manifest("folder", 5000, people=67))
+    assert many == pytest.approx(judging(exp.evaluation.test_probes, 670)) and many > capped
+    one_draw = load_config("faces", {"evaluation.parrot_draws": 1})
+    assert evaluation_reserve(budget, one_draw, manifest("folder", 5000, people=67)) == pytest.approx(
+        max(share, judging(exp.evaluation.test_probes, 670, draws=1)))
     assert evaluation_reserve(budget, exp, manifest("synthetic", 5000)) == share  # judged by the fast evaluators
 
 
