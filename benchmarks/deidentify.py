@@ -37,7 +37,7 @@ from epd_ray.deploy import DeidentifyOptions, FaceEngine, deidentify, export_mod
 from epd_ray.deploy.faces import blur_face
 from epd_ray.deploy.video import Encoder
 from epd_ray.faces import DETECTORS, face_region, make_detector
-from epd_ray.train.gan import build_gan
+from epd_ray.train.gan import build_generator
 from epd_ray.train.pretrain import network_specs
 
 from benchmarks.detector_recall import CANVAS, paste_face, photos
@@ -77,7 +77,7 @@ def preset_model(draws: int, pickers: int, told: bool = True) -> BestOfDraws:
     torch.manual_seed(0)
     networks = {name: network_record(spec["kind"], build_network(spec["kind"], **spec["args"]))
                 for name, spec in specs.items() if name != "generator"}  # the warm start's: no median
-    generator = build_gan(exp, image_size=64, emotions=NUM_EMOTIONS)[0]
+    generator = build_generator(exp, image_size=64, emotions=NUM_EMOTIONS)
     reader = build_from_record(draw_readers(networks)) if draws > 1 or generator.expressions else None
     teller = build_from_record(expression_tellers(networks)) if generator.expressions else None
     return BestOfDraws(generator, reader, draws, teller).eval()

@@ -88,15 +88,20 @@ class GanInputs:
                    recogniser_gallery=gallery, val_recognised=val_recognised)
 
 
+def build_generator(exp: ExperimentConfig, image_size: int, emotions: int) -> torch.nn.Module:
+    """G of `exp` for faces of `image_size` px, told the expression among `emotions` classes when
+    `model.expression_input`; initialised as pix2pix does, in its constructor."""
+    return build_network("generator", image_size=image_size, ngf=exp.model.ngf, norm=exp.model.norm,
+                         dropout=exp.model.dropout, median_output=exp.model.median_output,
+                         expressions=emotions if exp.model.expression_input else 0)
+
+
 def build_gan(exp: ExperimentConfig, image_size: int, emotions: int) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """G and D of `exp` for faces of `image_size` px; G told the expression among `emotions` classes when
-    `model.expression_input`."""
-    generator = build_network("generator", image_size=image_size, ngf=exp.model.ngf, norm=exp.model.norm,
-                              dropout=exp.model.dropout, median_output=exp.model.median_output,
-                              expressions=emotions if exp.model.expression_input else 0)
+    """G (`build_generator`) and D of `exp`, built in that order (the order draws their initial weights)."""
+    generator = build_generator(exp, image_size, emotions)
     discriminator = build_network("discriminator", ndf=exp.model.ndf, n_layers=exp.model.n_layers,
                                   norm=exp.model.norm)
-    return generator, discriminator  # both initialised as pix2pix does, in their constructors
+    return generator, discriminator
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
