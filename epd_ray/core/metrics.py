@@ -174,13 +174,20 @@ def privacy_gain(scores_orig: ArrayLike, scores_deid: ArrayLike, identity: Array
     return float(np.clip(before - after, 0.0, None).sum() / known) if known > 0 else 0.0
 
 
-def expression_kept(pred_deid: ArrayLike, pred_orig: ArrayLike, emotion: ArrayLike) -> float:
-    """Among the probes whose expression the emotion judge reads correctly in the original, the share it
-    still reads correctly after de-identification (0 when it reads none: nothing to keep)."""
+def _read_in_original(pred_deid: ArrayLike, pred_orig: ArrayLike, emotion: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """The true expressions of the probes the emotion judge reads correctly in the original, and what it reads
+    in their de-identified faces: what `expression_kept` and `expression_confusion` count."""
     orig, deid = _predictions(pred_orig), _predictions(pred_deid)
     labels = _labels(emotion, orig.shape[0])
     readable = orig == labels
-    return float(np.mean(deid[readable] == labels[readable])) if readable.any() else 0.0
+    return labels[readable], deid[readable]
+
+
+def expression_kept(pred_deid: ArrayLike, pred_orig: ArrayLike, emotion: ArrayLike) -> float:
+    """Among the probes whose expression the emotion judge reads correctly in the original, the share it
+    still reads correctly after de-identification (0 when it reads none: nothing to keep)."""
+    labels, deid = _read_in_original(pred_deid, pred_orig, emotion)
+    return float(np.mean(deid == labels)) if labels.size else 0.0
 
 
 def expression_confusion(pred_deid: ArrayLike, pred_orig: ArrayLike, emotion: ArrayLike,
@@ -190,11 +197,9 @@ def expression_confusion(pred_deid: ArrayLike, pred_orig: ArrayLike, emotion: Ar
     `expression_kept` counts; the rest says which expressions a method loses, and as what they are read
     instead: one figure cannot tell a model that loses every expression a little from one that turns every
     surprise into fear."""
-    orig, deid = _predictions(pred_orig), _predictions(pred_deid)
-    labels = _labels(emotion, orig.shape[0])
-    readable = orig == labels
+    labels, deid = _read_in_original(pred_deid, pred_orig, emotion)
     counts = np.zeros((num_classes, num_classes), np.int64)
-    np.add.at(counts, (labels[readable], deid[readable]), 1)
+    np.add.at(counts, (labels, deid), 1)
     return counts.tolist()
 
 
