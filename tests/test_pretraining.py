@@ -65,6 +65,20 @@ def test_the_expression_pickers_are_emotion_evaluators_of_seeds_of_their_own():
                                                                                   exp.model, 4, 32))
 
 
+def test_pretraining_starts_the_networks_with_the_most_work_first():
+    from epd_ray.train.pretrain import largest_first, network_specs
+
+    exp = load_config("faces")
+    specs = network_specs(exp.verifiers, exp.model, 10, 64)
+    order = largest_first(specs, 64)
+    assert sorted(order) == sorted(specs)
+    resnets = {name for name, spec in specs.items() if spec["args"].get("base_width")}  # V_e, S_e, pickers, probe
+    mini_xceptions = {name for name, spec in specs.items() if spec["kind"] == "emotion_verifier"}
+    assert set(order[:len(resnets)]) == resnets and set(order[-len(mini_xceptions):]) == mini_xceptions
+    specs["emotion_verifier"]["steps"] *= 50  # the work is the steps times a step's cost
+    assert largest_first(specs, 64)[0] == "emotion_verifier"
+
+
 def test_the_new_people_probe_learns_from_two_people_in_three_and_is_read_on_all_faces_of_the_third():
     from epd_ray.data.shards import FaceArrays
     from epd_ray.train.pretrain import NEW_PEOPLE_PROBE, network_specs, new_people_faces

@@ -36,6 +36,7 @@ import numpy as np
 import ray
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 from ray.util.queue import Queue
 
 from epd_ray.checkpoints import EMOTION_VERIFIER, PICKER, network_record
@@ -117,6 +118,19 @@ def network_specs(cfg: VerifiersConfig, model: ModelConfig, num_identities: int,
                               "task": "reconstruct", "seed": cfg.seed + 2, "steps": model.warm_start_steps,
                               "lr": model.warm_start_lr}
     return specs
+
+
+def largest_first(specs: dict[str, dict[str, Any]], image_size: int) -> list[str]:
+    """The networks of `specs` in the order to start them: the most work first (the FLOPs of a forward pass on
+    one face, times the steps). With fewer lanes than networks, one long network started last keeps a lane
+    busy while the others stand idle; on JAFFE (2 lanes, 10 networks) the training order ended with the
+    new-people probe (177 s) beside the warm start (131 s): 696 s in all, against 662 s largest first."""
+    def work(name: str) -> float:
+        spec = specs[name]
+        with torch.device("meta"), FlopCounterMode(display=False) as flops:
+            build_network(spec["kind"], **spec["args"])(torch.zeros(1, 3, image_size, image_size))
+        return flops.get_total_flops() * spec["steps"]
+    return sorted(specs, key=work, reverse=True)
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ from epd_ray.config import ConfigError, ExperimentConfig, VerifiersConfig
 from epd_ray.data.prepare import PreparedData
 from epd_ray.data.shards import load_split
 from epd_ray.runtime import DATA_RESERVE_CPUS, RayRuntime
-from epd_ray.train.pretrain import (NEW_PEOPLE_PROBE, PretrainInputs, classifier_steps, network_specs,
+from epd_ray.train.pretrain import (NEW_PEOPLE_PROBE, PretrainInputs, classifier_steps, largest_first, network_specs,
                                     new_people_faces, pretrain_task)
 from epd_ray.train.progress import ProgressFeed
 
@@ -195,7 +195,7 @@ def pretrain_networks(exp: ExperimentConfig, prepared: PreparedData, *, cache_di
             spec["steps"] = classifier_steps(exp.verifiers, len(faces_of[source_of(name)][0]))
     unfinished = cache.unfinished(key)
     finished = finished_networks(unfinished, specs)
-    todo = [name for name in specs if name not in finished]
+    todo = [name for name in largest_first(specs, faces.image_size) if name not in finished]
     lanes, cpus = pretraining_lanes(exp, runtime, len(todo))
     pickers = exp.verifiers.pickers
     siblings = exp.verifiers.emotion_verifiers - 1
