@@ -289,11 +289,14 @@ class Range(_Strict):
 # at EVALUATION_CORE_S_PER_FACE core-seconds a face (JAFFE, 2 cores: 82 s for 67 faces, the model at 32
 # draws and four baselines, each judged by the recogniser, the parrot attack and the denoising attacker), and
 # PARROT_CORE_S_PER_DRAW for each further draw of a parrot gallery face (`evaluation.parrot_draws`: the model
-# at 32 draws, then the recogniser; JAFFE, 2 cores: 63 and 70 s for 3 x 79).
+# at 32 draws, then the recogniser; JAFFE, 2 cores: 63 and 70 s for 3 x 79), and RECOGNISER_CORE_S_PER_FACE
+# for each original the recogniser embeds before the first method: the test faces, plain and denoised, and
+# the gallery (JAFFE, 2 cores: 39 s for 67 + 67 + 79).
 PRETRAIN_SHARE = 0.4
 EVALUATION_RESERVE, EVALUATION_RESERVE_MIN_S = 0.1, 15.0
 EVALUATION_CORE_S_PER_FACE = 2.5
 PARROT_CORE_S_PER_DRAW = 0.56
+RECOGNISER_CORE_S_PER_FACE = 0.37
 
 # What `epd-ray pretrain --judges-only` leaves out: the networks that only GAN training uses (S's siblings, the
 # pickers, the new-people probe, the warm start). `evaluate` needs V, S, V_e and S_e, so judging a model on a

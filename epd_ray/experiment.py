@@ -30,7 +30,8 @@ from epd_ray.artifacts import (DatasetManifest, PretrainedCache, RunFolder, RunM
                               default_cache_dir)
 from epd_ray.checkpoints import READER, TELLER, load_checkpoint, load_deidentifier, published_payload, save_checkpoint
 from epd_ray.config import (EVALUATION_CORE_S_PER_FACE, EVALUATION_RESERVE, EVALUATION_RESERVE_MIN_S,
-                            PARROT_CORE_S_PER_DRAW, PRETRAIN_SHARE, ExperimentConfig, load_config)
+                            PARROT_CORE_S_PER_DRAW, PRETRAIN_SHARE, RECOGNISER_CORE_S_PER_FACE, ExperimentConfig,
+                            load_config)
 from epd_ray.core.precision import usable_cpus
 from epd_ray.core.scoring import GeneratorMethod
 from epd_ray.data.prepare import PreparedData, cached_dataset
@@ -253,16 +254,16 @@ def _search_and_report(exp: ExperimentConfig, output: Path, prepared_dir: Path |
 
 def evaluation_reserve(budget: float, exp: ExperimentConfig, manifest: DatasetManifest) -> float:
     """Seconds the closing evaluation keeps of a whole-command time budget: a share of it, or on real faces
-    what judging the test faces (at most `evaluation.test_probes`) and drawing the parrot's gallery
-    (`evaluation.gallery_per_identity` faces of every person, `evaluation.parrot_draws` times) is expected to
-    take on these cores."""
+    what embedding the originals, judging the test faces (at most `evaluation.test_probes`) and drawing the
+    parrot's gallery (`evaluation.gallery_per_identity` faces of every person, `evaluation.parrot_draws`
+    times) is expected to take on these cores."""
     reserve = max(EVALUATION_RESERVE * budget, EVALUATION_RESERVE_MIN_S)
     if not uses_recogniser(main_judge(exp.evaluation.judge, manifest.source), manifest.source):
         return reserve
     faces = manifest.images("test")
     faces = min(faces, exp.evaluation.test_probes) if exp.evaluation.test_probes else faces
     gallery = min(manifest.images("train"), len(manifest.identities) * exp.evaluation.gallery_per_identity)
-    core_s = (faces * EVALUATION_CORE_S_PER_FACE
+    core_s = (faces * EVALUATION_CORE_S_PER_FACE + (2 * faces + gallery) * RECOGNISER_CORE_S_PER_FACE
               + gallery * (exp.evaluation.parrot_draws - 1) * PARROT_CORE_S_PER_DRAW)
     return max(reserve, core_s / usable_cpus())
 

@@ -362,7 +362,8 @@ def test_pretraining_over_its_share_of_the_budget_is_warned_about_once_with_the_
 
 def test_the_evaluation_keeps_what_judging_a_large_real_test_split_takes_and_a_share_of_the_budget_otherwise():
     from epd_ray.artifacts import DatasetManifest
-    from epd_ray.config import EVALUATION_CORE_S_PER_FACE, EVALUATION_RESERVE, PARROT_CORE_S_PER_DRAW
+    from epd_ray.config import (EVALUATION_CORE_S_PER_FACE, EVALUATION_RESERVE, PARROT_CORE_S_PER_DRAW,
+                                RECOGNISER_CORE_S_PER_FACE)
     from epd_ray.core.precision import usable_cpus
     from epd_ray.experiment import evaluation_reserve
 
@@ -376,7 +377,9 @@ def test_the_evaluation_keeps_what_judging_a_large_real_test_split_takes_and_a_s
     share = EVALUATION_RESERVE * budget
 
     def judging(faces: int, gallery: int, draws: int = exp.evaluation.parrot_draws) -> float:
-        return (faces * EVALUATION_CORE_S_PER_FACE + gallery * (draws - 1) * PARROT_CORE_S_PER_DRAW) / usable_cpus()
+        originals = 2 * faces + gallery  # the test faces, plain and denoised, and the gallery
+        return (faces * EVALUATION_CORE_S_PER_FACE + originals * RECOGNISER_CORE_S_PER_FACE
+                + gallery * (draws - 1) * PARROT_CORE_S_PER_DRAW) / usable_cpus()
 
     assert evaluation_reserve(budget, exp, manifest("folder", 60)) == share  # a JAFFE-sized split
     capped = judging(exp.evaluation.test_probes, 2 * exp.evaluation.gallery_per_identity)
