@@ -130,8 +130,8 @@ class PretrainingEstimate:
     the steps of networks not yet started, the slowest rate seen so far, shared among the `lanes` networks that
     train at once: the networks differ in cost (when the fastest reported first, an estimate from it alone said
     636 s of a pretraining that took 1016 s), so it is made again as each network starts. Started largest
-    first (`largest_first`), the slowest report first and the estimate errs high: on JAFFE it said up to 988 s,
-    and 669 s went before the search."""
+    first (`largest_first`), the slowest report first and the estimate errs high: on JAFFE it said up to 874
+    and 988 s, and 669 and 683 s went before the search."""
 
     def __init__(self, specs: dict[str, dict[str, Any]], share_s: float | None, echo, lanes: int = 1):
         self.total_steps = sum(spec["steps"] for spec in specs.values())  # every network's (`network_specs`)
