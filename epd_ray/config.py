@@ -287,9 +287,9 @@ class Range(_Strict):
 # PRETRAIN_SHARE of the budget, and the evaluation and report keep EVALUATION_RESERVE of it (at least
 # EVALUATION_RESERVE_MIN_S seconds) after the search, or, on real faces, what judging the test faces takes
 # at EVALUATION_CORE_S_PER_FACE core-seconds a face (JAFFE, 2 cores: 82 s for 67 faces, the model at 32
-# draws and four baselines, each judged by the recogniser, the parrot attack and the denoising attacker), and
+# draws and four baselines, each judged by the recogniser, the parrot attack and the denoising attacker),
 # PARROT_CORE_S_PER_DRAW for each further draw of a parrot gallery face (`evaluation.parrot_draws`: the model
-# at 32 draws, then the recogniser; JAFFE, 2 cores: 63 and 70 s for 3 x 79), and RECOGNISER_CORE_S_PER_FACE
+# at 32 draws, then the recogniser; JAFFE, 2 cores: 63 and 70 s for 3 x 79) and RECOGNISER_CORE_S_PER_FACE
 # for each original the recogniser embeds before the first method: the test faces, plain and denoised, and
 # the gallery (JAFFE, 2 cores: 39 s for 67 + 67 + 79).
 PRETRAIN_SHARE = 0.4
