@@ -79,6 +79,28 @@ def test_pretraining_starts_the_networks_with_the_most_work_first():
     assert largest_first(specs, 64)[0] == "emotion_verifier"
 
 
+def test_pretraining_trains_a_network_per_core_whatever_a_trial_takes():
+    from epd_ray.runtime import DATA_RESERVE_CPUS
+    from epd_ray.train.run import cpu_lanes
+
+    # 2 cores: two networks side by side, one thread each, in what the data's reserve leaves
+    assert cpu_lanes(10, 2.0, 2.0) == (2, (2.0 - DATA_RESERVE_CPUS) / 2)
+    lanes, cpus = cpu_lanes(10, 16.0, 16.0)  # more cores than networks: every network at once, the CPUs shared
+    assert lanes == 10 and lanes * cpus <= 16.0 - DATA_RESERVE_CPUS and cpus > 1
+    assert cpu_lanes(2, 8.0, 2.0) == (2, 2.0)  # a task is one process: at most one node's CPUs
+    assert cpu_lanes(10, 1.0, 1.0)[0] == 1
+
+
+def test_pretraining_lanes_do_not_follow_the_cpus_a_trial_holds(ray_runtime):
+    from epd_ray.train.run import cpu_lanes, pretraining_lanes
+
+    # the faces preset's trial holds both of 2 cores' threads (one trial at a time); its networks still share
+    faces = load_config("faces")
+    one_thread = faces.model_copy(update={"train": faces.train.model_copy(update={"cpus_per_worker": 0.5})})
+    lanes = cpu_lanes(10, ray_runtime.total_cpus, ray_runtime.largest_node_cpus)
+    assert pretraining_lanes(faces, ray_runtime, 10) == pretraining_lanes(one_thread, ray_runtime, 10) == lanes
+
+
 def test_the_new_people_probe_learns_from_two_people_in_three_and_is_read_on_all_faces_of_the_third():
     from epd_ray.data.shards import FaceArrays
     from epd_ray.train.pretrain import NEW_PEOPLE_PROBE, network_specs, new_people_faces
