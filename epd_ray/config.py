@@ -214,7 +214,9 @@ class TrainConfig(_Strict):
     beta2: float = Field(0.999, ge=0, lt=1)
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0)
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each Train worker of a trial holds (its torch threads, "
+                                   "rounded): more finish a trial sooner, fewer run more trials at once; pretraining "
+                                   "shares the cores apart from it (train.run.cpu_lanes)")
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     channels_last: bool = Field(True, description="channels-last memory format on GPUs; on CPU for the GAN only "
                                 "(pretraining keeps NCHW there: `train.worker.use_channels_last`)")
