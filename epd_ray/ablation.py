@@ -43,8 +43,8 @@ from epd_ray.evaluate.report import ABLATION_DIR, LAST_EPOCH_COLUMNS
 from epd_ray.experiment import data_and_networks, fetch_checkpoint
 from epd_ray.runtime import resolve_storage, start_ray, storage_filesystem
 from epd_ray.train.gan import GanInputs
-from epd_ray.tune.search import (budget, concurrent_trials, is_pareto, run_trial, summarise, trains_in_trial,
-                                 trial_resources, trial_run_config)
+from epd_ray.tune.search import (budget, concurrent_trials, fit_to_cluster, is_pareto, run_trial, summarise,
+                                 trains_in_trial, trial_resources, trial_run_config)
 
 # variant -> what it changes in the tuned loss weights
 VARIANTS: dict[str, dict[str, float]] = {"tuned": {}, "without_ssim": {"phi": 0.0}, "without_emotion": {"lambda3": 0.0},
@@ -115,6 +115,7 @@ def run_ablation(run_dir: Path, *, address: str | None = None, echo=print) -> Ab
         raise AblationError(f"{inputs.prepared.path}: data content {data_hash} is not the run's "
                             f"({card['data']['content_hash']}); the ablation must train on the same faces")
 
+    exp = fit_to_cluster(exp, inputs.runtime, echo)
     variants = variant_params(card["params"], exp.loss.diversity)
     echo(f"ablation: {', '.join(variants)}; {budget(exp.train)} each on "
          f"{inputs.prepared.info.images('train')} training images, seed {exp.train.seed}")

@@ -173,3 +173,19 @@ def test_a_diverging_trial_stops_with_a_reason_and_a_finite_penalty(ray_runtime,
     assert result.metrics["diverged"] is True and result.metrics["stop_reason"] == "non-finite loss"
     assert result.metrics["objective"] == 0.0 and math.isfinite(result.metrics["objective"])
     assert len(result.metrics_dataframe) == 1  # stopped after the first round instead of going on
+
+
+def test_a_trial_never_asks_for_more_cpus_than_a_node_has(ray_runtime):
+    from epd_ray.config import load_config
+    from epd_ray.runtime import DATA_RESERVE_CPUS
+    from epd_ray.tune.search import concurrent_trials, fit_to_cluster
+
+    node = ray_runtime.largest_node_cpus
+    faces = load_config("faces")
+    assert fit_to_cluster(faces, ray_runtime, echo=pytest.fail) is faces  # 1.5 CPUs fit the session's 2
+    said = []
+    wide = faces.model_copy(update={"train": faces.train.model_copy(update={"cpus_per_worker": node + 1})})
+    fitted = fit_to_cluster(wide, ray_runtime, echo=said.append)
+    assert trial_resources(fitted, ray_runtime)["CPU"] == node - DATA_RESERVE_CPUS  # Ray can place it
+    assert concurrent_trials(fitted, ray_runtime) == 1
+    assert "train.cpus_per_worker" in said[0] and f"{node + 1:g}" in said[0]

@@ -86,6 +86,19 @@ def scaling_config(exp: ExperimentConfig) -> ray.train.ScalingConfig:
                                    resources_per_worker=resources)
 
 
+def fit_to_cluster(exp: ExperimentConfig, runtime: RayRuntime, echo=print) -> ExperimentConfig:
+    """`exp` with a trial's worker holding no more CPUs than a node of this cluster has: Ray would never place
+    more, and the search would wait forever (the `faces` preset's 1.5 on a 1-CPU machine). It then holds what
+    the node leaves the data's reserve."""
+    node = runtime.largest_node_cpus
+    if exp.train.use_gpu or exp.train.cpus_per_worker <= node:
+        return exp
+    cpus = max(node - DATA_RESERVE_CPUS, DATA_RESERVE_CPUS)
+    echo(f"train.cpus_per_worker {exp.train.cpus_per_worker:g} is more than the largest node of this cluster has "
+         f"({node:g} CPU{'' if node == 1 else 's'}): a trial's workers hold {cpus:g} each")
+    return exp.model_copy(update={"train": exp.train.model_copy(update={"cpus_per_worker": cpus})})
+
+
 def concurrent_trials(exp: ExperimentConfig, runtime: RayRuntime, trials: int | None = None) -> int:
     """As many of `trials` (default the search's) as the cluster's CPUs (or GPUs) hold at once, keeping CPU
     for the data tasks."""
@@ -317,6 +330,7 @@ def run_search(exp: ExperimentConfig, *, train_data: ray.data.Dataset, inputs: G
     best is picked among the rounds reported by then.
     """
     started = time.time()
+    exp = fit_to_cluster(exp, runtime, echo)
     waits_for = rounds(exp.train) if exp.search.finish_one_trial else None
     concurrency = 1 if fixed else concurrent_trials(exp, runtime)
     trainable = ray.tune.with_resources(
