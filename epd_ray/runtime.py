@@ -41,6 +41,12 @@ TRAIN_POLL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN
 DASHBOARD_PORT_TRIES = 3  # see start_ray
 
 
+def cpus_beside_data(cpus: float) -> float:
+    """What `cpus` leave training once the data's reserve is kept: never less than the reserve itself, so that
+    a 1-CPU machine still trains (its data tasks then share the CPU)."""
+    return max(cpus - DATA_RESERVE_CPUS, DATA_RESERVE_CPUS)
+
+
 @dataclass(frozen=True)
 class RayRuntime:
     dashboard_url: str | None

@@ -22,7 +22,7 @@ from epd_ray.checkpoints import PICKER, CheckpointError, load_checkpoint, save_c
 from epd_ray.config import ConfigError, ExperimentConfig, VerifiersConfig
 from epd_ray.data.prepare import PreparedData
 from epd_ray.data.shards import load_split
-from epd_ray.runtime import DATA_RESERVE_CPUS, RayRuntime
+from epd_ray.runtime import RayRuntime, cpus_beside_data
 from epd_ray.train.pretrain import (NEW_PEOPLE_PROBE, PretrainInputs, classifier_steps, largest_first, network_specs,
                                     new_people_faces, pretrain_task)
 from epd_ray.train.progress import ProgressFeed
@@ -279,8 +279,7 @@ def cpu_lanes(networks: int, cpus: float, node_cpus: float) -> tuple[int, float]
     on 2 cores, JAFFE's ten took 683 s two at a time and 895 s one at a time on two threads. So pretraining does
     not take a trial's CPUs, which may hold every core to finish one trial sooner (the `faces` preset)."""
     lanes = max(1, min(networks, int(cpus)))
-    free = max(cpus - DATA_RESERVE_CPUS, DATA_RESERVE_CPUS)
-    return lanes, min(free / lanes, node_cpus)
+    return lanes, min(cpus_beside_data(cpus) / lanes, node_cpus)
 
 
 def judge_pretrained(scores: dict[str, float], classes: dict[str, int], exp: ExperimentConfig, *, strict: bool,

@@ -50,7 +50,8 @@ from epd_ray.artifacts import RunFolder
 from epd_ray.config import SEARCHED_KEYS, ExperimentConfig, TrainConfig
 from epd_ray.core.metrics import pareto_front
 from epd_ray.data.stream import augmented
-from epd_ray.runtime import DATA_RESERVE_CPUS, RayRuntime, data_config, sigint_guard, storage_filesystem
+from epd_ray.runtime import (DATA_RESERVE_CPUS, RayRuntime, cpus_beside_data, data_config, sigint_guard,
+                             storage_filesystem)
 from epd_ray.train.gan import GanInputs, gan_in_trial, gan_loop, rounds
 from epd_ray.train.worker import CHECKPOINT_FILE, DATASET
 
@@ -93,7 +94,7 @@ def fit_to_cluster(exp: ExperimentConfig, runtime: RayRuntime, echo=print) -> Ex
     node = runtime.largest_node_cpus
     if exp.train.use_gpu or exp.train.cpus_per_worker <= node:
         return exp
-    cpus = max(node - DATA_RESERVE_CPUS, DATA_RESERVE_CPUS)
+    cpus = cpus_beside_data(node)
     echo(f"train.cpus_per_worker {exp.train.cpus_per_worker:g} is more than the largest node of this cluster has "
          f"({node:g} CPU{'' if node == 1 else 's'}): a trial's workers hold {cpus:g} each")
     return exp.model_copy(update={"train": exp.train.model_copy(update={"cpus_per_worker": cpus})})
